@@ -1,0 +1,1 @@
+"""moesif-beam: transforms."""
