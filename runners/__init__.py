@@ -1,1 +1,17 @@
-"""moesif-beam: runners."""
+"""moesif-beam runners: the CLI, launch and reporting, and local services."""
+
+import logging
+
+
+class _QuietBeamImports(logging.Filter):
+    """Drop the one warning Beam logs on import when the GCP extras are absent.
+
+    It is about BigQuery client libraries this project never uses and would otherwise open
+    every command's output.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
+logging.getLogger().addFilter(_QuietBeamImports())

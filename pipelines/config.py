@@ -1,0 +1,111 @@
+"""Typed, validated configuration shared by the pipelines.
+
+The CLI turns flags into one frozen :class:`PipelineConfig`; pipelines and transforms take
+plain typed values from it and never see argparse.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from transforms.moesif_sink import BATCH_BYTE_LIMITS, RetryPolicy, Secret
+from transforms.normalize import EVENT_FORMATS
+
+__all__ = ["DEFAULT_BASE_URL", "PipelineConfig", "new_run_id"]
+
+DEFAULT_BASE_URL = "https://api.moesif.net"
+
+
+def new_run_id() -> str:
+    """A sortable, unique label for one run: UTC time plus a little randomness."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a pipeline needs besides Beam's own options.
+
+    Attributes:
+        pipeline: ``events`` or ``actions``; picks the endpoint and the batch limit.
+        input: a file glob (local or any Beam filesystem; ``.gz`` is decompressed).
+        input_format: the input format's name, e.g. ``wso2``.
+        application_id: the Moesif application id; None writes batch files instead.
+        base_url: the collector's base URL.
+        output_dir: where batch files (without an application id) and, by default,
+            dead letters go.
+        dead_letter: the dead-letter directory; empty means ``<output_dir>/dead_letter``.
+        company_id_field: an input field whose value becomes ``company_id``.
+        batch_max_events / batch_max_bytes: batch limits (bytes of uncompressed JSON).
+        batch_max_delay: how long a partial batch may wait in streaming runs, in seconds.
+        retry: the HTTP retry policy.
+        http_timeout: seconds to wait for the collector's answer to one request.
+        gzip_level: compression level of batch bodies.
+        metrics_out: where to write the run's counters as JSON, if anywhere.
+        run_id: labels this run's dead-letter files.
+    """
+
+    pipeline: str
+    input: str
+    input_format: str
+    application_id: Secret | None = None
+    base_url: str = DEFAULT_BASE_URL
+    output_dir: str = "./moesif-out"
+    dead_letter: str = ""
+    company_id_field: str | None = None
+    batch_max_events: int = 500
+    batch_max_bytes: int = 5_000_000
+    batch_max_delay: float = 2.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    http_timeout: float = 30.0
+    gzip_level: int = 6
+    metrics_out: str | None = None
+    run_id: str = field(default_factory=new_run_id)
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in BATCH_BYTE_LIMITS:
+            msg = f"pipeline must be one of {sorted(BATCH_BYTE_LIMITS)}, got {self.pipeline!r}"
+            raise ValueError(msg)
+        if not self.input:
+            msg = "--input is required: a file glob such as 'logs/*.jsonl.gz'"
+            raise ValueError(msg)
+        if self.pipeline == "events" and self.input_format not in EVENT_FORMATS:
+            known = ", ".join(sorted(EVENT_FORMATS))
+            msg = f"--format {self.input_format!r} is not an events format; known: {known}"
+            raise ValueError(msg)
+        if not self.base_url.startswith(("http://", "https://")):
+            msg = f"--moesif_base_url must start with http:// or https://, got {self.base_url!r}"
+            raise ValueError(msg)
+        if self.batch_max_events < 1:
+            msg = f"--batch_max_events must be at least 1, got {self.batch_max_events}"
+            raise ValueError(msg)
+        limit = BATCH_BYTE_LIMITS[self.pipeline]
+        if not 1024 <= self.batch_max_bytes <= limit:
+            msg = (
+                f"--batch_max_bytes must be between 1024 and {limit} "
+                f"(Moesif's {self.pipeline} batch limit), got {self.batch_max_bytes}"
+            )
+            raise ValueError(msg)
+        if self.batch_max_delay <= 0:
+            msg = f"--batch_max_delay must be positive, got {self.batch_max_delay}"
+            raise ValueError(msg)
+        if self.http_timeout <= 0:
+            msg = f"--http_timeout must be positive, got {self.http_timeout}"
+            raise ValueError(msg)
+        if not 0 <= self.gzip_level <= 9:
+            msg = f"--gzip_level must be between 0 and 9, got {self.gzip_level}"
+            raise ValueError(msg)
+        if not self.output_dir:
+            msg = "--output_dir must not be empty"
+            raise ValueError(msg)
+
+    @property
+    def dead_letter_dir(self) -> str:
+        """The directory dead letters are written to."""
+        return self.dead_letter or f"{self.output_dir.rstrip('/')}/dead_letter"
+
+    @property
+    def batch_dir(self) -> str:
+        """The directory batch files are written to when there is no application id."""
+        return f"{self.output_dir.rstrip('/')}/{self.pipeline}"

@@ -1,0 +1,177 @@
+"""The ``moesif-beam`` command: parse flags, build the pipeline, run it, report.
+
+Beam-style ``--snake_case`` flags. Flags this command does not know are handed to Beam as
+pipeline options (``--runner``, ``--direct_num_workers``, ``--flink_master``...), after a
+check that Beam knows them too, so a typo is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+from pipelines import events
+from pipelines.config import DEFAULT_BASE_URL, PipelineConfig
+from runners.launch import EXIT_COLLECTOR, execute
+from transforms.errors import CollectorConfigError
+from transforms.moesif_sink import RetryPolicy, Secret, preflight
+from transforms.normalize import EVENT_FORMATS
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+# Bounded runs default to Beam's FnApiRunner, chosen rather than reached by accident: the
+# DirectRunner would first try to download Prism, and our batch pipelines use nothing
+# the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode.
+DEFAULT_BATCH_RUNNER = "FnApiRunner"
+
+_USAGE = """usage: moesif-beam COMMAND [options]
+
+commands:
+  events      gateway logs -> Moesif /v1/events/batch (--format wso2)
+  collector   a local Moesif Collector API emulator, for tests and trials
+
+'moesif-beam COMMAND --help' lists a command's options."""
+
+
+def _events_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moesif-beam events",
+        description="Deliver API-gateway logs to Moesif's /v1/events/batch. Any Beam "
+        "pipeline option (--runner, --direct_num_workers, ...) passes through.",
+        allow_abbrev=False,
+    )
+    source = parser.add_argument_group("source")
+    source.add_argument("--input", help="file glob of JSON-lines logs; .gz files are read too")
+    source.add_argument(
+        "--source", default="files", choices=["files"], help="where records come from"
+    )
+    source.add_argument(
+        "--format",
+        dest="input_format",
+        default="wso2",
+        choices=sorted(EVENT_FORMATS),
+        help="input format (default: wso2, WSO2 API Manager analytics events)",
+    )
+    source.add_argument(
+        "--company_id_field",
+        help="input field whose value becomes company_id (top level, then properties)",
+    )
+    sink = parser.add_argument_group("sink")
+    sink.add_argument(
+        "--moesif_application_id",
+        help="Moesif application id (or env MOESIF_APPLICATION_ID); without one, batches "
+        "are written to files under --output_dir",
+    )
+    sink.add_argument("--moesif_base_url", default=DEFAULT_BASE_URL, help="collector base URL")
+    sink.add_argument("--output_dir", default="./moesif-out", help="batch files and dead letters")
+    sink.add_argument("--dead_letter", default="", help="dead-letter directory")
+    sink.add_argument("--metrics_out", help="write the run's counters as JSON to this path")
+    batching = parser.add_argument_group("batching and retries")
+    batching.add_argument("--batch_max_events", type=int, default=500)
+    batching.add_argument(
+        "--batch_max_bytes", type=int, default=5_000_000, help="bytes of uncompressed JSON"
+    )
+    batching.add_argument(
+        "--batch_max_delay", type=float, default=2.0, help="seconds (streaming runs)"
+    )
+    batching.add_argument(
+        "--max_retry_seconds", type=float, default=300.0, help="retry budget per batch"
+    )
+    batching.add_argument("--http_timeout", type=float, default=30.0, help="seconds per request")
+    batching.add_argument("--gzip_level", type=int, default=6)
+    parser.add_argument(
+        "--log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser
+
+
+def _unknown_beam_args(beam_args: Sequence[str]) -> list[str]:
+    """Return the flags in ``beam_args`` that no Beam options class declares."""
+    parser = _BeamArgumentParser(allow_abbrev=False, conflict_handler="resolve")
+    seen: set[type] = set()
+    pending = list(PipelineOptions.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        pending.extend(cls.__subclasses__())
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(list(beam_args))
+    return [arg for arg in unknown if arg.startswith("-")]
+
+
+def _beam_options(beam_args: list[str]) -> PipelineOptions:
+    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
+        beam_args = [f"--runner={DEFAULT_BATCH_RUNNER}", *beam_args]
+    return PipelineOptions(beam_args)
+
+
+def _events(argv: Sequence[str]) -> int:
+    parser = _events_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    unknown = _unknown_beam_args(beam_args)
+    if unknown:
+        parser.error(f"unknown option(s): {' '.join(unknown)}")
+    app_id = args.moesif_application_id or os.environ.get("MOESIF_APPLICATION_ID") or None
+    try:
+        config = PipelineConfig(
+            pipeline="events",
+            input=args.input or "",
+            input_format=args.input_format,
+            application_id=Secret(app_id) if app_id else None,
+            base_url=args.moesif_base_url,
+            output_dir=args.output_dir,
+            dead_letter=args.dead_letter,
+            company_id_field=args.company_id_field,
+            batch_max_events=args.batch_max_events,
+            batch_max_bytes=args.batch_max_bytes,
+            batch_max_delay=args.batch_max_delay,
+            retry=RetryPolicy(max_retry_seconds=args.max_retry_seconds),
+            http_timeout=args.http_timeout,
+            gzip_level=args.gzip_level,
+            metrics_out=args.metrics_out,
+        )
+        from transforms.sources import match_inputs  # noqa: PLC0415 - after flag checks
+
+        match_inputs(config.input)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if config.application_id is not None:
+        try:
+            preflight(config.base_url, config.application_id, timeout=config.http_timeout)
+        except CollectorConfigError as exc:
+            print(str(exc), file=sys.stderr, flush=True)
+            return EXIT_COLLECTOR
+    return execute(events.build, config, _beam_options(beam_args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``moesif-beam`` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0 if args else EXIT_USAGE
+    command, rest = args[0], args[1:]
+    if command == "events":
+        return _events(rest)
+    if command == "collector":
+        from runners import collector  # noqa: PLC0415 - the emulator is not needed otherwise
+
+        return collector.main(rest)
+    print(f"moesif-beam: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Run a built pipeline, collect its counters, print the summary, write ``--metrics_out``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.config import PipelineConfig
+from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE
+from transforms.errors import CollectorConfigError
+
+__all__ = ["EXIT_COLLECTOR", "EXIT_FAILED", "collect_counters", "execute", "format_summary"]
+
+_LOG = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+EXIT_COLLECTOR = 3
+
+
+def collect_counters(result: Any) -> dict[str, int]:
+    """Sum the moesif-beam counters of a finished run over all steps.
+
+    Committed values where the runner reports them, attempted values otherwise.
+    """
+    counters = dict.fromkeys((*COUNTERS, *EXTRA_COUNTERS), 0)
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    for metric in query["counters"]:
+        value = metric.committed if metric.committed is not None else metric.attempted
+        counters[metric.key.metric.name] = counters.get(metric.key.metric.name, 0) + int(value or 0)
+    return counters
+
+
+def invariant_holds(counters: dict[str, int]) -> bool:
+    """``read == sent + duplicates + dead_letters``: nothing was lost."""
+    return counters["read"] == counters["sent"] + counters["duplicates"] + counters["dead_letters"]
+
+
+def format_summary(config: PipelineConfig, counters: dict[str, int], seconds: float) -> str:
+    """A short human summary of a finished bounded run."""
+    rate = counters["read"] / seconds if seconds > 0 else 0.0
+    where = config.batch_dir if config.application_id is None else config.base_url
+    lines = [
+        f"moesif-beam {config.pipeline}: finished in {seconds:.1f}s ({rate:,.0f} records/s)",
+        f"  read          {counters['read']:>10,}",
+        f"  sent          {counters['sent']:>10,}   in {counters['batches']:,} batches, "
+        f"{counters['bytes_sent']:,} bytes -> {where}",
+        f"  duplicates    {counters['duplicates']:>10,}",
+        f"  dead letters  {counters['dead_letters']:>10,}   parse_errors {counters['parse_errors']}"
+        f", invalid {counters['invalid']}, type_conflicts {counters['type_conflicts']}"
+        f", too_large {counters['too_large']}, collector_rejected "
+        f"{counters['collector_rejected']}, retries_exhausted {counters['retries_exhausted']}"
+        f" -> {config.dead_letter_dir}",
+        f"  retries       {counters['retries']:>10,}",
+    ]
+    if invariant_holds(counters):
+        lines.append("  read == sent + duplicates + dead_letters: holds")
+    else:
+        lines.append("  read == sent + duplicates + dead_letters: BROKEN (records unaccounted for)")
+    return "\n".join(lines)
+
+
+def execute(
+    build: Callable[[PipelineConfig, PipelineOptions], beam.Pipeline],
+    config: PipelineConfig,
+    options: PipelineOptions,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Build, run and report one bounded pipeline run; return the process exit code."""
+    pipeline = build(config, options)
+    started = time.monotonic()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as exc:  # the runner wraps worker errors; we explain them once
+        return _report_failure(exc, config)
+    seconds = time.monotonic() - started
+    counters = collect_counters(result)
+    print(format_summary(config, counters, seconds), file=out, flush=True)
+    if config.metrics_out:
+        _write_metrics(config, counters, seconds)
+    return 0 if invariant_holds(counters) else EXIT_FAILED
+
+
+def _write_metrics(config: PipelineConfig, counters: dict[str, int], seconds: float) -> None:
+    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415 - only when asked
+
+    document = {
+        **counters,
+        "pipeline": config.pipeline,
+        "run_id": config.run_id,
+        "elapsed_seconds": round(seconds, 3),
+        "invariant_holds": invariant_holds(counters),
+    }
+    assert config.metrics_out is not None
+    with FileSystems.create(config.metrics_out, mime_type="application/json") as handle:
+        handle.write(json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+
+
+def _report_failure(exc: BaseException, config: PipelineConfig) -> int:
+    text = "".join(traceback.format_exception(exc))
+    secret = config.application_id.reveal() if config.application_id else ""
+    if secret:
+        text = text.replace(secret, "***")
+    marker = text.find(CollectorConfigError.MARKER)
+    if marker >= 0:
+        message = text[marker:].splitlines()[0]
+        print(message, file=sys.stderr, flush=True)
+        return EXIT_COLLECTOR
+    _LOG.debug("pipeline failed:\n%s", text)
+    last = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    print(f"moesif-beam {config.pipeline}: the pipeline failed: {last[:500]}", file=sys.stderr)
+    print("  (run with --log_level DEBUG for the full traceback)", file=sys.stderr, flush=True)
+    return EXIT_FAILED

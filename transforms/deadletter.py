@@ -1,0 +1,118 @@
+"""Dead letters: every record the pipeline cannot deliver, with its reason, as Avro.
+
+A dead letter keeps the original input bytes untouched, so it can be inspected with any
+Avro reader and replayed by feeding ``payload`` back through the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.avroio import WriteToAvro
+
+from transforms.counters import counter
+
+__all__ = [
+    "DEAD_LETTER",
+    "REASONS",
+    "WriteDeadLetters",
+    "dead_letter",
+    "dead_letter_schema",
+]
+
+# Tag of the dead-letter output of every fallible DoFn.
+DEAD_LETTER = "dead_letter"
+
+REASONS = (
+    "parse_error",
+    "invalid_record",
+    "type_conflict",
+    "too_large",
+    "collector_rejected",
+    "retries_exhausted",
+)
+
+
+def dead_letter(
+    reason: str,
+    stage: str,
+    detail: str,
+    payload: bytes,
+    source: str,
+    pipeline: str,
+    *,
+    transaction_id: str | None = None,
+    field: str | None = None,
+    expected_type: str | None = None,
+    actual_type: str | None = None,
+) -> dict[str, Any]:
+    """Build one dead-letter record (the shape of ``schemas/dead_letter.avsc``)."""
+    if reason not in REASONS:
+        msg = f"unknown dead-letter reason {reason!r}"
+        raise ValueError(msg)
+    return {
+        "reason": reason,
+        "stage": stage,
+        "detail": detail,
+        "field": field or None,
+        "expected_type": expected_type,
+        "actual_type": actual_type,
+        "payload": bytes(payload),
+        "source": source,
+        "transaction_id": transaction_id,
+        "pipeline": pipeline,
+        "failed_at": int(time.time() * 1000),
+    }
+
+
+def dead_letter_schema() -> dict[str, Any]:
+    """The dead-letter Avro schema as plain JSON (what ``WriteToAvro`` wants)."""
+    text = resources.files("schemas").joinpath("dead_letter.avsc").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def _count(record: dict[str, Any]) -> dict[str, Any]:
+    _DEAD_LETTERS.inc()
+    return record
+
+
+_DEAD_LETTERS = counter("dead_letters")
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Write all dead letters of a run as Avro files ``<directory>/<pipeline>-<run_id>-*.avro``.
+
+    Takes one PCollection or a tuple of them and counts every record it writes in the
+    ``dead_letters`` counter, so that counter is the truth about what reached the files.
+    A run with no rejects still writes one valid, empty Avro file.
+    """
+
+    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
+        super().__init__()
+        if not directory:
+            msg = "dead-letter directory must not be empty"
+            raise ValueError(msg)
+        if not run_id:
+            msg = "run_id must not be empty"
+            raise ValueError(msg)
+        self._prefix = f"{directory.rstrip('/')}/{pipeline}-{run_id}"
+
+    def expand(self, pcolls: Any) -> Any:
+        if isinstance(pcolls, tuple | list):
+            pcolls = tuple(pcolls) | "Flatten" >> beam.Flatten()
+        return (
+            pcolls
+            | "Count" >> beam.Map(_count)
+            | "WriteAvro"
+            >> WriteToAvro(
+                self._prefix,
+                schema=dead_letter_schema(),
+                file_name_suffix=".avro",
+                codec="deflate",
+            )
+        )

@@ -1,0 +1,1 @@
+"""Input formats: one module per source format, each a pure mapping to Moesif records."""

@@ -1,0 +1,544 @@
+"""Deliver serialized Moesif records in batches: to the Collector API, or to batch files.
+
+Both sinks cut batches by count and by bytes, build the body once (a JSON array of the
+already-serialized records, gzip-compressed) and account for every record: it is sent,
+or it leaves as a dead letter with its reason. The HTTP sink's retry decisions come from
+one pure function, :func:`decide`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import enum
+import gzip
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+import apache_beam as beam
+import requests
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from transforms.counters import counter
+from transforms.deadletter import dead_letter
+from transforms.errors import CollectorConfigError
+
+__all__ = [
+    "BATCH_BYTE_LIMITS",
+    "Action",
+    "Decision",
+    "PostToMoesif",
+    "RetryPolicy",
+    "Secret",
+    "WriteBatchFiles",
+    "batch_url",
+    "classify",
+    "decide",
+    "encode_batch",
+    "parse_retry_after",
+    "preflight",
+]
+
+_LOG = logging.getLogger(__name__)
+
+# Moesif's request limits per batch endpoint, whether or not the body is compressed.
+BATCH_BYTE_LIMITS = {"events": 50_000_000, "actions": 15_000_000}
+
+_USER_AGENT = "moesif-beam/0.1.0"
+
+# A record as the sinks see it: (record_json, raw_input, source, transaction_id).
+_Item = tuple[bytes, bytes, str, str]
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs, display data or error messages."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret, for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+class Action(enum.Enum):
+    """What to do with a batch after one attempt to post it."""
+
+    DONE = "done"  # 2xx: delivered
+    RETRY = "retry"  # transient: wait and post the same batch again
+    SPLIT = "split"  # 413: too big for the collector; post halves
+    BISECT = "bisect"  # 400-like: some record is bad; halve until it is isolated
+    GIVE_UP = "give_up"  # transient, but the retry budget is spent: dead-letter the batch
+    FATAL = "fatal"  # configuration problem (401/403/404...): stop the run
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :func:`decide`: an action and, for RETRY, how long to wait first."""
+
+    action: Action
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter, inside a bounded total time per batch.
+
+    Attributes:
+        max_retry_seconds: total time one batch may spend being retried before its
+            records become ``retries_exhausted`` dead letters.
+        base_delay: the first wait, in seconds; each further wait doubles it.
+        max_delay: the cap on one wait, before any Retry-After the collector asks for.
+    """
+
+    max_retry_seconds: float = 300.0
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_retry_seconds < 0:
+            msg = f"max_retry_seconds must be >= 0, got {self.max_retry_seconds}"
+            raise ValueError(msg)
+        if not 0 < self.base_delay <= self.max_delay:
+            msg = f"need 0 < base_delay <= max_delay, got {self.base_delay}, {self.max_delay}"
+            raise ValueError(msg)
+
+
+def classify(status: int | None) -> Action:
+    """Classify one HTTP outcome; ``None`` means no response (connection error, timeout).
+
+    2xx is success. 408, 429, 5xx except 501, and no response are transient. 413 means
+    the batch is too large. 400, 409 and 422 blame the body, so some record in it is bad.
+    Everything else (401, 403, 404, 405, 501, redirects, ...) means the collector refuses
+    our configuration, which no retry or dead letter can fix.
+    """
+    if status is None:
+        return Action.RETRY
+    if 200 <= status < 300:
+        return Action.DONE
+    if status in (408, 429) or (500 <= status < 600 and status != 501):
+        return Action.RETRY
+    if status == 413:
+        return Action.SPLIT
+    if status in (400, 409, 422):
+        return Action.BISECT
+    return Action.FATAL
+
+
+def decide(
+    status: int | None,
+    attempt: int,
+    elapsed: float,
+    retry_after: float | None,
+    policy: RetryPolicy,
+    jitter: float,
+) -> Decision:
+    """Decide what follows one attempt to post a batch.
+
+    Args:
+        status: the HTTP status, or None when no response arrived.
+        attempt: how many retries this batch has had so far (0 after the first post).
+        elapsed: seconds since the batch's first post.
+        retry_after: seconds the collector asked us to wait (``Retry-After``), if any.
+        policy: the backoff policy.
+        jitter: a number in [0, 1) that spreads the waits of concurrent workers.
+
+    Returns:
+        The action; for RETRY also the wait, which is never shorter than ``retry_after``.
+        A retry that would end past ``policy.max_retry_seconds`` becomes GIVE_UP.
+    """
+    action = classify(status)
+    if action is not Action.RETRY:
+        return Decision(action)
+    ceiling = min(policy.max_delay, policy.base_delay * 2**attempt)
+    delay = ceiling * (0.5 + jitter / 2)  # "equal jitter": at least half the backoff
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    if elapsed + delay > policy.max_retry_seconds:
+        return Decision(Action.GIVE_UP)
+    return Decision(Action.RETRY, delay)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Read a ``Retry-After`` header (delta seconds or an HTTP date) as seconds from ``now``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def encode_batch(records: Sequence[bytes]) -> bytes:
+    """Join serialized records into the JSON array a batch endpoint takes."""
+    return b"[" + b",".join(records) + b"]"
+
+
+def batch_url(base_url: str, kind: str) -> str:
+    """The batch endpoint for ``kind`` under a collector base URL (``/v1`` suffix tolerated)."""
+    base = base_url.rstrip("/")
+    base = base.removesuffix("/v1")
+    return f"{base}/v1/{kind}/batch"
+
+
+def preflight(base_url: str, application_id: Secret, timeout: float = 10.0) -> None:
+    """Check the application id against the collector before any data moves.
+
+    ``GET /v1/config`` is the read Moesif's own SDKs make with the same header. A 401 or
+    403 raises :class:`CollectorConfigError` so the run never starts; an unreachable
+    collector only logs a warning, since the sink's retries may still get through.
+    """
+    url = f"{base_url.rstrip('/').removesuffix('/v1')}/v1/config"
+    try:
+        response = requests.get(
+            url,
+            headers={"X-Moesif-Application-Id": application_id.reveal(), "User-Agent": _USER_AGENT},
+            timeout=timeout,
+        )
+    except requests.RequestException as exc:
+        _LOG.warning("collector preflight: no answer from %s (%s)", url, type(exc).__name__)
+        return
+    if response.status_code in (401, 403):
+        msg = (
+            f"{CollectorConfigError.MARKER}: HTTP {response.status_code} from {url}: the Moesif "
+            "application id was refused; check --moesif_application_id or "
+            "MOESIF_APPLICATION_ID. Nothing was sent."
+        )
+        raise CollectorConfigError(msg)
+
+
+class _BatchingFn(beam.DoFn):
+    """Cuts a bundle's records into batches by count and bytes; subclasses write them.
+
+    Batches are formed within a bundle: on bounded runs bundles are large, so batches
+    are full. Outputs (dead letters) are plain values from ``process`` and windowed
+    values from ``finish_bundle``.
+    """
+
+    def __init__(self, max_events: int, max_bytes: int, gzip_level: int) -> None:
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._gzip_level = gzip_level
+        self._sent = counter("sent")
+        self._batches = counter("batches")
+        self._bytes_sent = counter("bytes_sent")
+        self._batch: list[_Item] = []
+        self._size = 2
+
+    def start_bundle(self) -> None:
+        self._batch = []
+        self._size = 2  # the brackets of the JSON array
+
+    def process(self, element: tuple[str, tuple[int, bytes, bytes, str]]) -> Iterator[Any]:
+        transaction_id, (_, body, raw, source) = element
+        size = len(body) + 1  # the record and its comma
+        if self._batch and (
+            len(self._batch) >= self._max_events or self._size + size > self._max_bytes
+        ):
+            yield from self._flush()
+        self._batch.append((body, raw, source, transaction_id))
+        self._size += size
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        window = GlobalWindow()
+        for output in self._flush():
+            yield WindowedValue(output, window.max_timestamp(), (window,))
+
+    def _flush(self) -> Iterator[Any]:
+        batch, self._batch, self._size = self._batch, [], 2
+        if batch:
+            yield from self._write(batch)
+
+    def _body(self, batch: Sequence[_Item]) -> tuple[bytes, bytes]:
+        plain = encode_batch([item[0] for item in batch])
+        # mtime=0 makes the gzip bytes a function of the content alone.
+        return plain, gzip.compress(plain, compresslevel=self._gzip_level, mtime=0)
+
+    def _write(self, batch: list[_Item]) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+class _PostFn(_BatchingFn):
+    def __init__(
+        self,
+        url: str,
+        application_id: Secret,
+        pipeline: str,
+        max_events: int,
+        max_bytes: int,
+        gzip_level: int,
+        policy: RetryPolicy,
+        timeout: float,
+    ) -> None:
+        super().__init__(max_events, max_bytes, gzip_level)
+        self._url = url
+        self._application_id = application_id
+        self._pipeline = pipeline
+        self._policy = policy
+        self._timeout = timeout
+        self._retries = counter("retries")
+        self._rejected = counter("collector_rejected")
+        self._exhausted = counter("retries_exhausted")
+        self._too_large = counter("too_large")
+
+    def setup(self) -> None:
+        self._session = requests.Session()
+        # Our own retry policy decides; urllib3's must not retry behind its back.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update(
+            {
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "X-Moesif-Application-Id": self._application_id.reveal(),
+                "User-Agent": _USER_AGENT,
+            }
+        )
+        self._rng = random.Random()
+
+    def teardown(self) -> None:
+        session = getattr(self, "_session", None)
+        if session is not None:
+            session.close()
+
+    def _write(self, batch: list[_Item]) -> Iterator[Any]:
+        pending = [batch]
+        while pending:
+            part = pending.pop()
+            _, body = self._body(part)
+            action, status, detail = self._post(body)
+            if action is Action.DONE:
+                self._sent.inc(len(part))
+                self._batches.inc()
+                self._bytes_sent.inc(len(body))
+            elif action in (Action.SPLIT, Action.BISECT) and len(part) > 1:
+                middle = len(part) // 2
+                pending.append(part[middle:])
+                pending.append(part[:middle])  # popped first: keep the original order
+            elif action is Action.SPLIT:
+                self._too_large.inc()
+                yield self._reject("too_large", f"HTTP {status}: {detail}", part[0])
+            elif action is Action.BISECT:
+                self._rejected.inc()
+                yield self._reject("collector_rejected", f"HTTP {status}: {detail}", part[0])
+            elif action is Action.GIVE_UP:
+                self._exhausted.inc(len(part))
+                for item in part:
+                    yield self._reject("retries_exhausted", detail, item)
+            else:
+                msg = (
+                    f"{CollectorConfigError.MARKER}: HTTP {status} from {self._url}: "
+                    f"{_explain(status)} The run stopped; undelivered records were not "
+                    "dead-lettered, so a re-run after fixing the configuration loses nothing."
+                )
+                raise CollectorConfigError(msg)
+
+    def _post(self, body: bytes) -> tuple[Action, int | None, str]:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            status: int | None = None
+            retry_after = None
+            try:
+                response = self._session.post(
+                    self._url, data=body, timeout=self._timeout, allow_redirects=False
+                )
+                status = response.status_code
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+                detail = self._scrub(response.text[:500])
+            except requests.RequestException as exc:
+                detail = self._scrub(f"{type(exc).__name__}: {exc}"[:500])
+            elapsed = time.monotonic() - start
+            jitter = self._rng.random()
+            decision = decide(status, attempt, elapsed, retry_after, self._policy, jitter)
+            if decision.action is Action.RETRY:
+                self._retries.inc()
+                _LOG.warning(
+                    "collector: %s; retry %d in %.1fs",
+                    f"HTTP {status}" if status else detail,
+                    attempt + 1,
+                    decision.delay,
+                )
+                time.sleep(decision.delay)
+                attempt += 1
+                continue
+            if decision.action is Action.GIVE_UP:
+                last = f"HTTP {status}" if status else detail
+                detail = f"gave up after {attempt + 1} attempts in {elapsed:.1f}s; last: {last}"
+            return decision.action, status, detail
+
+    def _scrub(self, text: str) -> str:
+        secret = self._application_id.reveal()
+        return text.replace(secret, "***") if secret else text
+
+    def _reject(self, reason: str, detail: str, item: _Item) -> dict[str, Any]:
+        _, raw, source, transaction_id = item
+        return dead_letter(
+            reason, "send", detail, raw, source, self._pipeline, transaction_id=transaction_id
+        )
+
+
+def _explain(status: int | None) -> str:
+    if status in (401, 403):
+        return "the Moesif application id was refused; check --moesif_application_id."
+    if status == 402:
+        return "the Moesif subscription is inactive."
+    if status in (404, 405, 410, 501):
+        return "the collector has no such endpoint; check --moesif_base_url."
+    return "the collector refused the request; check --moesif_base_url and the application id."
+
+
+class _WriteFilesFn(_BatchingFn):
+    def __init__(self, directory: str, max_events: int, max_bytes: int, gzip_level: int) -> None:
+        super().__init__(max_events, max_bytes, gzip_level)
+        self._directory = directory
+
+    def setup(self) -> None:
+        # mkdirs refuses a directory that exists, which is fine here.
+        with contextlib.suppress(OSError):
+            FileSystems.mkdirs(self._directory)
+
+    def _write(self, batch: list[_Item]) -> Iterator[Any]:
+        plain, body = self._body(batch)
+        # Named by content: a retried bundle rewrites the same file instead of adding one.
+        name = f"batch-{hashlib.sha256(plain).hexdigest()[:24]}.json.gz"
+        path = FileSystems.join(self._directory, name)
+        with FileSystems.create(
+            path, mime_type="application/gzip", compression_type=CompressionTypes.UNCOMPRESSED
+        ) as handle:
+            handle.write(body)
+        self._sent.inc(len(batch))
+        self._batches.inc()
+        self._bytes_sent.inc(len(body))
+        yield from ()
+
+
+def _validate_batching(kind: str, max_events: int, max_bytes: int, gzip_level: int) -> None:
+    if kind not in BATCH_BYTE_LIMITS:
+        msg = f"kind must be one of {sorted(BATCH_BYTE_LIMITS)}, got {kind!r}"
+        raise ValueError(msg)
+    if max_events < 1:
+        msg = f"batch_max_events must be >= 1, got {max_events}"
+        raise ValueError(msg)
+    limit = BATCH_BYTE_LIMITS[kind]
+    # A record larger than max_bytes still goes out, alone; the per-record limit upstream
+    # keeps that within Moesif's batch limit.
+    if not 1024 <= max_bytes <= limit:
+        msg = f"batch_max_bytes for {kind} must be in 1024..{limit}, got {max_bytes}"
+        raise ValueError(msg)
+    if not 0 <= gzip_level <= 9:
+        msg = f"gzip_level must be in 0..9, got {gzip_level}"
+        raise ValueError(msg)
+
+
+class PostToMoesif(beam.PTransform):
+    """Post records to ``/v1/<kind>/batch`` in gzip batches; output the dead letters.
+
+    Input: ``(transaction_id, (time_ms, record_json, raw, source))``. Batches hold at most
+    ``max_events`` records and ``max_bytes`` bytes of JSON (uncompressed, so Moesif's limit
+    holds however the body compresses). Guarantees, per batch:
+
+    * 2xx: every record counts as ``sent``.
+    * 408, 429, 5xx except 501, no response: retried with capped exponential backoff and
+      jitter, honouring ``Retry-After``, for at most ``policy.max_retry_seconds``; then
+      each record is a ``retries_exhausted`` dead letter.
+    * 413: the batch is split in halves; a single record refused for size is ``too_large``.
+    * 400: the batch is bisected until the refused records are isolated, each a
+      ``collector_rejected`` dead letter with the collector's message; the rest is sent.
+    * 401, 403 and other configuration errors: the run stops with
+      :class:`CollectorConfigError`, and nothing is dead-lettered.
+
+    Delivery is at least once: a retried bundle posts again, with the same transaction
+    ids, which Moesif deduplicates.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        base_url: str,
+        application_id: Secret,
+        pipeline: str,
+        *,
+        max_events: int = 500,
+        max_bytes: int = 5_000_000,
+        gzip_level: int = 6,
+        policy: RetryPolicy | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__()
+        _validate_batching(kind, max_events, max_bytes, gzip_level)
+        if not base_url.startswith(("http://", "https://")):
+            msg = f"moesif_base_url must start with http:// or https://, got {base_url!r}"
+            raise ValueError(msg)
+        if not isinstance(application_id, Secret) or not application_id.reveal():
+            msg = "a Moesif application id is required to post to the collector"
+            raise ValueError(msg)
+        if timeout <= 0:
+            msg = f"timeout must be > 0, got {timeout}"
+            raise ValueError(msg)
+        self._fn = _PostFn(
+            batch_url(base_url, kind),
+            application_id,
+            pipeline,
+            max_events,
+            max_bytes,
+            gzip_level,
+            policy or RetryPolicy(),
+            timeout,
+        )
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return records | "PostBatches" >> beam.ParDo(self._fn)
+
+
+class WriteBatchFiles(beam.PTransform):
+    """Write each batch body, exactly the gzip bytes that would be posted, to a file.
+
+    Files are ``<directory>/batch-<content hash>.json.gz``; ``zcat`` shows the JSON array.
+    Used when no application id is configured. Outputs no dead letters (an unwritable
+    directory fails the run), but returns an empty PCollection so callers wire it alike.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        directory: str,
+        *,
+        max_events: int = 500,
+        max_bytes: int = 5_000_000,
+        gzip_level: int = 6,
+    ) -> None:
+        super().__init__()
+        _validate_batching(kind, max_events, max_bytes, gzip_level)
+        if not directory:
+            msg = "an output directory is required"
+            raise ValueError(msg)
+        self._fn = _WriteFilesFn(directory, max_events, max_bytes, gzip_level)
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return records | "WriteBatches" >> beam.ParDo(self._fn)
