@@ -1,0 +1,51 @@
+"""Helpers shared by the pipeline tests: running small pipelines and reading their outputs."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from typing import Any
+
+import apache_beam as beam
+import fastavro
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from runners.launch import collect_counters
+
+
+def make_pipeline() -> TestPipeline:
+    """A TestPipeline on the FnApiRunner, the runner bounded runs use by default."""
+    return TestPipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+
+
+def run(pipeline: beam.Pipeline) -> dict[str, int]:
+    """Run a pipeline to completion and return its moesif-beam counters."""
+    result = pipeline.run()
+    result.wait_until_finish()
+    return collect_counters(result)
+
+
+def read_batches(directory: str) -> list[list[dict[str, Any]]]:
+    """Every batch file under ``directory``, decoded."""
+    return [
+        json.loads(gzip.decompress(open(path, "rb").read()))
+        for path in sorted(glob.glob(f"{directory}/batch-*.json.gz"))
+    ]
+
+
+def read_dead_letters(directory: str) -> list[dict[str, Any]]:
+    """Every dead letter in the Avro files under ``directory``."""
+    records: list[dict[str, Any]] = []
+    for path in sorted(glob.glob(f"{directory}/*.avro")):
+        with open(path, "rb") as handle:
+            records.extend(fastavro.reader(handle))
+    return records
+
+
+def assert_nothing_lost(counters: dict[str, int]) -> None:
+    """The project's core invariant, with the numbers in the message when it fails."""
+    assert (
+        counters["read"] == counters["sent"] + counters["duplicates"] + counters["dead_letters"]
+    ), counters

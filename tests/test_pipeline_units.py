@@ -1,0 +1,198 @@
+"""The pipeline's transforms on the FnApiRunner: normalize, dedup, batching, dead letters."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines import events
+from pipelines.config import PipelineConfig
+from tests.fixtures import (
+    FAULT_EVENT_AS_PRINTED,
+    FAULT_EVENT_LINE,
+    RESPONSE_EVENT_AS_PRINTED,
+    RESPONSE_EVENT_LINE,
+    wso2_line,
+)
+from tests.helpers import (
+    assert_nothing_lost,
+    make_pipeline,
+    read_batches,
+    read_dead_letters,
+    run,
+)
+from transforms.dedup import DedupByTransactionId, pick_first
+from transforms.moesif_sink import WriteBatchFiles
+from transforms.normalize import NormalizeRecords
+
+
+def test_normalize_routes_every_line_to_records_or_dead_letters():
+    lines = [
+        (RESPONSE_EVENT_LINE, "f:1"),
+        (FAULT_EVENT_LINE, "f:2"),
+        (RESPONSE_EVENT_AS_PRINTED, "f:3"),  # the docs' own syntax error
+        (FAULT_EVENT_AS_PRINTED, "f:4"),
+        (b'{"apiMethod": "GET", "caf\xff": 1}', "f:5"),  # bad UTF-8
+        (wso2_line("x", requestTimestamp=None), "f:6"),
+        (b'{"a": NaN}', "f:7"),
+        (b"[1, 2]", "f:8"),
+    ]
+    pipeline = make_pipeline()
+    out = pipeline | beam.Create(lines) | NormalizeRecords("wso2", "events")
+    assert_that(
+        out.records | "Ids" >> beam.Keys(),
+        equal_to(["79ed20c3-55b1-434a-adf6-eea25e2d09c3", "ccf2196f-9db8-429b-aaae-98f4c6edf6d7"]),
+        label="records",
+    )
+    assert_that(
+        out.dead_letters | "Why" >> beam.Map(lambda d: (d["source"], d["reason"], d["field"])),
+        equal_to(
+            [
+                ("f:3", "parse_error", None),
+                ("f:4", "parse_error", None),
+                ("f:5", "parse_error", None),
+                ("f:6", "invalid_record", "requestTimestamp"),
+                ("f:7", "parse_error", None),
+                ("f:8", "invalid_record", None),
+            ]
+        ),
+        label="dead letters",
+    )
+    assert_that(
+        out.dead_letters | "Payload" >> beam.Map(lambda d: (d["source"], d["payload"])),
+        equal_to([(source, raw) for raw, source in lines[2:]]),
+        label="payloads untouched",
+    )
+    counters = run(pipeline)
+    assert (counters["read"], counters["parse_errors"], counters["invalid"]) == (8, 4, 2)
+
+
+def test_normalize_dead_letters_records_over_the_size_limit():
+    big = wso2_line("big", properties={"apiContext": "/a", "blob": "x" * 2000})
+    pipeline = make_pipeline()
+    out = (
+        pipeline
+        | beam.Create([(big, "f:1")])
+        | NormalizeRecords("wso2", "events", max_record_bytes=1500)
+    )
+    assert_that(
+        out.dead_letters | beam.Map(lambda d: (d["reason"], d["transaction_id"])),
+        equal_to([("too_large", "big")]),
+    )
+    assert run(pipeline)["too_large"] == 1
+
+
+def test_pick_first_is_order_independent():
+    values = [(5, b"b", b"r1", "s1"), (3, b"z", b"r2", "s2"), (3, b"a", b"r3", "s3")]
+    for _ in range(5):
+        random.shuffle(values)
+        assert pick_first(values) == ((3, b"a", b"r3", "s3"), 2)
+    with pytest.raises(ValueError, match="at least one"):
+        pick_first([])
+
+
+def test_dedup_keeps_the_earliest_record_per_transaction_id():
+    records = [
+        ("a", (2, b'{"v":2}', b"raw2", "f:2")),
+        ("a", (1, b'{"v":1}', b"raw1", "f:1")),
+        ("b", (7, b'{"v":7}', b"raw7", "f:7")),
+        ("a", (1, b'{"v":1}', b"raw1", "f:9")),
+    ]
+    pipeline = make_pipeline()
+    out = pipeline | beam.Create(records) | DedupByTransactionId()
+    assert_that(
+        out | beam.Map(lambda kv: (kv[0], kv[1][1])),
+        equal_to([("a", b'{"v":1}'), ("b", b'{"v":7}')]),
+    )
+    assert run(pipeline)["duplicates"] == 2
+
+
+@pytest.mark.parametrize(("max_events", "max_bytes"), [(3, 5_000_000), (500, 1024), (7, 2000)])
+def test_batches_respect_count_and_byte_limits(tmp_path, max_events, max_bytes):
+    records = [
+        (f"id-{i}", (i, json.dumps({"i": i, "pad": "p" * (i % 50)}).encode(), b"raw", f"f:{i}"))
+        for i in range(200)
+    ]
+    pipeline = make_pipeline()
+    _ = (
+        pipeline
+        | beam.Create(records)
+        | WriteBatchFiles("events", str(tmp_path), max_events=max_events, max_bytes=max_bytes)
+    )
+    counters = run(pipeline)
+    batches = read_batches(str(tmp_path))
+    assert sorted(item["i"] for batch in batches for item in batch) == list(range(200))
+    for path in tmp_path.glob("batch-*.json.gz"):
+        plain = gzip.decompress(path.read_bytes())
+        assert len(plain) <= max_bytes
+        assert len(json.loads(plain)) <= max_events
+    assert counters["sent"] == 200
+    assert counters["batches"] == len(batches)
+    assert counters["bytes_sent"] == sum(p.stat().st_size for p in tmp_path.glob("batch-*"))
+
+
+def test_batch_limits_are_validated():
+    with pytest.raises(ValueError, match="batch_max_bytes"):
+        WriteBatchFiles("events", "/tmp/x", max_bytes=60_000_000)
+    with pytest.raises(ValueError, match="batch_max_bytes"):
+        WriteBatchFiles("actions", "/tmp/x", max_bytes=16_000_000)
+    with pytest.raises(ValueError, match="batch_max_events"):
+        WriteBatchFiles("events", "/tmp/x", max_events=0)
+    with pytest.raises(ValueError, match="kind"):
+        WriteBatchFiles("users", "/tmp/x")
+
+
+def test_events_pipeline_accounts_for_every_line(tmp_path):
+    lines = [
+        RESPONSE_EVENT_LINE,
+        FAULT_EVENT_LINE,
+        RESPONSE_EVENT_LINE,  # a replayed line
+        wso2_line("79ed20c3-55b1-434a-adf6-eea25e2d09c3", requestTimestamp="2022-01-20T03:00Z"),
+        RESPONSE_EVENT_AS_PRINTED,
+        FAULT_EVENT_AS_PRINTED,
+        b"\xff\xfe not utf-8",
+        b"",  # blank lines are not records
+        wso2_line("no-time", requestTimestamp=None),
+        *(wso2_line(f"id-{i}") for i in range(30)),
+    ]
+    source = tmp_path / "in.jsonl.gz"
+    source.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    config = PipelineConfig(
+        pipeline="events",
+        input=str(source),
+        input_format="wso2",
+        output_dir=str(tmp_path / "out"),
+        batch_max_events=7,
+    )
+    counters = run(events.build(config, make_pipeline().options))
+    assert_nothing_lost(counters)
+    assert counters["read"] == 38
+    assert counters["duplicates"] == 2
+    assert counters["sent"] == 32
+    assert counters["dead_letters"] == 4
+    assert counters["batches"] == 5  # 32 records, 7 per batch
+
+    sent = [event for batch in read_batches(config.batch_dir) for event in batch]
+    ids = [event["transaction_id"] for event in sent]
+    assert len(ids) == len(set(ids)) == 32
+    # the earliest of the repeated correlationId won
+    repeated = next(e for e in sent if e["transaction_id"].startswith("79ed20c3"))
+    assert repeated["request"]["time"] == "2022-01-20T03:00:00.000Z"
+
+    dead = read_dead_letters(config.dead_letter_dir)
+    assert sorted(d["reason"] for d in dead) == [
+        "invalid_record",
+        "parse_error",
+        "parse_error",
+        "parse_error",
+    ]
+    by_line = {d["source"].rsplit(":", 1)[1]: d for d in dead}
+    assert by_line["5"]["payload"] == RESPONSE_EVENT_AS_PRINTED
+    assert by_line["7"]["payload"] == b"\xff\xfe not utf-8"
+    assert by_line["9"]["field"] == "requestTimestamp"
+    assert all(d["pipeline"] == "events" and d["failed_at"] for d in dead)
