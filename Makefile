@@ -1,0 +1,43 @@
+# moesif-beam: `make run` and `make test` work on a fresh machine with Python 3.10+.
+# Everything installs into .venv; pip's cache lives under ~/.cache/pip.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SAMPLE := samples/wso2_sample.jsonl
+OUT    ?= moesif-out
+
+.PHONY: run test lint unit install collector bench clean
+
+run: $(STAMP)
+	$(BIN)/moesif-beam events --input $(SAMPLE) --format wso2 \
+	    --output_dir $(OUT) --metrics_out $(OUT)/metrics.json
+
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not integration"
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
+	touch $(STAMP)
+
+collector: $(STAMP)
+	$(BIN)/moesif-beam collector --port 9500 --data_dir $(OUT)/collector
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/events_throughput.py
+
+clean:
+	rm -rf $(OUT) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
