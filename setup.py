@@ -7,8 +7,18 @@ setup(
     version="0.1.0",
     description="Apache Beam pipelines that deliver API-gateway logs and action streams to Moesif.",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*",
-                                    "schemas", "schemas.*", "runners", "runners.*"]),
+    packages=find_packages(
+        include=[
+            "pipelines",
+            "pipelines.*",
+            "transforms",
+            "transforms.*",
+            "schemas",
+            "schemas.*",
+            "runners",
+            "runners.*",
+        ]
+    ),
     package_data={"schemas": ["*.avsc"]},
     include_package_data=True,
     install_requires=[

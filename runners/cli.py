@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
@@ -92,6 +93,30 @@ def _events_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OwnErrorsOnce(logging.Filter):
+    """Drop log records about a refused collector configuration.
+
+    The CLI reports that error itself, in one line; Beam would otherwise also log the
+    worker's traceback for it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "".join(traceback.format_exception(*record.exc_info))
+        return CollectorConfigError.MARKER not in text
+
+
+def _configure_logging(level: str) -> None:
+    # force: importing Beam already configured the root logger (it logs a warning on
+    # import), which would make basicConfig a no-op.
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_OwnErrorsOnce())
+
+
 def _unknown_beam_args(beam_args: Sequence[str]) -> list[str]:
     """Return the flags in ``beam_args`` that no Beam options class declares."""
     parser = _BeamArgumentParser(allow_abbrev=False, conflict_handler="resolve")
@@ -117,9 +142,7 @@ def _beam_options(beam_args: list[str]) -> PipelineOptions:
 def _events(argv: Sequence[str]) -> int:
     parser = _events_parser()
     args, beam_args = parser.parse_known_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.log_level)
     unknown = _unknown_beam_args(beam_args)
     if unknown:
         parser.error(f"unknown option(s): {' '.join(unknown)}")

@@ -1,0 +1,225 @@
+"""Events throughput: the moesif-beam pipeline against a plain single-loop reference.
+
+Run by hand (``make bench`` or ``python benchmarks/events_throughput.py --events 100000``).
+Both sides get the same generated WSO2 input (about 1 KB per event, 2% repeated
+correlationIds, 5% faults) and post to the same collector emulator, started as its own
+process in count-only mode so it costs both sides the same. Each side runs in its own
+process, so peak RSS is its own. The script prints events/s for both, their ratio, peak
+memory, and both sides' counts, which must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import requests  # noqa: E402
+
+from samples.generate_wso2 import generate  # noqa: E402
+from transforms.errors import InvalidRecord  # noqa: E402
+from transforms.formats.wso2 import extract_json, to_moesif_event  # noqa: E402
+from transforms.normalize import parse_json  # noqa: E402
+
+APP_ID = "benchmark-app"
+
+
+def reference(input_path: str, url: str, batch_size: int) -> dict:
+    """The plain loop: read, parse, map, drop repeated ids, batch 500, gzip, POST.
+
+    It uses the same mapping function as the pipeline, so the comparison measures what
+    the pipeline adds around the work, not a different mapping.
+    """
+    session = requests.Session()
+    session.headers.update(
+        {
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+            "X-Moesif-Application-Id": APP_ID,
+        }
+    )
+    endpoint = f"{url}/v1/events/batch"
+    seen: set[str] = set()
+    batch: list[bytes] = []
+    counts = {"read": 0, "sent": 0, "duplicates": 0, "dead_letters": 0}
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+    def flush() -> None:
+        body = gzip.compress(b"[" + b",".join(batch) + b"]", compresslevel=6, mtime=0)
+        response = session.post(endpoint, data=body, timeout=60)
+        response.raise_for_status()
+        counts["sent"] += len(batch)
+        batch.clear()
+
+    with open(input_path, "rb") as handle:
+        for text in handle:
+            line = text.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            counts["read"] += 1
+            try:
+                tid, _, event = to_moesif_event(parse_json(extract_json(line)))
+            except (ValueError, InvalidRecord):
+                counts["dead_letters"] += 1
+                continue
+            if tid in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(tid)
+            batch.append(encoder.encode(event).encode("utf-8"))
+            if len(batch) >= batch_size:
+                flush()
+    if batch:
+        flush()
+    return counts
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_collector(data_dir: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runners.collector",
+            "--port",
+            str(port),
+            "--data_dir",
+            data_dir,
+            "--store",
+            "count",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "collector listening on ..."
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, int, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    stdout, stderr = proc.communicate()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[2:4]} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    # ru_maxrss is in KiB on Linux; for the pipeline it is the largest process of its tree.
+    return seconds, usage.ru_maxrss * 1024, subprocess.CompletedProcess(cmd, 0, stdout, stderr)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--input", help="reuse this input file instead of generating one")
+    parser.add_argument("--reference_only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "pipeline_args",
+        nargs="*",
+        help="extra flags for moesif-beam (after --), e.g. "
+        "--direct_num_workers 2 --direct_running_mode multi_processing",
+    )
+    args = parser.parse_args()
+
+    if args.reference_only:  # the child process that runs the reference loop
+        print(json.dumps(reference(args.input, args.url, args.batch_size)))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="moesif-bench-"))
+    input_path = args.input or str(work / "wso2.jsonl")
+    if not args.input:
+        started = time.perf_counter()
+        with open(input_path, "wb") as out:
+            for line in generate(args.events, seed=2026, fault_rate=0.05, dup_rate=0.02):
+                out.write(line + b"\n")
+        print(
+            f"generated {args.events:,} events ({os.path.getsize(input_path) / 1e6:.0f} MB) "
+            f"in {time.perf_counter() - started:.1f}s"
+        )
+    env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
+
+    results = {}
+    for side in ("reference", "pipeline"):
+        collector, url = _start_collector(str(work / f"collector-{side}"))
+        try:
+            if side == "reference":
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--reference_only",
+                    "--input",
+                    input_path,
+                    "--url",
+                    url,
+                    "--batch_size",
+                    str(args.batch_size),
+                ]
+                seconds, rss, proc = _timed(cmd, env)
+                counts = json.loads(proc.stdout)
+            else:
+                metrics = work / "metrics.json"
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "runners.cli",
+                    "events",
+                    "--input",
+                    input_path,
+                    "--moesif_base_url",
+                    url,
+                    "--output_dir",
+                    str(work / "out"),
+                    "--batch_max_events",
+                    str(args.batch_size),
+                    "--metrics_out",
+                    str(metrics),
+                    *args.pipeline_args,
+                ]
+                seconds, rss, proc = _timed(cmd, env)
+                counts = json.loads(metrics.read_text())
+        finally:
+            collector.terminate()
+            collector.wait()
+        results[side] = {"seconds": seconds, "rss": rss, "counts": counts}
+
+    ref, pipe = results["reference"], results["pipeline"]
+    keys = ("read", "sent", "duplicates", "dead_letters")
+    agree = all(ref["counts"][k] == pipe["counts"][k] for k in keys)
+    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(f"{'':<12}{'events/s':>12}{'seconds':>10}{'peak RSS':>12}   counts")
+    for side in ("reference", "pipeline"):
+        r = results[side]
+        rate = r["counts"]["read"] / r["seconds"]
+        counts = ", ".join(f"{k} {r['counts'][k]:,}" for k in keys)
+        print(
+            f"{side:<12}{rate:>12,.0f}{r['seconds']:>10.1f}{r['rss'] / 2**20:>10.0f}MiB   {counts}"
+        )
+    ratio = ref["seconds"] / pipe["seconds"]
+    print(f"\npipeline / reference throughput: {ratio:.2f}x   counts agree: {agree}")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Fixtures that start real local services for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runners.collector import CollectorConfig, RunningCollector, start_in_thread
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def start_collector(tmp_path: Path) -> Iterator[Callable[..., RunningCollector]]:
+    """Start Moesif collector emulators on free loopback ports; stopped after the test."""
+    running: list[RunningCollector] = []
+
+    def start(**settings: Any) -> RunningCollector:
+        data_dir = tmp_path / f"collector-{len(running)}"
+        collector = start_in_thread(CollectorConfig(data_dir=str(data_dir), **settings))
+        running.append(collector)
+        return collector
+
+    yield start
+    for collector in running:
+        collector.stop()
+
+
+@dataclass
+class CliRun:
+    """One finished ``moesif-beam`` process."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    metrics: dict[str, Any]
+
+
+def run_cli(
+    args: list[str], *, app_id: str | None = None, metrics: Path | None = None, timeout: int = 180
+) -> CliRun:
+    """Run the real command line in a subprocess, as a user would."""
+    env = {k: v for k, v in os.environ.items() if k != "MOESIF_APPLICATION_ID"}
+    if app_id is not None:
+        env["MOESIF_APPLICATION_ID"] = app_id
+    if metrics is not None:
+        args = [*args, "--metrics_out", str(metrics)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    loaded = json.loads(metrics.read_text()) if metrics is not None and metrics.exists() else {}
+    return CliRun(proc.returncode, proc.stdout, proc.stderr, loaded)

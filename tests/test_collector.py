@@ -1,0 +1,1030 @@
+"""The Moesif Collector API emulator: pure validation, and its behaviour over real HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from runners.collector import (
+    ACTIONS_BATCH_LIMIT_BYTES,
+    CollectorConfig,
+    RunningCollector,
+    ValidationError,
+    main,
+    parse_iso8601,
+    start_in_thread,
+    validate_payload,
+    validate_record,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+APP_ID = "emulator-secret-7d41c9"  # recognisable, so a leak into any output is caught
+JSON = "application/json"
+
+
+# ---- builders -------------------------------------------------------------------------------
+
+
+def event(transaction_id: str | None = "tx-1", **extra: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "request": {
+            "time": "2026-01-02T03:04:05.678Z",
+            "uri": "https://api.example.com/v1/items?q=1",
+            "verb": "GET",
+            "headers": {"Host": "api.example.com"},
+        },
+        "response": {
+            "time": "2026-01-02T03:04:05.789Z",
+            "status": 200,
+            "headers": {"Content-Type": JSON},
+            "body": {"ok": True},
+        },
+    }
+    if transaction_id is not None:
+        record["transaction_id"] = transaction_id
+    record.update(extra)
+    return record
+
+
+def action(transaction_id: str = "act-1", **extra: Any) -> dict[str, Any]:
+    record = {
+        "action_name": "Clicked Sign Up",
+        "transaction_id": transaction_id,
+        "request": {"time": "2026-01-02T03:04:05.678Z", "uri": "https://example.com/signup"},
+    }
+    record.update(extra)
+    return record
+
+
+SAMPLES: dict[str, dict[str, Any]] = {
+    "events": event(),
+    "actions": action(),
+    "users": {"user_id": "u-1", "metadata": {"email": "a@example.com"}},
+    "companies": {"company_id": "c-1", "company_domain": "example.com"},
+    "subscriptions": {"subscription_id": "s-1", "company_id": "c-1", "status": "active"},
+}
+
+
+def post(
+    collector: RunningCollector,
+    path: str,
+    payload: Any,
+    *,
+    encoding: str | None = None,
+    app_id: str | None = APP_ID,
+    content_type: str = JSON,
+    session: requests.Session | None = None,
+) -> requests.Response:
+    """POST ``payload`` (JSON-encoded unless bytes), compressed as ``encoding`` says."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    if encoding == "gzip":
+        body = gzip.compress(body)
+    elif encoding == "deflate":
+        body = zlib.compress(body)
+    elif encoding == "raw-deflate":
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        body = packer.compress(body) + packer.flush()
+        encoding = "deflate"
+    headers = {"Content-Type": content_type}
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    if app_id is not None:
+        headers["X-Moesif-Application-Id"] = app_id
+    return (session or requests).post(collector.url + path, data=body, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def collector() -> Iterator[RunningCollector]:
+    with start_in_thread(CollectorConfig(application_id=APP_ID)) as running:
+        yield running
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"fail_rate": 1.5}, "fail_rate must be in [0, 1]"),
+        ({"drop_connection_rate": -0.1}, "drop_connection_rate must be in [0, 1]"),
+        ({"fail_status": 200}, "fail_status must be an HTTP error status"),
+        ({"fail_first": -1}, "fail_first must be >= 0"),
+        ({"latency_ms": -5}, "latency_ms must be >= 0"),
+        ({"store": "memory"}, "store must be 'sqlite' or 'count'"),
+        ({"port": 70000}, "port must be in 0..65535"),
+        ({"retry_after": -1.0}, "retry_after must be >= 0"),
+        ({"reject_older_than_days": 0}, "reject_older_than_days must be >= 1"),
+        ({"application_id": "  "}, "application_id must be non-empty"),
+    ],
+)
+def test_config_rejects_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CollectorConfig(**settings)
+
+
+def test_config_repr_hides_the_application_id():
+    assert APP_ID not in repr(CollectorConfig(application_id=APP_ID))
+
+
+# ---- pure validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-01-02T03:04:05",
+        "2026-01-02T03:04:05Z",
+        "2026-01-02T03:04:05.6",
+        "2026-01-02T03:04:05.678",
+        "2026-01-02T03:04:05.123456789Z",
+        "2026-01-02T03:04:05.678+00:00",
+        "2026-01-02T05:04:05+0200",
+        "2026-01-02T05:04+02",
+        "2026-01-02t03:04:05.678z",
+    ],
+)
+def test_parse_iso8601_accepts_the_shapes_sdks_send(text):
+    parsed = parse_iso8601(text)
+    assert parsed.tzinfo is not None  # no zone means UTC
+    assert parsed.astimezone(UTC).replace(second=0, microsecond=0) == datetime(
+        2026, 1, 2, 3, 4, tzinfo=UTC
+    )
+
+
+def test_parse_iso8601_reads_fractions_and_offsets():
+    assert parse_iso8601("2026-01-02T03:04:05.123456789Z").microsecond == 123456
+    assert parse_iso8601("2026-01-02T03:04:05.5").microsecond == 500000
+    assert parse_iso8601("2026-01-02T03:04:05-03:30").utcoffset() == -timedelta(hours=3, minutes=30)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "2026-01-02",
+        "2026-01-02 03:04:05",
+        "20260102T030405",
+        "2026-13-02T03:04:05",
+        "2026-02-30T03:04:05",
+        "2026-01-02T25:04:05",
+        "2026-01-02T03:04:05.1234567890Z",
+        "2026-01-02T03:04:05+25:00",
+        "1735787045123",
+        "yesterday",
+    ],
+)
+def test_parse_iso8601_rejects_other_text(text):
+    with pytest.raises(ValueError, match="date-time"):
+        parse_iso8601(text)
+
+
+@pytest.mark.parametrize(
+    ("kind", "record"),
+    [
+        ("events", event()),
+        ("events", event(transaction_id=None)),  # no id: fine, just never deduplicated
+        ("events", {**event(), "response": None}),  # timed-out call
+        (
+            "events",
+            event(
+                user_id=None,
+                company_id="c",
+                subscription_id=None,
+                session_token=None,
+                direction="Internal",
+                metadata={"a": {"b": [1]}},
+                weight=None,
+                tags=None,
+                blocked_by=None,
+                action_name="List",
+            ),
+        ),
+        ("events", {**event(), "request": {**event()["request"], "content_length": 5}}),
+        ("actions", action()),
+        ("actions", {"action_name": "Viewed", "request": {}}),  # time and uri are optional
+        ("actions", action(request={"time": "2026-01-02T03:04:05"}, metadata=None)),
+        ("users", SAMPLES["users"]),
+        ("users", {"user_id": "u", "metadata": None, "company_id": None, "campaign": {}}),
+        ("companies", SAMPLES["companies"]),
+        ("subscriptions", {**SAMPLES["subscriptions"], "items": [{"plan_id": "p"}]}),
+    ],
+)
+def test_validate_record_accepts_valid_records(kind, record):
+    validate_record(kind, record)
+
+
+def _without(record: dict[str, Any], dotted: str) -> dict[str, Any]:
+    copy = json.loads(json.dumps(record))
+    *parents, last = dotted.split(".")
+    target = copy
+    for key in parents:
+        target = target[key]
+    del target[last]
+    return copy
+
+
+def _with(record: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    copy = json.loads(json.dumps(record))
+    *parents, last = dotted.split(".")
+    target = copy
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "field"),
+    [
+        ("events", _without(event(), "request"), "request"),
+        ("events", _with(event(), "request", "GET /"), "request"),
+        ("events", _without(event(), "request.time"), "request.time"),
+        ("events", _with(event(), "request.time", 1735787045123), "request.time"),
+        ("events", _with(event(), "request.time", "02/01/2026"), "request.time"),
+        ("events", _without(event(), "request.uri"), "request.uri"),
+        ("events", _without(event(), "request.verb"), "request.verb"),
+        ("events", _with(event(), "request.verb", None), "request.verb"),
+        ("events", _without(event(), "request.headers"), "request.headers"),
+        ("events", _with(event(), "request.headers", "Host: x"), "request.headers"),
+        ("events", _with(event(), "response", []), "response"),
+        ("events", _without(event(), "response.time"), "response.time"),
+        ("events", _without(event(), "response.status"), "response.status"),
+        ("events", _with(event(), "response.status", "200"), "response.status"),
+        ("events", _with(event(), "response.status", True), "response.status"),
+        ("events", _without(event(), "response.headers"), "response.headers"),
+        ("events", _with(event(), "transaction_id", 7), "transaction_id"),
+        ("events", _with(event(), "user_id", 42), "user_id"),
+        ("events", _with(event(), "session_token", {}), "session_token"),
+        ("events", _with(event(), "metadata", "plan=pro"), "metadata"),
+        ("events", _with(event(), "weight", 1.5), "weight"),
+        ("events", _with(event(), "weight", True), "weight"),
+        ("events", _with(event(), "direction", "Sideways"), "direction"),
+        ("events", _with(event(), "direction", ["Incoming"]), "direction"),
+        ("actions", _without(action(), "action_name"), "action_name"),
+        ("actions", _with(action(), "action_name", ""), "action_name"),
+        ("actions", _without(action(), "request"), "request"),
+        ("actions", _with(action(), "request.time", "soon"), "request.time"),
+        ("actions", _with(action(), "request.uri", 3), "request.uri"),
+        ("actions", _with(action(), "company_id", 3), "company_id"),
+        ("users", {"metadata": {}}, "user_id"),
+        ("users", {"user_id": ""}, "user_id"),
+        ("users", {"user_id": 12}, "user_id"),
+        ("users", {"user_id": "u", "metadata": []}, "metadata"),
+        ("companies", {"company_domain": "x.com"}, "company_id"),
+        ("subscriptions", {"company_id": "c", "status": "active"}, "subscription_id"),
+        ("subscriptions", {"subscription_id": "s", "status": "active"}, "company_id"),
+        ("subscriptions", {"subscription_id": "s", "company_id": "c"}, "status"),
+        ("subscriptions", {**SAMPLES["subscriptions"], "items": [{}]}, "items.0.plan_id"),
+    ],
+)
+def test_validate_record_names_the_offending_field(kind, record, field):
+    with pytest.raises(ValidationError) as caught:
+        validate_record(kind, record)
+    assert caught.value.field == field
+    assert caught.value.index is None
+    assert caught.value.to_json()["field"] == field
+
+
+def test_validate_record_rejects_non_objects_and_unknown_kinds():
+    with pytest.raises(ValidationError, match="JSON object"):
+        validate_record("events", ["not", "an", "object"])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        validate_record("sessions", {})
+
+
+def test_validate_record_age_window_uses_request_time():
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    recent = _with(event(), "request.time", "2026-02-20T00:00:00.000")
+    old = _with(event(), "request.time", "2026-01-01T00:00:00+05:00")
+    validate_record("events", recent, now=now, reject_older_than_days=30)
+    validate_record("events", old, now=now)  # no window, no age check
+    with pytest.raises(ValidationError, match="older") as caught:
+        validate_record("events", old, now=now, reject_older_than_days=30)
+    assert caught.value.field == "request.time"
+    # Actions without a time are stamped by the server, so they are never too old.
+    validate_record(
+        "actions", {"action_name": "x", "request": {}}, now=now, reject_older_than_days=1
+    )
+    with pytest.raises(ValidationError):
+        validate_record("actions", action(), now=now, reject_older_than_days=1)
+
+
+def test_validate_payload_is_all_or_nothing_and_reports_the_index():
+    items = [event("a"), event("b"), _without(event("c"), "request.verb"), event("d")]
+    with pytest.raises(ValidationError) as caught:
+        validate_payload("events", items, batch=True)
+    assert caught.value.to_json() == {
+        "error": "request.verb is required",
+        "index": 2,
+        "field": "request.verb",
+    }
+    assert validate_payload("events", [], batch=True) == []
+    assert validate_payload("users", SAMPLES["users"], batch=False) == [SAMPLES["users"]]
+    with pytest.raises(ValidationError, match="JSON array"):
+        validate_payload("events", event(), batch=True)
+    with pytest.raises(ValidationError, match="JSON object"):
+        validate_payload("events", [event()], batch=False)
+
+
+def test_validation_accepts_dict_subclasses_from_direct_callers():
+    class Record(dict):  # not what json.loads builds, so the fast path defers to the full one
+        pass
+
+    validate_record("events", Record(event()))
+    validate_record("actions", Record(action()))
+
+
+# ---- HTTP: routes, auth, bodies -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(SAMPLES))
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_every_post_route_answers_201_and_stores(collector, kind, batch):
+    payload = [SAMPLES[kind]] if batch else SAMPLES[kind]
+    response = post(collector, f"/v1/{kind}{'/batch' if batch else ''}", payload)
+    assert response.status_code == 201, response.text
+    assert response.json() == {}
+    assert response.headers["X-Moesif-Config-ETag"]
+    assert collector.records(kind) == [SAMPLES[kind]]
+    stats = collector.stats()
+    assert stats["records"][kind] == 1
+    assert sum(stats["records"].values()) == 1
+    assert stats["requests"][f"/v1/{kind}{'/batch' if batch else ''}"] == {"201": 1}
+
+
+def test_config_and_rules(collector):
+    headers = {"X-Moesif-Application-Id": APP_ID}
+    config = requests.get(collector.url + "/v1/config", headers=headers, timeout=10)
+    assert config.status_code == 200
+    assert config.headers["X-Moesif-Config-ETag"]
+    assert config.json()["sample_rate"] == 100
+    assert {"org_id", "app_id", "user_sample_rate", "regex_config"} <= set(config.json())
+    rules = requests.get(collector.url + "/v1/rules", headers=headers, timeout=10)
+    assert (rules.status_code, rules.json()) == (200, [])
+    assert collector.stats()["requests"]["/v1/config"] == {"200": 1}
+
+
+@pytest.mark.parametrize(
+    "app_id", [None, "", "not-the-right-id"], ids=["missing", "empty", "wrong"]
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/events/batch"), ("GET", "/v1/config"), ("GET", "/v1/rules")]
+)
+def test_401_without_the_right_application_id(collector, app_id, method, path):
+    headers = {"Content-Type": JSON}
+    if app_id is not None:
+        headers["X-Moesif-Application-Id"] = app_id
+    response = requests.request(
+        method, collector.url + path, data=json.dumps([event()]), headers=headers, timeout=10
+    )
+    assert response.status_code == 401
+    assert response.json() == {"error": "missing or invalid X-Moesif-Application-Id"}
+    assert APP_ID not in response.text
+    assert APP_ID not in str(response.headers)
+    if app_id:
+        assert app_id not in response.text
+    assert collector.records("events") == []
+
+
+def test_any_non_empty_id_is_accepted_when_none_is_configured():
+    with start_in_thread(CollectorConfig()) as running:
+        assert post(running, "/v1/events/batch", [event()], app_id="whatever").status_code == 201
+        assert post(running, "/v1/events/batch", [event()], app_id="").status_code == 401
+
+
+def test_unknown_paths_and_wrong_methods(collector):
+    headers = {"X-Moesif-Application-Id": APP_ID}
+    assert (
+        requests.get(collector.url + "/v1/nothing", headers=headers, timeout=10).status_code == 404
+    )
+    # Exact paths only: no trailing slash, no prefix matching.
+    assert post(collector, "/v1/events/batch/", [event()]).status_code == 404
+    wrong = requests.get(collector.url + "/v1/events/batch", headers=headers, timeout=10)
+    assert (wrong.status_code, wrong.headers["Allow"]) == (405, "POST")
+    assert post(collector, "/v1/config", {}).status_code == 405
+    head = requests.head(collector.url + "/v1/events", headers=headers, timeout=10)
+    assert (head.status_code, head.content) == (405, b"")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate", "identity", None])
+def test_compressed_and_plain_bodies_are_accepted(collector, encoding):
+    batch = [event("a"), event("b"), event("c")]
+    response = post(collector, "/v1/events/batch", batch, encoding=encoding)
+    assert response.status_code == 201, response.text
+    assert [e["transaction_id"] for e in collector.records("events")] == ["a", "b", "c"]
+
+
+def test_concatenated_gzip_members_are_one_body(collector):
+    text = json.dumps([event("a"), event("b")]).encode()
+    body = gzip.compress(text[:40]) + gzip.compress(text[40:])
+    response = requests.post(
+        collector.url + "/v1/events/batch",
+        data=body,
+        headers={
+            "Content-Type": JSON,
+            "Content-Encoding": "gzip",
+            "X-Moesif-Application-Id": APP_ID,
+        },
+        timeout=10,
+    )
+    assert response.status_code == 201
+    assert len(collector.records("events")) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "message"),
+    [
+        (b"\x1f\x8b\x08\x00garbage", "gzip", "could not be decoded as gzip"),
+        (gzip.compress(b'[{"a": 1}]')[:-12], "gzip", "truncated"),
+        (b"plain text", "deflate", "could not be decoded as deflate"),
+        (b"[]", "br", "unsupported Content-Encoding"),
+    ],
+    ids=["bad-gzip", "truncated-gzip", "bad-deflate", "brotli"],
+)
+def test_undecodable_bodies_are_400(collector, body, encoding, message):
+    response = requests.post(
+        collector.url + "/v1/events/batch",
+        data=body,
+        headers={
+            "Content-Type": JSON,
+            "Content-Encoding": encoding,
+            "X-Moesif-Application-Id": APP_ID,
+        },
+        timeout=10,
+    )
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/events/batch", b'[{"request": ', "not valid JSON"),
+        ("/v1/events/batch", b"", "not valid JSON"),
+        ("/v1/events/batch", b"[NaN]", "not valid JSON"),
+        ("/v1/events/batch", b"\xff\xfe[]", "not UTF-8"),
+        ("/v1/events/batch", b'[{"x": "\\ud800"}]', "unpaired UTF-16 surrogate"),
+        ("/v1/events/batch", json.dumps(event()).encode(), "must be a JSON array"),
+        ("/v1/actions/batch", b'{"batch": []}', "must be a JSON array"),
+        ("/v1/users", b'[{"user_id": "u"}]', "must be a JSON object"),
+    ],
+)
+def test_malformed_bodies_are_400(collector, path, body, message):
+    response = post(collector, path, body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    assert collector.stats()["records"] == dict.fromkeys(SAMPLES, 0)
+
+
+def test_unicode_escapes_and_a_byte_order_mark_are_fine(collector):
+    text = json.dumps([event("\U0001f600", metadata={"name": "Zoë"})])  # escaped pair + é
+    assert "\\ud83d\\ude00" in text
+    response = post(collector, "/v1/events/batch", b"\xef\xbb\xbf" + text.encode())
+    assert response.status_code == 201, response.text
+    stored = collector.records("events")[0]
+    assert (stored["transaction_id"], stored["metadata"]["name"]) == ("\U0001f600", "Zoë")
+
+
+def test_content_type_must_be_json(collector):
+    wrong = post(collector, "/v1/events/batch", [event()], content_type="text/plain")
+    assert wrong.status_code == 400
+    assert "Content-Type must be application/json" in wrong.json()["error"]
+    fine = post(
+        collector, "/v1/events/batch", [event()], content_type="Application/JSON; charset=utf-8"
+    )
+    assert fine.status_code == 201
+
+
+def test_an_empty_batch_is_fine(collector):
+    response = post(collector, "/v1/events/batch", [])
+    assert response.status_code == 201
+    assert collector.stats()["items_received"]["events"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "batch", "index", "field"),
+    [
+        ("/v1/events/batch", [event("a"), _without(event("b"), "request.verb")], 1, "request.verb"),
+        (
+            "/v1/events/batch",
+            [event("a"), event("b"), _without(event("c"), "response.status")],
+            2,
+            "response.status",
+        ),
+        ("/v1/actions/batch", [_without(action(), "action_name")], 0, "action_name"),
+        ("/v1/users/batch", [{"user_id": "u-1"}, {"metadata": {"a": 1}}], 1, "user_id"),
+    ],
+)
+def test_one_invalid_item_rejects_the_whole_batch(collector, path, batch, index, field):
+    response = post(collector, path, batch, encoding="gzip")
+    assert response.status_code == 400
+    body = response.json()
+    assert (body["index"], body["field"]) == (index, field)
+    assert body["error"]
+    stats = collector.stats()
+    assert stats["records"] == dict.fromkeys(SAMPLES, 0)  # nothing stored, not even valid items
+    assert stats["requests"][path] == {"400": 1}
+
+
+def test_single_route_errors_name_the_field(collector):
+    response = post(collector, "/v1/users", {"metadata": {}})
+    assert response.status_code == 400
+    assert response.json() == {"error": "user_id is required", "field": "user_id"}
+
+
+def test_413_for_an_actions_batch_over_15_mb(collector):
+    filler = "x" * 900_000  # each action stays under 1 MB; together they pass 15 MB
+    batch = [action(f"a{i}", metadata={"blob": filler}) for i in range(18)]
+    body = json.dumps(batch).encode()
+    assert len(body) > ACTIONS_BATCH_LIMIT_BYTES
+    with requests.Session() as session:
+        plain = post(collector, "/v1/actions/batch", body, session=session)
+        assert plain.status_code == 413
+        assert "15,000,000" in plain.json()["error"]
+        # Compressed it is tiny, but the limit holds for the decompressed body too.
+        packed = post(collector, "/v1/actions/batch", body, encoding="gzip", session=session)
+        assert packed.status_code == 413
+        assert len(gzip.compress(body)) < 1_000_000
+        # The same body is fine on /v1/events/batch, whose limit is 50 MB.
+        assert post(collector, "/v1/events/batch", [], session=session).status_code == 201
+    assert collector.records("actions") == []
+
+
+def test_decompression_bombs_stop_at_the_limit(collector):
+    bomb = gzip.compress(b" " * 60_000_000, compresslevel=9)  # 60 MB of whitespace, ~60 KB
+    started = time.monotonic()
+    response = requests.post(
+        collector.url + "/v1/events/batch",
+        data=bomb,
+        headers={
+            "Content-Type": JSON,
+            "Content-Encoding": "gzip",
+            "X-Moesif-Application-Id": APP_ID,
+        },
+        timeout=30,
+    )
+    assert response.status_code == 413
+    assert "decompressed body exceeds" in response.json()["error"]
+    assert time.monotonic() - started < 5
+
+
+def test_413_for_an_event_over_1_mb(collector):
+    big = event("big", metadata={"blob": "y" * 1_000_100})
+    batch = [event("small"), big]
+    response = post(collector, "/v1/events/batch", batch)
+    assert response.status_code == 413
+    assert response.json()["index"] == 1
+    assert "1,000,000" in response.json()["error"]
+    assert post(collector, "/v1/events", big).status_code == 413
+    assert collector.records("events") == []
+    # Just under the limit is fine.
+    fits = event("fits", metadata={"blob": "y" * 990_000})
+    assert post(collector, "/v1/events/batch", [fits]).status_code == 201
+
+
+def test_a_body_without_content_length_is_411(collector):
+    connection = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=10)
+    try:
+        connection.request(
+            "POST",
+            "/v1/events/batch",
+            body=iter([b"[", b"]"]),
+            headers={"Content-Type": JSON, "X-Moesif-Application-Id": APP_ID},
+            encode_chunked=True,
+        )
+        response = connection.getresponse()
+        assert response.status == 411
+        assert b"Content-Length" in response.read()
+        # The chunks were drained, so the connection is still good for a proper request.
+        sock = connection.sock
+        connection.request(
+            "POST",
+            "/v1/events/batch",
+            body=b"[]",
+            headers={"Content-Type": JSON, "X-Moesif-Application-Id": APP_ID},
+        )
+        again = connection.getresponse()
+        assert (again.status, again.read()) == (201, b"{}")
+        assert connection.sock is sock
+    finally:
+        connection.close()
+
+
+def test_connections_are_kept_alive(collector):
+    connection = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=10)
+    try:
+        body = json.dumps([event("a")])
+        headers = {"Content-Type": JSON, "X-Moesif-Application-Id": APP_ID}
+        connection.request("POST", "/v1/events/batch", body=body, headers=headers)
+        first = connection.getresponse()
+        assert (first.status, first.read()) == (201, b"{}")
+        sock = connection.sock
+        # Even an error answer keeps the connection usable.
+        connection.request("POST", "/v1/events/batch", body="[1", headers=headers)
+        second = connection.getresponse()
+        assert second.status == 400
+        second.read()
+        connection.request("POST", "/v1/events/batch", body=body, headers=headers)
+        third = connection.getresponse()
+        assert third.status == 201
+        third.read()
+        assert connection.sock is sock  # no reconnect happened
+    finally:
+        connection.close()
+
+
+# ---- semantics: dedup, upserts, age ---------------------------------------------------------
+
+
+def test_transaction_ids_are_deduplicated_across_batches(collector):
+    for batch in (["A", "B"], ["C"], ["A", "C", "D"]):
+        assert post(collector, "/v1/events/batch", [event(t) for t in batch]).status_code == 201
+    assert [e["transaction_id"] for e in collector.records("events")] == ["A", "B", "C", "D"]
+    stats = collector.stats()
+    assert stats["records"]["events"] == 4
+    assert stats["duplicates"]["events"] == 2
+    assert (stats["items_accepted"]["events"], stats["items_stored"]["events"]) == (6, 4)
+
+
+def test_dedup_within_a_batch_and_items_without_ids(collector):
+    batch = [event("X"), event("X"), event(None), event(None), event(""), action("X")]
+    assert post(collector, "/v1/events/batch", batch[:5]).status_code == 201
+    assert post(collector, "/v1/actions/batch", batch[5:]).status_code == 201
+    assert len(collector.records("events")) == 4  # X once, every id-less event kept
+    assert len(collector.records("actions")) == 1  # actions are a separate id space
+    assert collector.stats()["duplicates"] == {"events": 1, "actions": 0}
+
+
+def test_user_metadata_is_merged_recursively(collector):
+    first = {
+        "user_id": "u-1",
+        "company_id": "c-1",
+        "metadata": {"email": "a@example.com", "plan": {"name": "free", "seats": 1}},
+    }
+    second = {
+        "user_id": "u-1",
+        "company_id": None,  # SDKs send null for "not set": it does not erase
+        "metadata": {"plan": {"seats": 5}, "name": "Ann"},
+    }
+    assert post(collector, "/v1/users", first).status_code == 201
+    assert post(collector, "/v1/users/batch", [second, {"user_id": "u-2"}]).status_code == 201
+    assert collector.records("users") == [
+        {
+            "user_id": "u-1",
+            "company_id": "c-1",
+            "metadata": {
+                "email": "a@example.com",
+                "plan": {"name": "free", "seats": 5},
+                "name": "Ann",
+            },
+        },
+        {"user_id": "u-2"},
+    ]
+    assert collector.stats()["records"]["users"] == 2
+
+
+def test_companies_and_subscriptions_are_upserts(collector):
+    post(collector, "/v1/companies", {"company_id": "c", "metadata": {"a": 1}})
+    post(collector, "/v1/companies/batch", [{"company_id": "c", "metadata": {"b": 2}}] * 2)
+    sub = SAMPLES["subscriptions"]
+    post(collector, "/v1/subscriptions/batch", [sub, {**sub, "status": "cancelled"}])
+    assert collector.records("companies") == [{"company_id": "c", "metadata": {"a": 1, "b": 2}}]
+    assert collector.records("subscriptions") == [{**sub, "status": "cancelled"}]
+
+
+def test_reject_older_than_days():
+    with start_in_thread(CollectorConfig(application_id=APP_ID, reject_older_than_days=30)) as c:
+        now = datetime.now(UTC)
+        recent = _with(event("new"), "request.time", now.strftime("%Y-%m-%dT%H:%M:%S.000Z"))
+        old_time = (now - timedelta(days=40)).astimezone(timezone(timedelta(hours=2)))
+        old = _with(event("old"), "request.time", old_time.isoformat())
+        response = post(c, "/v1/events/batch", [recent, old])
+        assert response.status_code == 400
+        assert (response.json()["index"], response.json()["field"]) == (1, "request.time")
+        assert post(c, "/v1/events/batch", [recent]).status_code == 201
+        assert [e["transaction_id"] for e in c.records("events")] == ["new"]
+
+
+def test_data_survives_a_restart_and_dedup_spans_it(tmp_path):
+    config = CollectorConfig(application_id=APP_ID, data_dir=str(tmp_path / "nested" / "dir"))
+    with start_in_thread(config) as first:
+        assert post(first, "/v1/events/batch", [event("A"), event("B")]).status_code == 201
+        assert post(first, "/v1/users", {"user_id": "u", "metadata": {"a": 1}}).status_code == 201
+    assert (tmp_path / "nested" / "dir" / "collector.db").exists()
+    with start_in_thread(config) as second:
+        assert post(second, "/v1/events/batch", [event("B"), event("C")]).status_code == 201
+        assert post(second, "/v1/users", {"user_id": "u", "metadata": {"b": 2}}).status_code == 201
+        assert [e["transaction_id"] for e in second.records("events")] == ["A", "B", "C"]
+        assert second.records("users") == [{"user_id": "u", "metadata": {"a": 1, "b": 2}}]
+
+
+def test_concurrent_clients_are_safe(collector):
+    errors: list[BaseException] = []
+
+    def worker(offset: int) -> None:
+        try:
+            with requests.Session() as session:
+                for batch in range(5):
+                    ids = [f"tx-{(offset + batch * 7 + i) % 60}" for i in range(20)]
+                    response = post(
+                        collector, "/v1/events/batch", [event(t) for t in ids], session=session
+                    )
+                    assert response.status_code == 201
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n * 11,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    stored = [e["transaction_id"] for e in collector.records("events")]
+    assert len(stored) == len(set(stored)) == 60
+    stats = collector.stats()
+    assert stats["items_accepted"]["events"] == 6 * 5 * 20
+    assert stats["items_stored"]["events"] + stats["duplicates"]["events"] == 600
+
+
+# ---- faults ---------------------------------------------------------------------------------
+
+
+def test_fail_first_gives_503s_with_retry_after_then_201():
+    config = CollectorConfig(application_id=APP_ID, fail_first=2, retry_after=1.5)
+    with start_in_thread(config) as c, requests.Session() as session:
+        answers = [post(c, "/v1/events/batch", [event()], session=session) for _ in range(3)]
+        assert [a.status_code for a in answers] == [503, 503, 201]
+        assert [a.headers.get("Retry-After") for a in answers[:2]] == ["1.5", "1.5"]
+        assert "Retry-After" not in answers[2].headers
+        assert "injected" in answers[0].json()["error"]
+        assert len(c.records("events")) == 1
+        stats = c.stats()
+        assert stats["faults"] == {"dropped": 0, "failed": 2}
+        assert stats["requests"]["/v1/events/batch"] == {"201": 1, "503": 2}
+
+
+def test_retry_after_only_for_429_and_503():
+    with start_in_thread(CollectorConfig(fail_first=1, fail_status=500, retry_after=2)) as c:
+        response = post(c, "/v1/events/batch", [event()], app_id="any")
+        assert response.status_code == 500
+        assert "Retry-After" not in response.headers
+    with start_in_thread(CollectorConfig(fail_first=1, fail_status=429, retry_after=2)) as c:
+        response = post(c, "/v1/events/batch", [event()], app_id="any")
+        assert (response.status_code, response.headers["Retry-After"]) == (429, "2")
+
+
+def test_faults_spare_gets_and_unauthorised_posts():
+    with start_in_thread(CollectorConfig(application_id=APP_ID, fail_first=1)) as c:
+        headers = {"X-Moesif-Application-Id": APP_ID}
+        assert requests.get(c.url + "/v1/config", headers=headers, timeout=10).status_code == 200
+        assert post(c, "/v1/events/batch", [event()], app_id="wrong").status_code == 401
+        assert post(c, "/v1/events/batch", [event()]).status_code == 503
+        assert post(c, "/v1/events/batch", [event()]).status_code == 201
+
+
+def test_drop_first_closes_the_connection_without_an_answer():
+    with start_in_thread(CollectorConfig(application_id=APP_ID, drop_first=1)) as c:
+        with pytest.raises(requests.ConnectionError):
+            post(c, "/v1/events/batch", [event("A")])
+        assert c.records("events") == []  # a dropped request stores nothing
+        assert post(c, "/v1/events/batch", [event("A")]).status_code == 201
+        assert c.stats()["faults"] == {"dropped": 1, "failed": 0}
+        assert c.records("events") == [event("A")]
+
+
+def test_drop_then_fail_are_counted_separately():
+    config = CollectorConfig(application_id=APP_ID, drop_first=1, fail_first=1)
+    with start_in_thread(config) as c:
+        with pytest.raises(requests.ConnectionError):
+            post(c, "/v1/events/batch", [event()])
+        assert post(c, "/v1/events/batch", [event()]).status_code == 503
+        assert post(c, "/v1/events/batch", [event()]).status_code == 201
+
+
+def test_random_faults_are_reproducible_with_a_seed():
+    def outcomes() -> list[str]:
+        config = CollectorConfig(application_id=APP_ID, fail_rate=0.5, seed=42)
+        with start_in_thread(config) as c, requests.Session() as session:
+            return [
+                str(post(c, "/v1/events/batch", [], session=session).status_code) for _ in range(12)
+            ]
+
+    first = outcomes()
+    assert first == outcomes()
+    assert {"201", "503"} == set(first)
+
+
+def test_latency_delays_ingestion_only():
+    config = CollectorConfig(application_id=APP_ID, latency_ms=300, latency_first=1)
+    with start_in_thread(config) as c:
+        started = time.monotonic()
+        assert post(c, "/v1/events/batch", [event("a")]).status_code == 201
+        assert time.monotonic() - started >= 0.29
+        started = time.monotonic()
+        assert post(c, "/v1/events/batch", [event("b")]).status_code == 201
+        assert time.monotonic() - started < 0.29  # latency_first=1: only the first is slow
+
+
+def test_a_request_the_client_gave_up_on_is_still_stored():
+    with start_in_thread(CollectorConfig(application_id=APP_ID, latency_ms=600)) as c:
+        with pytest.raises(requests.Timeout):
+            requests.post(
+                c.url + "/v1/events/batch",
+                data=json.dumps([event("late")]),
+                headers={"Content-Type": JSON, "X-Moesif-Application-Id": APP_ID},
+                timeout=0.2,
+            )
+        deadline = time.monotonic() + 5
+        while not c.records("events") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [e["transaction_id"] for e in c.records("events")] == ["late"]
+
+
+def test_stop_does_not_wait_out_injected_latency(caplog):
+    running = start_in_thread(CollectorConfig(application_id=APP_ID, latency_ms=10_000))
+    outcome: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            post(running, "/v1/events/batch", [event()])
+        except requests.RequestException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    time.sleep(0.3)  # the request is now sleeping in the handler
+    started = time.monotonic()
+    running.stop()
+    thread.join(timeout=5)
+    assert time.monotonic() - started < 3
+    assert outcome and isinstance(outcome[0], requests.ConnectionError)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    running.stop()  # idempotent
+
+
+# ---- count mode, inspection, reset ----------------------------------------------------------
+
+
+def test_count_store_validates_dedups_and_keeps_no_bodies():
+    with start_in_thread(CollectorConfig(application_id=APP_ID, store="count")) as c:
+        for batch in (["A", "B"], ["C"], ["A", "C", "D"]):
+            assert post(c, "/v1/events/batch", [event(t) for t in batch]).status_code == 201
+        assert post(c, "/v1/users/batch", [{"user_id": "u"}, {"user_id": "u"}]).status_code == 201
+        assert post(c, "/v1/events/batch", [{"request": {}}]).status_code == 400
+        assert c.records("events") == []
+        stats = c.stats()
+        assert stats["store"] == "count"
+        assert stats["records"]["events"] == 4
+        assert stats["records"]["users"] == 1
+        assert stats["duplicates"]["events"] == 2
+
+
+def test_inspection_routes_and_reset(collector):
+    post(collector, "/v1/events/batch", [event(str(i)) for i in range(5)])
+    page = requests.get(
+        collector.url + "/_emulator/records",
+        params={"kind": "events", "limit": 2, "offset": 1},
+        timeout=10,
+    )
+    assert [e["transaction_id"] for e in page.json()] == ["1", "2"]
+    stats = requests.get(collector.url + "/_emulator/stats", timeout=10).json()
+    assert stats == collector.stats()
+    assert stats["records"]["events"] == 5
+    assert stats["items_received"]["events"] == 5
+    bad = requests.get(collector.url + "/_emulator/records", params={"kind": "nope"}, timeout=10)
+    assert bad.status_code == 400
+    reset = requests.post(collector.url + "/_emulator/reset", timeout=10)
+    assert reset.status_code == 200
+    assert collector.records("events") == []
+    assert collector.stats()["requests"] == {}
+    with pytest.raises(ValueError, match="kind"):
+        collector.records("sessions")
+
+
+def test_verbose_logs_one_line_per_request_without_headers(caplog):
+    caplog.set_level(logging.INFO, logger="runners.collector")
+    with start_in_thread(CollectorConfig(application_id=APP_ID), verbose=True) as c:
+        post(c, "/v1/events/batch", [event("a"), event("b")])
+        post(c, "/v1/events/batch", [event("a")], app_id="wrong-id")
+    lines = [r.getMessage() for r in caplog.records if r.name == "runners.collector"]
+    assert lines == [
+        "POST /v1/events/batch -> 201 (2 items)",
+        "POST /v1/events/batch -> 401 (0 items)",
+    ]
+    assert APP_ID not in caplog.text
+    assert "wrong-id" not in caplog.text
+
+
+def test_quiet_by_default(caplog, capfd):
+    caplog.set_level(logging.DEBUG - 5)
+    with start_in_thread(CollectorConfig(application_id=APP_ID, drop_first=1)) as c:
+        with pytest.raises(requests.ConnectionError):
+            post(c, "/v1/events/batch", [event()])
+        post(c, "/v1/events/batch", [event()])
+    captured = capfd.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def test_cli_inspect_prints_stats_and_records(collector, capsys):
+    post(collector, "/v1/events/batch", [event("a"), event("b"), event("c")])
+    assert main(["--inspect", collector.url + "/", "--kind", "events", "--limit", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stats"]["records"]["events"] == 3
+    assert report["kind"] == "events"
+    assert [e["transaction_id"] for e in report["records"]] == ["a", "b"]
+
+
+def test_cli_inspect_reports_an_unreachable_emulator(capsys):
+    assert main(["--inspect", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert "cannot inspect" in capsys.readouterr().err
+
+
+def test_cli_rejects_invalid_settings(capsys):
+    assert main(["--fail_rate", "2", "--application_id", APP_ID]) == 2
+    err = capsys.readouterr().err
+    assert "fail_rate must be in [0, 1]" in err
+    assert APP_ID not in err
+
+
+def test_module_runs_as_a_service_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    data_dir = tmp_path / "collector-data"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runners.collector",
+            "--port",
+            str(port),
+            "--data_dir",
+            str(data_dir),
+            "--application_id",
+            APP_ID,
+            "--verbose",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "the emulator never printed its listening line"
+        line = proc.stdout.readline().strip()
+        url = f"http://127.0.0.1:{port}"
+        assert line == f"collector listening on {url} (data in {data_dir.resolve()})"
+        response = requests.post(
+            url + "/v1/events/batch",
+            data=gzip.compress(json.dumps([event("A"), event("B")]).encode()),
+            headers={
+                "Content-Type": JSON,
+                "Content-Encoding": "gzip",
+                "X-Moesif-Application-Id": APP_ID,
+            },
+            timeout=10,
+        )
+        assert response.status_code == 201
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert out == ""  # the listening line was the only output
+    assert "POST /v1/events/batch -> 201 (2 items)" in err
+    assert APP_ID not in line + out + err
+    assert (data_dir / "collector.db").exists()

@@ -1,0 +1,238 @@
+"""`moesif-beam events` end to end: the real command, over real HTTP, against the emulator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CliRun, run_cli
+from tests.fixtures import RESPONSE_EVENT_AS_PRINTED, wso2_line
+from tests.helpers import assert_nothing_lost, read_dead_letters
+
+pytestmark = pytest.mark.integration
+
+APP_ID = "test-app-id-3f9c2b"  # a recognisable secret: it must never show up in outputs
+
+
+def _write_input(path: Path, unique: int, *, repeats: int = 0, extra: list[bytes] = ()) -> Path:
+    lines = [wso2_line(f"00000000-0000-4000-8000-{i:012d}") for i in range(unique)]
+    lines += lines[:repeats]
+    lines += list(extra)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _events(tmp_path: Path, collector_url: str, *extra: str, app_id: str = APP_ID) -> CliRun:
+    args = [
+        "events",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--moesif_base_url",
+        collector_url,
+        "--output_dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
+    return run_cli(args, app_id=app_id, metrics=tmp_path / "metrics.json")
+
+
+def _assert_no_secret(run: CliRun, tmp_path: Path) -> None:
+    assert APP_ID not in run.stdout
+    assert APP_ID not in run.stderr
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert APP_ID.encode() not in path.read_bytes(), path
+
+
+def test_delivers_gzip_batches_and_accounts_for_everything(tmp_path, start_collector):
+    collector = start_collector(application_id=APP_ID)
+    _write_input(
+        tmp_path / "in.jsonl", 120, repeats=10, extra=[RESPONSE_EVENT_AS_PRINTED, b"not json"]
+    )
+    run = _events(tmp_path, collector.url, "--batch_max_events", "50")
+    assert run.returncode == 0, run.stderr
+    metrics = run.metrics
+    assert_nothing_lost(metrics)
+    assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (132, 120, 10)
+    assert (metrics["dead_letters"], metrics["parse_errors"]) == (2, 2)
+    assert metrics["batches"] == 3
+    stored = collector.records("events")
+    assert len(stored) == 120
+    assert len({event["transaction_id"] for event in stored}) == 120
+    assert all(event["request"]["time"].endswith("Z") for event in stored)
+    assert "holds" in run.stdout
+    _assert_no_secret(run, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"fail_first": 3, "fail_status": 503, "retry_after": 0.2},
+        {"fail_rate": 0.4, "fail_status": 429, "seed": 7},
+        {"drop_first": 2, "drop_connection_rate": 0.2, "seed": 11},
+        {"fail_rate": 0.3, "fail_status": 500, "drop_connection_rate": 0.2, "seed": 5},
+    ],
+    ids=["503-retry-after", "429", "dropped-connections", "mixed"],
+)
+def test_transient_faults_are_retried_with_zero_loss(tmp_path, start_collector, faults):
+    collector = start_collector(application_id=APP_ID, **faults)
+    _write_input(tmp_path / "in.jsonl", 200)
+    run = _events(tmp_path, collector.url, "--batch_max_events", "20")
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    assert run.metrics["sent"] == 200
+    assert run.metrics["retries"] > 0
+    assert run.metrics["dead_letters"] == 0
+    stored = [event["transaction_id"] for event in collector.records("events")]
+    assert sorted(stored) == sorted(set(stored))  # no duplicate transaction ids stored
+    assert len(stored) == 200
+
+
+def test_timeouts_are_retried_and_redelivery_is_deduplicated(tmp_path, start_collector):
+    # The collector stores the first batches but answers after the client gave up, so the
+    # retry re-sends records it already holds: Moesif's transaction_id dedup absorbs them.
+    collector = start_collector(application_id=APP_ID, latency_ms=1500, latency_first=2)
+    _write_input(tmp_path / "in.jsonl", 60)
+    run = _events(tmp_path, collector.url, "--batch_max_events", "20", "--http_timeout", "0.5")
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    assert run.metrics["retries"] >= 2
+    stored = [event["transaction_id"] for event in collector.records("events")]
+    assert len(stored) == len(set(stored)) == 60
+
+
+def test_a_batch_with_one_refused_event_is_bisected(tmp_path, start_collector):
+    # Moesif refuses events older than 30 days (without backfill): the emulator answers
+    # 400 for the whole batch, and only the old event may end up in the dead letters.
+    collector = start_collector(application_id=APP_ID, reject_older_than_days=30)
+    old = wso2_line("old-event", requestTimestamp="2020-01-01T00:00:00.000Z")
+    recent = [
+        wso2_line(f"recent-{i}", requestTimestamp="2099-01-01T00:00:00.000Z") for i in range(40)
+    ]
+    lines = [*recent[:17], old, *recent[17:]]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    run = _events(tmp_path, collector.url, "--batch_max_events", "100")
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    assert (run.metrics["sent"], run.metrics["collector_rejected"]) == (40, 1)
+    dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    assert [(d["reason"], d["transaction_id"], d["stage"]) for d in dead] == [
+        ("collector_rejected", "old-event", "send")
+    ]
+    assert dead[0]["payload"] == old
+    assert "HTTP 400" in dead[0]["detail"]
+    assert len(collector.records("events")) == 40
+
+
+def test_a_413_splits_the_batch(tmp_path, start_collector):
+    collector = start_collector(application_id=APP_ID, fail_first=1, fail_status=413)
+    _write_input(tmp_path / "in.jsonl", 30)
+    run = _events(tmp_path, collector.url, "--batch_max_events", "30")
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    assert (run.metrics["sent"], run.metrics["batches"]) == (30, 2)
+    assert len(collector.records("events")) == 30
+
+
+def test_retries_exhausted_become_dead_letters(tmp_path, start_collector):
+    collector = start_collector(application_id=APP_ID, fail_rate=1.0, fail_status=503)
+    _write_input(tmp_path / "in.jsonl", 25)
+    run = _events(tmp_path, collector.url, "--max_retry_seconds", "1")
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    assert (run.metrics["sent"], run.metrics["dead_letters"]) == (0, 25)
+    assert run.metrics["retries_exhausted"] == 25
+    dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    assert {d["reason"] for d in dead} == {"retries_exhausted"}
+    assert "gave up after" in dead[0]["detail"]
+    _assert_no_secret(run, tmp_path)
+
+
+def test_wrong_application_id_stops_with_one_clear_message(tmp_path, start_collector):
+    collector = start_collector(application_id="the-right-id")
+    _write_input(tmp_path / "in.jsonl", 10)
+    run = _events(tmp_path, collector.url)
+    assert run.returncode == 3
+    assert "HTTP 401" in run.stderr
+    assert "application id was refused" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert len(collector.records("events")) == 0
+    _assert_no_secret(run, tmp_path)
+
+
+def test_401_during_the_run_stops_it_and_dead_letters_nothing(tmp_path, start_collector):
+    # The preflight passes; the collector then refuses the batch itself.
+    collector = start_collector(application_id=APP_ID, fail_first=1, fail_status=401)
+    _write_input(tmp_path / "in.jsonl", 10)
+    run = _events(tmp_path, collector.url)
+    assert run.returncode == 3
+    assert "HTTP 401" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    _assert_no_secret(run, tmp_path)
+
+
+def test_without_an_application_id_batches_go_to_files(tmp_path):
+    _write_input(tmp_path / "in.jsonl", 12, repeats=2)
+    run = run_cli(
+        ["events", "--input", str(tmp_path / "in.jsonl"), "--output_dir", str(tmp_path / "out")],
+        metrics=tmp_path / "metrics.json",
+    )
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    assert run.metrics["sent"] == 12
+    files = list((tmp_path / "out" / "events").glob("batch-*.json.gz"))
+    assert len(files) == run.metrics["batches"] == 1
+    assert run.metrics["bytes_sent"] == files[0].stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["events", "--batch_max_event", "5", "--input", "x"],
+            "unknown option(s): --batch_max_event",
+        ),
+        (
+            ["events", "--input", "x", "--no_such_beam_flag"],
+            "unknown option(s): --no_such_beam_flag",
+        ),
+        (["events"], "--input is required"),
+        (["events", "--input", "/nonexistent/*.jsonl"], "matches no files"),
+        (["events", "--input", "x", "--batch_max_bytes", "60000000"], "--batch_max_bytes"),
+        (["events", "--input", "x", "--format", "kong"], "invalid choice"),
+        (["nonsense"], "unknown command"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error(args, message):
+    run = run_cli(args, timeout=60)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_metrics_out_has_every_contract_key(tmp_path):
+    _write_input(tmp_path / "in.jsonl", 3)
+    run = run_cli(
+        ["events", "--input", str(tmp_path / "in.jsonl"), "--output_dir", str(tmp_path / "out")],
+        metrics=tmp_path / "metrics.json",
+    )
+    assert run.returncode == 0, run.stderr
+    keys = set(json.loads((tmp_path / "metrics.json").read_text()))
+    contract = {
+        "read",
+        "parse_errors",
+        "invalid",
+        "type_conflicts",
+        "duplicates",
+        "sent",
+        "batches",
+        "bytes_sent",
+        "retries",
+        "collector_rejected",
+        "dead_letters",
+    }
+    assert contract <= keys
