@@ -837,6 +837,7 @@ class _Collector:
                 lambda: defaultdict(int)
             )
             self._received = dict.fromkeys(KINDS, 0)
+            self._encodings: defaultdict[str, int] = defaultdict(int)
             self._accepted = dict.fromkeys(KINDS, 0)
             self._stored = dict.fromkeys(KINDS, 0)
             self._duplicates = {"events": 0, "actions": 0}
@@ -883,9 +884,10 @@ class _Collector:
         with self._lock:
             self._requests[route][str(status)] += 1
 
-    def count_received(self, kind: str, count: int) -> None:
+    def count_received(self, kind: str, count: int, encoding: str) -> None:
         with self._lock:
             self._received[kind] += count
+            self._encodings[encoding] += 1
 
     def ingest(self, kind: str, items: list[dict[str, Any]]) -> tuple[int, int]:
         """Stores validated records; returns (stored, duplicates dropped)."""
@@ -913,6 +915,7 @@ class _Collector:
                     for route, by_status in sorted(self._requests.items())
                 },
                 "items_received": dict(self._received),
+                "content_encodings": dict(sorted(self._encodings.items())),
                 "items_accepted": dict(self._accepted),
                 "items_stored": dict(self._stored),
                 "duplicates": dict(self._duplicates),
@@ -1404,7 +1407,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValidationError as exc:
             raise _HttpError(400, exc.to_json()) from None
         self._items = len(items)
-        collector.count_received(route.kind, len(items))
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        collector.count_received(route.kind, len(items), encoding)
 
         # Measuring costs a serialization per item. An item's compact form is (short of
         # contrived number spellings) no longer than its text in the body, so a body under
@@ -1476,8 +1480,9 @@ class RunningCollector:
 
         Returns:
             ``records`` (stored records per kind), ``requests`` (per route, per status),
-            ``items_received`` (items in every well-formed body), ``items_accepted`` (items in
-            201 answers), ``items_stored`` (new records; upserts count each item),
+            ``items_received`` (items in every well-formed body), ``content_encodings``
+            (well-formed bodies per Content-Encoding), ``items_accepted`` (items in 201
+            answers), ``items_stored`` (new records; upserts count each item),
             ``duplicates`` (events and actions dropped by transaction_id), ``faults``
             (``dropped``, ``failed``) and ``store``.
         """

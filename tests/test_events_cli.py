@@ -62,6 +62,9 @@ def test_delivers_gzip_batches_and_accounts_for_everything(tmp_path, start_colle
     assert len(stored) == 120
     assert len({event["transaction_id"] for event in stored}) == 120
     assert all(event["request"]["time"].endswith("Z") for event in stored)
+    stats = collector.stats()
+    assert stats["content_encodings"] == {"gzip": 3}  # every batch arrived gzip-compressed
+    assert stats["requests"]["/v1/events/batch"] == {"201": 3}
     assert "holds" in run.stdout
     _assert_no_secret(run, tmp_path)
 
