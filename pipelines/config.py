@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from transforms.moesif_sink import BATCH_BYTE_LIMITS, RetryPolicy, Secret
-from transforms.normalize import EVENT_FORMATS
+from transforms.normalize import FORMATS
+from transforms.schema import SCOPES
 
 __all__ = ["DEFAULT_BASE_URL", "PipelineConfig", "new_run_id"]
 
@@ -43,6 +44,10 @@ class PipelineConfig:
         http_timeout: seconds to wait for the collector's answer to one request.
         gzip_level: compression level of batch bodies.
         metrics_out: where to write the run's counters as JSON, if anywhere.
+        schema_store: the persisted metadata type schema (JSON, any Beam filesystem);
+            empty means ``<output_dir>/metadata_schema.json``, shared by both pipelines.
+        schema_scope: track a metadata key's type by its ``name`` at any depth (Moesif's
+            rule) or by its full ``path``.
         run_id: labels this run's dead-letter files.
     """
 
@@ -61,6 +66,8 @@ class PipelineConfig:
     http_timeout: float = 30.0
     gzip_level: int = 6
     metrics_out: str | None = None
+    schema_store: str = ""
+    schema_scope: str = "name"
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -70,9 +77,12 @@ class PipelineConfig:
         if not self.input:
             msg = "--input is required: a file glob such as 'logs/*.jsonl.gz'"
             raise ValueError(msg)
-        if self.pipeline == "events" and self.input_format not in EVENT_FORMATS:
-            known = ", ".join(sorted(EVENT_FORMATS))
-            msg = f"--format {self.input_format!r} is not an events format; known: {known}"
+        if self.input_format not in FORMATS[self.pipeline]:
+            known = ", ".join(sorted(FORMATS[self.pipeline]))
+            msg = f"--format {self.input_format!r} is not a {self.pipeline} format; known: {known}"
+            raise ValueError(msg)
+        if self.schema_scope not in SCOPES:
+            msg = f"--schema_scope must be one of {', '.join(SCOPES)}, got {self.schema_scope!r}"
             raise ValueError(msg)
         if not self.base_url.startswith(("http://", "https://")):
             msg = f"--moesif_base_url must start with http:// or https://, got {self.base_url!r}"
@@ -104,6 +114,16 @@ class PipelineConfig:
     def dead_letter_dir(self) -> str:
         """The directory dead letters are written to."""
         return self.dead_letter or f"{self.output_dir.rstrip('/')}/dead_letter"
+
+    @property
+    def schema_store_path(self) -> str:
+        """Where the metadata type schema is persisted."""
+        return self.schema_store or f"{self.output_dir.rstrip('/')}/metadata_schema.json"
+
+    @property
+    def schema_pending_dir(self) -> str:
+        """Where a run writes the keys it adds, until the launcher merges them."""
+        return f"{self.output_dir.rstrip('/')}/.schema-pending/{self.pipeline}-{self.run_id}"
 
     @property
     def batch_dir(self) -> str:

@@ -8,6 +8,7 @@ check that Beam knows them too, so a typo is an error rather than a silent defau
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -16,12 +17,14 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipelines import events
+from pipelines import actions, events
 from pipelines.config import DEFAULT_BASE_URL, PipelineConfig
 from runners.launch import EXIT_COLLECTOR, execute
 from transforms.errors import CollectorConfigError
 from transforms.moesif_sink import RetryPolicy, Secret, preflight
-from transforms.normalize import EVENT_FORMATS
+from transforms.normalize import FORMATS
+from transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
+from transforms.sources import match_inputs
 
 __all__ = ["main"]
 
@@ -36,33 +39,48 @@ _USAGE = """usage: moesif-beam COMMAND [options]
 
 commands:
   events      gateway logs -> Moesif /v1/events/batch (--format wso2)
+  actions     action streams -> Moesif /v1/actions/batch (--format moesif|segment)
+  schema      show or seed the persisted metadata type schema
   collector   a local Moesif Collector API emulator, for tests and trials
 
 'moesif-beam COMMAND --help' lists a command's options."""
 
 
-def _events_parser() -> argparse.ArgumentParser:
+_DEFAULT_FORMAT = {"events": "wso2", "actions": "moesif"}
+_DESCRIPTION = {
+    "events": "Deliver API-gateway logs to Moesif's /v1/events/batch.",
+    "actions": "Deliver action streams to Moesif's /v1/actions/batch.",
+}
+_FORMAT_HELP = {
+    "events": "input format (default wso2: WSO2 API Manager analytics events)",
+    "actions": "input format (default moesif: Collector API action JSON, one action or an "
+    "array per line; segment: Segment track calls)",
+}
+
+
+def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moesif-beam events",
-        description="Deliver API-gateway logs to Moesif's /v1/events/batch. Any Beam "
-        "pipeline option (--runner, --direct_num_workers, ...) passes through.",
+        prog=f"moesif-beam {pipeline}",
+        description=f"{_DESCRIPTION[pipeline]} Any Beam pipeline option (--runner, "
+        "--direct_num_workers, ...) passes through.",
         allow_abbrev=False,
     )
     source = parser.add_argument_group("source")
-    source.add_argument("--input", help="file glob of JSON-lines logs; .gz files are read too")
+    source.add_argument("--input", help="file glob of JSON-lines files; .gz files are read too")
     source.add_argument(
         "--source", default="files", choices=["files"], help="where records come from"
     )
     source.add_argument(
         "--format",
         dest="input_format",
-        default="wso2",
-        choices=sorted(EVENT_FORMATS),
-        help="input format (default: wso2, WSO2 API Manager analytics events)",
+        default=_DEFAULT_FORMAT[pipeline],
+        choices=sorted(FORMATS[pipeline]),
+        help=_FORMAT_HELP[pipeline],
     )
     source.add_argument(
         "--company_id_field",
-        help="input field whose value becomes company_id (top level, then properties)",
+        help="field whose value becomes company_id when a record has none (events: top "
+        "level, then properties; actions: metadata)",
     )
     sink = parser.add_argument_group("sink")
     sink.add_argument(
@@ -74,6 +92,7 @@ def _events_parser() -> argparse.ArgumentParser:
     sink.add_argument("--output_dir", default="./moesif-out", help="batch files and dead letters")
     sink.add_argument("--dead_letter", default="", help="dead-letter directory")
     sink.add_argument("--metrics_out", help="write the run's counters as JSON to this path")
+    _add_schema_flags(parser)
     batching = parser.add_argument_group("batching and retries")
     batching.add_argument("--batch_max_events", type=int, default=500)
     batching.add_argument(
@@ -91,6 +110,23 @@ def _events_parser() -> argparse.ArgumentParser:
         "--log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
+
+
+def _add_schema_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metadata type schema")
+    group.add_argument(
+        "--schema_store",
+        default="",
+        help="persisted metadata type schema, JSON on any Beam filesystem (default "
+        "<output_dir>/metadata_schema.json, shared by events and actions)",
+    )
+    group.add_argument(
+        "--schema_scope",
+        default="name",
+        choices=list(SCOPES),
+        help="track a key's type by its name at any depth (Moesif's rule, default) or by "
+        "its full path",
+    )
 
 
 class _OwnErrorsOnce(logging.Filter):
@@ -139,8 +175,11 @@ def _beam_options(beam_args: list[str]) -> PipelineOptions:
     return PipelineOptions(beam_args)
 
 
-def _events(argv: Sequence[str]) -> int:
-    parser = _events_parser()
+_BUILDERS = {"events": events.build, "actions": actions.build}
+
+
+def _deliver(pipeline: str, argv: Sequence[str]) -> int:
+    parser = _delivery_parser(pipeline)
     args, beam_args = parser.parse_known_args(argv)
     _configure_logging(args.log_level)
     unknown = _unknown_beam_args(beam_args)
@@ -149,7 +188,7 @@ def _events(argv: Sequence[str]) -> int:
     app_id = args.moesif_application_id or os.environ.get("MOESIF_APPLICATION_ID") or None
     try:
         config = PipelineConfig(
-            pipeline="events",
+            pipeline=pipeline,
             input=args.input or "",
             input_format=args.input_format,
             application_id=Secret(app_id) if app_id else None,
@@ -164,10 +203,11 @@ def _events(argv: Sequence[str]) -> int:
             http_timeout=args.http_timeout,
             gzip_level=args.gzip_level,
             metrics_out=args.metrics_out,
+            schema_store=args.schema_store,
+            schema_scope=args.schema_scope,
         )
-        from transforms.sources import match_inputs  # noqa: PLC0415 - after flag checks
-
         match_inputs(config.input)
+        load_schema(config.schema_store_path, config.schema_scope)
     except ValueError as exc:
         parser.error(str(exc))
     if config.application_id is not None:
@@ -176,7 +216,45 @@ def _events(argv: Sequence[str]) -> int:
         except CollectorConfigError as exc:
             print(str(exc), file=sys.stderr, flush=True)
             return EXIT_COLLECTOR
-    return execute(events.build, config, _beam_options(beam_args))
+    return execute(_BUILDERS[pipeline], config, _beam_options(beam_args))
+
+
+def _schema(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moesif-beam schema",
+        description="Show or seed the persisted metadata type schema.",
+        allow_abbrev=False,
+    )
+    commands = parser.add_subparsers(dest="action", required=True)
+    show = commands.add_parser("show", help="print the schema as JSON")
+    seed = commands.add_parser(
+        "seed",
+        help="add keys from a file: JSON lines (or a JSON array) of example records or "
+        "metadata objects, whose types are inferred; or, with --types, a JSON object of "
+        "key -> type. Keys already in the schema keep their type.",
+    )
+    seed.add_argument("file")
+    seed.add_argument("--types", action="store_true", help="FILE maps keys to type names")
+    for sub in (show, seed):
+        sub.add_argument("--output_dir", default="./moesif-out")
+        _add_schema_flags(sub)
+    args = parser.parse_args(argv)
+    store = args.schema_store or f"{args.output_dir.rstrip('/')}/metadata_schema.json"
+    try:
+        if args.action == "show":
+            schema = load_schema(store, args.schema_scope)
+        else:
+            before = load_schema(store, args.schema_scope)
+            pairs = seed_pairs(args.file, args.schema_scope, types_map=args.types)
+            schema = save_schema(store, args.schema_scope, pairs)
+            added = len(schema) - len(before)
+            print(f"seeded {added} new keys; {len(schema)} in {store}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    print(
+        json.dumps({"scope": args.schema_scope, "fields": dict(sorted(schema.items()))}, indent=2)
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,8 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_USAGE)
         return 0 if args else EXIT_USAGE
     command, rest = args[0], args[1:]
-    if command == "events":
-        return _events(rest)
+    if command in _BUILDERS:
+        return _deliver(command, rest)
+    if command == "schema":
+        return _schema(rest)
     if command == "collector":
         from runners import collector  # noqa: PLC0415 - the emulator is not needed otherwise
 

@@ -11,12 +11,14 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config import PipelineConfig
 from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE
 from transforms.errors import CollectorConfigError
+from transforms.schema import load_schema, save_schema
 
 __all__ = ["EXIT_COLLECTOR", "EXIT_FAILED", "collect_counters", "execute", "format_summary"]
 
@@ -69,13 +71,18 @@ def format_summary(config: PipelineConfig, counters: dict[str, int], seconds: fl
 
 
 def execute(
-    build: Callable[[PipelineConfig, PipelineOptions], beam.Pipeline],
+    build: Callable[[PipelineConfig, PipelineOptions, dict[str, str]], beam.Pipeline],
     config: PipelineConfig,
     options: PipelineOptions,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Build, run and report one bounded pipeline run; return the process exit code."""
-    pipeline = build(config, options)
+    """Build, run and report one bounded pipeline run; return the process exit code.
+
+    The persisted metadata schema is read before the run and updated after it completes;
+    a failed run leaves it untouched.
+    """
+    stored = load_schema(config.schema_store_path, config.schema_scope)
+    pipeline = build(config, options, stored)
     started = time.monotonic()
     try:
         result = pipeline.run()
@@ -84,15 +91,38 @@ def execute(
         return _report_failure(exc, config)
     seconds = time.monotonic() - started
     counters = collect_counters(result)
+    added = merge_pending_schema(config)
     print(format_summary(config, counters, seconds), file=out, flush=True)
+    print(
+        f"  metadata schema: {added} new keys -> {config.schema_store_path}", file=out, flush=True
+    )
     if config.metrics_out:
         _write_metrics(config, counters, seconds)
     return 0 if invariant_holds(counters) else EXIT_FAILED
 
 
-def _write_metrics(config: PipelineConfig, counters: dict[str, int], seconds: float) -> None:
-    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415 - only when asked
+def merge_pending_schema(config: PipelineConfig) -> int:
+    """Merge the keys a finished run wrote aside into the schema store; return how many.
 
+    The store is re-read at merge time and keys already in it keep their type (first wins),
+    so two runs sharing a store never overwrite each other's decisions.
+    """
+    match = FileSystems.match([f"{config.schema_pending_dir}/*"])[0].metadata_list
+    pairs: list[tuple[str, str]] = []
+    for metadata in match:
+        with FileSystems.open(metadata.path) as handle:
+            for line in handle.read().splitlines():
+                if line.strip():
+                    key, kind = json.loads(line)
+                    pairs.append((key, kind))
+    before = load_schema(config.schema_store_path, config.schema_scope)
+    after = save_schema(config.schema_store_path, config.schema_scope, pairs)
+    if match:
+        FileSystems.delete([config.schema_pending_dir])
+    return len(after) - len(before)
+
+
+def _write_metrics(config: PipelineConfig, counters: dict[str, int], seconds: float) -> None:
     document = {
         **counters,
         "pipeline": config.pipeline,

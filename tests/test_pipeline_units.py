@@ -43,7 +43,7 @@ def test_normalize_routes_every_line_to_records_or_dead_letters():
         (b"[1, 2]", "f:8"),
     ]
     pipeline = make_pipeline()
-    out = pipeline | beam.Create(lines) | NormalizeRecords("wso2", "events")
+    out = pipeline | beam.Create(lines) | NormalizeRecords("events", "wso2")
     assert_that(
         out.records | "Ids" >> beam.Keys(),
         equal_to(["79ed20c3-55b1-434a-adf6-eea25e2d09c3", "ccf2196f-9db8-429b-aaae-98f4c6edf6d7"]),
@@ -78,7 +78,7 @@ def test_normalize_dead_letters_records_over_the_size_limit():
     out = (
         pipeline
         | beam.Create([(big, "f:1")])
-        | NormalizeRecords("wso2", "events", max_record_bytes=1500)
+        | NormalizeRecords("events", "wso2", max_record_bytes=1500)
     )
     assert_that(
         out.dead_letters | beam.Map(lambda d: (d["reason"], d["transaction_id"])),

@@ -12,7 +12,7 @@ from transforms.counters import counter
 __all__ = ["DedupByTransactionId", "pick_first"]
 
 
-def pick_first(values: Iterable[tuple[int, bytes, bytes, str]]) -> tuple[tuple, int]:
+def pick_first(values: Iterable[tuple]) -> tuple[tuple, int]:
     """Choose the record a transaction id keeps, and count the others.
 
     The earliest event time wins, ties broken by the serialized record, so the choice does
@@ -48,7 +48,7 @@ class _KeepFirstFn(beam.DoFn):
 class DedupByTransactionId(beam.PTransform):
     """Keep exactly one record per transaction id in a bounded run.
 
-    Input and output are ``(transaction_id, (time_ms, record_json, raw, source))``. Every
+    Input and output are ``(transaction_id, (time_ms, record_json, raw, source, ...))``. Every
     dropped record is counted in ``duplicates``. One shuffle, of bytes: the records were
     serialized before this step and are not parsed again.
     """

@@ -253,8 +253,9 @@ class _BatchingFn(beam.DoFn):
         self._batch = []
         self._size = 2  # the brackets of the JSON array
 
-    def process(self, element: tuple[str, tuple[int, bytes, bytes, str]]) -> Iterator[Any]:
-        transaction_id, (_, body, raw, source) = element
+    def process(self, element: tuple[str, tuple]) -> Iterator[Any]:
+        transaction_id, value = element
+        _, body, raw, source = value[:4]
         size = len(body) + 1  # the record and its comma
         if self._batch and (
             len(self._batch) >= self._max_events or self._size + size > self._max_bytes
@@ -459,7 +460,7 @@ def _validate_batching(kind: str, max_events: int, max_bytes: int, gzip_level: i
 class PostToMoesif(beam.PTransform):
     """Post records to ``/v1/<kind>/batch`` in gzip batches; output the dead letters.
 
-    Input: ``(transaction_id, (time_ms, record_json, raw, source))``. Batches hold at most
+    Input: ``(transaction_id, (time_ms, record_json, raw, source, ...))``. Batches hold at most
     ``max_events`` records and ``max_bytes`` bytes of JSON (uncompressed, so Moesif's limit
     holds however the body compresses). Guarantees, per batch:
 

@@ -1,29 +1,50 @@
 """Parse and normalize input lines into Moesif records, in one pass per record.
 
-The hot path parses each line once, maps it once and serializes the Moesif record once;
-from here on the record travels as bytes (through the dedup shuffle and into the batch
-body) and is never parsed again.
+The hot path parses each line once, maps each record once and serializes it once; from
+here on the record travels as bytes (through the dedup shuffle and into the batch body)
+and is never parsed again. Its metadata is reduced to a type signature on the way, for
+:mod:`transforms.schema`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.counters import counter
 from transforms.deadletter import DEAD_LETTER, dead_letter
 from transforms.errors import InvalidRecord
-from transforms.formats import wso2
+from transforms.formats import moesif_actions, segment, wso2
+from transforms.schema import NO_TIME, SCOPES, Signature, signature, signature_id
 
-__all__ = ["EVENT_FORMATS", "MAX_EVENT_BYTES", "NormalizeRecords", "Normalized", "parse_json"]
+__all__ = [
+    "FORMATS",
+    "MAX_EVENT_BYTES",
+    "SIGNATURES",
+    "Format",
+    "NormalizeRecords",
+    "Normalized",
+    "parse_json",
+]
 
 # Moesif's hard limit for one event or action ("1 MB"); we read it as 10^6 bytes of JSON,
 # the stricter reading, so nothing we send can be refused for size.
 MAX_EVENT_BYTES = 1_000_000
+
+# Tag of the output that carries one (signature id, first seen, signature) per distinct
+# metadata signature per bundle.
+SIGNATURES = "signatures"
+
+# Bound on the per-worker memo of signature ids; a stream of ever-new key sets must not
+# grow memory without limit.
+_SIGNATURE_MEMO_SIZE = 50_000
 
 
 def _refuse_constant(name: str) -> Any:
@@ -44,62 +65,105 @@ def _parse_wso2(raw: bytes) -> Any:
     return parse_json(wso2.extract_json(raw))
 
 
-# format name -> (parse bytes to a JSON value, map the value to (tid, time_ms, record))
-EVENT_FORMATS: dict[str, tuple[Callable[[bytes], Any], Callable[..., tuple[str, int, dict]]]] = {
-    "wso2": (_parse_wso2, wso2.to_moesif_event),
+def _one(value: Any) -> list[tuple[Any, str]]:
+    return [(value, "")]
+
+
+@dataclass(frozen=True)
+class Format:
+    """An input format: how to parse a line, split it into records, and map a record.
+
+    Attributes:
+        parse: bytes of one line to a JSON value; raises ValueError when it is not JSON.
+        split: a parsed line to its records, each with a field-path prefix for errors.
+        to_moesif: one record to ``(transaction_id, time_ms or None, moesif_record)``;
+            raises :class:`InvalidRecord`.
+    """
+
+    parse: Callable[[bytes], Any]
+    split: Callable[[Any], list[tuple[Any, str]]]
+    to_moesif: Callable[[Any, str | None], tuple[str, int | None, dict]]
+
+
+# pipeline -> format name -> Format
+FORMATS: dict[str, dict[str, Format]] = {
+    "events": {"wso2": Format(_parse_wso2, _one, wso2.to_moesif_event)},
+    "actions": {
+        "moesif": Format(parse_json, moesif_actions.split, moesif_actions.to_moesif_action),
+        "segment": Format(parse_json, segment.split, segment.to_moesif_action),
+    },
 }
 
 
 class Normalized(NamedTuple):
     """Outputs of :class:`NormalizeRecords`."""
 
-    records: beam.PCollection  # (transaction_id, (time_ms, record_json, raw, source))
+    records: beam.PCollection  # (transaction_id, (time_ms, record_json, raw, source, sig_id))
     dead_letters: beam.PCollection  # dead-letter dicts
+    signatures: beam.PCollection  # (sig_id, (time_ms, transaction_id, signature))
 
 
 class _NormalizeFn(beam.DoFn):
     def __init__(
-        self, fmt: str, pipeline: str, company_id_field: str | None, max_record_bytes: int
+        self,
+        pipeline: str,
+        fmt: str,
+        company_id_field: str | None,
+        max_record_bytes: int,
+        scope: str,
     ) -> None:
-        self._fmt = fmt
         self._pipeline = pipeline
+        self._fmt = fmt
         self._company_id_field = company_id_field
         self._max_record_bytes = max_record_bytes
+        self._scope = scope
         self._read = counter("read")
         self._parse_errors = counter("parse_errors")
         self._invalid = counter("invalid")
         self._too_large = counter("too_large")
 
     def setup(self) -> None:
-        self._parse, self._map = EVENT_FORMATS[self._fmt]
+        self._format = FORMATS[self._pipeline][self._fmt]
         self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+        self._memo: dict[Signature, bytes] = {}
+
+    def start_bundle(self) -> None:
+        # signature id -> (earliest (time, transaction_id) seen in this bundle, signature)
+        self._seen: dict[bytes, tuple[int, str, Signature]] = {}
 
     def process(self, element: tuple[bytes, str]) -> Iterator[Any]:
         raw, source = element
-        self._read.inc()
         try:
-            value = self._parse(raw)
+            value = self._format.parse(raw)
         except UnicodeDecodeError as exc:
+            self._read.inc()
             self._parse_errors.inc()
             detail = f"not valid UTF-8: {exc.reason}"
             yield self._reject("parse_error", "parse", detail, raw, source)
             return
         except (ValueError, RecursionError) as exc:
+            self._read.inc()
             self._parse_errors.inc()
             yield self._reject("parse_error", "parse", f"not JSON: {exc}"[:300], raw, source)
             return
+        for item, prefix in self._format.split(value):
+            yield from self._record(item, prefix, raw, f"{source}{prefix}")
+
+    def _record(self, item: Any, prefix: str, raw: bytes, source: str) -> Iterator[Any]:
+        self._read.inc()
         try:
-            transaction_id, time_ms, record = self._map(value, self._company_id_field)
+            transaction_id, time_ms, record = self._format.to_moesif(item, self._company_id_field)
             body = self._encoder.encode(record).encode("utf-8")
         except InvalidRecord as exc:
             self._invalid.inc()
+            field = ".".join(part for part in (prefix, exc.field) if part)
             yield self._reject(
                 "invalid_record",
                 "normalize",
                 exc.detail,
                 raw,
                 source,
-                field=exc.field,
+                field=field,
                 expected_type=exc.expected_type,
                 actual_type=exc.actual_type,
             )
@@ -116,7 +180,30 @@ class _NormalizeFn(beam.DoFn):
                 "too_large", "normalize", detail, raw, source, transaction_id=transaction_id
             )
             return
-        yield transaction_id, (time_ms, body, raw, source)
+        when = NO_TIME if time_ms is None else time_ms
+        yield transaction_id, (when, body, raw, source, self._note(record, when, transaction_id))
+
+    def _note(self, record: dict, when: int, transaction_id: str) -> bytes:
+        sig = signature(record.get("metadata"), self._scope)
+        if not sig:
+            return b""
+        sig_id = self._memo.get(sig)
+        if sig_id is None:
+            if len(self._memo) >= _SIGNATURE_MEMO_SIZE:
+                self._memo.clear()
+            sig_id = self._memo[sig] = signature_id(sig)
+        first = self._seen.get(sig_id)
+        if first is None or (when, transaction_id) < first[:2]:
+            self._seen[sig_id] = (when, transaction_id, sig)
+        return sig_id
+
+    def finish_bundle(self) -> Iterator[Any]:
+        window = GlobalWindow()
+        for sig_id, first in self._seen.items():
+            yield pvalue.TaggedOutput(
+                SIGNATURES, WindowedValue((sig_id, first), window.max_timestamp(), (window,))
+            )
+        self._seen = {}
 
     def _reject(
         self, reason: str, stage: str, detail: str, raw: bytes, source: str, **extra: Any
@@ -129,28 +216,40 @@ class _NormalizeFn(beam.DoFn):
 class NormalizeRecords(beam.PTransform):
     """Turn ``(raw_bytes, source)`` lines into keyed, serialized Moesif records.
 
-    Every input is counted in ``read`` and leaves either as a record keyed by its
+    Every record is counted in ``read`` (a line holding an array counts each element; a
+    line that is not JSON counts once) and leaves either as a record keyed by its
     transaction id, or as a dead letter: ``parse_error`` (not JSON, bad UTF-8),
     ``invalid_record`` (missing or mistyped fields) or ``too_large`` (over Moesif's
-    per-record limit). Nothing is dropped silently.
+    per-record limit). Nothing is dropped silently. A third output carries the metadata
+    signatures :class:`~transforms.schema.EnforceMetadataSchema` decides on.
     """
 
     def __init__(
         self,
-        fmt: str,
         pipeline: str,
+        fmt: str,
         company_id_field: str | None = None,
         max_record_bytes: int = MAX_EVENT_BYTES,
+        schema_scope: str = "name",
     ) -> None:
         super().__init__()
-        if fmt not in EVENT_FORMATS:
-            msg = f"unknown format {fmt!r}; known: {', '.join(sorted(EVENT_FORMATS))}"
+        if pipeline not in FORMATS:
+            msg = f"pipeline must be one of {sorted(FORMATS)}, got {pipeline!r}"
+            raise ValueError(msg)
+        if fmt not in FORMATS[pipeline]:
+            known = ", ".join(sorted(FORMATS[pipeline]))
+            msg = f"unknown {pipeline} format {fmt!r}; known: {known}"
             raise ValueError(msg)
         if not 0 < max_record_bytes <= MAX_EVENT_BYTES:
             msg = f"max_record_bytes must be in 1..{MAX_EVENT_BYTES}, got {max_record_bytes}"
             raise ValueError(msg)
-        self._fn = _NormalizeFn(fmt, pipeline, company_id_field, max_record_bytes)
+        if schema_scope not in SCOPES:
+            msg = f"schema_scope must be one of {SCOPES}, got {schema_scope!r}"
+            raise ValueError(msg)
+        self._fn = _NormalizeFn(pipeline, fmt, company_id_field, max_record_bytes, schema_scope)
 
     def expand(self, lines: beam.PCollection) -> Normalized:
-        outputs = lines | "Parse" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="records")
-        return Normalized(outputs.records, outputs[DEAD_LETTER])
+        outputs = lines | "Parse" >> beam.ParDo(self._fn).with_outputs(
+            DEAD_LETTER, SIGNATURES, main="records"
+        )
+        return Normalized(outputs.records, outputs[DEAD_LETTER], outputs[SIGNATURES])

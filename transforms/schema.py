@@ -1,0 +1,351 @@
+"""Moesif's metadata type rule, enforced in the pipeline: the first JSON type seen for a key wins.
+
+Moesif keeps one metadata schema per organization. Once a key has been seen with a JSON type
+(string, number, boolean, object, array), a record that sends another type for that key, at
+any depth, is not accepted; null matches any type. Moesif reports nothing when that happens.
+moesif-beam catches it before sending: the record becomes a ``type_conflict`` dead letter
+naming the key and both types.
+
+How the bounded pipeline decides, deterministically and in parallel:
+
+1. While normalizing, each record's metadata is reduced to a *signature*: the sorted set of
+   ``(key, type)`` pairs it carries (by key name at any depth, or by full path with
+   ``--schema_scope path``). Records travel with a short signature id, not the signature.
+2. Each distinct signature is kept once, with the earliest ``(event time, transaction_id)``
+   of the records that carry it.
+3. Per key, the winning type is the one of the earliest ``(event time, transaction_id)``
+   carrying the key, unless the persisted schema already knows the key: then it wins.
+   This is a combine per key, so many keys spread over many workers.
+4. Each distinct signature gets a verdict against the winners; records whose signature
+   conflicts become dead letters.
+
+The answer depends only on the input and the persisted schema, not on input order, bundle
+boundaries, the number of workers or the runner. A key's type is fixed by the earliest
+record carrying it even if that record is rejected for another key: the rule stays a
+per-key decision, so it can be computed in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.counters import counter
+from transforms.deadletter import DEAD_LETTER, dead_letter
+from transforms.metadata import sanitize_keys
+
+__all__ = [
+    "NO_TIME",
+    "SCOPES",
+    "EnforceMetadataSchema",
+    "SchemaChecked",
+    "find_conflict",
+    "load_schema",
+    "merge_schema",
+    "save_schema",
+    "seed_pairs",
+    "signature",
+    "signature_id",
+    "type_name",
+    "types_of",
+]
+
+SCOPES = ("name", "path")
+# Sorts after every real time: records without an event time are "seen" last.
+NO_TIME = 2**62
+_STORE_VERSION = 1
+
+Signature = tuple[tuple[str, str], ...]
+
+
+def type_name(value: Any) -> str | None:
+    """The JSON type Moesif tracks for a value, or None for null (which matches any type)."""
+    if value is None:
+        return None
+    if value is True or value is False:
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "string"  # nothing else comes out of a JSON parser
+
+
+def types_of(metadata: Mapping[str, Any], scope: str = "name") -> Iterator[tuple[str, str]]:
+    """Yield ``(key, type)`` for every non-null value in ``metadata``, at every depth.
+
+    With scope ``name`` the key is the bare key name; with ``path`` it is the dotted path
+    from the metadata root, ``[]`` marking array elements (``tags[].label``). Keys are
+    expected to be sanitized already (no dots).
+    """
+    stack: list[tuple[str, Any]] = [("", metadata)]
+    by_path = scope == "path"
+    while stack:
+        prefix, obj = stack.pop()
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                kind = type_name(value)
+                if kind is None:
+                    continue
+                name = f"{prefix}{key}" if by_path else key
+                yield name, kind
+                if kind == "object":
+                    stack.append((f"{name}." if by_path else "", value))
+                elif kind == "array":
+                    stack.append((f"{name}[]." if by_path else "", value))
+        elif isinstance(obj, list):
+            for item in obj:
+                if isinstance(item, dict | list):
+                    stack.append((prefix, item))
+
+
+def signature(metadata: Any, scope: str = "name") -> Signature:
+    """The sorted, distinct ``(key, type)`` pairs of a metadata object (empty if not one)."""
+    if not isinstance(metadata, dict) or not metadata:
+        return ()
+    return tuple(sorted(set(types_of(metadata, scope))))
+
+
+def signature_id(sig: Signature) -> bytes:
+    """A short, stable id for a signature (16 bytes of BLAKE2b)."""
+    text = "\x1e".join(f"{key}\x1f{kind}" for key, kind in sig)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def find_conflict(sig: Signature, schema: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """The first ``(key, expected_type, actual_type)`` of ``sig`` that ``schema`` refuses."""
+    for key, kind in sig:
+        expected = schema.get(key)
+        if expected is not None and expected != kind:
+            return key, expected, kind
+    return None
+
+
+def merge_schema(current: Mapping[str, str], new: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Add new keys to a schema; a key already present keeps its type (first wins)."""
+    merged = dict(current)
+    for key, kind in new:
+        merged.setdefault(key, kind)
+    return merged
+
+
+def load_schema(path: str, scope: str) -> dict[str, str]:
+    """Read a persisted schema; a missing file is an empty schema.
+
+    Raises:
+        ValueError: the file is not a schema document, or tracks keys in another scope.
+    """
+    if not FileSystems.exists(path):
+        return {}
+    with FileSystems.open(path) as handle:
+        raw = handle.read()
+    try:
+        document = json.loads(raw)
+    except ValueError as exc:
+        msg = f"--schema_store {path} is not JSON: {exc}"
+        raise ValueError(msg) from exc
+    if not isinstance(document, dict) or not isinstance(document.get("fields"), dict):
+        msg = f"--schema_store {path} is not a moesif-beam schema document (no 'fields')"
+        raise ValueError(msg)
+    stored_scope = document.get("scope", "name")
+    if stored_scope != scope:
+        msg = (
+            f"--schema_store {path} tracks keys by {stored_scope}; this run uses "
+            f"--schema_scope {scope}. Use the same scope, or another store."
+        )
+        raise ValueError(msg)
+    fields = document["fields"]
+    bad = {k: v for k, v in fields.items() if v not in _TYPES}
+    if bad:
+        msg = f"--schema_store {path} has unknown types: {dict(list(bad.items())[:3])}"
+        raise ValueError(msg)
+    return dict(fields)
+
+
+_TYPES = frozenset({"string", "number", "boolean", "object", "array"})
+
+
+def save_schema(path: str, scope: str, new: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Merge new keys into the persisted schema (first wins) and write it back.
+
+    The store is re-read just before writing, so keys another run added meanwhile are kept
+    and win. Local files are replaced atomically.
+
+    Returns:
+        The schema as written.
+    """
+    merged = merge_schema(load_schema(path, scope), new)
+    document = {
+        "version": _STORE_VERSION,
+        "scope": scope,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fields": dict(sorted(merged.items())),
+    }
+    data = json.dumps(document, indent=2).encode("utf-8") + b"\n"
+    temporary = f"{path}.tmp-{time.time_ns()}"
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent and "://" not in path and not FileSystems.exists(parent):
+        FileSystems.mkdirs(parent)
+    with FileSystems.create(temporary, mime_type="application/json") as handle:
+        handle.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+    return merged
+
+
+def seed_pairs(path: str, scope: str, *, types_map: bool = False) -> list[tuple[str, str]]:
+    """Read ``(key, type)`` pairs to seed a schema with, in file order (first wins).
+
+    Args:
+        path: a file on any Beam filesystem.
+        scope: ``name`` or ``path``, as the schema tracks keys.
+        types_map: the file is one JSON object mapping keys to type names (or a schema
+            document with ``fields``). Otherwise it holds example records as JSON lines or
+            one JSON array: events or actions (their ``metadata`` is read) or bare metadata
+            objects, whose types are inferred, dots in keys turned into ``_`` first.
+
+    Raises:
+        ValueError: the file is not in the expected shape.
+    """
+    with FileSystems.open(path) as handle:
+        text = handle.read().decode("utf-8")
+    if types_map:
+        document = json.loads(text)
+        fields = document.get("fields", document) if isinstance(document, dict) else None
+        if not isinstance(fields, dict):
+            msg = f"{path}: expected a JSON object of key -> type"
+            raise ValueError(msg)
+        bad = {k: v for k, v in fields.items() if v not in _TYPES}
+        if bad:
+            msg = f"{path}: unknown types {dict(list(bad.items())[:3])}; use {sorted(_TYPES)}"
+            raise ValueError(msg)
+        return list(fields.items())
+    stripped = text.lstrip()
+    examples = (
+        json.loads(stripped)
+        if stripped.startswith("[")
+        else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
+    pairs: list[tuple[str, str]] = []
+    for example in examples:
+        if not isinstance(example, dict):
+            continue
+        metadata = example.get("metadata", example)
+        if isinstance(metadata, dict):
+            pairs.extend(types_of(sanitize_keys(metadata), scope))
+    return pairs
+
+
+class SchemaChecked(NamedTuple):
+    """Outputs of :class:`EnforceMetadataSchema`."""
+
+    records: beam.PCollection  # records whose metadata agrees with the schema
+    dead_letters: beam.PCollection  # type_conflict dead letters
+    new_fields: beam.PCollection  # (key, type) pairs this run adds to the schema
+
+
+def _earliest(values: Iterable[tuple]) -> tuple:
+    return min(values)
+
+
+def _explode(element: tuple[bytes, tuple[int, str, Signature]]) -> Iterator[tuple]:
+    _, (time_ms, transaction_id, sig) = element
+    for key, kind in sig:
+        yield key, (time_ms, transaction_id, kind)
+
+
+def _verdict(
+    element: tuple[bytes, tuple[int, str, Signature]],
+    stored: Mapping[str, str],
+    winners: Mapping[str, str],
+) -> Iterator[tuple[bytes, tuple[str, str, str]]]:
+    sig_id, (_, _, sig) = element
+    for key, kind in sig:
+        expected = stored.get(key) or winners.get(key)
+        if expected is not None and expected != kind:
+            yield sig_id, (key, expected, kind)
+            return
+
+
+class _CheckFn(beam.DoFn):
+    def __init__(self, pipeline: str) -> None:
+        self._pipeline = pipeline
+        self._conflicts = counter("type_conflicts")
+
+    def process(
+        self, element: tuple[str, tuple], conflicts: Mapping[bytes, tuple[str, str, str]]
+    ) -> Iterator[Any]:
+        transaction_id, value = element
+        conflict = conflicts.get(value[4]) if conflicts else None
+        if conflict is None:
+            yield element
+            return
+        key, expected, actual = conflict
+        self._conflicts.inc()
+        detail = f"metadata key {key!r} is {expected} in the schema; this record sends {actual}"
+        yield pvalue.TaggedOutput(
+            DEAD_LETTER,
+            dead_letter(
+                "type_conflict",
+                "schema",
+                detail,
+                value[2],
+                value[3],
+                self._pipeline,
+                transaction_id=transaction_id,
+                field=key,
+                expected_type=expected,
+                actual_type=actual,
+            ),
+        )
+
+
+class EnforceMetadataSchema(beam.PTransform):
+    """Dead-letter records whose metadata contradicts the first type seen for a key.
+
+    Takes ``(records, signatures)``: records are ``(transaction_id, (time_ms, record_json,
+    raw, source, signature_id))`` and signatures ``(signature_id, (time_ms, transaction_id,
+    signature))`` as :class:`~transforms.normalize.NormalizeRecords` emits them. Returns the
+    records that agree, ``type_conflict`` dead letters (counted in ``type_conflicts``), and
+    the ``(key, type)`` pairs this run adds to the persisted schema.
+    """
+
+    def __init__(self, stored: Mapping[str, str], pipeline: str) -> None:
+        super().__init__()
+        bad = sorted(k for k, v in stored.items() if v not in _TYPES)
+        if bad:
+            msg = f"stored schema has keys with unknown types: {bad[:5]}"
+            raise ValueError(msg)
+        self._stored = dict(stored)
+        self._pipeline = pipeline
+
+    def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> SchemaChecked:
+        records, signatures = pcolls
+        distinct = signatures | "DistinctSignatures" >> beam.CombinePerKey(_earliest)
+        winners = (
+            distinct
+            | "KeyTypes" >> beam.FlatMap(_explode)
+            | "FirstTypePerKey" >> beam.CombinePerKey(_earliest)
+            | "WinningType" >> beam.MapTuple(lambda key, first: (key, first[2]))
+        )
+        conflicts = distinct | "Verdicts" >> beam.FlatMap(
+            _verdict, stored=self._stored, winners=beam.pvalue.AsDict(winners)
+        )
+        checked = records | "Check" >> beam.ParDo(
+            _CheckFn(self._pipeline), conflicts=beam.pvalue.AsDict(conflicts)
+        ).with_outputs(DEAD_LETTER, main="records")
+        stored = self._stored
+        new_fields = winners | "NewKeys" >> beam.Filter(lambda kv: kv[0] not in stored)
+        return SchemaChecked(checked.records, checked[DEAD_LETTER], new_fields)
