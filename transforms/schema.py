@@ -30,12 +30,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.coders import PickleCoder, StrUtf8Coder
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec
 
 from transforms.counters import counter
 from transforms.deadletter import DEAD_LETTER, dead_letter
@@ -45,6 +48,7 @@ __all__ = [
     "NO_TIME",
     "SCOPES",
     "EnforceMetadataSchema",
+    "EnforceMetadataSchemaInStream",
     "SchemaChecked",
     "find_conflict",
     "load_schema",
@@ -349,3 +353,173 @@ class EnforceMetadataSchema(beam.PTransform):
         stored = self._stored
         new_fields = winners | "NewKeys" >> beam.Filter(lambda kv: kv[0] not in stored)
         return SchemaChecked(checked.records, checked[DEAD_LETTER], new_fields)
+
+
+# -- Streaming: keyed state decides, so no two workers can disagree ---------------------------
+
+_OK = ("ok",)
+
+
+def _fan_out(
+    element: tuple[bytes, tuple[int, str, Signature]],
+) -> Iterator[tuple[str, tuple[bytes, str, int]]]:
+    sig_id, (_, _, sig) = element
+    for key, kind in sig:
+        yield key, (sig_id, kind, len(sig))
+
+
+class _DecideKeyTypeFn(beam.DoFn):
+    """Keyed by metadata key: the first type to arrive (or the stored one) is the key's type.
+
+    Every decision is made by this key's state alone, so however many workers run, one key
+    has one type. Emits ``(sig_id, (key, decided, sent, keys_in_signature))`` and, on the
+    tagged output ``new``, each key decided for the first time.
+    """
+
+    TYPE = ReadModifyWriteStateSpec("type", StrUtf8Coder())
+
+    def __init__(self, stored: Mapping[str, str]) -> None:
+        self._stored = dict(stored)
+
+    def process(
+        self,
+        element: tuple[str, tuple[bytes, str, int]],
+        decided_state: Any = beam.DoFn.StateParam(TYPE),
+    ) -> Iterator[Any]:
+        key, (sig_id, kind, size) = element
+        decided = decided_state.read()
+        if decided is None:
+            decided = self._stored.get(key) or kind
+            decided_state.write(decided)
+            if key not in self._stored:
+                yield pvalue.TaggedOutput("new", (key, decided))
+        yield sig_id, (key, decided, kind, size)
+
+
+class _AssembleVerdictFn(beam.DoFn):
+    """Keyed by signature: once every key of the signature is decided, publish the verdict.
+
+    The verdict goes to each gate shard of the signature, once.
+    """
+
+    DECIDED = BagStateSpec("decided", PickleCoder())
+    DONE = ReadModifyWriteStateSpec("done", PickleCoder())
+
+    def __init__(self, shards: int) -> None:
+        self._shards = shards
+
+    def process(
+        self,
+        element: tuple[bytes, tuple[str, str, str, int]],
+        decided_bag: Any = beam.DoFn.StateParam(DECIDED),
+        done: Any = beam.DoFn.StateParam(DONE),
+    ) -> Iterator[tuple[tuple[bytes, int], tuple[str, Any]]]:
+        sig_id, item = element
+        if done.read():
+            return
+        decided_bag.add(item)
+        decisions = {key: (decided, sent) for key, decided, sent, _ in decided_bag.read()}
+        if len(decisions) < item[3]:
+            return
+        verdict: tuple = _OK
+        for key in sorted(decisions):
+            decided, sent = decisions[key]
+            if decided != sent:
+                verdict = ("conflict", key, decided, sent)
+                break
+        done.write(True)
+        decided_bag.clear()
+        for shard in range(self._shards):
+            yield (sig_id, shard), ("verdict", verdict)
+
+
+class _GateFn(beam.DoFn):
+    """Keyed by (signature, shard): holds records until their signature's verdict is known."""
+
+    VERDICT = ReadModifyWriteStateSpec("verdict", PickleCoder())
+    WAITING = BagStateSpec("waiting", PickleCoder())
+
+    def __init__(self, pipeline: str) -> None:
+        self._check = _CheckFn(pipeline)
+
+    def process(
+        self,
+        element: tuple[tuple[bytes, int], tuple[str, Any]],
+        verdict_state: Any = beam.DoFn.StateParam(VERDICT),
+        waiting: Any = beam.DoFn.StateParam(WAITING),
+    ) -> Iterator[Any]:
+        (sig_id, _), (kind, payload) = element
+        if kind == "verdict":
+            verdict_state.write(payload)
+            held = list(waiting.read())
+            waiting.clear()
+            for record in held:
+                yield from self._route(record, payload, sig_id)
+            return
+        verdict = verdict_state.read()
+        if verdict is None:
+            waiting.add(payload)
+            return
+        yield from self._route(payload, verdict, sig_id)
+
+    def _route(self, record: tuple[str, tuple], verdict: tuple, sig_id: bytes) -> Iterator[Any]:
+        conflicts = {} if verdict == _OK else {sig_id: verdict[1:]}
+        yield from self._check.process(record, conflicts)
+
+
+def _to_gate(element: tuple[str, tuple], shards: int) -> Iterator[Any]:
+    transaction_id, value = element
+    sig_id = value[4]
+    if not sig_id:
+        yield pvalue.TaggedOutput("free", element)  # no metadata, nothing to check
+        return
+    shard = zlib.crc32(transaction_id.encode("utf-8")) % shards
+    yield (sig_id, shard), ("record", element)
+
+
+class EnforceMetadataSchemaInStream(beam.PTransform):
+    """The metadata type rule for unbounded runs, decided in keyed state.
+
+    Same inputs and outputs as :class:`EnforceMetadataSchema`. In a stream there is no
+    "earliest" to wait for, so the first type to *arrive* for a key wins (or the persisted
+    one). Each key's decision lives in that key's state, so no two workers can accept
+    different types for one key. Records wait at a gate keyed by (signature, shard) until
+    every key of their signature is decided; ``shards`` spreads a popular signature over
+    that many keys, so heavy traffic of one shape does not funnel through one worker.
+    ``new_fields`` carries each newly decided key once, for periodic persistence.
+    """
+
+    def __init__(self, stored: Mapping[str, str], pipeline: str, shards: int = 16) -> None:
+        super().__init__()
+        if shards < 1:
+            msg = f"shards must be >= 1, got {shards}"
+            raise ValueError(msg)
+        bad = sorted(k for k, v in stored.items() if v not in _TYPES)
+        if bad:
+            msg = f"stored schema has keys with unknown types: {bad[:5]}"
+            raise ValueError(msg)
+        self._stored = dict(stored)
+        self._pipeline = pipeline
+        self._shards = shards
+
+    def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> SchemaChecked:
+        records, signatures = pcolls
+        decided = (
+            signatures
+            | "FanOutKeys"
+            >> beam.FlatMap(_fan_out).with_output_types(tuple[str, tuple[bytes, str, int]])
+            | "DecideKeyType"
+            >> beam.ParDo(_DecideKeyTypeFn(self._stored)).with_outputs("new", main="decided")
+        )
+        verdicts = decided.decided | "AssembleVerdict" >> beam.ParDo(
+            _AssembleVerdictFn(self._shards)
+        ).with_input_types(tuple[bytes, tuple[str, str, str, int]])
+        routed = records | "ToGate" >> beam.FlatMap(_to_gate, self._shards).with_outputs(
+            "free", main="gated"
+        )
+        gated = (verdicts, routed.gated) | "JoinVerdicts" >> beam.Flatten()
+        checked = gated | "Gate" >> beam.ParDo(_GateFn(self._pipeline)).with_input_types(
+            tuple[tuple[bytes, int], tuple[str, Any]]
+        ).with_outputs(DEAD_LETTER, main="records")
+        passed = (checked.records, routed.free) | "Passed" >> beam.Flatten()
+        return SchemaChecked(passed, checked[DEAD_LETTER], decided.new)

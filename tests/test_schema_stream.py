@@ -1,0 +1,111 @@
+"""The metadata type rule in streaming: keyed state decides, first arrival wins."""
+
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.normalize import NormalizeRecords
+from transforms.schema import EnforceMetadataSchemaInStream
+
+
+def _line(tid: str, day: int, metadata: dict | None) -> tuple[bytes, str]:
+    action = {
+        "action_name": "Did",
+        "transaction_id": tid,
+        "request": {"time": f"2026-11-{day:02d}T00:00:00Z"},
+    }
+    if metadata is not None:
+        action["metadata"] = metadata
+    return json.dumps(action).encode(), f"stream:{tid}"
+
+
+def _streaming_pipeline() -> beam.Pipeline:
+    # The bundle-based direct runner supports TestStream and keyed state in streaming mode.
+    options = PipelineOptions(["--runner=BundleBasedDirectRunner"])
+    options.view_as(StandardOptions).streaming = True
+    return beam.Pipeline(options=options)
+
+
+def _check(stream: TestStream, stored=None, shards=4):
+    pipeline = _streaming_pipeline()
+    normalized = pipeline | stream | NormalizeRecords("actions", "moesif")
+    checked = (normalized.records, normalized.signatures) | EnforceMetadataSchemaInStream(
+        stored or {}, "actions", shards=shards
+    )
+    return pipeline, checked
+
+
+def test_first_arrival_wins_even_against_an_earlier_event_time():
+    stream = (
+        TestStream()
+        .add_elements([_line("first", 5, {"some_string": "I am a string", "n": 1})])
+        .advance_processing_time(1)
+        # arrives later, although its event time is earlier: in a stream, arrival decides
+        .add_elements([_line("second", 1, {"some_object": {"some_string": 23}})])
+        .advance_processing_time(1)
+        .add_elements([_line(f"same-shape-{i}", 6, {"n": i}) for i in range(20)])
+        .add_elements([_line("no-metadata", 6, None)])
+        .advance_watermark_to_infinity()
+    )
+    pipeline, checked = _check(stream)
+    accepted = ["first", "no-metadata", *(f"same-shape-{i}" for i in range(20))]
+    assert_that(checked.records | beam.Keys(), equal_to(accepted), label="accepted")
+    assert_that(
+        checked.dead_letters
+        | beam.Map(
+            lambda d: (d["transaction_id"], d["field"], d["expected_type"], d["actual_type"])
+        ),
+        equal_to([("second", "some_string", "string", "number")]),
+        label="conflicts",
+    )
+    assert_that(
+        checked.new_fields,
+        equal_to([("some_string", "string"), ("n", "number"), ("some_object", "object")]),
+        label="new keys, each once",
+    )
+    pipeline.run().wait_until_finish()
+
+
+def test_one_key_gets_one_type_when_conflicting_records_arrive_together():
+    stream = (
+        TestStream()
+        .add_elements(
+            [_line(f"num-{i}", 1, {"k": i}) for i in range(10)]
+            + [_line(f"str-{i}", 1, {"k": str(i)}) for i in range(10)]
+        )
+        .advance_watermark_to_infinity()
+    )
+    pipeline, checked = _check(stream, shards=3)
+
+    def one_type_won(ids):
+        ids = sorted(ids)
+        assert ids in ([f"num-{i}" for i in range(10)], [f"str-{i}" for i in range(10)]), ids
+
+    assert_that(checked.records | beam.Keys(), one_type_won, label="accepted")
+
+    def the_other_type_lost(ids):
+        assert len(ids) == 10 and len({i.split("-")[0] for i in ids}) == 1, ids
+
+    assert_that(
+        checked.dead_letters | beam.Map(lambda d: d["transaction_id"]),
+        the_other_type_lost,
+        label="rejected",
+    )
+    pipeline.run().wait_until_finish()
+
+
+def test_the_persisted_schema_wins_in_streams_too():
+    stream = (
+        TestStream()
+        .add_elements([_line("a", 1, {"plan": 3}), _line("b", 1, {"plan": "pro", "x": True})])
+        .advance_watermark_to_infinity()
+    )
+    pipeline, checked = _check(stream, stored={"plan": "string"})
+    assert_that(checked.records | beam.Keys(), equal_to(["b"]), label="accepted")
+    assert_that(checked.new_fields, equal_to([("x", "boolean")]), label="new keys")
+    pipeline.run().wait_until_finish()
