@@ -15,15 +15,39 @@ that file:
 * Validation: the required fields and types of §2 of the reference. A batch is all-or-nothing:
   one invalid item rejects the whole request with 400 and ``{"error", "index", "field"}``, and
   nothing from it is stored.
+* Metadata of events and actions, Moesif's rules (§5 of the reference and Moesif's "User
+  Actions" page), applied after validation:
+
+  - A dot in a key becomes ``_`` at every depth, objects inside arrays included; values are
+    untouched. If two keys collide after the change, the later one wins. The converted keys
+    are what is type-checked and stored.
+  - The first JSON type seen for a key *name* wins, at any depth (``{"a": {"id": 1}}`` and
+    ``{"id": "x"}`` name the same key), in one schema shared by events and actions. Types
+    are string, number (ints and floats alike), boolean (never a number), object and array;
+    null matches any type and establishes none. Only ``metadata`` is checked: not bodies,
+    and not the metadata of users, companies or subscriptions.
+  - Moesif's docs call such metadata invalid without saying how the API answers; the emulator
+    refuses it, so that conflicts surface in tests. Items are checked in order, depth first
+    in key order, and each value's type is known to the values after it, in the same item
+    or in later items of the same request. The first conflict refuses the whole request with
+    400 and ``{"error", "index", "field", "key", "expected_type", "actual_type"}`` (``field``
+    is the converted dotted path, e.g. ``metadata.tags.0.id``); it stores nothing and
+    teaches no type. A request's new keys enter the schema only when it is accepted, in the
+    same transaction as its records, and deciding them is atomic across concurrent requests.
+  - The schema persists in ``collector.db`` (table ``metadata_schema``) and is cleared by a
+    reset. ``metadata_types="off"`` checks and learns no types but still converts dots.
 * Storage: SQLite (``collector.db`` under ``data_dir``, or in memory). Events and actions are
   deduplicated by ``transaction_id`` across batches; users, companies and subscriptions are
   upserts with a recursive merge.
 * Faults for retry tests, on ingestion POSTs only: latency, dropped connections and error
   statuses (with ``Retry-After`` for 429/503), deterministic (``latency_first``,
   ``drop_first``, ``fail_first``) or random with a seed. A faulted request stores nothing.
-* ``store="count"`` validates and deduplicates like SQLite but keeps no bodies: for benchmarks.
-* Inspection without auth: ``GET /_emulator/stats``, ``GET /_emulator/records`` and
-  ``POST /_emulator/reset``.
+* ``store="count"`` validates, deduplicates and enforces metadata types like SQLite but keeps
+  no bodies (its schema lives in memory): for benchmarks.
+* Inspection without auth: ``GET /_emulator/stats`` (with ``metadata_schema`` and
+  ``type_conflicts``), ``GET /_emulator/records``, ``POST /_emulator/reset``, and
+  ``POST /_emulator/schema`` with ``{"key": "type", ...}`` to seed the schema (keys it does
+  not know yet are added; it answers with the resulting schema).
 
 Typical use in a test::
 
@@ -67,7 +91,9 @@ __all__ = [
     "BODY_LIMIT_BYTES",
     "ITEM_LIMIT_BYTES",
     "KINDS",
+    "METADATA_TYPES",
     "CollectorConfig",
+    "MetadataTypeConflict",
     "RunningCollector",
     "ValidationError",
     "main",
@@ -107,6 +133,8 @@ _CONFIG_BODY: Final[dict[str, Any]] = {
 _DRAIN_CAP_BYTES: Final = 256 * 1024 * 1024
 _DEFAULT_RECORDS_LIMIT: Final = 100
 _DIRECTIONS: Final = frozenset({"Incoming", "Outgoing", "Internal"})
+# CollectorConfig.metadata_types: refuse type changes, or only convert dots in keys.
+_METADATA_MODES: Final = ("enforce", "off")
 _PROFILE_KEYS: Final = {
     "users": "user_id",
     "companies": "company_id",
@@ -146,6 +174,9 @@ class CollectorConfig:
             and counts, keeping no bodies (the fast mode for benchmarks).
         reject_older_than_days: When set, events and actions whose ``request.time`` is older
             are rejected with 400, as Moesif does past 30 days without backfill.
+        metadata_types: ``"enforce"`` refuses event and action metadata that sends a key with
+            another JSON type than the first one seen (see the module docstring); ``"off"``
+            checks no types and learns none, but still converts dots in keys.
     """
 
     host: str = "127.0.0.1"
@@ -163,6 +194,7 @@ class CollectorConfig:
     seed: int | None = None
     store: str = "sqlite"
     reject_older_than_days: int | None = None
+    metadata_types: str = "enforce"
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -196,6 +228,9 @@ class CollectorConfig:
             raise ValueError(msg)
         if self.reject_older_than_days is not None and self.reject_older_than_days < 1:
             msg = f"reject_older_than_days must be >= 1, got {self.reject_older_than_days}"
+            raise ValueError(msg)
+        if self.metadata_types not in _METADATA_MODES:
+            msg = f"metadata_types must be 'enforce' or 'off', got {self.metadata_types!r}"
             raise ValueError(msg)
 
 
@@ -648,17 +683,298 @@ def _merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Metadata rules (reference §5): dots in keys become "_"; the first JSON type of a key wins
+# --------------------------------------------------------------------------------------------
+
+#: The JSON types the metadata schema records. Null has none: it matches every type.
+METADATA_TYPES: Final = ("string", "number", "boolean", "object", "array")
+_STRING, _NUMBER, _BOOLEAN, _OBJECT, _ARRAY = METADATA_TYPES
+# Keyed by exact class, as json.loads builds values: one dict lookup per value, and bool has
+# its own entry, so True is never taken for a number although Python's bool is an int.
+_JSON_TYPES: Final[dict[type, str]] = {
+    str: _STRING,
+    int: _NUMBER,
+    float: _NUMBER,
+    bool: _BOOLEAN,
+    dict: _OBJECT,
+    list: _ARRAY,
+}
+
+
+class MetadataTypeConflict(ValidationError):
+    """Metadata that sends a key with another JSON type than the schema holds for it.
+
+    Attributes:
+        key: The key name (after dot conversion), wherever it was found.
+        expected_type: The type the schema (or an earlier item or value of the same request)
+            established for the key.
+        actual_type: The type this value has.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        expected_type: str,
+        actual_type: str,
+        field: str | None = None,
+        index: int | None = None,
+    ) -> None:
+        message = f"metadata type conflict: key {key!r} is {expected_type}, got {actual_type}"
+        super().__init__(message, field, index)
+        self.key = key
+        self.expected_type = expected_type
+        self.actual_type = actual_type
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the 400 body: the base fields, ``key``, ``expected_type``, ``actual_type``."""
+        body = super().to_json()
+        body["key"] = self.key
+        body["expected_type"] = self.expected_type
+        body["actual_type"] = self.actual_type
+        return body
+
+
+class _Conflict(Exception):
+    """Raised deep in a metadata walk; each level it passes adds its key to ``path``."""
+
+    def __init__(self, key: str, expected: str, actual: str) -> None:
+        super().__init__(key)
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        # Innermost first: the walk appends while the exception travels outwards, so the hot
+        # path never builds a path string for values that are fine.
+        self.path: list[str] = [key]
+
+
+def _json_type(value: Any) -> str:
+    """The JSON type of a value json.loads did not build (subclasses from direct callers)."""
+    if isinstance(value, bool):
+        return _BOOLEAN
+    if isinstance(value, int | float):
+        return _NUMBER
+    if isinstance(value, dict):
+        return _OBJECT
+    if isinstance(value, list):
+        return _ARRAY
+    return _STRING  # a str subclass: nothing else comes out of a JSON parser
+
+
+# A verdict per object *shape*: its keys, in order, and the classes of its values. A shape
+# is cached once every non-null value in it was found in the committed schema with its
+# type and no key had a dot; building and hashing the shape runs in C, so a record of a
+# known shape costs a fraction of a key-by-key walk. Verdicts stay true because schema
+# entries never change; reset() starts a new cache along with the new schema.
+_Shapes = dict[tuple[Any, ...], tuple[str, ...]]
+# Bounds the cache's memory when keys vary endlessly; a full cache starts over.
+_SHAPE_CACHE_LIMIT: Final = 4096
+
+
+def _walk_object(
+    obj: dict[str, Any], schema: Mapping[str, str], learned: dict[str, str], shapes: _Shapes
+) -> dict[str, Any]:
+    """Converts dots in the keys of ``obj`` and checks value types, depth first in key order.
+
+    Args:
+        obj: A metadata object or an object nested in one. Nested objects and arrays are
+            rewritten in place when their keys change.
+        schema: The committed schema, only read.
+        learned: Types first seen in this request, in the order they were seen; new keys
+            are added to it.
+        shapes: Shapes known to pass against ``schema``; read and extended.
+
+    Returns:
+        ``obj`` itself, or a new dict when one of its own keys had a dot.
+
+    Raises:
+        _Conflict: At the first value whose type differs from its key's known type.
+    """
+    shape = (*obj, *map(type, obj.values()))
+    nested = shapes.get(shape)
+    if nested is not None:
+        for key in nested:  # only the objects and arrays inside still need a look
+            _walk_child(obj, key, schema, learned, shapes)
+        return obj
+    # One C-speed scan answers "any dot in any key?" (a dot in the joined keys came from one).
+    cacheable = "." not in "".join(obj)
+    if not cacheable:
+        # Converted before any check, so on a collision only the surviving value (the later
+        # one, as when a JSON parser meets a repeated key) is type-checked and stored.
+        obj = {key.replace(".", "_"): value for key, value in obj.items()}
+    known = schema.get
+    children: list[str] = []
+    for key, value in obj.items():
+        kind = _JSON_TYPES.get(value.__class__)
+        if kind is None:
+            if value is None:
+                continue  # null matches every type, and establishes none
+            kind = _json_type(value)
+        if known(key) != kind:
+            cacheable = False
+            expected = known(key) or learned.setdefault(key, kind)
+            if expected != kind:
+                raise _Conflict(key, expected, kind)
+        if kind is _OBJECT or kind is _ARRAY:
+            children.append(key)
+            _walk_child(obj, key, schema, learned, shapes)
+    if cacheable:
+        if len(shapes) >= _SHAPE_CACHE_LIMIT:
+            shapes.clear()
+        shapes[shape] = tuple(children)
+    return obj
+
+
+def _walk_child(
+    obj: dict[str, Any],
+    key: str,
+    schema: Mapping[str, str],
+    learned: dict[str, str],
+    shapes: _Shapes,
+) -> None:
+    """Walks the object or array at ``obj[key]``, adding ``key`` to the path of a conflict."""
+    value = obj[key]
+    try:
+        if isinstance(value, dict):
+            converted = _walk_object(value, schema, learned, shapes)
+            if converted is not value:
+                obj[key] = converted  # replaces a value, never adds a key: safe mid-iteration
+        else:
+            _walk_array(value, schema, learned, shapes)
+    except _Conflict as exc:
+        exc.path.append(key)
+        raise
+
+
+def _walk_array(
+    values: list[Any], schema: Mapping[str, str], learned: dict[str, str], shapes: _Shapes
+) -> None:
+    """Walks the objects (and arrays) inside an array; scalars in arrays have no key."""
+    for position, value in enumerate(values):
+        try:
+            if isinstance(value, dict):
+                converted = _walk_object(value, schema, learned, shapes)
+                if converted is not value:
+                    values[position] = converted
+            elif isinstance(value, list):
+                _walk_array(value, schema, learned, shapes)
+        except _Conflict as exc:
+            exc.path.append(str(position))
+            raise
+
+
+_SCALAR_CLASSES: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _convert_keys(value: Any) -> Any:
+    """Converts dots in object keys at every depth, in place where it can (no type checks).
+
+    Returns:
+        ``value``, or a new dict when it is an object with a dotted key of its own.
+    """
+    if isinstance(value, dict):
+        if "." in "".join(value):
+            value = {key.replace(".", "_"): item for key, item in value.items()}
+        # Most objects hold scalars only; a set of their classes, built in C, tells.
+        if not _SCALAR_CLASSES.issuperset(map(type, value.values())):
+            for key, item in value.items():
+                if isinstance(item, dict | list):
+                    converted = _convert_keys(item)
+                    if converted is not item:
+                        value[key] = converted
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            if isinstance(item, dict | list):
+                value[position] = _convert_keys(item)
+    return value
+
+
+def _apply_metadata_rules(
+    items: list[dict[str, Any]],
+    schema: Mapping[str, str],
+    learned: dict[str, str] | None,
+    shapes: _Shapes | None,
+    *,
+    batch: bool,
+) -> None:
+    """Applies Moesif's metadata rules to the ``metadata`` of validated events or actions.
+
+    Dots in keys are converted in place (``records()`` shows the converted keys), and, unless
+    ``learned`` is None, every non-null value is checked against the first type known for its
+    key name: from ``schema``, else from earlier in this request (earlier items, or earlier
+    values of the same item), in which case it lands in ``learned``.
+
+    Args:
+        items: Validated records; ``metadata`` is an object or absent.
+        schema: The committed schema, only read.
+        learned: Collects the types this request would add to the schema; None only
+            converts keys.
+        shapes: The shape cache that goes with ``schema`` (None with ``learned`` None).
+        batch: Whether the request was a batch, so the error carries the item's index.
+
+    Raises:
+        MetadataTypeConflict: At the first conflicting value, in item order, then depth first
+            in key order; ``field`` is its dotted path (``metadata.tags.0.id``).
+    """
+    for index, item in enumerate(items):
+        metadata = item.get("metadata")
+        if not metadata:
+            continue
+        if learned is None or shapes is None:
+            item["metadata"] = _convert_keys(metadata)
+            continue
+        try:
+            converted = _walk_object(metadata, schema, learned, shapes)
+        except _Conflict as exc:
+            field = ".".join(["metadata", *reversed(exc.path)])
+            raise MetadataTypeConflict(
+                exc.key, exc.expected, exc.actual, field, index if batch else None
+            ) from None
+        if converted is not metadata:
+            item["metadata"] = converted
+
+
+def _clean_schema(types: Any) -> dict[str, str]:
+    """Checks a schema to seed (``{"key": "type"}``); keys get the dot conversion.
+
+    Raises:
+        ValueError: If it is not an object of known type names; nothing is then seeded.
+    """
+    if not isinstance(types, Mapping):
+        msg = 'a schema must be a JSON object of {"key": "type"}'
+        raise ValueError(msg)
+    cleaned: dict[str, str] = {}
+    for key, kind in types.items():
+        if not isinstance(key, str) or kind not in METADATA_TYPES:
+            allowed = ", ".join(METADATA_TYPES)
+            msg = (
+                f"schema entry {str(key)[:100]!r} must map to one of {allowed}, "
+                f"got {repr(kind)[:100]}"
+            )
+            raise ValueError(msg)
+        cleaned[key.replace(".", "_")] = kind
+    return cleaned
+
+
+# --------------------------------------------------------------------------------------------
 # Storage
 # --------------------------------------------------------------------------------------------
 
 
 class _Store(Protocol):
-    def insert_unique(self, kind: str, items: list[dict[str, Any]]) -> int: ...
+    def insert_unique(
+        self, kind: str, items: list[dict[str, Any]], new_types: Mapping[str, str] | None = None
+    ) -> int: ...
+    def load_schema(self) -> dict[str, str]: ...
+    def add_types(self, new_types: Mapping[str, str]) -> None: ...
     def upsert(self, kind: str, items: list[dict[str, Any]]) -> None: ...
     def counts(self) -> dict[str, int]: ...
     def records(self, kind: str, limit: int | None, offset: int) -> list[Any]: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
+
+
+# First wins here too: a key already in the table keeps its type.
+_SCHEMA_INSERT: Final = "INSERT OR IGNORE INTO metadata_schema (key, type) VALUES (?, ?)"
 
 
 def _transaction_id(item: Mapping[str, Any]) -> str | None:
@@ -697,16 +1013,39 @@ class _SqliteStore:
                 f"CREATE TABLE IF NOT EXISTS {kind} ("
                 " seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL)"
             )
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS metadata_schema (key TEXT PRIMARY KEY, type TEXT)"
+        )
 
-    def insert_unique(self, kind: str, items: list[dict[str, Any]]) -> int:
+    def insert_unique(
+        self, kind: str, items: list[dict[str, Any]], new_types: Mapping[str, str] | None = None
+    ) -> int:
+        """Stores new records and, in the same transaction, the schema keys they establish."""
         rows = [(_transaction_id(item), _compact(item)) for item in items]
         # NULL never collides with a UNIQUE column, so items without an id are always stored;
         # OR IGNORE drops repeats, both across batches and within one.
         sql = f"INSERT OR IGNORE INTO {kind} (transaction_id, body) VALUES (?, ?)"  # noqa: S608
-        with self._lock:
+        stored = 0
+
+        def work() -> None:
+            nonlocal stored
             before = self._conn.total_changes
-            self._transaction(lambda: self._conn.executemany(sql, rows))
-            return self._conn.total_changes - before
+            self._conn.executemany(sql, rows)
+            stored = self._conn.total_changes - before
+            if new_types:
+                self._conn.executemany(_SCHEMA_INSERT, new_types.items())
+
+        with self._lock:
+            self._transaction(work)
+        return stored
+
+    def load_schema(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT key, type FROM metadata_schema").fetchall())
+
+    def add_types(self, new_types: Mapping[str, str]) -> None:
+        with self._lock:
+            self._transaction(lambda: self._conn.executemany(_SCHEMA_INSERT, new_types.items()))
 
     def upsert(self, kind: str, items: list[dict[str, Any]]) -> None:
         key = _PROFILE_KEYS[kind]
@@ -759,6 +1098,7 @@ class _SqliteStore:
         def work() -> None:
             for kind in KINDS:
                 self._conn.execute(f"DELETE FROM {kind}")  # noqa: S608
+            self._conn.execute("DELETE FROM metadata_schema")
 
         with self._lock:
             self._transaction(work)
@@ -776,7 +1116,10 @@ class _CountStore:
         self._seen: dict[str, set[str]] = {kind: set() for kind in KINDS}
         self._anonymous: dict[str, int] = dict.fromkeys(KINDS, 0)
 
-    def insert_unique(self, kind: str, items: list[dict[str, Any]]) -> int:
+    def insert_unique(
+        self, kind: str, items: list[dict[str, Any]], new_types: Mapping[str, str] | None = None
+    ) -> int:
+        del new_types  # this mode's schema lives only in _Collector's memory
         seen = self._seen[kind]
         stored = 0
         with self._lock:
@@ -803,6 +1146,12 @@ class _CountStore:
         del kind, limit, offset  # No bodies are kept in this mode.
         return []
 
+    def load_schema(self) -> dict[str, str]:
+        return {}  # nothing persists in this mode
+
+    def add_types(self, new_types: Mapping[str, str]) -> None:
+        del new_types  # this mode's schema lives only in _Collector's memory
+
     def reset(self) -> None:
         with self._lock:
             for kind in KINDS:
@@ -821,7 +1170,14 @@ _Fault = Literal["drop", "fail"]
 
 
 class _Collector:
-    """Store, counters and fault schedule of one emulator; safe to share between threads."""
+    """Store, metadata schema, counters and fault schedule of one emulator; thread-safe.
+
+    The metadata schema (key name -> JSON type) only ever gains keys, short of ``reset``: a
+    key found with a type keeps it. So a request whose every key/type pair is already known
+    is judged without the schema lock, while a request that would add keys decides and
+    commits them (with its records) under the lock, so that two concurrent requests cannot
+    establish different types for the same key.
+    """
 
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
@@ -829,6 +1185,16 @@ class _Collector:
             _CountStore() if config.store == "count" else _SqliteStore(config.data_dir)
         )
         self._lock = threading.Lock()
+        # Lock order: _schema_lock, then the store's lock; never the other way round.
+        self._schema_lock = threading.Lock()
+        try:
+            schema = self.store.load_schema()
+        except BaseException:
+            self.store.close()
+            raise
+        # The schema and its shape cache, swapped as one pair by reset(): a request reads
+        # the attribute once, so it never judges against one and caches into the other.
+        self._schema_state: tuple[dict[str, str], _Shapes] = (schema, {})
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -843,6 +1209,7 @@ class _Collector:
             self._duplicates = {"events": 0, "actions": 0}
             self._dropped = 0
             self._failed = 0
+            self._type_conflicts = 0
             # The fault schedule restarts too, so a reset emulator behaves like a fresh one.
             self._latency_candidates = 0
             self._drop_candidates = 0
@@ -889,13 +1256,34 @@ class _Collector:
             self._received[kind] += count
             self._encodings[encoding] += 1
 
-    def ingest(self, kind: str, items: list[dict[str, Any]]) -> tuple[int, int]:
-        """Stores validated records; returns (stored, duplicates dropped)."""
+    def ingest(
+        self, kind: str, items: list[dict[str, Any]], *, batch: bool = True
+    ) -> tuple[int, int]:
+        """Stores validated records, applying the metadata rules to events and actions first.
+
+        Args:
+            kind: One of ``KINDS``.
+            items: Records that passed ``validate_payload``. Dotted metadata keys are
+                converted in place.
+            batch: Whether they came from a ``/batch`` route (errors then carry the index).
+
+        Returns:
+            (stored, duplicates dropped).
+
+        Raises:
+            MetadataTypeConflict: If a metadata value contradicts its key's known type (with
+                ``metadata_types="enforce"``). Nothing is then stored and no type is learned.
+        """
         if kind in _PROFILE_KEYS:
             self.store.upsert(kind, items)
             stored, duplicates = len(items), 0
         else:
-            stored = self.store.insert_unique(kind, items)
+            try:
+                stored = self._insert_events(kind, items, batch=batch)
+            except MetadataTypeConflict:
+                with self._lock:
+                    self._type_conflicts += 1
+                raise
             duplicates = len(items) - stored
         with self._lock:
             self._accepted[kind] += len(items)
@@ -904,8 +1292,57 @@ class _Collector:
                 self._duplicates[kind] += duplicates
         return stored, duplicates
 
+    def _insert_events(self, kind: str, items: list[dict[str, Any]], *, batch: bool) -> int:
+        if self.config.metadata_types == "off":
+            _apply_metadata_rules(items, {}, None, None, batch=batch)
+            return self.store.insert_unique(kind, items)
+        # First pass without the lock. Schema entries never change once made, so a verdict
+        # of "conflict" or "all known" stays true; only the new keys need a second look.
+        # (A request racing reset() is judged against the schema from before the reset.)
+        learned: dict[str, str] = {}
+        schema, shapes = self._schema_state
+        _apply_metadata_rules(items, schema, learned, shapes, batch=batch)
+        if not learned:
+            return self.store.insert_unique(kind, items)
+        with self._schema_lock:
+            schema, shapes = self._schema_state
+            if any(schema.get(key, kind_) != kind_ for key, kind_ in learned.items()):
+                # A concurrent request committed one of these keys with another type in the
+                # meantime: judge again, against the schema as it is now (keys are already
+                # converted, so this pass changes nothing but the verdict).
+                learned = {}
+                _apply_metadata_rules(items, schema, learned, shapes, batch=batch)
+            # Records and new keys go in one transaction, so a failed write learns nothing.
+            stored = self.store.insert_unique(kind, items, learned)
+            schema.update(learned)
+        return stored
+
+    def metadata_schema(self) -> dict[str, str]:
+        """The metadata schema, sorted by key."""
+        with self._schema_lock:
+            return dict(sorted(self._schema_state[0].items()))
+
+    def seed_schema(self, types: Any) -> dict[str, str]:
+        """Adds the keys of ``types`` that the schema does not know yet (first type wins).
+
+        Returns:
+            The resulting schema, sorted by key.
+
+        Raises:
+            ValueError: If ``types`` is not an object of key -> type name; nothing is added.
+        """
+        cleaned = _clean_schema(types)
+        with self._schema_lock:
+            schema = self._schema_state[0]
+            new = {key: kind for key, kind in cleaned.items() if key not in schema}
+            if new:
+                self.store.add_types(new)
+                schema.update(new)
+            return dict(sorted(schema.items()))
+
     def stats(self) -> dict[str, Any]:
         records = self.store.counts()
+        schema = self.metadata_schema()
         with self._lock:
             return {
                 "store": self.config.store,
@@ -920,6 +1357,8 @@ class _Collector:
                 "items_stored": dict(self._stored),
                 "duplicates": dict(self._duplicates),
                 "faults": {"dropped": self._dropped, "failed": self._failed},
+                "metadata_schema": schema,
+                "type_conflicts": self._type_conflicts,
             }
 
     def records(self, kind: str, limit: int | None = None, offset: int = 0) -> list[Any]:
@@ -927,7 +1366,11 @@ class _Collector:
         return self.store.records(kind, limit, offset)
 
     def reset(self) -> None:
-        self.store.reset()
+        with self._schema_lock:
+            self.store.reset()
+            # New objects rather than clear(): a request still in flight keeps the old schema
+            # and shape cache, so its verdicts cannot leak into the fresh ones.
+            self._schema_state = ({}, {})
         self._reset_counters()
 
     def close(self) -> None:
@@ -958,7 +1401,7 @@ _INGEST_ROUTES: Final[dict[str, _IngestRoute]] = {
 _GET_ROUTES: Final = frozenset(
     {"/v1/config", "/v1/rules", "/_emulator/stats", "/_emulator/records"}
 )
-_EMULATOR_POST_ROUTES: Final = frozenset({"/_emulator/reset"})
+_EMULATOR_POST_ROUTES: Final = frozenset({"/_emulator/reset", "/_emulator/schema"})
 
 
 class _HttpError(Exception):
@@ -1322,7 +1765,9 @@ class _Handler(BaseHTTPRequestHandler):
         if ingest is not None or path in _EMULATOR_POST_ROUTES:
             if method != "POST":
                 raise _HttpError(405, f"use POST for {path}", headers={"Allow": "POST"})
-            if ingest is None:
+            if path == "/_emulator/schema":
+                self._seed_schema()
+            elif ingest is None:
                 self.server.collector.reset()
                 self._send(200, {"reset": True})
             else:
@@ -1347,6 +1792,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, _CONFIG_BODY, {"X-Moesif-Config-ETag": _CONFIG_ETAG})
             else:
                 self._send(200, [], {"X-Moesif-Rules-Tag": _RULES_TAG})
+
+    def _seed_schema(self) -> None:
+        length = self._content_length()
+        if length > ITEM_LIMIT_BYTES:
+            msg = f"a schema body is limited to {ITEM_LIMIT_BYTES:,} bytes, got {length:,}"
+            raise _HttpError(413, msg)
+        raw = self.rfile.read(length)
+        self._body_pending = False
+        body = _decode_body(raw, self.headers.get("Content-Encoding"), ITEM_LIMIT_BYTES)
+        try:
+            schema = self.server.collector.seed_schema(_parse_json(body))
+        except ValueError as exc:
+            raise _HttpError(400, str(exc)) from None
+        self._send(200, schema)
 
     def _records(self) -> list[Any]:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
@@ -1434,7 +1893,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValidationError as exc:
             raise _HttpError(400, exc.to_json()) from None
 
-        collector.ingest(route.kind, items)
+        try:
+            collector.ingest(route.kind, items, batch=route.batch)
+        except ValidationError as exc:  # a metadata type conflict: nothing was stored
+            raise _HttpError(400, exc.to_json()) from None
         self._send(
             201,
             {},
@@ -1484,9 +1946,28 @@ class RunningCollector:
             (well-formed bodies per Content-Encoding), ``items_accepted`` (items in 201
             answers), ``items_stored`` (new records; upserts count each item),
             ``duplicates`` (events and actions dropped by transaction_id), ``faults``
-            (``dropped``, ``failed``) and ``store``.
+            (``dropped``, ``failed``), ``store``, ``metadata_schema`` (key -> JSON type,
+            sorted by key) and ``type_conflicts`` (requests refused for a metadata type
+            conflict).
         """
         return self._collector.stats()
+
+    def seed_schema(self, types: Mapping[str, str]) -> dict[str, str]:
+        """Adds metadata keys to the schema, as if records had sent them first.
+
+        Like ``POST /_emulator/schema``. Keys the schema already knows keep their type (first
+        wins); dots in keys are converted. Persisted like learned keys.
+
+        Args:
+            types: Key name -> one of ``METADATA_TYPES``.
+
+        Returns:
+            The resulting schema, sorted by key.
+
+        Raises:
+            ValueError: If a type name is unknown; nothing is then added.
+        """
+        return self._collector.seed_schema(types)
 
     def records(self, kind: str) -> list[dict[str, Any]]:
         """Returns every stored record of one kind, as parsed JSON, in arrival order.
@@ -1503,7 +1984,7 @@ class RunningCollector:
         return self._collector.records(kind)
 
     def reset(self) -> None:
-        """Drops every record and counter and restarts the fault schedule."""
+        """Drops every record, counter and metadata schema key; restarts the fault schedule."""
         self._collector.reset()
 
     def stop(self) -> None:
@@ -1596,6 +2077,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=None, help="seed for the fault rates")
     add("--store", choices=("sqlite", "count"), default="sqlite", help="keep bodies, or count")
     add("--reject_older_than_days", type=int, default=None, help="reject events older than this")
+    add(
+        "--metadata_types",
+        choices=_METADATA_MODES,
+        default="enforce",
+        help="enforce: refuse metadata whose key changes JSON type (default); off: no checks",
+    )
     add("--verbose", action="store_true", help="log one line per request to stderr")
     add("--inspect", metavar="URL", default=None, help="print a running emulator's stats, exit")
     add("--kind", choices=KINDS, default="events", help="with --inspect: records to show")
@@ -1647,6 +2134,7 @@ def _config_from_args(args: argparse.Namespace) -> CollectorConfig:
         seed=args.seed,
         store=args.store,
         reject_older_than_days=args.reject_older_than_days,
+        metadata_types=args.metadata_types,
     )
 
 

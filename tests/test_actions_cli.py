@@ -223,3 +223,34 @@ def test_schema_show_and_seed(tmp_path):
     assert json.loads(shown.stdout)["fields"] == {"amount": "number", "currency": "string"}
     bad = run_cli(["schema", "show", "--schema_store", store, "--schema_scope", "path"])
     assert bad.returncode == 2 and "tracks keys by name" in bad.stderr
+
+
+def test_a_conflict_only_moesif_knows_about_is_isolated_by_bisection(tmp_path, start_collector):
+    # The organization's schema already says "plan" is a string (another app sent it); this
+    # run's own schema store is empty, so only the collector can refuse the record.
+    collector = start_collector(application_id=APP_ID)
+    collector.seed_schema({"plan": "string"})
+    lines = [_action(f"ok-{i}", 1, {"seats": i}) for i in range(9)]
+    lines.insert(4, _action("bad", 1, {"plan": 3}))
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    run = run_cli(
+        [
+            "actions",
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--moesif_base_url",
+            collector.url,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        app_id=APP_ID,
+        metrics=tmp_path / "metrics.json",
+    )
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    assert (run.metrics["sent"], run.metrics["collector_rejected"]) == (9, 1)
+    dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    assert [(d["reason"], d["transaction_id"]) for d in dead] == [("collector_rejected", "bad")]
+    assert "metadata type conflict" in dead[0]["detail"]
+    assert collector.stats()["type_conflicts"] >= 1
+    assert len(collector.records("actions")) == 9

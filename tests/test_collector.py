@@ -26,7 +26,9 @@ import requests
 
 from runners.collector import (
     ACTIONS_BATCH_LIMIT_BYTES,
+    METADATA_TYPES,
     CollectorConfig,
+    MetadataTypeConflict,
     RunningCollector,
     ValidationError,
     main,
@@ -142,6 +144,7 @@ def free_port() -> int:
         ({"retry_after": -1.0}, "retry_after must be >= 0"),
         ({"reject_older_than_days": 0}, "reject_older_than_days must be >= 1"),
         ({"application_id": "  "}, "application_id must be non-empty"),
+        ({"metadata_types": "strict"}, "metadata_types must be 'enforce' or 'off'"),
     ],
 )
 def test_config_rejects_bad_settings(settings, message):
@@ -1028,3 +1031,423 @@ def test_module_runs_as_a_service_and_stops_on_sigterm(tmp_path):
     assert "POST /v1/events/batch -> 201 (2 items)" in err
     assert APP_ID not in line + out + err
     assert (data_dir / "collector.db").exists()
+
+
+# ---- metadata rules: dots in keys, first type wins --------------------------------------------
+
+SEED_FIRST = {
+    "some_string": "I am a string",
+    "some_int": 77,
+    "some_object": {"some_sub_field": "some_value"},
+}
+SEED_SECOND = {
+    "some_int": 77,
+    "some_object": {"some_string": 23, "some_sub_field": "some_value"},
+}
+_ids = iter(range(10**9))
+
+
+def with_metadata(kind: str, metadata: Any) -> dict[str, Any]:
+    """An event or action carrying ``metadata``, with a fresh transaction id."""
+    tid = f"md-{next(_ids)}"
+    return event(tid, metadata=metadata) if kind == "events" else action(tid, metadata=metadata)
+
+
+def send(c: RunningCollector, *metadata: Any, kind: str = "events") -> requests.Response:
+    """Posts one batch holding one record per metadata object."""
+    return post(c, f"/v1/{kind}/batch", [with_metadata(kind, m) for m in metadata])
+
+
+def conflict(response: requests.Response) -> tuple[Any, ...]:
+    assert response.status_code == 400, response.text
+    body = response.json()
+    return body.get("index"), body["field"], body["key"], body["expected_type"], body["actual_type"]
+
+
+def stored_metadata(c: RunningCollector, kind: str = "events") -> list[Any]:
+    return [record.get("metadata") for record in c.records(kind)]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("events", "events"), ("actions", "actions"), ("events", "actions"), ("actions", "events")],
+)
+def test_the_documented_example_is_refused_and_events_and_actions_share_one_schema(
+    collector, first, second
+):
+    assert post(collector, f"/v1/{first}", with_metadata(first, SEED_FIRST)).status_code == 201
+    response = post(collector, f"/v1/{second}/batch", [with_metadata(second, SEED_SECOND)])
+    assert response.json() == {
+        "error": "metadata type conflict: key 'some_string' is string, got number",
+        "index": 0,
+        "field": "metadata.some_object.some_string",
+        "key": "some_string",
+        "expected_type": "string",
+        "actual_type": "number",
+    }
+    assert response.status_code == 400
+    # The single route names the field the same way, without an index.
+    single = post(collector, f"/v1/{second}", with_metadata(second, SEED_SECOND))
+    field = "metadata.some_object.some_string"
+    assert conflict(single) == (None, field, "some_string", "string", "number")
+    assert stored_metadata(collector, first) == [SEED_FIRST]
+    assert len(collector.records("events")) + len(collector.records("actions")) == 1
+    assert collector.stats()["type_conflicts"] == 2
+
+
+def test_dots_in_keys_become_underscores_at_every_depth(collector):
+    metadata = {
+        "so.me_str.ing": "I am a string",
+        "some.int": 77.23,
+        "url": "https://a.example.com/x.y",  # dots in values stay
+        "tags": [{"a.b": 1, "list": [{"c.d": True}]}, "x.y"],
+        "deep": {"e.f": {"g.h": None}},
+    }
+    assert send(collector, metadata).status_code == 201
+    assert stored_metadata(collector) == [
+        {
+            "so_me_str_ing": "I am a string",
+            "some_int": 77.23,
+            "url": "https://a.example.com/x.y",
+            "tags": [{"a_b": 1, "list": [{"c_d": True}]}, "x.y"],
+            "deep": {"e_f": {"g_h": None}},
+        }
+    ]
+    schema = collector.stats()["metadata_schema"]
+    assert schema == {
+        "a_b": "number",
+        "c_d": "boolean",
+        "deep": "object",
+        "e_f": "object",
+        "list": "array",
+        "so_me_str_ing": "string",
+        "some_int": "number",
+        "tags": "array",
+        "url": "string",
+    }
+    assert list(schema) == sorted(schema)
+    # The converted name is the tracked one, whichever spelling arrives later.
+    assert conflict(send(collector, {"so_me_str.ing": 5})) == (
+        0,
+        "metadata.so_me_str_ing",
+        "so_me_str_ing",
+        "string",
+        "number",
+    )
+
+
+def test_a_key_collision_after_conversion_keeps_the_later_value_only(collector):
+    # "a.b" and "a_b" collide; only the surviving value is checked, so 1 does not clash with "x".
+    assert send(collector, {"a.b": 1, "a_b": "x", "n": {"c_d": 2, "c.d": False}}).status_code == 201
+    assert stored_metadata(collector) == [{"a_b": "x", "n": {"c_d": False}}]
+    assert collector.stats()["metadata_schema"] == {
+        "a_b": "string",
+        "c_d": "boolean",
+        "n": "object",
+    }
+
+
+def test_ints_and_floats_are_both_numbers_and_booleans_are_not(collector):
+    assert send(collector, {"n": 1}, {"n": 2.5}, {"n": -3e20}, {"flag": True}).status_code == 201
+    assert send(collector, {"n": 7.0, "flag": False}).status_code == 201
+    assert conflict(send(collector, {"n": True})) == (0, "metadata.n", "n", "number", "boolean")
+    assert conflict(send(collector, {"flag": 1})) == (
+        0,
+        "metadata.flag",
+        "flag",
+        "boolean",
+        "number",
+    )
+    assert conflict(send(collector, {"flag": "true"}))[3:] == ("boolean", "string")
+
+
+def test_null_matches_any_type_and_establishes_none(collector):
+    assert send(collector, {"x": None}, {"y": {"x": None}}).status_code == 201
+    assert "x" not in collector.stats()["metadata_schema"]
+    assert send(collector, {"x": [1]}, {"x": None}).status_code == 201
+    assert conflict(send(collector, {"x": "s"})) == (0, "metadata.x", "x", "array", "string")
+    assert send(collector, {"x": None}).status_code == 201
+
+
+def test_keys_are_tracked_by_name_inside_objects_and_arrays(collector):
+    assert (
+        send(collector, {"tags": [{"id": "a"}, {"id": "b", "meta": {"rank": 1}}]}).status_code
+        == 201
+    )
+    assert conflict(send(collector, {"id": 5})) == (0, "metadata.id", "id", "string", "number")
+    assert conflict(send(collector, {"other": [[{"rank": "top"}]]})) == (
+        0,
+        "metadata.other.0.0.rank",
+        "rank",
+        "number",
+        "string",
+    )
+    assert conflict(send(collector, {"x": {"tags": {}}})) == (
+        0,
+        "metadata.x.tags",
+        "tags",
+        "array",
+        "object",
+    )
+    # Scalars inside arrays have no key, so arrays of any scalars are fine.
+    assert send(collector, {"tags": ["a", 1, True, None]}).status_code == 201
+
+
+def test_an_item_teaches_the_items_after_it_in_the_same_batch(collector):
+    assert conflict(send(collector, {"a": "x"}, {"b": 1}, {"a": 1})) == (
+        2,
+        "metadata.a",
+        "a",
+        "string",
+        "number",
+    )
+    assert collector.records("events") == []
+    assert collector.stats()["metadata_schema"] == {}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"id": "x", "nested": {"id": 1}}, ("metadata.nested.id", "string", "number")),
+        ({"nested": {"id": 1}, "id": "x"}, ("metadata.id", "number", "string")),
+        ({"l": [{"v": 1}, {"v": "2"}]}, ("metadata.l.1.v", "number", "string")),
+    ],
+)
+def test_one_record_can_conflict_with_itself(collector, metadata, expected):
+    field, expected_type, actual_type = expected
+    response = send(collector, {"fine": 1}, metadata)
+    assert conflict(response) == (1, field, field.rsplit(".", 1)[1], expected_type, actual_type)
+
+
+def test_a_refused_batch_stores_nothing_and_teaches_nothing(collector):
+    collector.seed_schema({"plan": "string"})
+    response = send(collector, {"fresh": 1, "more": {"x": True}}, {"plan": 3})
+    assert conflict(response)[:2] == (1, "metadata.plan")
+    assert collector.records("events") == []
+    assert collector.stats()["metadata_schema"] == {"plan": "string"}
+    # A batch refused by ordinary validation teaches nothing either.
+    broken = [with_metadata("events", {"other": 1}), {"request": {}, "metadata": {"x": 1}}]
+    assert post(collector, "/v1/events/batch", broken).status_code == 400
+    # So the keys of both refused batches are still free to take any type.
+    assert (
+        send(collector, {"fresh": "now a string", "more": 1, "other": [], "x": {}}).status_code
+        == 201
+    )
+    stats = collector.stats()
+    assert stats["metadata_schema"] == {
+        "fresh": "string",
+        "more": "number",
+        "other": "array",
+        "plan": "string",
+        "x": "object",
+    }
+    assert stats["type_conflicts"] == 1  # the validation failure is not a type conflict
+    assert stats["requests"]["/v1/events/batch"] == {"201": 1, "400": 2}
+
+
+def test_only_event_and_action_metadata_is_checked(collector):
+    user = {"user_id": "u", "metadata": {"a.b": 1, "plan": 1}}
+    assert post(collector, "/v1/users", user).status_code == 201
+    company = {"company_id": "c", "metadata": {"plan": {"x": 1}}}
+    assert post(collector, "/v1/companies", company).status_code == 201
+    bodies = event("body", metadata={"plan": "pro"})
+    bodies["request"]["body"] = {"plan": 1}
+    bodies["response"]["body"] = {"plan": [1]}
+    assert post(collector, "/v1/events", bodies).status_code == 201
+    assert collector.stats()["metadata_schema"] == {"plan": "string"}
+    assert collector.records("users") == [user]  # profile metadata keys are not converted
+
+
+def test_a_known_shape_still_checks_the_objects_inside_it(collector):
+    # The first batch teaches the types, the second makes the shape {"o": object} known ...
+    assert send(collector, {"o": {"a": 1}}).status_code == 201
+    assert send(collector, {"o": {"a": 2}}, {"o": {"a": 3}}).status_code == 201
+    # ... which must not wave through a nested value of another type.
+    assert conflict(send(collector, {"o": {"a": "x"}})) == (
+        0,
+        "metadata.o.a",
+        "a",
+        "number",
+        "string",
+    )
+    assert conflict(send(collector, {"o": {"a": 1}}, {"o": {"a": False}}))[:2] == (
+        1,
+        "metadata.o.a",
+    )
+
+
+def test_reset_clears_the_schema(collector):
+    assert send(collector, {"a": 1}).status_code == 201
+    assert send(collector, {"a": 2}).status_code == 201
+    assert requests.post(collector.url + "/_emulator/reset", timeout=10).status_code == 200
+    stats = collector.stats()
+    assert (stats["metadata_schema"], stats["type_conflicts"]) == ({}, 0)
+    assert send(collector, {"a": "now a string"}).status_code == 201
+    assert conflict(send(collector, {"a": 3}))[3:] == ("string", "number")
+
+
+def test_the_schema_survives_a_restart_with_the_same_data_dir(tmp_path):
+    config = CollectorConfig(application_id=APP_ID, data_dir=str(tmp_path / "data"))
+    with start_in_thread(config) as first:
+        assert send(first, SEED_FIRST).status_code == 201
+        first.seed_schema({"seeded": "boolean"})
+    with start_in_thread(config) as second:
+        assert second.stats()["metadata_schema"] == {
+            "seeded": "boolean",
+            "some_int": "number",
+            "some_object": "object",
+            "some_string": "string",
+            "some_sub_field": "string",
+        }
+        assert conflict(send(second, SEED_SECOND))[2] == "some_string"
+        assert conflict(send(second, {"seeded": "yes"}, kind="actions"))[2] == "seeded"
+        assert send(second, {"learned_after_restart": 1}).status_code == 201
+        second.reset()
+    with start_in_thread(config) as third:
+        assert third.stats()["metadata_schema"] == {}  # the reset was persisted too
+
+
+@pytest.mark.parametrize("data_dir", [None, "dir"], ids=["memory", "file"])
+def test_sqlite_keeps_the_schema_in_its_own_table(tmp_path, data_dir):
+    import sqlite3
+
+    config = CollectorConfig(
+        application_id=APP_ID, data_dir=None if data_dir is None else str(tmp_path / data_dir)
+    )
+    with start_in_thread(config) as c:
+        assert send(c, {"a": "x", "b": {"c": 1}}).status_code == 201
+        assert c.stats()["metadata_schema"] == {"a": "string", "b": "object", "c": "number"}
+    if data_dir is not None:
+        with sqlite3.connect(tmp_path / data_dir / "collector.db") as db:
+            rows = db.execute("SELECT key, type FROM metadata_schema ORDER BY key").fetchall()
+        assert rows == [("a", "string"), ("b", "object"), ("c", "number")]
+
+
+def test_count_store_enforces_types_in_memory():
+    with start_in_thread(CollectorConfig(application_id=APP_ID, store="count")) as c:
+        assert send(c, {"a.b": "x"}).status_code == 201
+        assert conflict(send(c, {"a_b": 1}, kind="actions"))[2:] == ("a_b", "string", "number")
+        stats = c.stats()
+        assert stats["metadata_schema"] == {"a_b": "string"}
+        assert (stats["records"]["events"], stats["type_conflicts"]) == (1, 1)
+
+
+def test_metadata_types_off_converts_dots_but_checks_nothing():
+    config = CollectorConfig(application_id=APP_ID, metadata_types="off")
+    with start_in_thread(config) as c:
+        assert send(c, {"some.key": "x", "l": [{"d.e": 1}]}, {"some_key": 1}).status_code == 201
+        assert send(c, {"some_key": [True]}, kind="actions").status_code == 201
+        assert stored_metadata(c) == [{"some_key": "x", "l": [{"d_e": 1}]}, {"some_key": 1}]
+        stats = c.stats()
+        assert (stats["metadata_schema"], stats["type_conflicts"]) == ({}, 0)
+
+
+def test_seed_schema_adds_unknown_keys_only(collector):
+    assert send(collector, {"plan": "pro"}).status_code == 201
+    result = collector.seed_schema({"plan": "number", "seats": "number", "a.b": "array"})
+    assert result == {"a_b": "array", "plan": "string", "seats": "number"}  # first type wins
+    assert conflict(send(collector, {"seats": "10"}))[2:] == ("seats", "number", "string")
+    with pytest.raises(ValueError, match="must map to one of string, number"):
+        collector.seed_schema({"fine": "string", "bad": "integer"})
+    assert "fine" not in collector.stats()["metadata_schema"]  # all or nothing
+    assert METADATA_TYPES == ("string", "number", "boolean", "object", "array")
+
+
+def test_post_emulator_schema_seeds_without_auth(collector):
+    url = collector.url + "/_emulator/schema"
+    response = requests.post(url, json={"user.tier": "string", "score": "number"}, timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"score": "number", "user_tier": "string"}
+    again = requests.post(url, json={"score": "boolean", "active": "boolean"}, timeout=10)
+    assert again.json() == {"active": "boolean", "score": "number", "user_tier": "string"}
+    assert conflict(send(collector, {"user.tier": 3}))[1:] == (
+        "metadata.user_tier",
+        "user_tier",
+        "string",
+        "number",
+    )
+    for bad in (b"[]", b'{"k": "int"}', b'{"k": 1}', b"{nope"):
+        answer = requests.post(url, data=bad, timeout=10)
+        assert answer.status_code == 400, bad
+        assert "error" in answer.json()
+    assert requests.get(url, timeout=10).status_code == 405
+    assert collector.stats()["metadata_schema"] == {
+        "active": "boolean",
+        "score": "number",
+        "user_tier": "string",
+    }
+    assert collector.stats()["requests"] == {"/v1/events/batch": {"400": 1}}
+
+
+def test_stats_report_the_schema_and_conflicts_over_http(collector):
+    assert send(collector, {"z": 1, "a": {"m": "x"}}).status_code == 201
+    assert send(collector, {"z": "1"}).status_code == 400
+    assert post(collector, "/v1/actions", with_metadata("actions", {"m": [1]})).status_code == 400
+    stats = requests.get(collector.url + "/_emulator/stats", timeout=10).json()
+    assert stats == collector.stats()
+    assert stats["metadata_schema"] == {"a": "object", "m": "string", "z": "number"}
+    assert list(stats["metadata_schema"]) == ["a", "m", "z"]
+    assert stats["type_conflicts"] == 2
+
+
+def test_metadata_type_conflict_is_a_validation_error():
+    exc = MetadataTypeConflict("k", "string", "number", "metadata.k", 3)
+    assert isinstance(exc, ValidationError)
+    assert exc.to_json() == {
+        "error": "metadata type conflict: key 'k' is string, got number",
+        "index": 3,
+        "field": "metadata.k",
+        "key": "k",
+        "expected_type": "string",
+        "actual_type": "number",
+    }
+
+
+def test_concurrent_conflicting_batches_let_exactly_one_type_win(collector):
+    threads_per_round = 16
+    errors: list[BaseException] = []
+
+    def worker(n: int, key: str, barrier: threading.Barrier, outcomes: dict[int, int]) -> None:
+        try:
+            # Odd threads send a string, even ones a number, over both the events and
+            # actions routes; the barrier releases them all at once.
+            value: Any = "s" if n % 2 else n
+            kind = "events" if n % 4 < 2 else "actions"
+            body = json.dumps([with_metadata(kind, {"other": n, key: value})]).encode()
+            barrier.wait(timeout=10)
+            outcomes[n] = post(collector, f"/v1/{kind}/batch", body).status_code
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    for round_number in range(4):
+        key = f"race_{round_number}"
+        barrier = threading.Barrier(threads_per_round)
+        outcomes: dict[int, int] = {}
+        threads = [
+            threading.Thread(target=worker, args=(n, key, barrier, outcomes))
+            for n in range(threads_per_round)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        winner = collector.stats()["metadata_schema"][key]
+        wins_with = 1 if winner == "string" else 0
+        for n, status in outcomes.items():
+            assert status == (201 if n % 2 == wins_with else 400), (n, winner, status)
+    stored = stored_metadata(collector, "events") + stored_metadata(collector, "actions")
+    assert len(stored) == 4 * threads_per_round // 2
+    assert collector.stats()["type_conflicts"] == 4 * threads_per_round // 2
+
+
+def test_cli_parses_metadata_types(capsys):
+    from runners.collector import _build_parser, _config_from_args
+
+    parser = _build_parser()
+    assert _config_from_args(parser.parse_args([])).metadata_types == "enforce"
+    assert _config_from_args(parser.parse_args(["--metadata_types", "off"])).metadata_types == "off"
+    with pytest.raises(SystemExit) as exited:
+        main(["--metadata_types", "strict"])
+    assert exited.value.code == 2
+    assert "--metadata_types" in capsys.readouterr().err

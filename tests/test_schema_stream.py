@@ -6,7 +6,7 @@ import json
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.normalize import NormalizeRecords
@@ -31,7 +31,7 @@ def _streaming_pipeline() -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
-def _check(stream: TestStream, stored=None, shards=4):
+def _check(stream: EventStream, stored=None, shards=4):
     pipeline = _streaming_pipeline()
     normalized = pipeline | stream | NormalizeRecords("actions", "moesif")
     checked = (normalized.records, normalized.signatures) | EnforceMetadataSchemaInStream(
@@ -42,7 +42,7 @@ def _check(stream: TestStream, stored=None, shards=4):
 
 def test_first_arrival_wins_even_against_an_earlier_event_time():
     stream = (
-        TestStream()
+        EventStream()
         .add_elements([_line("first", 5, {"some_string": "I am a string", "n": 1})])
         .advance_processing_time(1)
         # arrives later, although its event time is earlier: in a stream, arrival decides
@@ -73,7 +73,7 @@ def test_first_arrival_wins_even_against_an_earlier_event_time():
 
 def test_one_key_gets_one_type_when_conflicting_records_arrive_together():
     stream = (
-        TestStream()
+        EventStream()
         .add_elements(
             [_line(f"num-{i}", 1, {"k": i}) for i in range(10)]
             + [_line(f"str-{i}", 1, {"k": str(i)}) for i in range(10)]
@@ -101,7 +101,7 @@ def test_one_key_gets_one_type_when_conflicting_records_arrive_together():
 
 def test_the_persisted_schema_wins_in_streams_too():
     stream = (
-        TestStream()
+        EventStream()
         .add_elements([_line("a", 1, {"plan": 3}), _line("b", 1, {"plan": "pro", "x": True})])
         .advance_watermark_to_infinity()
     )
