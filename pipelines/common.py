@@ -1,6 +1,6 @@
 """The delivery pipeline both ``events`` and ``actions`` are made of.
 
-``files -> parse + normalize -> dedup by transaction_id -> metadata type schema -> batch ->
+``files or Kafka -> parse + normalize -> dedup by transaction_id -> metadata type schema -> batch ->
 Moesif (or batch files)``, every reject flowing to one dead-letter sink, and the keys this
 run adds to the metadata schema written aside for the launcher to merge into the store.
 """
@@ -16,6 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.config import PipelineConfig
 from transforms.deadletter import WriteDeadLetters
 from transforms.dedup import DedupByTransactionId
+from transforms.kafka_source import ReadKafka
 from transforms.moesif_sink import PostToMoesif, WriteBatchFiles
 from transforms.normalize import NormalizeRecords
 from transforms.schema import EnforceMetadataSchema
@@ -33,7 +34,10 @@ def build_delivery(
     duplicate, or in the dead letters, so ``read == sent + duplicates + dead_letters``.
     """
     pipeline = beam.Pipeline(options=options)
-    lines = pipeline | "ReadFiles" >> ReadLines(config.input)
+    if config.kafka is not None:
+        lines = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+    else:
+        lines = pipeline | "ReadFiles" >> ReadLines(config.input)
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,

@@ -10,6 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from transforms.kafka_source import KafkaPartition, KafkaSourceConfig
 from transforms.moesif_sink import BATCH_BYTE_LIMITS, RetryPolicy, Secret
 from transforms.normalize import FORMATS
 from transforms.schema import SCOPES
@@ -31,6 +32,8 @@ class PipelineConfig:
     Attributes:
         pipeline: ``events`` or ``actions``; picks the endpoint and the batch limit.
         input: a file glob (local or any Beam filesystem; ``.gz`` is decompressed).
+        kafka: read from Kafka instead of files.
+        kafka_partitions: the partitions' offset ranges, resolved before the run.
         input_format: the input format's name, e.g. ``wso2``.
         application_id: the Moesif application id; None writes batch files instead.
         base_url: the collector's base URL.
@@ -54,6 +57,8 @@ class PipelineConfig:
     pipeline: str
     input: str
     input_format: str
+    kafka: KafkaSourceConfig | None = None
+    kafka_partitions: tuple[KafkaPartition, ...] = ()
     application_id: Secret | None = None
     base_url: str = DEFAULT_BASE_URL
     output_dir: str = "./moesif-out"
@@ -74,8 +79,11 @@ class PipelineConfig:
         if self.pipeline not in BATCH_BYTE_LIMITS:
             msg = f"pipeline must be one of {sorted(BATCH_BYTE_LIMITS)}, got {self.pipeline!r}"
             raise ValueError(msg)
-        if not self.input:
+        if not self.input and self.kafka is None:
             msg = "--input is required: a file glob such as 'logs/*.jsonl.gz'"
+            raise ValueError(msg)
+        if self.input and self.kafka is not None:
+            msg = "--input reads files; it cannot be combined with --source kafka"
             raise ValueError(msg)
         if self.input_format not in FORMATS[self.pipeline]:
             known = ", ".join(sorted(FORMATS[self.pipeline]))

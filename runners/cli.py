@@ -8,6 +8,7 @@ check that Beam knows them too, so a typo is an error rather than a silent defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pipelines import actions, events
 from pipelines.config import DEFAULT_BASE_URL, PipelineConfig
 from runners.launch import EXIT_COLLECTOR, execute
 from transforms.errors import CollectorConfigError
+from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
 from transforms.moesif_sink import RetryPolicy, Secret, preflight
 from transforms.normalize import FORMATS
 from transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
@@ -68,7 +70,25 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
     source = parser.add_argument_group("source")
     source.add_argument("--input", help="file glob of JSON-lines files; .gz files are read too")
     source.add_argument(
-        "--source", default="files", choices=["files"], help="where records come from"
+        "--source", default="files", choices=["files", "kafka"], help="where records come from"
+    )
+    source.add_argument("--kafka_bootstrap_servers", help="host:port[,host:port]")
+    source.add_argument("--kafka_topic")
+    source.add_argument(
+        "--kafka_group_id",
+        help="consumer group: where a read resumes, and where offsets are committed once "
+        "their records are delivered or dead-lettered",
+    )
+    source.add_argument(
+        "--kafka_start",
+        default="earliest",
+        help="earliest, latest or an ISO 8601 time: where partitions without a committed "
+        "offset start (default earliest)",
+    )
+    source.add_argument(
+        "--kafka_stop",
+        help="now or an ISO 8601 time: read up to it and finish (a backfill); without it "
+        "the read is unbounded",
     )
     source.add_argument(
         "--format",
@@ -187,9 +207,11 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
         parser.error(f"unknown option(s): {' '.join(unknown)}")
     app_id = args.moesif_application_id or os.environ.get("MOESIF_APPLICATION_ID") or None
     try:
+        kafka = _kafka_config(args)
         config = PipelineConfig(
             pipeline=pipeline,
             input=args.input or "",
+            kafka=kafka,
             input_format=args.input_format,
             application_id=Secret(app_id) if app_id else None,
             base_url=args.moesif_base_url,
@@ -206,8 +228,11 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             schema_store=args.schema_store,
             schema_scope=args.schema_scope,
         )
-        match_inputs(config.input)
         load_schema(config.schema_store_path, config.schema_scope)
+        if kafka is None:
+            match_inputs(config.input)
+        else:
+            config = dataclasses.replace(config, kafka_partitions=tuple(resolve_partitions(kafka)))
     except ValueError as exc:
         parser.error(str(exc))
     if config.application_id is not None:
@@ -217,6 +242,36 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             print(str(exc), file=sys.stderr, flush=True)
             return EXIT_COLLECTOR
     return execute(_BUILDERS[pipeline], config, _beam_options(beam_args))
+
+
+def _kafka_config(args: argparse.Namespace) -> KafkaSourceConfig | None:
+    kafka_flags = [
+        name
+        for name in ("kafka_bootstrap_servers", "kafka_topic", "kafka_group_id", "kafka_stop")
+        if getattr(args, name)
+    ]
+    if args.source != "kafka":
+        if kafka_flags:
+            msg = f"--{kafka_flags[0]} needs --source kafka"
+            raise ValueError(msg)
+        return None
+    if args.input:
+        msg = "--input reads files; it cannot be combined with --source kafka"
+        raise ValueError(msg)
+    config = KafkaSourceConfig(
+        bootstrap_servers=args.kafka_bootstrap_servers or "",
+        topic=args.kafka_topic or "",
+        group_id=args.kafka_group_id or "",
+        start=args.kafka_start,
+        stop=args.kafka_stop,
+    )
+    if not config.bounded:
+        msg = (
+            "an unbounded Kafka read needs a streaming runner, which is not available yet; "
+            "give --kafka_stop now (or a time) to run a backfill"
+        )
+        raise ValueError(msg)
+    return config
 
 
 def _schema(argv: Sequence[str]) -> int:

@@ -92,6 +92,8 @@ def execute(
     seconds = time.monotonic() - started
     counters = collect_counters(result)
     added = merge_pending_schema(config)
+    if config.kafka is not None and invariant_holds(counters):
+        commit_offsets(config)
     print(format_summary(config, counters, seconds), file=out, flush=True)
     print(
         f"  metadata schema: {added} new keys -> {config.schema_store_path}", file=out, flush=True
@@ -99,6 +101,29 @@ def execute(
     if config.metrics_out:
         _write_metrics(config, counters, seconds)
     return 0 if invariant_holds(counters) else EXIT_FAILED
+
+
+def commit_offsets(config: PipelineConfig) -> None:
+    """Commit a finished backfill's stop offsets to the consumer group.
+
+    Called only after a bounded run completed with every record accounted for (sent,
+    duplicate or dead-lettered), so the commit never covers an undelivered record.
+    """
+    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415 - Kafka runs only
+
+    assert config.kafka is not None
+    done = [
+        TopicPartition(p.topic, p.partition, p.stop)
+        for p in config.kafka_partitions
+        if p.stop > p.start
+    ]
+    if not done:
+        return
+    consumer = Consumer(config.kafka.consumer_settings())
+    try:
+        consumer.commit(offsets=done, asynchronous=False)
+    finally:
+        consumer.close()
 
 
 def merge_pending_schema(config: PipelineConfig) -> int:

@@ -131,8 +131,9 @@ class _NormalizeFn(beam.DoFn):
         # signature id -> (earliest (time, transaction_id) seen in this bundle, signature)
         self._seen: dict[bytes, tuple[int, str, Signature]] = {}
 
-    def process(self, element: tuple[bytes, str]) -> Iterator[Any]:
-        raw, source = element
+    def process(self, element: tuple) -> Iterator[Any]:
+        # (raw, source) from files; Kafka adds an acknowledgement token as a third item.
+        raw, source = element[0], element[1]
         try:
             value = self._format.parse(raw)
         except UnicodeDecodeError as exc:
@@ -214,7 +215,7 @@ class _NormalizeFn(beam.DoFn):
 
 
 class NormalizeRecords(beam.PTransform):
-    """Turn ``(raw_bytes, source)`` lines into keyed, serialized Moesif records.
+    """Turn ``(raw_bytes, source, ...)`` lines into keyed, serialized Moesif records.
 
     Every record is counted in ``read`` (a line holding an array counts each element; a
     line that is not JSON counts once) and leaves either as a record keyed by its

@@ -1,0 +1,339 @@
+"""Read a Kafka topic with confluent-kafka as a splittable DoFn: one restriction per partition.
+
+Each partition is an offset range. A backfill (``--kafka_stop``) resolves both ends to
+offsets before the run, so the read is bounded and finishes by itself; without a stop the
+range is open and the read is unbounded (streaming). Every record leaves as
+``(value_bytes, "topic/partition@offset", ack)``, where ``ack`` is
+``("topic/partition", offset, previous_offset)``: the offset of the record the reader
+emitted before it in the same partition. A commit stage can therefore advance a
+partition's committed offset over gaps (transaction markers, compacted offsets) without
+guessing: an offset is committed only once every record before it is done.
+
+The reader never commits offsets itself: reading is not delivering.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from transforms.timefmt import parse_time_ms
+
+__all__ = [
+    "OPEN_END",
+    "KafkaPartition",
+    "KafkaSourceConfig",
+    "ReadKafka",
+    "describe",
+    "resolve_partitions",
+]
+
+# The stop of an unbounded partition range.
+OPEN_END = sys.maxsize
+
+
+@dataclass(frozen=True)
+class KafkaSourceConfig:
+    """Where and how to read.
+
+    Attributes:
+        bootstrap_servers: ``host:port[,host:port]``.
+        topic: the topic to read.
+        group_id: the consumer group whose committed offsets say where to resume.
+        start: where a partition without a committed offset starts: ``earliest``,
+            ``latest`` or an ISO 8601 time (the first record at or after it).
+        stop: None for an unbounded read; ``now`` or an ISO 8601 time for a bounded one
+            (records before it).
+        consumer_config: extra librdkafka settings (security, timeouts...).
+    """
+
+    bootstrap_servers: str
+    topic: str
+    group_id: str
+    start: str = "earliest"
+    stop: str | None = None
+    consumer_config: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("bootstrap_servers", "topic", "group_id"):
+            if not getattr(self, name):
+                msg = f"--kafka_{name} is required with --source kafka"
+                raise ValueError(msg)
+        if self.start not in ("earliest", "latest"):
+            _time_ms(self.start, "--kafka_start")
+        if self.stop not in (None, "now"):
+            _time_ms(self.stop, "--kafka_stop")
+
+    @property
+    def bounded(self) -> bool:
+        """True for a backfill (a stop was given)."""
+        return self.stop is not None
+
+    def consumer_settings(self) -> dict[str, Any]:
+        """Librdkafka settings for a reader: no auto-commit, no auto offset store."""
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+            **self.consumer_config,
+        }
+
+
+def _time_ms(text: str, flag: str) -> int:
+    try:
+        return parse_time_ms(text)
+    except ValueError as exc:
+        msg = f"{flag} must be earliest, latest, now or an ISO 8601 time, got {text!r}"
+        raise ValueError(msg) from exc
+
+
+@dataclass(frozen=True)
+class KafkaPartition:
+    """One partition's offset range: ``[start, stop)``, ``stop == OPEN_END`` if unbounded."""
+
+    topic: str
+    partition: int
+    start: int
+    stop: int
+
+
+def resolve_partitions(config: KafkaSourceConfig, timeout: float = 30.0) -> list[KafkaPartition]:
+    """Resolve every partition of the topic to an offset range, before the run.
+
+    Start: the group's committed offset when it has one (so a restarted job resumes where
+    its deliveries were confirmed), else ``config.start``. Stop: ``now`` is the partition's
+    current end; a time is the first offset at or after it; none means unbounded.
+
+    Raises:
+        ValueError: the topic does not exist or the broker does not answer in time.
+    """
+    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415 - optional at import
+
+    consumer = Consumer(config.consumer_settings())
+    try:
+        metadata = consumer.list_topics(config.topic, timeout=timeout)
+        topic = metadata.topics.get(config.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            msg = f"Kafka topic {config.topic!r} not found at {config.bootstrap_servers}"
+            raise ValueError(msg)
+        partitions = [TopicPartition(config.topic, p) for p in sorted(topic.partitions)]
+        committed = {
+            tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=timeout)
+        }
+        start_ms = None if config.start in ("earliest", "latest") else _time_ms(config.start, "")
+        stop_ms = None if config.stop in (None, "now") else _time_ms(config.stop, "")
+        ranges = []
+        for tp in partitions:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            start = committed.get(tp.partition, -1)
+            if start < 0:
+                start = _offset_at(consumer, tp, config.start, start_ms, low, high, timeout)
+            if config.stop is None:
+                stop = OPEN_END
+            elif stop_ms is None:
+                stop = high
+            else:
+                stop = _offset_at(consumer, tp, "time", stop_ms, low, high, timeout)
+            ranges.append(KafkaPartition(config.topic, tp.partition, start, max(start, stop)))
+        return ranges
+    finally:
+        consumer.close()
+
+
+def _offset_at(
+    consumer: Any,
+    tp: Any,
+    where: str,
+    time_ms: int | None,
+    low: int,
+    high: int,
+    timeout: float,
+) -> int:
+    from confluent_kafka import TopicPartition  # noqa: PLC0415
+
+    if where == "earliest":
+        return int(low)
+    if where == "latest" or time_ms is None:
+        return int(high)
+    found = consumer.offsets_for_times(
+        [TopicPartition(tp.topic, tp.partition, time_ms)], timeout=timeout
+    )[0]
+    # -1: no record at or after that time, so the answer is the end of the partition.
+    return int(high) if found.offset < 0 else int(found.offset)
+
+
+class _PartitionRanges(RestrictionProvider):
+    def initial_restriction(self, element: KafkaPartition) -> OffsetRange:
+        return OffsetRange(element.start, element.stop)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, element: KafkaPartition, restriction: OffsetRange) -> int:
+        return min(restriction.size(), 2**31)
+
+
+_RANGES = _PartitionRanges()
+_WATERMARKS = ManualWatermarkEstimator.default_provider()
+
+
+class _ReadPartitionFn(beam.DoFn):
+    """Reads one partition's range; yields ``(value, source, ack)`` with Kafka's timestamp."""
+
+    def __init__(self, config: KafkaSourceConfig, poll_seconds: float, idle_lag: float) -> None:
+        self._config = config
+        self._poll_seconds = poll_seconds
+        self._idle_lag = idle_lag
+
+    def setup(self) -> None:
+        from confluent_kafka import Consumer  # noqa: PLC0415
+
+        self._consumer = Consumer(self._config.consumer_settings())
+
+    def teardown(self) -> None:
+        consumer = getattr(self, "_consumer", None)
+        if consumer is not None:
+            consumer.close()
+
+    def _read(
+        self,
+        element: KafkaPartition,
+        tracker: Any,  # Beam's thread-safe wrapper of OffsetRestrictionTracker
+        watermark: ManualWatermarkEstimator,
+    ) -> Iterator[Any]:
+        from confluent_kafka import KafkaError, TopicPartition  # noqa: PLC0415
+
+        restriction = tracker.current_restriction()
+        if restriction.start >= restriction.stop:
+            return
+        tp = TopicPartition(element.topic, element.partition, restriction.start)
+        self._consumer.assign([tp])
+        name = f"{element.topic}/{element.partition}"
+        previous = restriction.start - 1
+        deadline = time.monotonic() + self._poll_seconds
+        unbounded = restriction.stop == OPEN_END
+        while True:
+            messages = self._consumer.consume(num_messages=1000, timeout=0.2)
+            caught_up = False
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        caught_up = True
+                        continue
+                    msg = f"Kafka read of {name} failed: {error}"
+                    raise RuntimeError(msg)
+                offset = message.offset()
+                if not tracker.try_claim(offset):
+                    return
+                kind, stamp = message.timestamp()
+                seconds = stamp / 1000 if kind and stamp >= 0 else time.time()
+                event_time = Timestamp.of(seconds)
+                if watermark.current_watermark() is None or event_time > (
+                    watermark.current_watermark()
+                ):
+                    watermark.set_watermark(event_time)
+                value = message.value() or b""
+                yield TimestampedValue(
+                    (value, f"{name}@{offset}", (name, offset, previous)), seconds
+                )
+                previous = offset
+                if offset == restriction.stop - 1:
+                    return  # the range is done
+            if not messages or caught_up:
+                position = self._consumer.position([tp])[0].offset
+                if not unbounded and position >= restriction.stop:
+                    # Only non-data offsets (transaction markers) are left in the range:
+                    # claim its end so the tracker knows the range is done.
+                    tracker.try_claim(restriction.stop - 1)
+                    return
+                if unbounded and caught_up:
+                    # An idle partition must not hold the watermark back: nothing older
+                    # than now - idle_lag can still arrive from it.
+                    idle = Timestamp.of(time.time() - self._idle_lag)
+                    current = watermark.current_watermark()
+                    if current is None or idle > current:
+                        watermark.set_watermark(idle)
+            if unbounded and time.monotonic() >= deadline:
+                tracker.defer_remainder(Duration.of(0.2 if messages else 1.0))
+                return
+
+
+class _BoundedReadFn(_ReadPartitionFn):
+    def process(
+        self,
+        element: KafkaPartition,
+        tracker: Any = beam.DoFn.RestrictionParam(_RANGES),
+        watermark: Any = beam.DoFn.WatermarkEstimatorParam(_WATERMARKS),
+    ) -> Iterator[Any]:
+        yield from self._read(element, tracker, watermark)
+
+
+class _UnboundedReadFn(_ReadPartitionFn):
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        element: KafkaPartition,
+        tracker: Any = beam.DoFn.RestrictionParam(_RANGES),
+        watermark: Any = beam.DoFn.WatermarkEstimatorParam(_WATERMARKS),
+    ) -> Iterator[Any]:
+        yield from self._read(element, tracker, watermark)
+
+
+class ReadKafka(beam.PTransform):
+    """Read a topic's partitions as ``(value_bytes, "topic/partition@offset", ack)``.
+
+    Partitions are the unit of parallelism; each is read in offset order. Values are
+    untouched bytes (a poison record is the parser's to dead-letter). Bounded when every
+    partition's range has a stop, unbounded otherwise; elements carry Kafka's timestamps,
+    and the watermark follows them, moving to "now minus ``idle_lag``" on a caught-up
+    partition so an idle partition does not stall the pipeline.
+    """
+
+    def __init__(
+        self,
+        config: KafkaSourceConfig,
+        partitions: list[KafkaPartition],
+        poll_seconds: float = 1.0,
+        idle_lag: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if not partitions:
+            msg = "no partitions to read"
+            raise ValueError(msg)
+        self._config = config
+        self._partitions = partitions
+        self._poll_seconds = poll_seconds
+        self._idle_lag = idle_lag
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        unbounded = any(p.stop == OPEN_END for p in self._partitions)
+        fn_class = _UnboundedReadFn if unbounded else _BoundedReadFn
+        return (
+            pbegin
+            | "Partitions" >> beam.Create(self._partitions)
+            | "Spread" >> beam.Reshuffle()
+            | "ReadPartition"
+            >> beam.ParDo(fn_class(self._config, self._poll_seconds, self._idle_lag))
+        )
+
+
+def describe(partitions: list[KafkaPartition]) -> str:
+    """One line per partition for logs: ``topic/p: [start, stop)``."""
+    return "; ".join(
+        f"{p.topic}/{p.partition}: [{p.start}, {'open' if p.stop == OPEN_END else p.stop})"
+        for p in partitions
+    )
