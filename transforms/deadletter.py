@@ -17,6 +17,7 @@ from apache_beam.io.avroio import WriteToAvro
 from transforms.counters import counter
 
 __all__ = [
+    "ACK_FIELD",
     "DEAD_LETTER",
     "REASONS",
     "WriteDeadLetters",
@@ -26,6 +27,10 @@ __all__ = [
 
 # Tag of the dead-letter output of every fallible DoFn.
 DEAD_LETTER = "dead_letter"
+
+# Key of a dead letter's Kafka acknowledgement token while it travels through the pipeline;
+# not part of the Avro record (fastavro ignores keys the schema does not name).
+ACK_FIELD = "_ack"
 
 REASONS = (
     "parse_error",

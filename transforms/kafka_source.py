@@ -175,11 +175,27 @@ def _offset_at(
     return int(high) if found.offset < 0 else int(found.offset)
 
 
+class _CheckpointOnlyTracker(OffsetRestrictionTracker):
+    """An open partition range can only be checkpointed, never split by a fraction.
+
+    Half of "up to the end of time" is not a meaningful place to cut a live partition, and
+    a cut between offsets would break the previous-offset chain the commit stage follows;
+    a checkpoint resumes right after the last claimed offset, which keeps it intact.
+    """
+
+    def try_split(self, fraction_of_remainder: float) -> Any:
+        if fraction_of_remainder != 0:
+            return None
+        return super().try_split(0)
+
+
 class _PartitionRanges(RestrictionProvider):
     def initial_restriction(self, element: KafkaPartition) -> OffsetRange:
         return OffsetRange(element.start, element.stop)
 
     def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        if restriction.stop == OPEN_END:
+            return _CheckpointOnlyTracker(restriction)
         return OffsetRestrictionTracker(restriction)
 
     def restriction_size(self, element: KafkaPartition, restriction: OffsetRange) -> int:

@@ -29,7 +29,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.counters import counter
-from transforms.deadletter import dead_letter
+from transforms.deadletter import ACK_FIELD, dead_letter
 from transforms.errors import CollectorConfigError
 
 __all__ = [
@@ -40,8 +40,10 @@ __all__ = [
     "RetryPolicy",
     "Secret",
     "WriteBatchFiles",
+    "as_item",
     "batch_url",
     "classify",
+    "cut_batches",
     "decide",
     "encode_batch",
     "parse_retry_after",
@@ -55,8 +57,8 @@ BATCH_BYTE_LIMITS = {"events": 50_000_000, "actions": 15_000_000}
 
 _USER_AGENT = "moesif-beam/0.1.0"
 
-# A record as the sinks see it: (record_json, raw_input, source, transaction_id).
-_Item = tuple[bytes, bytes, str, str]
+# A record as the sinks see it: (record_json, raw_input, source, transaction_id, ack or None).
+_Item = tuple[bytes, bytes, str, str, Any]
 
 
 class Secret:
@@ -231,74 +233,83 @@ def preflight(base_url: str, application_id: Secret, timeout: float = 10.0) -> N
         raise CollectorConfigError(msg)
 
 
-class _BatchingFn(beam.DoFn):
-    """Cuts a bundle's records into batches by count and bytes; subclasses write them.
+def cut_batches(items: Sequence[_Item], max_events: int, max_bytes: int) -> Iterator[list[_Item]]:
+    """Cut items into batches of at most ``max_events`` records and ``max_bytes`` of JSON.
 
-    Batches are formed within a bundle: on bounded runs bundles are large, so batches
-    are full. Outputs (dead letters) are plain values from ``process`` and windowed
-    values from ``finish_bundle``.
+    A record larger than ``max_bytes`` on its own still goes out, alone.
+    """
+    batch: list[_Item] = []
+    size = 2  # the brackets of the JSON array
+    for item in items:
+        item_size = len(item[0]) + 1  # the record and its comma
+        if batch and (len(batch) >= max_events or size + item_size > max_bytes):
+            yield batch
+            batch, size = [], 2
+        batch.append(item)
+        size += item_size
+    if batch:
+        yield batch
+
+
+class _Writer:
+    """Delivers whole batches and reports every record's fate; opened once per worker.
+
+    ``deliver`` yields ``(item, None)`` for each delivered record and ``(item, letter)`` for
+    each record that became a dead letter, so streaming runs can acknowledge both.
     """
 
-    def __init__(self, max_events: int, max_bytes: int, gzip_level: int) -> None:
-        self._max_events = max_events
-        self._max_bytes = max_bytes
+    def __init__(self, pipeline: str, gzip_level: int) -> None:
+        self._pipeline = pipeline
         self._gzip_level = gzip_level
         self._sent = counter("sent")
         self._batches = counter("batches")
         self._bytes_sent = counter("bytes_sent")
-        self._batch: list[_Item] = []
-        self._size = 2
 
-    def start_bundle(self) -> None:
-        self._batch = []
-        self._size = 2  # the brackets of the JSON array
+    def open(self) -> None:
+        """Open clients; called from a DoFn's ``setup``."""
 
-    def process(self, element: tuple[str, tuple]) -> Iterator[Any]:
-        transaction_id, value = element
-        _, body, raw, source = value[:4]
-        size = len(body) + 1  # the record and its comma
-        if self._batch and (
-            len(self._batch) >= self._max_events or self._size + size > self._max_bytes
-        ):
-            yield from self._flush()
-        self._batch.append((body, raw, source, transaction_id))
-        self._size += size
+    def close(self) -> None:
+        """Release clients; called from a DoFn's ``teardown``."""
 
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        window = GlobalWindow()
-        for output in self._flush():
-            yield WindowedValue(output, window.max_timestamp(), (window,))
-
-    def _flush(self) -> Iterator[Any]:
-        batch, self._batch, self._size = self._batch, [], 2
-        if batch:
-            yield from self._write(batch)
+    def deliver(self, batch: list[_Item]) -> Iterator[tuple[_Item, dict[str, Any] | None]]:
+        """Deliver one batch; yield each record with its dead letter, or None if sent."""
+        raise NotImplementedError
 
     def _body(self, batch: Sequence[_Item]) -> tuple[bytes, bytes]:
         plain = encode_batch([item[0] for item in batch])
         # mtime=0 makes the gzip bytes a function of the content alone.
         return plain, gzip.compress(plain, compresslevel=self._gzip_level, mtime=0)
 
-    def _write(self, batch: list[_Item]) -> Iterator[Any]:
-        raise NotImplementedError
+    def _delivered(self, batch: Sequence[_Item], body: bytes) -> Iterator[tuple[_Item, None]]:
+        self._sent.inc(len(batch))
+        self._batches.inc()
+        self._bytes_sent.inc(len(body))
+        for item in batch:
+            yield item, None
+
+    def _letter(self, reason: str, detail: str, item: _Item) -> dict[str, Any]:
+        _, raw, source, transaction_id, ack = item
+        letter = dead_letter(
+            reason, "send", detail, raw, source, self._pipeline, transaction_id=transaction_id
+        )
+        if ack is not None:
+            letter[ACK_FIELD] = ack
+        return letter
 
 
-class _PostFn(_BatchingFn):
+class _HttpWriter(_Writer):
     def __init__(
         self,
         url: str,
         application_id: Secret,
         pipeline: str,
-        max_events: int,
-        max_bytes: int,
         gzip_level: int,
         policy: RetryPolicy,
         timeout: float,
     ) -> None:
-        super().__init__(max_events, max_bytes, gzip_level)
+        super().__init__(pipeline, gzip_level)
         self._url = url
         self._application_id = application_id
-        self._pipeline = pipeline
         self._policy = policy
         self._timeout = timeout
         self._retries = counter("retries")
@@ -306,7 +317,7 @@ class _PostFn(_BatchingFn):
         self._exhausted = counter("retries_exhausted")
         self._too_large = counter("too_large")
 
-    def setup(self) -> None:
+    def open(self) -> None:
         self._session = requests.Session()
         # Our own retry policy decides; urllib3's must not retry behind its back.
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
@@ -322,35 +333,34 @@ class _PostFn(_BatchingFn):
         )
         self._rng = random.Random()
 
-    def teardown(self) -> None:
+    def close(self) -> None:
         session = getattr(self, "_session", None)
         if session is not None:
             session.close()
 
-    def _write(self, batch: list[_Item]) -> Iterator[Any]:
+    def deliver(self, batch: list[_Item]) -> Iterator[tuple[_Item, dict[str, Any] | None]]:
         pending = [batch]
         while pending:
             part = pending.pop()
             _, body = self._body(part)
             action, status, detail = self._post(body)
             if action is Action.DONE:
-                self._sent.inc(len(part))
-                self._batches.inc()
-                self._bytes_sent.inc(len(body))
+                yield from self._delivered(part, body)
             elif action in (Action.SPLIT, Action.BISECT) and len(part) > 1:
                 middle = len(part) // 2
                 pending.append(part[middle:])
                 pending.append(part[:middle])  # popped first: keep the original order
             elif action is Action.SPLIT:
                 self._too_large.inc()
-                yield self._reject("too_large", f"HTTP {status}: {detail}", part[0])
+                yield part[0], self._letter("too_large", f"HTTP {status}: {detail}", part[0])
             elif action is Action.BISECT:
                 self._rejected.inc()
-                yield self._reject("collector_rejected", f"HTTP {status}: {detail}", part[0])
+                letter = self._letter("collector_rejected", f"HTTP {status}: {detail}", part[0])
+                yield part[0], letter
             elif action is Action.GIVE_UP:
                 self._exhausted.inc(len(part))
                 for item in part:
-                    yield self._reject("retries_exhausted", detail, item)
+                    yield item, self._letter("retries_exhausted", detail, item)
             else:
                 msg = (
                     f"{CollectorConfigError.MARKER}: HTTP {status} from {self._url}: "
@@ -397,12 +407,6 @@ class _PostFn(_BatchingFn):
         secret = self._application_id.reveal()
         return text.replace(secret, "***") if secret else text
 
-    def _reject(self, reason: str, detail: str, item: _Item) -> dict[str, Any]:
-        _, raw, source, transaction_id = item
-        return dead_letter(
-            reason, "send", detail, raw, source, self._pipeline, transaction_id=transaction_id
-        )
-
 
 def _explain(status: int | None) -> str:
     if status in (401, 403):
@@ -414,17 +418,17 @@ def _explain(status: int | None) -> str:
     return "the collector refused the request; check --moesif_base_url and the application id."
 
 
-class _WriteFilesFn(_BatchingFn):
-    def __init__(self, directory: str, max_events: int, max_bytes: int, gzip_level: int) -> None:
-        super().__init__(max_events, max_bytes, gzip_level)
+class _FileWriter(_Writer):
+    def __init__(self, directory: str, pipeline: str, gzip_level: int) -> None:
+        super().__init__(pipeline, gzip_level)
         self._directory = directory
 
-    def setup(self) -> None:
+    def open(self) -> None:
         # mkdirs refuses a directory that exists, which is fine here.
         with contextlib.suppress(OSError):
             FileSystems.mkdirs(self._directory)
 
-    def _write(self, batch: list[_Item]) -> Iterator[Any]:
+    def deliver(self, batch: list[_Item]) -> Iterator[tuple[_Item, dict[str, Any] | None]]:
         plain, body = self._body(batch)
         # Named by content: a retried bundle rewrites the same file instead of adding one.
         name = f"batch-{hashlib.sha256(plain).hexdigest()[:24]}.json.gz"
@@ -433,10 +437,61 @@ class _WriteFilesFn(_BatchingFn):
             path, mime_type="application/gzip", compression_type=CompressionTypes.UNCOMPRESSED
         ) as handle:
             handle.write(body)
-        self._sent.inc(len(batch))
-        self._batches.inc()
-        self._bytes_sent.inc(len(body))
-        yield from ()
+        yield from self._delivered(batch, body)
+
+
+def as_item(element: tuple[str, tuple]) -> _Item:
+    """A keyed record ``(transaction_id, (time_ms, body, raw, source, ...))`` as a sink item."""
+    transaction_id, value = element
+    return value[1], value[2], value[3], transaction_id, value[5] if len(value) > 5 else None
+
+
+class _BatchingFn(beam.DoFn):
+    """Cuts a bundle's records into batches by count and bytes and has a writer deliver them.
+
+    Batches are formed within a bundle: on bounded runs bundles are large, so batches are
+    full. Outputs are the dead letters, as plain values from ``process`` and windowed
+    values from ``finish_bundle``.
+    """
+
+    def __init__(self, writer: _Writer, max_events: int, max_bytes: int) -> None:
+        self._writer = writer
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._batch: list[_Item] = []
+        self._size = 2
+
+    def setup(self) -> None:
+        self._writer.open()
+
+    def teardown(self) -> None:
+        self._writer.close()
+
+    def start_bundle(self) -> None:
+        self._batch = []
+        self._size = 2  # the brackets of the JSON array
+
+    def process(self, element: tuple[str, tuple]) -> Iterator[Any]:
+        item = as_item(element)
+        size = len(item[0]) + 1  # the record and its comma
+        if self._batch and (
+            len(self._batch) >= self._max_events or self._size + size > self._max_bytes
+        ):
+            yield from self._flush()
+        self._batch.append(item)
+        self._size += size
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        window = GlobalWindow()
+        for output in self._flush():
+            yield WindowedValue(output, window.max_timestamp(), (window,))
+
+    def _flush(self) -> Iterator[Any]:
+        batch, self._batch, self._size = self._batch, [], 2
+        if batch:
+            for _, letter in self._writer.deliver(batch):
+                if letter is not None:
+                    yield letter
 
 
 def _validate_batching(kind: str, max_events: int, max_bytes: int, gzip_level: int) -> None:
@@ -502,16 +557,17 @@ class PostToMoesif(beam.PTransform):
         if timeout <= 0:
             msg = f"timeout must be > 0, got {timeout}"
             raise ValueError(msg)
-        self._fn = _PostFn(
+        self.writer: _Writer = _HttpWriter(
             batch_url(base_url, kind),
             application_id,
             pipeline,
-            max_events,
-            max_bytes,
             gzip_level,
             policy or RetryPolicy(),
             timeout,
         )
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._fn = _BatchingFn(self.writer, max_events, max_bytes)
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         return records | "PostBatches" >> beam.ParDo(self._fn)
@@ -539,7 +595,10 @@ class WriteBatchFiles(beam.PTransform):
         if not directory:
             msg = "an output directory is required"
             raise ValueError(msg)
-        self._fn = _WriteFilesFn(directory, max_events, max_bytes, gzip_level)
+        self.writer: _Writer = _FileWriter(directory, kind, gzip_level)
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._fn = _BatchingFn(self.writer, max_events, max_bytes)
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         return records | "WriteBatches" >> beam.ParDo(self._fn)

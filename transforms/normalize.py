@@ -19,7 +19,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.counters import counter
-from transforms.deadletter import DEAD_LETTER, dead_letter
+from transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
 from transforms.errors import InvalidRecord
 from transforms.formats import moesif_actions, segment, wso2
 from transforms.schema import NO_TIME, SCOPES, Signature, signature, signature_id
@@ -98,7 +98,8 @@ FORMATS: dict[str, dict[str, Format]] = {
 class Normalized(NamedTuple):
     """Outputs of :class:`NormalizeRecords`."""
 
-    records: beam.PCollection  # (transaction_id, (time_ms, record_json, raw, source, sig_id))
+    # (transaction_id, (time_ms, record_json, raw, source, sig_id, ack or None))
+    records: beam.PCollection
     dead_letters: beam.PCollection  # dead-letter dicts
     signatures: beam.PCollection  # (sig_id, (time_ms, transaction_id, signature))
 
@@ -134,23 +135,34 @@ class _NormalizeFn(beam.DoFn):
     def process(self, element: tuple) -> Iterator[Any]:
         # (raw, source) from files; Kafka adds an acknowledgement token as a third item.
         raw, source = element[0], element[1]
+        ack = element[2] if len(element) > 2 else None
         try:
             value = self._format.parse(raw)
         except UnicodeDecodeError as exc:
             self._read.inc()
             self._parse_errors.inc()
             detail = f"not valid UTF-8: {exc.reason}"
-            yield self._reject("parse_error", "parse", detail, raw, source)
+            yield self._reject("parse_error", "parse", detail, raw, source, ack=ack)
             return
         except (ValueError, RecursionError) as exc:
             self._read.inc()
             self._parse_errors.inc()
-            yield self._reject("parse_error", "parse", f"not JSON: {exc}"[:300], raw, source)
+            detail = f"not JSON: {exc}"[:300]
+            yield self._reject("parse_error", "parse", detail, raw, source, ack=ack)
             return
-        for item, prefix in self._format.split(value):
-            yield from self._record(item, prefix, raw, f"{source}{prefix}")
+        items = self._format.split(value)
+        if len(items) > 1 and ack is not None:
+            # One Kafka message, several records: the message is done when all of them are.
+            # The commit stage counts parts (see transforms/offsets.py).
+            acks: list[Any] = [(*ack, len(items), i) for i in range(len(items))]
+        else:
+            acks = [ack] * len(items)
+        for (item, prefix), part_ack in zip(items, acks, strict=True):
+            yield from self._record(item, prefix, raw, f"{source}{prefix}", part_ack)
 
-    def _record(self, item: Any, prefix: str, raw: bytes, source: str) -> Iterator[Any]:
+    def _record(
+        self, item: Any, prefix: str, raw: bytes, source: str, ack: Any = None
+    ) -> Iterator[Any]:
         self._read.inc()
         try:
             transaction_id, time_ms, record = self._format.to_moesif(item, self._company_id_field)
@@ -167,22 +179,31 @@ class _NormalizeFn(beam.DoFn):
                 field=field,
                 expected_type=exc.expected_type,
                 actual_type=exc.actual_type,
+                ack=ack,
             )
             return
         except UnicodeEncodeError as exc:
             # A lone surrogate escape (\ud800) parses but cannot be sent as UTF-8.
             self._invalid.inc()
-            yield self._reject("invalid_record", "normalize", f"not encodable: {exc}", raw, source)
+            detail = f"not encodable: {exc}"
+            yield self._reject("invalid_record", "normalize", detail, raw, source, ack=ack)
             return
         if len(body) > self._max_record_bytes:
             self._too_large.inc()
             detail = f"record is {len(body)} bytes; Moesif accepts at most {self._max_record_bytes}"
             yield self._reject(
-                "too_large", "normalize", detail, raw, source, transaction_id=transaction_id
+                "too_large",
+                "normalize",
+                detail,
+                raw,
+                source,
+                transaction_id=transaction_id,
+                ack=ack,
             )
             return
         when = NO_TIME if time_ms is None else time_ms
-        yield transaction_id, (when, body, raw, source, self._note(record, when, transaction_id))
+        sig_id = self._note(record, when, transaction_id)
+        yield transaction_id, (when, body, raw, source, sig_id, ack)
 
     def _note(self, record: dict, when: int, transaction_id: str) -> bytes:
         sig = signature(record.get("metadata"), self._scope)
@@ -207,11 +228,19 @@ class _NormalizeFn(beam.DoFn):
         self._seen = {}
 
     def _reject(
-        self, reason: str, stage: str, detail: str, raw: bytes, source: str, **extra: Any
+        self,
+        reason: str,
+        stage: str,
+        detail: str,
+        raw: bytes,
+        source: str,
+        ack: Any = None,
+        **extra: Any,
     ) -> pvalue.TaggedOutput:
-        return pvalue.TaggedOutput(
-            DEAD_LETTER, dead_letter(reason, stage, detail, raw, source, self._pipeline, **extra)
-        )
+        letter = dead_letter(reason, stage, detail, raw, source, self._pipeline, **extra)
+        if ack is not None:
+            letter[ACK_FIELD] = ack
+        return pvalue.TaggedOutput(DEAD_LETTER, letter)
 
 
 class NormalizeRecords(beam.PTransform):

@@ -41,7 +41,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec
 
 from transforms.counters import counter
-from transforms.deadletter import DEAD_LETTER, dead_letter
+from transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
 from transforms.metadata import sanitize_keys
 
 __all__ = [
@@ -299,21 +299,21 @@ class _CheckFn(beam.DoFn):
         key, expected, actual = conflict
         self._conflicts.inc()
         detail = f"metadata key {key!r} is {expected} in the schema; this record sends {actual}"
-        yield pvalue.TaggedOutput(
-            DEAD_LETTER,
-            dead_letter(
-                "type_conflict",
-                "schema",
-                detail,
-                value[2],
-                value[3],
-                self._pipeline,
-                transaction_id=transaction_id,
-                field=key,
-                expected_type=expected,
-                actual_type=actual,
-            ),
+        letter = dead_letter(
+            "type_conflict",
+            "schema",
+            detail,
+            value[2],
+            value[3],
+            self._pipeline,
+            transaction_id=transaction_id,
+            field=key,
+            expected_type=expected,
+            actual_type=actual,
         )
+        if len(value) > 5 and value[5] is not None:
+            letter[ACK_FIELD] = value[5]
+        yield pvalue.TaggedOutput(DEAD_LETTER, letter)
 
 
 class EnforceMetadataSchema(beam.PTransform):
