@@ -25,6 +25,7 @@ setup(
         "apache-beam==2.77.0",
         "fastavro==1.13.1",
         "requests==2.34.2",
+        "confluent-kafka==2.16.1",
     ],
     extras_require={
         "test": ["pytest==9.2.0", "testcontainers==4.15.0"],

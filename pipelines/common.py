@@ -19,8 +19,15 @@ from transforms.dedup import DedupByTransactionId
 from transforms.kafka_source import ReadKafka
 from transforms.moesif_sink import PostToMoesif, WriteBatchFiles
 from transforms.normalize import NormalizeRecords
-from transforms.schema import EnforceMetadataSchema
+from transforms.offsets import CommitOffsets
+from transforms.schema import EnforceMetadataSchema, EnforceMetadataSchemaInStream
 from transforms.sources import ReadLines
+from transforms.streaming import (
+    BatchAndDeliverInStream,
+    DedupInStream,
+    PersistSchemaInStream,
+    WriteDeadLettersInStream,
+)
 
 __all__ = ["build_delivery"]
 
@@ -33,6 +40,8 @@ def build_delivery(
     Guarantee for a completed bounded run: every record read is ``sent``, counted as a
     duplicate, or in the dead letters, so ``read == sent + duplicates + dead_letters``.
     """
+    if config.streaming:
+        return _build_streaming(config, options, stored_schema)
     pipeline = beam.Pipeline(options=options)
     if config.kafka is not None:
         lines = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
@@ -63,7 +72,50 @@ def build_delivery(
     return pipeline
 
 
-def _sink(config: PipelineConfig) -> beam.PTransform:
+def _build_streaming(
+    config: PipelineConfig, options: PipelineOptions, stored_schema: Mapping[str, str]
+) -> beam.Pipeline:
+    """The unbounded shape: keyed state and timers instead of global groupings.
+
+    Every record's fate ends as an acknowledgement; offsets are committed only as far as
+    every record before them is done.
+    """
+    assert config.kafka is not None
+    partitions = list(config.kafka_partitions)
+    pipeline = beam.Pipeline(options=options)
+    lines = pipeline | "ReadKafka" >> ReadKafka(config.kafka, partitions)
+    normalized = lines | "Normalize" >> NormalizeRecords(
+        config.pipeline,
+        config.input_format,
+        config.company_id_field,
+        schema_scope=config.schema_scope,
+    )
+    unique = normalized.records | "Dedup" >> DedupInStream(config.dedup_ttl)
+    checked = (unique.records, normalized.signatures) | "MetadataSchema" >> (
+        EnforceMetadataSchemaInStream(stored_schema, config.pipeline)
+    )
+    _ = checked.new_fields | "PersistSchema" >> PersistSchemaInStream(
+        config.schema_store_path, config.schema_scope
+    )
+    delivered = checked.records | "Deliver" >> BatchAndDeliverInStream(
+        _sink(config), config.batch_max_delay
+    )
+    dead_acks = (
+        normalized.dead_letters,
+        checked.dead_letters,
+        delivered.dead_letters,
+    ) | "DeadLetters" >> WriteDeadLettersInStream(
+        config.dead_letter_dir, config.pipeline, config.run_id
+    )
+    _ = (
+        (unique.acks, delivered.acks, dead_acks)
+        | "Acks" >> beam.Flatten()
+        | ("CommitOffsets" >> CommitOffsets(config.kafka, partitions))
+    )
+    return pipeline
+
+
+def _sink(config: PipelineConfig) -> PostToMoesif | WriteBatchFiles:
     if config.application_id is None:
         return WriteBatchFiles(
             config.pipeline,

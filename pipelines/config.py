@@ -51,6 +51,8 @@ class PipelineConfig:
             empty means ``<output_dir>/metadata_schema.json``, shared by both pipelines.
         schema_scope: track a metadata key's type by its ``name`` at any depth (Moesif's
             rule) or by its full ``path``.
+        streaming: an unbounded run (Kafka without a stop).
+        dedup_ttl: in streaming, how long a transaction id is remembered, in seconds.
         run_id: labels this run's dead-letter files.
     """
 
@@ -73,6 +75,8 @@ class PipelineConfig:
     metrics_out: str | None = None
     schema_store: str = ""
     schema_scope: str = "name"
+    streaming: bool = False
+    dedup_ttl: float = 3600.0
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -113,6 +117,15 @@ class PipelineConfig:
             raise ValueError(msg)
         if not 0 <= self.gzip_level <= 9:
             msg = f"--gzip_level must be between 0 and 9, got {self.gzip_level}"
+            raise ValueError(msg)
+        if self.dedup_ttl <= 0:
+            msg = f"--dedup_ttl must be positive, got {self.dedup_ttl}"
+            raise ValueError(msg)
+        if self.streaming and (self.kafka is None or self.kafka.bounded):
+            msg = (
+                "streaming runs read Kafka without --kafka_stop; files are read as a "
+                "bounded run (drop --streaming)"
+            )
             raise ValueError(msg)
         if not self.output_dir:
             msg = "--output_dir must not be empty"

@@ -13,14 +13,20 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    StandardOptions,
+    _BeamArgumentParser,
+)
 
 from pipelines import actions, events
 from pipelines.config import DEFAULT_BASE_URL, PipelineConfig
 from runners.launch import EXIT_COLLECTOR, execute
+from runners.prism import PrismServer, ensure_prism
 from transforms.errors import CollectorConfigError
 from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
 from transforms.moesif_sink import RetryPolicy, Secret, preflight
@@ -32,6 +38,8 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 
+# Streaming runs default to Beam's Prism runner, built from Beam's Go module on first use
+# and started as our own job server (runners/prism.py).
 # Bounded runs default to Beam's FnApiRunner, chosen rather than reached by accident: the
 # DirectRunner would first try to download Prism, and our batch pipelines use nothing
 # the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode.
@@ -44,6 +52,7 @@ commands:
   actions     action streams -> Moesif /v1/actions/batch (--format moesif|segment)
   schema      show or seed the persisted metadata type schema
   collector   a local Moesif Collector API emulator, for tests and trials
+  kafka-local a real single-node Apache Kafka broker (KRaft), for laptops and tests
 
 'moesif-beam COMMAND --help' lists a command's options."""
 
@@ -126,6 +135,12 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
     )
     batching.add_argument("--http_timeout", type=float, default=30.0, help="seconds per request")
     batching.add_argument("--gzip_level", type=int, default=6)
+    batching.add_argument(
+        "--dedup_ttl",
+        type=float,
+        default=3600.0,
+        help="streaming: seconds (of event time) a transaction id is remembered",
+    )
     parser.add_argument(
         "--log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -189,8 +204,18 @@ def _unknown_beam_args(beam_args: Sequence[str]) -> list[str]:
     return [arg for arg in unknown if arg.startswith("-")]
 
 
-def _beam_options(beam_args: list[str]) -> PipelineOptions:
-    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
+def _wants_streaming(beam_args: list[str]) -> bool:
+    return bool(PipelineOptions(beam_args).view_as(StandardOptions).streaming)
+
+
+def _has_runner(beam_args: list[str]) -> bool:
+    return any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args)
+
+
+def _beam_options(beam_args: list[str], *, streaming: bool) -> PipelineOptions:
+    if streaming and "--streaming" not in beam_args:
+        beam_args = [*beam_args, "--streaming"]
+    if not _has_runner(beam_args):
         beam_args = [f"--runner={DEFAULT_BATCH_RUNNER}", *beam_args]
     return PipelineOptions(beam_args)
 
@@ -227,6 +252,8 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             metrics_out=args.metrics_out,
             schema_store=args.schema_store,
             schema_scope=args.schema_scope,
+            streaming=_wants_streaming(beam_args) or (kafka is not None and not kafka.bounded),
+            dedup_ttl=args.dedup_ttl,
         )
         load_schema(config.schema_store_path, config.schema_scope)
         if kafka is None:
@@ -241,7 +268,25 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
         except CollectorConfigError as exc:
             print(str(exc), file=sys.stderr, flush=True)
             return EXIT_COLLECTOR
-    return execute(_BUILDERS[pipeline], config, _beam_options(beam_args))
+    prism = None
+    try:
+        if config.streaming and not _has_runner(beam_args):
+            prism = PrismServer(ensure_prism(), f"{tempfile.gettempdir()}/moesif-beam-prism.log")
+            beam_args = [
+                "--runner=PortableRunner",
+                f"--job_endpoint={prism.start()}",
+                # LOOPBACK keeps the Python workers in this process, so SIGTERM drains them.
+                "--environment_type=LOOPBACK",
+                *beam_args,
+            ]
+        options = _beam_options(beam_args, streaming=config.streaming)
+        return execute(_BUILDERS[pipeline], config, options)
+    except RuntimeError as exc:
+        print(f"moesif-beam {pipeline}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    finally:
+        if prism is not None:
+            prism.stop()
 
 
 def _kafka_config(args: argparse.Namespace) -> KafkaSourceConfig | None:
@@ -265,12 +310,6 @@ def _kafka_config(args: argparse.Namespace) -> KafkaSourceConfig | None:
         start=args.kafka_start,
         stop=args.kafka_stop,
     )
-    if not config.bounded:
-        msg = (
-            "an unbounded Kafka read needs a streaming runner, which is not available yet; "
-            "give --kafka_stop now (or a time) to run a backfill"
-        )
-        raise ValueError(msg)
     return config
 
 
@@ -323,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _deliver(command, rest)
     if command == "schema":
         return _schema(rest)
+    if command == "kafka-local":
+        from runners import kafka_local  # noqa: PLC0415 - only this command needs it
+
+        return kafka_local.main(rest)
     if command == "collector":
         from runners import collector  # noqa: PLC0415 - the emulator is not needed otherwise
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -18,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.config import PipelineConfig
 from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE
 from transforms.errors import CollectorConfigError
+from transforms.kafka_source import DRAIN
 from transforms.schema import load_schema, save_schema
 
 __all__ = ["EXIT_COLLECTOR", "EXIT_FAILED", "collect_counters", "execute", "format_summary"]
@@ -84,15 +86,19 @@ def execute(
     stored = load_schema(config.schema_store_path, config.schema_scope)
     pipeline = build(config, options, stored)
     started = time.monotonic()
+    restore = _drain_on_signals() if config.streaming else None
     try:
         result = pipeline.run()
         result.wait_until_finish()
     except Exception as exc:  # the runner wraps worker errors; we explain them once
         return _report_failure(exc, config)
+    finally:
+        if restore is not None:
+            restore()
     seconds = time.monotonic() - started
     counters = collect_counters(result)
     added = merge_pending_schema(config)
-    if config.kafka is not None and invariant_holds(counters):
+    if config.kafka is not None and not config.streaming and invariant_holds(counters):
         commit_offsets(config)
     print(format_summary(config, counters, seconds), file=out, flush=True)
     print(
@@ -101,6 +107,31 @@ def execute(
     if config.metrics_out:
         _write_metrics(config, counters, seconds)
     return 0 if invariant_holds(counters) else EXIT_FAILED
+
+
+def _drain_on_signals() -> Callable[[], None]:
+    """Make SIGTERM and SIGINT drain a streaming run instead of killing it.
+
+    The readers stop claiming, every stage flushes (partial batches are delivered, dead
+    letters written), offsets are committed, and the run finishes with its summary.
+    Returns a function that restores the previous handlers.
+    """
+
+    def drain(signum: int, _frame: Any) -> None:
+        print(
+            f"moesif-beam: {signal.Signals(signum).name}: draining (flush, commit, exit)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        DRAIN.set()
+
+    previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def commit_offsets(config: PipelineConfig) -> None:

@@ -17,6 +17,9 @@ from runners.collector import CollectorConfig, RunningCollector, start_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A real Kafka broker for the tests that need one: see tests/kafka_support.py.
+pytest_plugins = ["tests.kafka_support"]
+
 
 @pytest.fixture
 def start_collector(tmp_path: Path) -> Iterator[Callable[..., RunningCollector]]:

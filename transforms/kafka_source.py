@@ -15,6 +15,7 @@ The reader never commits offsets itself: reading is not delivering.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from transforms.timefmt import parse_time_ms
 
 __all__ = [
+    "DRAIN",
     "OPEN_END",
     "KafkaPartition",
     "KafkaSourceConfig",
@@ -40,6 +42,12 @@ __all__ = [
 
 # The stop of an unbounded partition range.
 OPEN_END = sys.maxsize
+
+# Set to drain an unbounded read running in this process (the CLI sets it on SIGTERM):
+# readers stop claiming offsets and finish their ranges, the watermark reaches the end,
+# and every downstream stage flushes. Workers in other processes (Flink, Dataflow) are
+# drained by their runner instead.
+DRAIN = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -118,9 +126,19 @@ def resolve_partitions(config: KafkaSourceConfig, timeout: float = 30.0) -> list
     current end; a time is the first offset at or after it; none means unbounded.
 
     Raises:
-        ValueError: the topic does not exist or the broker does not answer in time.
+        ValueError: the topic does not exist, or Kafka does not answer in time.
     """
-    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415 - optional at import
+    from confluent_kafka import KafkaException  # noqa: PLC0415 - optional at import
+
+    try:
+        return _resolve(config, timeout)
+    except KafkaException as exc:
+        msg = f"Kafka at {config.bootstrap_servers}: {exc.args[0] if exc.args else exc}"
+        raise ValueError(msg) from exc
+
+
+def _resolve(config: KafkaSourceConfig, timeout: float) -> list[KafkaPartition]:
+    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
 
     consumer = Consumer(config.consumer_settings())
     try:
@@ -130,9 +148,7 @@ def resolve_partitions(config: KafkaSourceConfig, timeout: float = 30.0) -> list
             msg = f"Kafka topic {config.topic!r} not found at {config.bootstrap_servers}"
             raise ValueError(msg)
         partitions = [TopicPartition(config.topic, p) for p in sorted(topic.partitions)]
-        committed = {
-            tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=timeout)
-        }
+        committed = {tp.partition: tp.offset for tp in _committed(consumer, partitions, timeout)}
         start_ms = None if config.start in ("earliest", "latest") else _time_ms(config.start, "")
         stop_ms = None if config.stop in (None, "now") else _time_ms(config.stop, "")
         ranges = []
@@ -151,6 +167,26 @@ def resolve_partitions(config: KafkaSourceConfig, timeout: float = 30.0) -> list
         return ranges
     finally:
         consumer.close()
+
+
+def _committed(consumer: Any, partitions: list[Any], timeout: float) -> list[Any]:
+    """The group's committed offsets, retrying while the group coordinator is not ready.
+
+    A broker that just started (or moved the group) answers NOT_COORDINATOR or
+    COORDINATOR_LOAD_IN_PROGRESS for a moment; those are retriable by Kafka's own rules.
+    """
+    from confluent_kafka import KafkaException  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return list(consumer.committed(partitions, timeout=timeout))
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = bool(error is not None and error.retriable())
+            if not retriable or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _offset_at(
@@ -242,6 +278,11 @@ class _ReadPartitionFn(beam.DoFn):
         deadline = time.monotonic() + self._poll_seconds
         unbounded = restriction.stop == OPEN_END
         while True:
+            if unbounded and DRAIN.is_set():
+                # Claim the rest of the open range so the restriction is done; nothing
+                # unread is acknowledged, so the next run resumes right here.
+                tracker.try_claim(restriction.stop - 1)
+                return
             messages = self._consumer.consume(num_messages=1000, timeout=0.2)
             caught_up = False
             for message in messages:

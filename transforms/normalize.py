@@ -151,6 +151,13 @@ class _NormalizeFn(beam.DoFn):
             yield self._reject("parse_error", "parse", detail, raw, source, ack=ack)
             return
         items = self._format.split(value)
+        if not items:
+            # "[]": a line with no records. It is still something we read, and (in Kafka)
+            # a message whose offset must be acknowledged, so it is accounted for here.
+            self._read.inc()
+            self._invalid.inc()
+            yield self._reject("invalid_record", "normalize", "no records", raw, source, ack=ack)
+            return
         if len(items) > 1 and ack is not None:
             # One Kafka message, several records: the message is done when all of them are.
             # The commit stage counts parts (see transforms/offsets.py).

@@ -1,0 +1,294 @@
+"""The pipelines on a real Kafka broker: backfills, streaming, poison records, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from tests.conftest import REPO, run_cli
+from tests.helpers import assert_nothing_lost, read_batches, read_dead_letters
+from tests.kafka_support import local_broker_or_skip
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka]
+
+SAMPLE = REPO / "samples" / "wso2_sample.jsonl"
+APP_ID = "kafka-test-app"
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 2_000_000}
+    )
+    for i, value in enumerate(values):
+        producer.produce(topic, value=value, partition=i % partitions)
+        if i % 500 == 499:
+            producer.flush()
+    assert producer.flush(30) == 0
+
+
+def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return [tp.offset for tp in consumer.committed(tps, timeout=15)]
+    finally:
+        consumer.close()
+
+
+def _kafka_args(bootstrap: str, topic: str, group: str, *extra: str) -> list[str]:
+    return [
+        "--source",
+        "kafka",
+        "--kafka_bootstrap_servers",
+        bootstrap,
+        "--kafka_topic",
+        topic,
+        "--kafka_group_id",
+        group,
+        *extra,
+    ]
+
+
+def _outcome(out: Path) -> tuple[set[str], list[bytes]]:
+    sent = {e["transaction_id"] for b in read_batches(str(out / "events")) for e in b}
+    dead = sorted(d["payload"] for d in read_dead_letters(str(out / "dead_letter")))
+    return sent, dead
+
+
+def test_a_backfill_gives_exactly_the_result_of_the_files(tmp_path, kafka_broker, kafka_topic):
+    lines = [line for line in SAMPLE.read_bytes().splitlines() if line.strip()]
+    topic = kafka_topic(partitions=2)
+    bootstrap = kafka_broker.bootstrap_servers
+    _produce(bootstrap, topic, lines, partitions=2)
+
+    files = run_cli(
+        ["events", "--input", str(SAMPLE), "--output_dir", str(tmp_path / "f")],
+        metrics=tmp_path / "f.json",
+    )
+    backfill = run_cli(
+        [
+            "events",
+            *_kafka_args(bootstrap, topic, "backfill", "--kafka_stop", "now"),
+            "--output_dir",
+            str(tmp_path / "k"),
+        ],
+        metrics=tmp_path / "k.json",
+    )
+    two_workers = run_cli(
+        [
+            "events",
+            *_kafka_args(bootstrap, topic, "backfill-2w", "--kafka_stop", "now"),
+            "--output_dir",
+            str(tmp_path / "k2"),
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_processing",
+        ],
+        metrics=tmp_path / "k2.json",
+    )
+    for run in (files, backfill, two_workers):
+        assert run.returncode == 0, run.stderr
+        assert_nothing_lost(run.metrics)
+    keys = ("read", "sent", "duplicates", "dead_letters", "parse_errors", "invalid")
+    assert [files.metrics[k] for k in keys] == [backfill.metrics[k] for k in keys]
+    assert [files.metrics[k] for k in keys] == [two_workers.metrics[k] for k in keys]
+    assert _outcome(tmp_path / "f") == _outcome(tmp_path / "k") == _outcome(tmp_path / "k2")
+
+    # Dead letters name where in Kafka each poison line sits.
+    sources = {d["source"] for d in read_dead_letters(str(tmp_path / "k" / "dead_letter"))}
+    assert all(s.startswith(f"{topic}/") and "@" in s for s in sources)
+
+    # Offsets were committed only once the run completed, to the end of each partition...
+    half = (len(lines) + 1) // 2
+    assert _committed(bootstrap, "backfill", topic, 2) == [half, len(lines) - half]
+    # ...so the same group's next backfill has nothing left to read.
+    again = run_cli(
+        [
+            "events",
+            *_kafka_args(bootstrap, topic, "backfill", "--kafka_stop", "now"),
+            "--output_dir",
+            str(tmp_path / "again"),
+        ],
+        metrics=tmp_path / "again.json",
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.metrics["read"] == 0
+
+
+class _Stream:
+    """A streaming `moesif-beam events` process, stopped by SIGTERM (drain) or SIGKILL."""
+
+    def __init__(self, tmp_path: Path, name: str, args: list[str]) -> None:
+        self.log = tmp_path / f"{name}.log"
+        self.metrics = tmp_path / f"{name}-metrics.json"
+        env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "runners.cli",
+                "events",
+                *args,
+                "--metrics_out",
+                str(self.metrics),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def drain(self, timeout: float = 90) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout) == 0, self.log.read_text()[-3000:]
+        return json.loads(self.metrics.read_text())
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _event(tid: str, **extra: object) -> bytes:
+    event = json.loads(SAMPLE.read_bytes().splitlines()[1])
+    event["correlationId"] = tid
+    event.update(extra)
+    return json.dumps(event).encode()
+
+
+def _stored_ids(collector) -> set[str]:
+    return {e["transaction_id"] for e in collector.records("events")}
+
+
+def test_streaming_delivers_within_the_delay_and_poison_does_not_stop_it(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=1)
+    collector = start_collector(application_id=APP_ID)
+    stream = _Stream(
+        tmp_path,
+        "stream",
+        [
+            *_kafka_args(bootstrap, topic, "streaming"),
+            "--moesif_base_url",
+            collector.url,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--batch_max_delay",
+            "1",
+        ],
+    )
+    try:
+        _produce(bootstrap, topic, [_event("warm-up")])
+        _wait_for(lambda: "warm-up" in _stored_ids(collector), 120, "the pipeline to run")
+
+        produced = time.monotonic()
+        _produce(bootstrap, topic, [_event("timed")])
+        _wait_for(lambda: "timed" in _stored_ids(collector), 30, "a quiet stream's record")
+        latency = time.monotonic() - produced
+        assert latency < 1 + 4, f"delivered {latency:.1f}s after produce"
+
+        huge = _event("huge", properties={"apiContext": "/a", "blob": "x" * 1_005_000})
+        poison = [b'{"apiMethod": "GET", "\xff": 1}', b"not json at all", huge]
+        _produce(bootstrap, topic, [*poison, _event("after-poison")])
+        _wait_for(lambda: "after-poison" in _stored_ids(collector), 30, "the stream to flow")
+    finally:
+        metrics = stream.drain()
+    assert_nothing_lost(metrics)
+    assert (metrics["read"], metrics["sent"], metrics["dead_letters"]) == (6, 3, 3)
+    dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    assert sorted(d["reason"] for d in dead) == ["parse_error", "parse_error", "too_large"]
+    assert sorted(d["source"] for d in dead) == [f"{topic}/0@{o}" for o in (2, 3, 4)]
+    assert {d["payload"] for d in dead} == set(poison)
+    # Drained: everything is done, so the group's offset is at the end of the partition.
+    assert _committed(bootstrap, "streaming", topic, 1) == [6]
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=2)
+    ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(600)]
+    _produce(bootstrap, topic, [_event(tid) for tid in ids], partitions=2)
+    # A slow collector keeps most records in flight when the pipeline is killed.
+    collector = start_collector(application_id=APP_ID, latency_ms=150)
+    args = [
+        *_kafka_args(bootstrap, topic, "crashing"),
+        "--moesif_base_url",
+        collector.url,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--batch_max_events",
+        "20",
+        "--batch_max_delay",
+        "1",
+    ]
+    first = _Stream(tmp_path, "first", args)
+    try:
+        _wait_for(lambda: len(_stored_ids(collector)) >= 60, 120, "some deliveries")
+    finally:
+        first.kill()
+    delivered_before_crash = len(_stored_ids(collector))
+    assert delivered_before_crash < len(ids), "the crash came too late to test anything"
+
+    second = _Stream(tmp_path, "second", args)
+    try:
+        _wait_for(lambda: len(_stored_ids(collector)) == len(ids), 180, "every record")
+    finally:
+        second.drain()
+    assert _stored_ids(collector) == set(ids)  # zero loss; re-sent duplicates were absorbed
+    assert sum(_committed(bootstrap, "crashing", topic, 2)) == len(ids)
+
+
+def test_a_broker_restart_mid_stream_loses_nothing(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    broker = local_broker_or_skip(kafka_broker)
+    bootstrap = broker.bootstrap_servers
+    topic = kafka_topic(partitions=2)
+    collector = start_collector(application_id=APP_ID)
+    before = [f"before-{i:04d}" for i in range(200)]
+    after = [f"after-{i:04d}" for i in range(200)]
+    _produce(bootstrap, topic, [_event(t) for t in before], partitions=2)
+    stream = _Stream(
+        tmp_path,
+        "stream",
+        [
+            *_kafka_args(bootstrap, topic, "restarting"),
+            "--moesif_base_url",
+            collector.url,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--batch_max_delay",
+            "1",
+        ],
+    )
+    try:
+        _wait_for(lambda: set(before) <= _stored_ids(collector), 120, "the first records")
+        broker.restart()
+        _produce(bootstrap, topic, [_event(t) for t in after], partitions=2)
+        _wait_for(lambda: set(after) <= _stored_ids(collector), 120, "records after restart")
+    finally:
+        metrics = stream.drain(timeout=120)
+    assert _stored_ids(collector) == set(before) | set(after)
+    assert_nothing_lost(metrics)

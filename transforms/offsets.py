@@ -1,0 +1,155 @@
+"""Commit Kafka offsets only for records that are done: sent, duplicate, or dead-lettered.
+
+Every Kafka record carries an acknowledgement token ``(partition, offset, previous)``:
+``previous`` is the offset of the record the reader emitted before it in that partition.
+The terminal stages (the sink after a 2xx, dedup for a duplicate, the dead-letter writer
+after its file is closed) send the token here. Per partition, the *frontier* is the last
+offset before which everything is done; it advances over a done record only when that
+record's ``previous`` is the frontier. Gaps in Kafka offsets (transaction markers,
+compaction) need no special case, and acknowledgements may arrive in any order. A message
+that held several records (a JSON array) is done when all its parts are.
+
+The committed offset is ``frontier + 1``, Kafka's "next offset to read". A crash loses
+nothing: a restarted job resumes from the committed offset and re-delivers what was in
+flight, with the same transaction ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+
+from transforms.kafka_source import KafkaPartition, KafkaSourceConfig
+
+__all__ = ["CommitOffsets", "PartitionProgress", "advance"]
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class PartitionProgress:
+    """What a partition's commit stage remembers.
+
+    Attributes:
+        frontier: the last offset before which everything is done; None until the
+            partition's start is known.
+        done: done records not yet reachable from the frontier: ``previous -> offset``.
+        parts: for messages with several records, offset -> indexes acknowledged so far.
+    """
+
+    frontier: int | None = None
+    done: dict[int, int] = field(default_factory=dict)
+    parts: dict[int, set[int]] = field(default_factory=dict)
+
+
+def advance(progress: PartitionProgress, acks: Iterable[tuple]) -> bool:
+    """Apply acknowledgements and move the frontier as far as the chain allows.
+
+    Args:
+        progress: the partition's state, updated in place.
+        acks: ``("start", offset_before_first)`` markers and ``(offset, previous)`` or
+            ``(offset, previous, parts, index)`` acknowledgements.
+
+    Returns:
+        True if the frontier moved.
+    """
+    before = progress.frontier
+    for ack in acks:
+        if ack[0] == "start":
+            if progress.frontier is None or ack[1] > progress.frontier:
+                progress.frontier = ack[1]
+            continue
+        offset, previous = ack[0], ack[1]
+        if len(ack) > 2:
+            seen = progress.parts.setdefault(offset, set())
+            seen.add(ack[3])
+            if len(seen) < ack[2]:
+                continue
+            del progress.parts[offset]
+        progress.done[previous] = offset
+    if progress.frontier is not None:
+        # Forget what the frontier already passed (a duplicate acknowledgement, or records
+        # re-read after a restart that another run had committed).
+        for previous in [p for p in progress.done if p < progress.frontier]:
+            del progress.done[previous]
+        while progress.frontier in progress.done:
+            progress.frontier = progress.done.pop(progress.frontier)
+    return progress.frontier != before
+
+
+class _CommitFn(beam.DoFn):
+    """Keyed by ``topic/partition``: tracks progress in state, commits at bundle end."""
+
+    PROGRESS = ReadModifyWriteStateSpec("progress", PickleCoder())
+
+    def __init__(self, config: KafkaSourceConfig) -> None:
+        self._config = config
+
+    def setup(self) -> None:
+        from confluent_kafka import Consumer  # noqa: PLC0415 - only Kafka runs need it
+
+        self._consumer = Consumer(self._config.consumer_settings())
+
+    def teardown(self) -> None:
+        consumer = getattr(self, "_consumer", None)
+        if consumer is not None:
+            consumer.close()
+
+    def start_bundle(self) -> None:
+        self._moved: dict[str, int] = {}
+
+    def process(
+        self, element: tuple[str, tuple], state: Any = beam.DoFn.StateParam(PROGRESS)
+    ) -> Iterator[tuple[str, int]]:
+        name, ack = element
+        progress = state.read() or PartitionProgress()
+        if advance(progress, [ack]) and progress.frontier is not None:
+            self._moved[name] = progress.frontier
+        state.write(progress)
+        return iter(())
+
+    def finish_bundle(self) -> None:
+        if not self._moved:
+            return
+        from confluent_kafka import TopicPartition  # noqa: PLC0415
+
+        offsets = []
+        for name, frontier in self._moved.items():
+            topic, partition = name.rsplit("/", 1)
+            offsets.append(TopicPartition(topic, int(partition), frontier + 1))
+        # Synchronous: a bundle is not finished until its progress is durable in Kafka.
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+        _LOG.info("committed %s", ", ".join(f"{o.partition}@{o.offset}" for o in offsets))
+        self._moved = {}
+
+
+def _key_ack(ack: tuple) -> tuple[str, tuple]:
+    return ack[0], ack[1:]
+
+
+class CommitOffsets(beam.PTransform):
+    """Commit each partition's offsets as far as its records are done; output nothing.
+
+    Input: acknowledgement tokens from every terminal stage. Offsets are committed to the
+    consumer group at the end of each bundle that moved a partition's frontier.
+    """
+
+    def __init__(self, config: KafkaSourceConfig, partitions: list[KafkaPartition]) -> None:
+        super().__init__()
+        self._config = config
+        self._starts = [(f"{p.topic}/{p.partition}", ("start", p.start - 1)) for p in partitions]
+
+    def expand(self, acks: beam.PCollection) -> beam.PCollection:
+        starts = acks.pipeline | "PartitionStarts" >> beam.Create(self._starts)
+        keyed = acks | "ByPartition" >> beam.Map(_key_ack)
+        return (
+            (starts, keyed)
+            | "AllAcks" >> beam.Flatten()
+            | "Commit" >> beam.ParDo(_CommitFn(self._config)).with_input_types(tuple[str, tuple])
+        )
