@@ -44,7 +44,8 @@ def build_delivery(
         return _build_streaming(config, options, stored_schema)
     pipeline = beam.Pipeline(options=options)
     if config.kafka is not None:
-        lines = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+        read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+        lines = read.records
     else:
         lines = pipeline | "ReadFiles" >> ReadLines(config.input)
     normalized = lines | "Normalize" >> NormalizeRecords(
@@ -81,10 +82,9 @@ def _build_streaming(
     every record before them is done.
     """
     assert config.kafka is not None
-    partitions = list(config.kafka_partitions)
     pipeline = beam.Pipeline(options=options)
-    lines = pipeline | "ReadKafka" >> ReadKafka(config.kafka, partitions)
-    normalized = lines | "Normalize" >> NormalizeRecords(
+    read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+    normalized = read.records | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
         config.company_id_field,
@@ -107,11 +107,8 @@ def _build_streaming(
     ) | "DeadLetters" >> WriteDeadLettersInStream(
         config.dead_letter_dir, config.pipeline, config.run_id
     )
-    _ = (
-        (unique.acks, delivered.acks, dead_acks)
-        | "Acks" >> beam.Flatten()
-        | ("CommitOffsets" >> CommitOffsets(config.kafka, partitions))
-    )
+    acks = (unique.acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()
+    _ = (acks, read.partitions) | "CommitOffsets" >> CommitOffsets(config.kafka)
     return pipeline
 
 

@@ -95,6 +95,12 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
         "offset start (default earliest)",
     )
     source.add_argument(
+        "--kafka_discovery_interval",
+        type=float,
+        default=30.0,
+        help="streaming: seconds between looks for partitions added to the topic",
+    )
+    source.add_argument(
         "--kafka_stop",
         help="now or an ISO 8601 time: read up to it and finish (a backfill); without it "
         "the read is unbounded",
@@ -309,6 +315,7 @@ def _kafka_config(args: argparse.Namespace) -> KafkaSourceConfig | None:
         group_id=args.kafka_group_id or "",
         start=args.kafka_start,
         stop=args.kafka_stop,
+        discovery_interval=args.kafka_discovery_interval,
     )
     return config
 

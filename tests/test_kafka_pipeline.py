@@ -292,3 +292,39 @@ def test_a_broker_restart_mid_stream_loses_nothing(
         metrics = stream.drain(timeout=120)
     assert _stored_ids(collector) == set(before) | set(after)
     assert_nothing_lost(metrics)
+
+
+def test_partitions_added_during_a_stream_are_discovered(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=1)
+    collector = start_collector(application_id=APP_ID)
+    stream = _Stream(
+        tmp_path,
+        "stream",
+        [
+            *_kafka_args(bootstrap, topic, "growing", "--kafka_discovery_interval", "1"),
+            "--moesif_base_url",
+            collector.url,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--batch_max_delay",
+            "1",
+        ],
+    )
+    try:
+        _produce(bootstrap, topic, [_event("p0-first")])
+        _wait_for(lambda: "p0-first" in _stored_ids(collector), 120, "the pipeline to run")
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin.create_partitions([NewPartitions(topic, 2)])[topic].result(30)
+        producer = Producer({"bootstrap.servers": bootstrap})
+        producer.produce(topic, value=_event("p1-new"), partition=1)
+        assert producer.flush(30) == 0
+        _wait_for(lambda: "p1-new" in _stored_ids(collector), 60, "the new partition's record")
+    finally:
+        metrics = stream.drain()
+    assert_nothing_lost(metrics)
+    assert _committed(bootstrap, "growing", topic, 2) == [1, 1]

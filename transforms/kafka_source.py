@@ -14,17 +14,20 @@ The reader never commits offsets itself: reading is not delivering.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam.coders import PickleCoder
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
@@ -34,11 +37,14 @@ __all__ = [
     "DRAIN",
     "OPEN_END",
     "KafkaPartition",
+    "KafkaRead",
     "KafkaSourceConfig",
     "ReadKafka",
     "describe",
     "resolve_partitions",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 # The stop of an unbounded partition range.
 OPEN_END = sys.maxsize
@@ -63,6 +69,7 @@ class KafkaSourceConfig:
         stop: None for an unbounded read; ``now`` or an ISO 8601 time for a bounded one
             (records before it).
         consumer_config: extra librdkafka settings (security, timeouts...).
+        discovery_interval: in unbounded reads, how often to look for new partitions.
     """
 
     bootstrap_servers: str
@@ -71,6 +78,7 @@ class KafkaSourceConfig:
     start: str = "earliest"
     stop: str | None = None
     consumer_config: Mapping[str, str] = field(default_factory=dict)
+    discovery_interval: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("bootstrap_servers", "topic", "group_id"):
@@ -81,6 +89,9 @@ class KafkaSourceConfig:
             _time_ms(self.start, "--kafka_start")
         if self.stop not in (None, "now"):
             _time_ms(self.stop, "--kafka_stop")
+        if self.discovery_interval <= 0:
+            msg = f"--kafka_discovery_interval must be positive, got {self.discovery_interval}"
+            raise ValueError(msg)
 
     @property
     def bounded(self) -> bool:
@@ -350,14 +361,111 @@ class _UnboundedReadFn(_ReadPartitionFn):
         yield from self._read(element, tracker, watermark)
 
 
+class _TickRanges(RestrictionProvider):
+    def initial_restriction(self, element: Any) -> OffsetRange:
+        return OffsetRange(0, OPEN_END)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return _CheckpointOnlyTracker(restriction)
+
+    def restriction_size(self, element: Any, restriction: OffsetRange) -> int:
+        return 1
+
+
+_TICKS = _TickRanges()
+
+
+class _TickFn(beam.DoFn):
+    """Emits 1, 2, 3... every ``interval`` seconds until the run is drained.
+
+    Beam's PeriodicImpulse would never stop, and a drained run must finish.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        element: Any,
+        tracker: Any = beam.DoFn.RestrictionParam(_TICKS),
+        watermark: Any = beam.DoFn.WatermarkEstimatorParam(_WATERMARKS),
+    ) -> Iterator[int]:
+        restriction = tracker.current_restriction()
+        if DRAIN.is_set():
+            tracker.try_claim(restriction.stop - 1)
+            return
+        if not tracker.try_claim(restriction.start):
+            return
+        now = Timestamp.of(time.time())
+        if watermark.current_watermark() is None or now > watermark.current_watermark():
+            watermark.set_watermark(now)
+        yield restriction.start
+        tracker.defer_remainder(Duration.of(self._interval))
+
+
+class _DiscoverFn(beam.DoFn):
+    """Keyed by topic: lists its partitions on every tick and emits each new one once."""
+
+    KNOWN = ReadModifyWriteStateSpec("known", PickleCoder())
+
+    def __init__(self, config: KafkaSourceConfig, initial: frozenset[int]) -> None:
+        self._config = config
+        self._initial = initial
+
+    def setup(self) -> None:
+        from confluent_kafka import Consumer  # noqa: PLC0415
+
+        self._consumer = Consumer(self._config.consumer_settings())
+
+    def teardown(self) -> None:
+        consumer = getattr(self, "_consumer", None)
+        if consumer is not None:
+            consumer.close()
+
+    def process(
+        self, element: tuple[str, int], known_state: Any = beam.DoFn.StateParam(KNOWN)
+    ) -> Iterator[KafkaPartition]:
+        from confluent_kafka import KafkaException, TopicPartition  # noqa: PLC0415
+
+        topic = element[0]
+        known = known_state.read() or set(self._initial)
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            _LOG.warning("partition discovery for %s: %s", topic, exc)
+            return
+        found = metadata.topics.get(topic)
+        current = set(found.partitions) if found is not None and found.partitions else set()
+        for partition in sorted(current - known):
+            tp = TopicPartition(topic, partition)
+            committed = _committed(self._consumer, [tp], 10)[0].offset
+            # A partition that appeared during the run holds only new records: from its
+            # beginning, unless the group already committed there.
+            low, _ = self._consumer.get_watermark_offsets(tp, timeout=10)
+            start = committed if committed >= 0 else low
+            _LOG.info("discovered %s/%d from offset %d", topic, partition, start)
+            yield KafkaPartition(topic, partition, int(start), OPEN_END)
+        known_state.write(known | current)
+
+
+class KafkaRead(NamedTuple):
+    """Outputs of :class:`ReadKafka`."""
+
+    records: beam.PCollection  # (value_bytes, "topic/partition@offset", ack)
+    partitions: beam.PCollection  # every KafkaPartition read, initial and discovered
+
+
 class ReadKafka(beam.PTransform):
     """Read a topic's partitions as ``(value_bytes, "topic/partition@offset", ack)``.
 
     Partitions are the unit of parallelism; each is read in offset order. Values are
     untouched bytes (a poison record is the parser's to dead-letter). Bounded when every
-    partition's range has a stop, unbounded otherwise; elements carry Kafka's timestamps,
-    and the watermark follows them, moving to "now minus ``idle_lag``" on a caught-up
-    partition so an idle partition does not stall the pipeline.
+    partition's range has a stop; unbounded otherwise, and then partitions added to the
+    topic during the run are discovered every ``config.discovery_interval`` seconds and read from
+    their beginning. Elements carry Kafka's timestamps, and the watermark follows them,
+    moving to "now minus ``idle_lag``" on a caught-up partition so an idle partition does
+    not stall the pipeline.
     """
 
     def __init__(
@@ -376,16 +484,28 @@ class ReadKafka(beam.PTransform):
         self._poll_seconds = poll_seconds
         self._idle_lag = idle_lag
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> KafkaRead:
         unbounded = any(p.stop == OPEN_END for p in self._partitions)
+        partitions = pbegin | "Partitions" >> beam.Create(self._partitions)
+        if unbounded:
+            initial = frozenset(p.partition for p in self._partitions)
+            discovered = (
+                pbegin
+                | "Start" >> beam.Impulse()
+                | "Tick" >> beam.ParDo(_TickFn(self._config.discovery_interval))
+                | "ByTopic" >> beam.Map(lambda tick, topic: (topic, tick), self._config.topic)
+                | "Discover"
+                >> beam.ParDo(_DiscoverFn(self._config, initial)).with_input_types(tuple[str, int])
+            )
+            partitions = (partitions, discovered) | "AllPartitions" >> beam.Flatten()
         fn_class = _UnboundedReadFn if unbounded else _BoundedReadFn
-        return (
-            pbegin
-            | "Partitions" >> beam.Create(self._partitions)
+        records = (
+            partitions
             | "Spread" >> beam.Reshuffle()
             | "ReadPartition"
             >> beam.ParDo(fn_class(self._config, self._poll_seconds, self._idle_lag))
         )
+        return KafkaRead(records, partitions)
 
 
 def describe(partitions: list[KafkaPartition]) -> str:

@@ -129,6 +129,10 @@ class _CommitFn(beam.DoFn):
         self._moved = {}
 
 
+def _start_marker(partition: KafkaPartition) -> tuple[str, tuple]:
+    return f"{partition.topic}/{partition.partition}", ("start", partition.start - 1)
+
+
 def _key_ack(ack: tuple) -> tuple[str, tuple]:
     return ack[0], ack[1:]
 
@@ -136,17 +140,18 @@ def _key_ack(ack: tuple) -> tuple[str, tuple]:
 class CommitOffsets(beam.PTransform):
     """Commit each partition's offsets as far as its records are done; output nothing.
 
-    Input: acknowledgement tokens from every terminal stage. Offsets are committed to the
-    consumer group at the end of each bundle that moved a partition's frontier.
+    Input: ``(acks, partitions)``: acknowledgement tokens from every terminal stage, and
+    the partitions being read (their start offsets anchor each frontier). Offsets are
+    committed to the consumer group at the end of each bundle that moved a frontier.
     """
 
-    def __init__(self, config: KafkaSourceConfig, partitions: list[KafkaPartition]) -> None:
+    def __init__(self, config: KafkaSourceConfig) -> None:
         super().__init__()
         self._config = config
-        self._starts = [(f"{p.topic}/{p.partition}", ("start", p.start - 1)) for p in partitions]
 
-    def expand(self, acks: beam.PCollection) -> beam.PCollection:
-        starts = acks.pipeline | "PartitionStarts" >> beam.Create(self._starts)
+    def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> beam.PCollection:
+        acks, partitions = pcolls
+        starts = partitions | "PartitionStarts" >> beam.Map(_start_marker)
         keyed = acks | "ByPartition" >> beam.Map(_key_ack)
         return (
             (starts, keyed)
