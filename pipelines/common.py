@@ -21,7 +21,7 @@ from transforms.moesif_sink import PostToMoesif, WriteBatchFiles
 from transforms.normalize import NormalizeRecords
 from transforms.offsets import CommitOffsets
 from transforms.schema import EnforceMetadataSchema, EnforceMetadataSchemaInStream
-from transforms.sources import ReadLines
+from transforms.sources import FollowFiles, ReadLines
 from transforms.streaming import (
     BatchAndDeliverInStream,
     DedupInStream,
@@ -81,10 +81,13 @@ def _build_streaming(
     Every record's fate ends as an acknowledgement; offsets are committed only as far as
     every record before them is done.
     """
-    assert config.kafka is not None
     pipeline = beam.Pipeline(options=options)
-    read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
-    normalized = read.records | "Normalize" >> NormalizeRecords(
+    if config.kafka is not None:
+        read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+        lines = read.records
+    else:
+        lines = pipeline | "FollowFiles" >> FollowFiles(config.input, config.follow_interval)
+    normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
         config.company_id_field,
@@ -107,8 +110,9 @@ def _build_streaming(
     ) | "DeadLetters" >> WriteDeadLettersInStream(
         config.dead_letter_dir, config.pipeline, config.run_id
     )
-    acks = (unique.acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()
-    _ = (acks, read.partitions) | "CommitOffsets" >> CommitOffsets(config.kafka)
+    if config.kafka is not None:
+        acks = (unique.acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()
+        _ = (acks, read.partitions) | "CommitOffsets" >> CommitOffsets(config.kafka)
     return pipeline
 
 

@@ -51,7 +51,9 @@ class PipelineConfig:
             empty means ``<output_dir>/metadata_schema.json``, shared by both pipelines.
         schema_scope: track a metadata key's type by its ``name`` at any depth (Moesif's
             rule) or by its full ``path``.
-        streaming: an unbounded run (Kafka without a stop).
+        streaming: an unbounded run (Kafka without a stop, or --follow).
+        follow: keep watching the ``input`` glob for new files (streaming).
+        follow_interval: seconds between looks for new files.
         dedup_ttl: in streaming, how long a transaction id is remembered, in seconds.
         run_id: labels this run's dead-letter files.
     """
@@ -76,6 +78,8 @@ class PipelineConfig:
     schema_store: str = ""
     schema_scope: str = "name"
     streaming: bool = False
+    follow: bool = False
+    follow_interval: float = 5.0
     dedup_ttl: float = 3600.0
     run_id: str = field(default_factory=new_run_id)
 
@@ -121,10 +125,17 @@ class PipelineConfig:
         if self.dedup_ttl <= 0:
             msg = f"--dedup_ttl must be positive, got {self.dedup_ttl}"
             raise ValueError(msg)
-        if self.streaming and (self.kafka is None or self.kafka.bounded):
+        if self.follow and self.kafka is not None:
+            msg = "--follow watches files; it cannot be combined with --source kafka"
+            raise ValueError(msg)
+        if self.follow_interval <= 0:
+            msg = f"--follow_interval must be positive, got {self.follow_interval}"
+            raise ValueError(msg)
+        unbounded_kafka = self.kafka is not None and not self.kafka.bounded
+        if self.streaming and not (unbounded_kafka or self.follow):
             msg = (
-                "streaming runs read Kafka without --kafka_stop; files are read as a "
-                "bounded run (drop --streaming)"
+                "streaming runs read Kafka without --kafka_stop, or files with --follow; "
+                "otherwise drop --streaming"
             )
             raise ValueError(msg)
         if not self.output_dir:

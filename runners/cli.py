@@ -79,6 +79,14 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
     source = parser.add_argument_group("source")
     source.add_argument("--input", help="file glob of JSON-lines files; .gz files are read too")
     source.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep watching --input for new files (a streaming run; Logstash-style shipping)",
+    )
+    source.add_argument(
+        "--follow_interval", type=float, default=5.0, help="seconds between looks for new files"
+    )
+    source.add_argument(
         "--source", default="files", choices=["files", "kafka"], help="where records come from"
     )
     source.add_argument("--kafka_bootstrap_servers", help="host:port[,host:port]")
@@ -258,14 +266,18 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             metrics_out=args.metrics_out,
             schema_store=args.schema_store,
             schema_scope=args.schema_scope,
-            streaming=_wants_streaming(beam_args) or (kafka is not None and not kafka.bounded),
+            streaming=_wants_streaming(beam_args)
+            or args.follow
+            or (kafka is not None and not kafka.bounded),
+            follow=args.follow,
+            follow_interval=args.follow_interval,
             dedup_ttl=args.dedup_ttl,
         )
         load_schema(config.schema_store_path, config.schema_scope)
-        if kafka is None:
-            match_inputs(config.input)
-        else:
+        if kafka is not None:
             config = dataclasses.replace(config, kafka_partitions=tuple(resolve_partitions(kafka)))
+        elif not config.follow:
+            match_inputs(config.input)
     except ValueError as exc:
         parser.error(str(exc))
     if config.application_id is not None:

@@ -18,8 +18,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config import PipelineConfig
 from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE
+from transforms.drain import DRAIN
 from transforms.errors import CollectorConfigError
-from transforms.kafka_source import DRAIN
 from transforms.schema import load_schema, save_schema
 
 __all__ = ["EXIT_COLLECTOR", "EXIT_FAILED", "collect_counters", "execute", "format_summary"]

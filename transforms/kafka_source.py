@@ -15,8 +15,6 @@ The reader never commits offsets itself: reading is not delivering.
 from __future__ import annotations
 
 import logging
-import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from transforms.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
 from transforms.timefmt import parse_time_ms
 
 __all__ = [
@@ -45,15 +44,6 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
-
-# The stop of an unbounded partition range.
-OPEN_END = sys.maxsize
-
-# Set to drain an unbounded read running in this process (the CLI sets it on SIGTERM):
-# readers stop claiming offsets and finish their ranges, the watermark reaches the end,
-# and every downstream stage flushes. Workers in other processes (Flink, Dataflow) are
-# drained by their runner instead.
-DRAIN = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -222,27 +212,13 @@ def _offset_at(
     return int(high) if found.offset < 0 else int(found.offset)
 
 
-class _CheckpointOnlyTracker(OffsetRestrictionTracker):
-    """An open partition range can only be checkpointed, never split by a fraction.
-
-    Half of "up to the end of time" is not a meaningful place to cut a live partition, and
-    a cut between offsets would break the previous-offset chain the commit stage follows;
-    a checkpoint resumes right after the last claimed offset, which keeps it intact.
-    """
-
-    def try_split(self, fraction_of_remainder: float) -> Any:
-        if fraction_of_remainder != 0:
-            return None
-        return super().try_split(0)
-
-
 class _PartitionRanges(RestrictionProvider):
     def initial_restriction(self, element: KafkaPartition) -> OffsetRange:
         return OffsetRange(element.start, element.stop)
 
     def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
         if restriction.stop == OPEN_END:
-            return _CheckpointOnlyTracker(restriction)
+            return CheckpointOnlyTracker(restriction)
         return OffsetRestrictionTracker(restriction)
 
     def restriction_size(self, element: KafkaPartition, restriction: OffsetRange) -> int:
@@ -361,49 +337,6 @@ class _UnboundedReadFn(_ReadPartitionFn):
         yield from self._read(element, tracker, watermark)
 
 
-class _TickRanges(RestrictionProvider):
-    def initial_restriction(self, element: Any) -> OffsetRange:
-        return OffsetRange(0, OPEN_END)
-
-    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
-        return _CheckpointOnlyTracker(restriction)
-
-    def restriction_size(self, element: Any, restriction: OffsetRange) -> int:
-        return 1
-
-
-_TICKS = _TickRanges()
-
-
-class _TickFn(beam.DoFn):
-    """Emits 1, 2, 3... every ``interval`` seconds until the run is drained.
-
-    Beam's PeriodicImpulse would never stop, and a drained run must finish.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-
-    @beam.DoFn.unbounded_per_element()
-    def process(
-        self,
-        element: Any,
-        tracker: Any = beam.DoFn.RestrictionParam(_TICKS),
-        watermark: Any = beam.DoFn.WatermarkEstimatorParam(_WATERMARKS),
-    ) -> Iterator[int]:
-        restriction = tracker.current_restriction()
-        if DRAIN.is_set():
-            tracker.try_claim(restriction.stop - 1)
-            return
-        if not tracker.try_claim(restriction.start):
-            return
-        now = Timestamp.of(time.time())
-        if watermark.current_watermark() is None or now > watermark.current_watermark():
-            watermark.set_watermark(now)
-        yield restriction.start
-        tracker.defer_remainder(Duration.of(self._interval))
-
-
 class _DiscoverFn(beam.DoFn):
     """Keyed by topic: lists its partitions on every tick and emits each new one once."""
 
@@ -491,8 +424,7 @@ class ReadKafka(beam.PTransform):
             initial = frozenset(p.partition for p in self._partitions)
             discovered = (
                 pbegin
-                | "Start" >> beam.Impulse()
-                | "Tick" >> beam.ParDo(_TickFn(self._config.discovery_interval))
+                | "Tick" >> Ticks(self._config.discovery_interval)
                 | "ByTopic" >> beam.Map(lambda tick, topic: (topic, tick), self._config.topic)
                 | "Discover"
                 >> beam.ParDo(_DiscoverFn(self._config, initial)).with_input_types(tuple[str, int])

@@ -8,14 +8,23 @@ report, and dead letters keep the line byte for byte.
 from __future__ import annotations
 
 import gzip
+import logging
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
+from apache_beam.coders import PickleCoder
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.filesystems import BeamIOError, FileSystems
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-__all__ = ["ReadLines", "iter_lines", "match_inputs"]
+from transforms.drain import Ticks
+
+__all__ = ["FollowFiles", "ReadLines", "iter_lines", "match_inputs"]
+
+_LOG = logging.getLogger(__name__)
 
 
 def match_inputs(pattern: str) -> list[str]:
@@ -76,6 +85,72 @@ class ReadLines(beam.PTransform):
             | "Path" >> beam.Map(lambda metadata: metadata.path)
             # Without this the runner fuses matching with reading and one worker reads
             # every file; spreading paths lets files be read in parallel.
+            | "Spread" >> beam.Reshuffle()
+            | "Lines" >> beam.FlatMap(iter_lines)
+        )
+
+
+class _NewFilesFn(beam.DoFn):
+    """Keyed by the glob: on every tick, emits each matching file once, once it has settled."""
+
+    SEEN = ReadModifyWriteStateSpec("seen", PickleCoder())
+
+    def __init__(self, pattern: str, settle_seconds: float) -> None:
+        self._pattern = pattern
+        self._settle = settle_seconds
+
+    def process(
+        self, element: tuple[str, int], seen: Any = beam.DoFn.StateParam(SEEN)
+    ) -> Iterator[str]:
+        known: set[str] = seen.read() or set()
+        try:
+            matches = FileSystems.match([self._pattern])[0].metadata_list
+        except BeamIOError as exc:
+            _LOG.warning("--follow: matching %s failed: %s", self._pattern, exc)
+            return
+        # A file still being written would be read half; wait until it has not changed for
+        # settle_seconds (ship files by writing elsewhere and renaming, as log shippers do).
+        cutoff = time.time() - self._settle
+        new = sorted(
+            m.path
+            for m in matches
+            if m.path not in known and (m.last_updated_in_seconds or 0) <= cutoff
+        )
+        if new:
+            seen.write(known | set(new))
+        yield from new
+
+
+class FollowFiles(beam.PTransform):
+    """Watch a glob and read every file that appears, as ``(raw_bytes, "path:line")``.
+
+    Unbounded. The glob is matched every ``interval`` seconds; each file is read once,
+    when its modification time is at least ``settle_seconds`` old. Files that match at
+    start are read too. A restarted run reads them all again: the transaction ids are
+    stable, so Moesif's dedup absorbs what was already delivered.
+    """
+
+    def __init__(self, pattern: str, interval: float = 5.0, settle_seconds: float = 2.0) -> None:
+        super().__init__()
+        if not pattern:
+            msg = "an input pattern is required"
+            raise ValueError(msg)
+        if interval <= 0 or settle_seconds < 0:
+            msg = f"need interval > 0 and settle_seconds >= 0, got {interval}, {settle_seconds}"
+            raise ValueError(msg)
+        self._pattern = pattern
+        self._interval = interval
+        self._settle = settle_seconds
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "Tick" >> Ticks(self._interval)
+            | "ByGlob" >> beam.Map(lambda tick, glob: (glob, tick), self._pattern)
+            | "NewFiles"
+            >> beam.ParDo(_NewFilesFn(self._pattern, self._settle)).with_input_types(
+                tuple[str, int]
+            )
             | "Spread" >> beam.Reshuffle()
             | "Lines" >> beam.FlatMap(iter_lines)
         )

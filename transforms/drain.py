@@ -1,0 +1,100 @@
+"""Unbounded sources that can be drained: the drain flag, open ranges and a ticker.
+
+A streaming run ends by draining: sources stop, every stage flushes what it holds, and the
+run finishes. For workers in this process (the local Prism runner with LOOPBACK) the CLI
+sets :data:`DRAIN` on SIGTERM or SIGINT; runners with remote workers (Flink, Dataflow)
+drain through their own controls.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+__all__ = ["DRAIN", "OPEN_END", "CheckpointOnlyTracker", "Ticks"]
+
+# Set to drain the unbounded sources running in this process: they stop claiming work and
+# finish their restrictions, the watermark reaches the end, and downstream stages flush.
+DRAIN = threading.Event()
+
+# The stop of an open (unbounded) offset range.
+OPEN_END = sys.maxsize
+
+
+class CheckpointOnlyTracker(OffsetRestrictionTracker):
+    """An open range can only be checkpointed, never split by a fraction.
+
+    Half of "up to the end of time" is not a meaningful place to cut a live source, and for
+    Kafka a cut between offsets would break the previous-offset chain the commit stage
+    follows; a checkpoint resumes right after the last claimed position, which keeps it.
+    """
+
+    def try_split(self, fraction_of_remainder: float) -> Any:
+        if fraction_of_remainder != 0:
+            return None
+        return super().try_split(0)
+
+
+class _TickRanges(RestrictionProvider):
+    def initial_restriction(self, element: Any) -> OffsetRange:
+        return OffsetRange(0, OPEN_END)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return CheckpointOnlyTracker(restriction)
+
+    def restriction_size(self, element: Any, restriction: OffsetRange) -> int:
+        return 1
+
+
+_TICKS = _TickRanges()
+_WATERMARKS = ManualWatermarkEstimator.default_provider()
+
+
+class _TickFn(beam.DoFn):
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        element: Any,
+        tracker: Any = beam.DoFn.RestrictionParam(_TICKS),
+        watermark: Any = beam.DoFn.WatermarkEstimatorParam(_WATERMARKS),
+    ) -> Iterator[int]:
+        restriction = tracker.current_restriction()
+        if DRAIN.is_set():
+            tracker.try_claim(restriction.stop - 1)
+            return
+        if not tracker.try_claim(restriction.start):
+            return
+        now = Timestamp.of(time.time())
+        if watermark.current_watermark() is None or now > watermark.current_watermark():
+            watermark.set_watermark(now)
+        yield restriction.start
+        tracker.defer_remainder(Duration.of(self._interval))
+
+
+class Ticks(beam.PTransform):
+    """Emit 0, 1, 2... every ``interval`` seconds (processing time) until drained.
+
+    Beam's PeriodicImpulse never stops, and a drained run must finish.
+    """
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        if interval <= 0:
+            msg = f"interval must be positive, got {interval}"
+            raise ValueError(msg)
+        self._interval = interval
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return pbegin | "Start" >> beam.Impulse() | "Tick" >> beam.ParDo(_TickFn(self._interval))
