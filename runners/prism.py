@@ -57,6 +57,8 @@ def ensure_prism(version: str = BEAM_VERSION) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as build_dir:
         env = dict(os.environ, GOBIN=build_dir, GOFLAGS="-mod=mod")
+        # Keep Go's downloads with ours under ~/.cache unless the user chose otherwise.
+        env.setdefault("GOMODCACHE", str(target.parent.parent / "go-mod"))
         result = subprocess.run(
             [go, "install", f"{_MODULE}@v{version}"],
             env=env,

@@ -328,3 +328,46 @@ def test_partitions_added_during_a_stream_are_discovered(
         metrics = stream.drain()
     assert_nothing_lost(metrics)
     assert _committed(bootstrap, "growing", topic, 2) == [1, 1]
+
+
+def test_dedup_ids_expire_while_a_partition_stays_idle(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    # Dedup forgets an id when the event-time watermark passes its time + TTL. Partition 1
+    # stays idle throughout; if the stream's watermark stalled, the second copy of "again"
+    # would still be caught as a duplicate instead of being delivered once more.
+    # Measured: on Prism this also passes with the reader's idle-partition watermark advance
+    # disabled (Prism does not let a partition that never reported hold the watermark), so
+    # this guards the behaviour users see on the default runner, not that code path.
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=2)
+    collector = start_collector(application_id=APP_ID)
+    stream = _Stream(
+        tmp_path,
+        "stream",
+        [
+            *_kafka_args(bootstrap, topic, "idle"),
+            "--moesif_base_url",
+            collector.url,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--batch_max_delay",
+            "1",
+            "--dedup_ttl",
+            "2",
+        ],
+    )
+    try:
+        producer = Producer({"bootstrap.servers": bootstrap})
+        producer.produce(topic, value=_event("again"), partition=0)
+        assert producer.flush(30) == 0
+        _wait_for(lambda: "again" in _stored_ids(collector), 120, "the first copy")
+        time.sleep(8)  # > TTL + the idle partition's lag
+        producer.produce(topic, value=_event("again"), partition=0)
+        producer.produce(topic, value=_event("marker"), partition=0)
+        assert producer.flush(30) == 0
+        _wait_for(lambda: "marker" in _stored_ids(collector), 60, "the marker")
+    finally:
+        metrics = stream.drain()
+    assert (metrics["sent"], metrics["duplicates"]) == (3, 0)
+    assert collector.stats()["duplicates"]["events"] == 1  # the collector saw "again" twice
