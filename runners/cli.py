@@ -298,7 +298,7 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
                 *beam_args,
             ]
         options = _beam_options(beam_args, streaming=config.streaming)
-        return execute(_BUILDERS[pipeline], config, options)
+        return execute(_BUILDERS[pipeline], config, options, in_process_workers=prism is not None)
     except RuntimeError as exc:
         print(f"moesif-beam {pipeline}: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -17,7 +17,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config import PipelineConfig
-from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE
+from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
 from transforms.drain import DRAIN
 from transforms.errors import CollectorConfigError
 from transforms.schema import load_schema, save_schema
@@ -77,11 +77,15 @@ def execute(
     config: PipelineConfig,
     options: PipelineOptions,
     out: TextIO = sys.stdout,
+    *,
+    in_process_workers: bool = False,
 ) -> int:
-    """Build, run and report one bounded pipeline run; return the process exit code.
+    """Build, run and report one pipeline run; return the process exit code.
 
     The persisted metadata schema is read before the run and updated after it completes;
-    a failed run leaves it untouched.
+    a failed run leaves it untouched. With ``in_process_workers`` (every worker runs in
+    this process) the summary uses the exact in-process tally instead of the runner's
+    metrics.
     """
     stored = load_schema(config.schema_store_path, config.schema_scope)
     pipeline = build(config, options, stored)
@@ -96,7 +100,7 @@ def execute(
         if restore is not None:
             restore()
     seconds = time.monotonic() - started
-    counters = collect_counters(result)
+    counters = local_tally() if in_process_workers else collect_counters(result)
     added = merge_pending_schema(config)
     if config.kafka is not None and not config.streaming and invariant_holds(counters):
         commit_offsets(config)

@@ -1,14 +1,22 @@
 """Counter names shared by every stage, the end-of-run summary and ``--metrics_out``.
 
 A completed bounded run satisfies ``read == sent + duplicates + dead_letters``.
+
+Each counter is a Beam metric and, in addition, a tally kept in this process. Runners
+report the Beam metrics (committed values exclude retried bundles). The in-process tally
+is exact when every worker runs in this process, as in moesif-beam's default streaming
+setup (Prism with LOOPBACK workers), where the runner's final metrics were measured to
+miss a bundle now and then.
 """
 
 from __future__ import annotations
 
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import Metrics as _MetricsType
+import threading
+from collections import Counter
 
-__all__ = ["COUNTERS", "EXTRA_COUNTERS", "NAMESPACE", "counter"]
+from apache_beam.metrics import Metrics
+
+__all__ = ["COUNTERS", "EXTRA_COUNTERS", "NAMESPACE", "counter", "local_tally"]
 
 NAMESPACE = "moesif_beam"
 
@@ -29,7 +37,31 @@ COUNTERS = (
 # Break-downs of dead_letters that have no contract counter of their own.
 EXTRA_COUNTERS = ("too_large", "retries_exhausted")
 
+_TALLY: Counter[str] = Counter()
+_TALLY_LOCK = threading.Lock()
 
-def counter(name: str) -> _MetricsType.DelegatingCounter:
-    """Return the Beam counter ``name`` in the moesif-beam namespace."""
-    return Metrics.counter(NAMESPACE, name)
+
+class _Counter:
+    """A Beam counter that also adds to this process's tally."""
+
+    __slots__ = ("_beam", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._beam = Metrics.counter(NAMESPACE, name)
+
+    def inc(self, n: int = 1) -> None:
+        self._beam.inc(n)
+        with _TALLY_LOCK:
+            _TALLY[self._name] += n
+
+
+def counter(name: str) -> _Counter:
+    """Return the counter ``name`` in the moesif-beam namespace."""
+    return _Counter(name)
+
+
+def local_tally() -> dict[str, int]:
+    """What this process's workers counted, every counter present."""
+    with _TALLY_LOCK:
+        return {name: _TALLY.get(name, 0) for name in (*COUNTERS, *EXTRA_COUNTERS)}
