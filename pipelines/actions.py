@@ -1,25 +1,14 @@
-"""The actions pipeline: action streams to Moesif's ``/v1/actions/batch``."""
+"""The actions pipeline: action streams to Moesif's ``/v1/actions/batch``.
+
+Formats: ``moesif`` (Collector API action JSON) and ``segment`` (track calls).
+``build(config, options, stored_schema=None) -> beam.Pipeline``; see
+:func:`pipelines.common.build_delivery` for what it wires and guarantees.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from pipelines.common import build_delivery
-from pipelines.config import PipelineConfig
+from pipelines.common import builder
 
 __all__ = ["build"]
 
-
-def build(
-    config: PipelineConfig,
-    options: PipelineOptions,
-    stored_schema: Mapping[str, str] | None = None,
-) -> beam.Pipeline:
-    """Wire the actions pipeline (formats: ``moesif``, ``segment``); see :func:`build_delivery`."""
-    if config.pipeline != "actions":
-        msg = f"the actions pipeline needs an actions config, got {config.pipeline!r}"
-        raise ValueError(msg)
-    return build_delivery(config, options, stored_schema or {})
+build = builder("actions")

@@ -8,7 +8,7 @@ run adds to the metadata schema written aside for the launcher to merge into the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -29,7 +29,25 @@ from transforms.streaming import (
     WriteDeadLettersInStream,
 )
 
-__all__ = ["build_delivery"]
+__all__ = ["build_delivery", "builder"]
+
+
+def builder(
+    pipeline_name: str,
+) -> Callable[[PipelineConfig, PipelineOptions, Mapping[str, str] | None], beam.Pipeline]:
+    """The ``build(config, options, stored_schema)`` of one named pipeline."""
+
+    def build(
+        config: PipelineConfig,
+        options: PipelineOptions,
+        stored_schema: Mapping[str, str] | None = None,
+    ) -> beam.Pipeline:
+        if config.pipeline != pipeline_name:
+            msg = f"the {pipeline_name} pipeline got a {config.pipeline!r} config"
+            raise ValueError(msg)
+        return build_delivery(config, options, stored_schema or {})
+
+    return build
 
 
 def build_delivery(

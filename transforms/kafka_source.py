@@ -35,12 +35,14 @@ from transforms.timefmt import parse_time_ms
 __all__ = [
     "DRAIN",
     "OPEN_END",
+    "ConsumerFn",
     "KafkaPartition",
     "KafkaRead",
     "KafkaSourceConfig",
     "ReadKafka",
     "describe",
     "resolve_partitions",
+    "retry_transient",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -170,24 +172,37 @@ def _resolve(config: KafkaSourceConfig, timeout: float) -> list[KafkaPartition]:
         consumer.close()
 
 
-def _committed(consumer: Any, partitions: list[Any], timeout: float) -> list[Any]:
-    """The group's committed offsets, retrying while the group coordinator is not ready.
+def retry_transient(call: Any, timeout: float) -> Any:
+    """Call ``call()``, retrying Kafka's transient errors until ``timeout`` seconds pass.
 
     A broker that just started (or moved the group) answers NOT_COORDINATOR or
     COORDINATOR_LOAD_IN_PROGRESS for a moment; those are retriable by Kafka's own rules.
     """
-    from confluent_kafka import KafkaException  # noqa: PLC0415
+    from confluent_kafka import KafkaError, KafkaException  # noqa: PLC0415
 
+    # librdkafka does not flag these retriable on this call, though Kafka's protocol does.
+    transient = {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return list(consumer.committed(partitions, timeout=timeout))
+            return call()
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
-            retriable = bool(error is not None and error.retriable())
+            retriable = error is not None and (error.retriable() or error.code() in transient)
             if not retriable or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
+
+
+def _committed(consumer: Any, partitions: list[Any], timeout: float) -> list[Any]:
+    """The group's committed offsets, retrying while the group coordinator is not ready."""
+    return list(retry_transient(lambda: consumer.committed(partitions, timeout=timeout), timeout))
 
 
 def _offset_at(
@@ -229,13 +244,11 @@ _RANGES = _PartitionRanges()
 _WATERMARKS = ManualWatermarkEstimator.default_provider()
 
 
-class _ReadPartitionFn(beam.DoFn):
-    """Reads one partition's range; yields ``(value, source, ack)`` with Kafka's timestamp."""
+class ConsumerFn(beam.DoFn):
+    """A DoFn that owns one Kafka consumer (of ``config``'s group), opened in ``setup``."""
 
-    def __init__(self, config: KafkaSourceConfig, poll_seconds: float, idle_lag: float) -> None:
+    def __init__(self, config: KafkaSourceConfig) -> None:
         self._config = config
-        self._poll_seconds = poll_seconds
-        self._idle_lag = idle_lag
 
     def setup(self) -> None:
         from confluent_kafka import Consumer  # noqa: PLC0415
@@ -246,6 +259,15 @@ class _ReadPartitionFn(beam.DoFn):
         consumer = getattr(self, "_consumer", None)
         if consumer is not None:
             consumer.close()
+
+
+class _ReadPartitionFn(ConsumerFn):
+    """Reads one partition's range; yields ``(value, source, ack)`` with Kafka's timestamp."""
+
+    def __init__(self, config: KafkaSourceConfig, poll_seconds: float, idle_lag: float) -> None:
+        super().__init__(config)
+        self._poll_seconds = poll_seconds
+        self._idle_lag = idle_lag
 
     def _read(
         self,
@@ -337,24 +359,14 @@ class _UnboundedReadFn(_ReadPartitionFn):
         yield from self._read(element, tracker, watermark)
 
 
-class _DiscoverFn(beam.DoFn):
+class _DiscoverFn(ConsumerFn):
     """Keyed by topic: lists its partitions on every tick and emits each new one once."""
 
     KNOWN = ReadModifyWriteStateSpec("known", PickleCoder())
 
     def __init__(self, config: KafkaSourceConfig, initial: frozenset[int]) -> None:
-        self._config = config
+        super().__init__(config)
         self._initial = initial
-
-    def setup(self) -> None:
-        from confluent_kafka import Consumer  # noqa: PLC0415
-
-        self._consumer = Consumer(self._config.consumer_settings())
-
-    def teardown(self) -> None:
-        consumer = getattr(self, "_consumer", None)
-        if consumer is not None:
-            consumer.close()
 
     def process(
         self, element: tuple[str, int], known_state: Any = beam.DoFn.StateParam(KNOWN)

@@ -25,7 +25,12 @@ import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from transforms.kafka_source import KafkaPartition, KafkaSourceConfig
+from transforms.kafka_source import (
+    ConsumerFn,
+    KafkaPartition,
+    KafkaSourceConfig,
+    retry_transient,
+)
 
 __all__ = ["CommitOffsets", "PartitionProgress", "advance"]
 
@@ -83,26 +88,15 @@ def advance(progress: PartitionProgress, acks: Iterable[tuple]) -> bool:
     return progress.frontier != before
 
 
-class _CommitFn(beam.DoFn):
+class _CommitFn(ConsumerFn):
     """Keyed by ``topic/partition``: tracks progress in state, commits at bundle end."""
 
     PROGRESS = ReadModifyWriteStateSpec("progress", PickleCoder())
 
-    def __init__(self, config: KafkaSourceConfig) -> None:
-        self._config = config
-
-    def setup(self) -> None:
-        from confluent_kafka import Consumer  # noqa: PLC0415 - only Kafka runs need it
-
-        self._consumer = Consumer(self._config.consumer_settings())
-
-    def teardown(self) -> None:
-        consumer = getattr(self, "_consumer", None)
-        if consumer is not None:
-            consumer.close()
-
     def start_bundle(self) -> None:
-        self._moved: dict[str, int] = {}
+        # Kept across bundles when a commit fails, so the next bundle commits it.
+        if not hasattr(self, "_moved"):
+            self._moved: dict[str, int] = {}
 
     def process(
         self, element: tuple[str, tuple], state: Any = beam.DoFn.StateParam(PROGRESS)
@@ -123,8 +117,18 @@ class _CommitFn(beam.DoFn):
         for name, frontier in self._moved.items():
             topic, partition = name.rsplit("/", 1)
             offsets.append(TopicPartition(topic, int(partition), frontier + 1))
-        # Synchronous: a bundle is not finished until its progress is durable in Kafka.
-        self._consumer.commit(offsets=offsets, asynchronous=False)
+        from confluent_kafka import KafkaException  # noqa: PLC0415
+
+        try:
+            # Synchronous: a bundle is not finished until its progress is durable in Kafka.
+            retry_transient(
+                lambda: self._consumer.commit(offsets=offsets, asynchronous=False), 15.0
+            )
+        except KafkaException as exc:
+            # Not committing is safe (the records are re-delivered after a restart, with
+            # the same ids); failing the stream over it would not be.
+            _LOG.warning("offset commit failed, will retry with the next bundle: %s", exc)
+            return
         _LOG.info("committed %s", ", ".join(f"{o.partition}@{o.offset}" for o in offsets))
         self._moved = {}
 

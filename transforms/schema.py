@@ -42,6 +42,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 
 from transforms.counters import counter
 from transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
+from transforms.errors import json_type
 from transforms.metadata import sanitize_keys
 
 __all__ = [
@@ -71,19 +72,7 @@ Signature = tuple[tuple[str, str], ...]
 
 def type_name(value: Any) -> str | None:
     """The JSON type Moesif tracks for a value, or None for null (which matches any type)."""
-    if value is None:
-        return None
-    if value is True or value is False:
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "array"
-    return "string"  # nothing else comes out of a JSON parser
+    return None if value is None else json_type(value)
 
 
 def types_of(metadata: Mapping[str, Any], scope: str = "name") -> Iterator[tuple[str, str]]:
@@ -252,6 +241,14 @@ def seed_pairs(path: str, scope: str, *, types_map: bool = False) -> list[tuple[
     return pairs
 
 
+def _checked(stored: Mapping[str, str]) -> dict[str, str]:
+    bad = sorted(k for k, v in stored.items() if v not in _TYPES)
+    if bad:
+        msg = f"stored schema has keys with unknown types: {bad[:5]}"
+        raise ValueError(msg)
+    return dict(stored)
+
+
 class SchemaChecked(NamedTuple):
     """Outputs of :class:`EnforceMetadataSchema`."""
 
@@ -328,11 +325,7 @@ class EnforceMetadataSchema(beam.PTransform):
 
     def __init__(self, stored: Mapping[str, str], pipeline: str) -> None:
         super().__init__()
-        bad = sorted(k for k, v in stored.items() if v not in _TYPES)
-        if bad:
-            msg = f"stored schema has keys with unknown types: {bad[:5]}"
-            raise ValueError(msg)
-        self._stored = dict(stored)
+        self._stored = _checked(stored)
         self._pipeline = pipeline
 
     def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> SchemaChecked:
@@ -494,11 +487,7 @@ class EnforceMetadataSchemaInStream(beam.PTransform):
         if shards < 1:
             msg = f"shards must be >= 1, got {shards}"
             raise ValueError(msg)
-        bad = sorted(k for k, v in stored.items() if v not in _TYPES)
-        if bad:
-            msg = f"stored schema has keys with unknown types: {bad[:5]}"
-            raise ValueError(msg)
-        self._stored = dict(stored)
+        self._stored = _checked(stored)
         self._pipeline = pipeline
         self._shards = shards
 
