@@ -37,6 +37,17 @@ def start_collector(tmp_path: Path) -> Iterator[Callable[..., RunningCollector]]
         collector.stop()
 
 
+@pytest.fixture(scope="session")
+def prism_runner() -> str:
+    """Beam's Prism runner, built before any streaming test starts its clock.
+
+    Built from Beam's Go module on first use (minutes on a fresh machine, then cached).
+    """
+    from runners.prism import ensure_prism
+
+    return ensure_prism()
+
+
 @dataclass
 class CliRun:
     """One finished ``moesif-beam`` process."""

@@ -18,7 +18,11 @@ from tests.conftest import REPO, run_cli
 from tests.helpers import assert_nothing_lost, read_batches, read_dead_letters
 from tests.kafka_support import local_broker_or_skip
 
-pytestmark = [pytest.mark.integration, pytest.mark.kafka]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.kafka,
+    pytest.mark.usefixtures("prism_runner"),
+]
 
 SAMPLE = REPO / "samples" / "wso2_sample.jsonl"
 APP_ID = "kafka-test-app"

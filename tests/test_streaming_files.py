@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import assert_nothing_lost
 from tests.test_kafka_pipeline import APP_ID, _event, _stored_ids, _Stream, _wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prism_runner")]
 
 
 def test_follow_picks_up_new_files_and_drains(tmp_path, start_collector):
