@@ -9,15 +9,21 @@ from typing import Any
 
 import fastavro
 
-__all__ = ["load_schema"]
+__all__ = ["load_schema", "schema_json"]
+
+
+def schema_json(name: str) -> dict[str, Any]:
+    """Return ``schemas/<name>.avsc`` as plain JSON (what Beam's ``WriteToAvro`` takes)."""
+    text = resources.files(__name__).joinpath(f"{name}.avsc").read_text(encoding="utf-8")
+    document: dict[str, Any] = json.loads(text)
+    return document
 
 
 @functools.cache
 def load_schema(name: str) -> Any:
-    """Return the parsed Avro schema ``schemas/<name>.avsc``.
+    """Return the parsed Avro schema ``schemas/<name>.avsc`` (for fastavro writers).
 
     Parsed once per process; a missing or broken schema fails at pipeline construction,
     not on the first record.
     """
-    text = resources.files(__name__).joinpath(f"{name}.avsc").read_text(encoding="utf-8")
-    return fastavro.parse_schema(json.loads(text))
+    return fastavro.parse_schema(schema_json(name))

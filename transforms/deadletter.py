@@ -6,14 +6,13 @@ Avro reader and replayed by feeding ``payload`` back through the pipeline.
 
 from __future__ import annotations
 
-import json
 import time
-from importlib import resources
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.avroio import WriteToAvro
 
+from schemas import schema_json
 from transforms.counters import counter
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "REASONS",
     "WriteDeadLetters",
     "dead_letter",
-    "dead_letter_schema",
 ]
 
 # Tag of the dead-letter output of every fallible DoFn.
@@ -74,13 +72,6 @@ def dead_letter(
     }
 
 
-def dead_letter_schema() -> dict[str, Any]:
-    """The dead-letter Avro schema as plain JSON (what ``WriteToAvro`` wants)."""
-    text = resources.files("schemas").joinpath("dead_letter.avsc").read_text(encoding="utf-8")
-    schema: dict[str, Any] = json.loads(text)
-    return schema
-
-
 def _count(record: dict[str, Any]) -> dict[str, Any]:
     _DEAD_LETTERS.inc()
     return record
@@ -116,7 +107,7 @@ class WriteDeadLetters(beam.PTransform):
             | "WriteAvro"
             >> WriteToAvro(
                 self._prefix,
-                schema=dead_letter_schema(),
+                schema=schema_json("dead_letter"),
                 file_name_suffix=".avro",
                 codec="deflate",
             )

@@ -40,7 +40,6 @@ __all__ = [
     "KafkaRead",
     "KafkaSourceConfig",
     "ReadKafka",
-    "describe",
     "resolve_partitions",
     "retry_transient",
 ]
@@ -450,11 +449,3 @@ class ReadKafka(beam.PTransform):
             >> beam.ParDo(fn_class(self._config, self._poll_seconds, self._idle_lag))
         )
         return KafkaRead(records, partitions)
-
-
-def describe(partitions: list[KafkaPartition]) -> str:
-    """One line per partition for logs: ``topic/p: [start, stop)``."""
-    return "; ".join(
-        f"{p.topic}/{p.partition}: [{p.start}, {'open' if p.stop == OPEN_END else p.stop})"
-        for p in partitions
-    )
