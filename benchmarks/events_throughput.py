@@ -1,11 +1,19 @@
-"""Events throughput: the moesif-beam pipeline against a plain single-loop reference.
+"""Events throughput: the moesif-beam pipeline against a plain loop and Moesif's client.
 
 Run by hand (``make bench`` or ``python benchmarks/events_throughput.py --events 100000``).
-Both sides get the same generated WSO2 input (about 1 KB per event, 2% repeated
-correlationIds, 5% faults) and post to the same collector emulator, started as its own
-process in count-only mode so it costs both sides the same. Each side runs in its own
-process, so peak RSS is its own. The script prints events/s for both, their ratio, peak
-memory, and both sides' counts, which must agree.
+Every side gets the same generated WSO2 input (about 1 KB per event, 2% repeated
+correlationIds, 5% faults) and posts to the same collector emulator, started as its own
+process in count-only mode so it costs every side the same. Each side runs in its own
+process, so peak RSS is its own. The sides:
+
+* reference: a plain single-process loop: read, parse, map (the pipeline's own mapping
+  function), drop repeated ids, batch 500, gzip, POST;
+* client (``--client``): the same loop handing batches of 100 ``EventModel`` objects to
+  Moesif's Python client (``moesifapi``, ``create_events_batch``), installed into its own
+  virtualenv under ``~/.cache/moesif-beam/bench-client`` on first use;
+* pipeline: ``moesif-beam events`` with its defaults (plus any flags given after ``--``).
+
+It prints events/s, the ratios, peak memory, and every side's counts, which must agree.
 """
 
 from __future__ import annotations
@@ -84,6 +92,97 @@ def reference(input_path: str, url: str, batch_size: int) -> dict:
     return counts
 
 
+CLIENT_VERSION = "1.5.5"
+
+
+def client_loop(input_path: str, url: str) -> dict:
+    """The reference loop, posting through moesifapi's create_events_batch (batches of 100)."""
+    from moesifapi.configuration import Configuration
+    from moesifapi.models.event_model import EventModel
+    from moesifapi.models.event_request_model import EventRequestModel
+    from moesifapi.models.event_response_model import EventResponseModel
+    from moesifapi.moesif_api_client import MoesifAPIClient
+
+    Configuration.BASE_URI = url
+    api = MoesifAPIClient(APP_ID).api
+    seen: set[str] = set()
+    batch: list = []
+    counts = {"read": 0, "sent": 0, "duplicates": 0, "dead_letters": 0}
+
+    def flush() -> None:
+        api.create_events_batch(batch)
+        counts["sent"] += len(batch)
+        batch.clear()
+
+    with open(input_path, "rb") as handle:
+        for text in handle:
+            line = text.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            counts["read"] += 1
+            try:
+                tid, _, event = to_moesif_event(parse_json(extract_json(line)))
+            except (ValueError, InvalidRecord):
+                counts["dead_letters"] += 1
+                continue
+            if tid in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(tid)
+            request, response = event["request"], event["response"]
+            batch.append(
+                EventModel(
+                    request=EventRequestModel(
+                        time=request["time"],
+                        uri=request["uri"],
+                        verb=request["verb"],
+                        headers=request["headers"],
+                        api_version=request.get("api_version"),
+                        ip_address=request.get("ip_address"),
+                    ),
+                    response=EventResponseModel(
+                        time=response["time"],
+                        status=response["status"],
+                        headers=response["headers"],
+                    ),
+                    user_id=event.get("user_id"),
+                    company_id=event.get("company_id"),
+                    direction=event.get("direction"),
+                    metadata=event["metadata"],
+                    transaction_id=tid,
+                )
+            )
+            if len(batch) >= 100:
+                flush()
+    if batch:
+        flush()
+    return counts
+
+
+def _client_python() -> str:
+    """A virtualenv with moesifapi, beside (not inside) the project's environment."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    venv = root / "moesif-beam" / f"bench-client-{CLIENT_VERSION}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"installing moesifapi {CLIENT_VERSION} into {venv} (first use only)...")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                f"moesifapi=={CLIENT_VERSION}",
+                "-e",
+                str(REPO),
+            ],
+            check=True,
+        )
+    return str(python)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -133,7 +232,9 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--input", help="reuse this input file instead of generating one")
+    parser.add_argument("--client", action="store_true", help="also time moesifapi's client")
     parser.add_argument("--reference_only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument(
         "pipeline_args",
@@ -145,6 +246,9 @@ def main() -> int:
 
     if args.reference_only:  # the child process that runs the reference loop
         print(json.dumps(reference(args.input, args.url, args.batch_size)))
+        return 0
+    if args.client_only:  # the child process that runs the client loop
+        print(json.dumps(client_loop(args.input, args.url)))
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="moesif-bench-"))
@@ -161,7 +265,8 @@ def main() -> int:
     env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
 
     results = {}
-    for side in ("reference", "pipeline"):
+    sides = ("reference", "client", "pipeline") if args.client else ("reference", "pipeline")
+    for side in sides:
         collector, url = _start_collector(str(work / f"collector-{side}"))
         try:
             if side == "reference":
@@ -209,15 +314,22 @@ def main() -> int:
     agree = all(ref["counts"][k] == pipe["counts"][k] for k in keys)
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"{'':<12}{'events/s':>12}{'seconds':>10}{'peak RSS':>12}   counts")
-    for side in ("reference", "pipeline"):
+    for side in sides:
         r = results[side]
         rate = r["counts"]["read"] / r["seconds"]
         counts = ", ".join(f"{k} {r['counts'][k]:,}" for k in keys)
         print(
             f"{side:<12}{rate:>12,.0f}{r['seconds']:>10.1f}{r['rss'] / 2**20:>10.0f}MiB   {counts}"
         )
+    agree = agree and all(
+        results[side]["counts"][k] == ref["counts"][k] for side in sides for k in keys
+    )
     ratio = ref["seconds"] / pipe["seconds"]
     print(f"\npipeline / reference throughput: {ratio:.2f}x   counts agree: {agree}")
+    if "client" in results:
+        print(
+            f"pipeline / client throughput: {results['client']['seconds'] / pipe['seconds']:.2f}x"
+        )
     return 0 if agree else 1
 
 
