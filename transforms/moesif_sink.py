@@ -23,6 +23,7 @@ from typing import Any
 
 import apache_beam as beam
 import requests
+from apache_beam import pvalue
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
@@ -33,6 +34,7 @@ from transforms.deadletter import ACK_FIELD, dead_letter
 from transforms.errors import CollectorConfigError
 
 __all__ = [
+    "ACKS",
     "BATCH_BYTE_LIMITS",
     "Action",
     "Decision",
@@ -43,7 +45,6 @@ __all__ = [
     "as_item",
     "batch_url",
     "classify",
-    "cut_batches",
     "decide",
     "encode_batch",
     "parse_retry_after",
@@ -56,6 +57,9 @@ _LOG = logging.getLogger(__name__)
 BATCH_BYTE_LIMITS = {"events": 50_000_000, "actions": 15_000_000}
 
 _USER_AGENT = "moesif-beam/0.1.0"
+
+# Tag of the output carrying delivered records' Kafka acknowledgement tokens.
+ACKS = "acks"
 
 # A record as the sinks see it: (record_json, raw_input, source, transaction_id, ack or None).
 _Item = tuple[bytes, bytes, str, str, Any]
@@ -231,24 +235,6 @@ def preflight(base_url: str, application_id: Secret, timeout: float = 10.0) -> N
             "MOESIF_APPLICATION_ID. Nothing was sent."
         )
         raise CollectorConfigError(msg)
-
-
-def cut_batches(items: Sequence[_Item], max_events: int, max_bytes: int) -> Iterator[list[_Item]]:
-    """Cut items into batches of at most ``max_events`` records and ``max_bytes`` of JSON.
-
-    A record larger than ``max_bytes`` on its own still goes out, alone.
-    """
-    batch: list[_Item] = []
-    size = 2  # the brackets of the JSON array
-    for item in items:
-        item_size = len(item[0]) + 1  # the record and its comma
-        if batch and (len(batch) >= max_events or size + item_size > max_bytes):
-            yield batch
-            batch, size = [], 2
-        batch.append(item)
-        size += item_size
-    if batch:
-        yield batch
 
 
 class _Writer:
@@ -447,19 +433,32 @@ def as_item(element: tuple[str, tuple]) -> _Item:
 
 
 class _BatchingFn(beam.DoFn):
-    """Cuts a bundle's records into batches by count and bytes and has a writer deliver them.
+    """Cuts records into batches by count and bytes and has a writer deliver them.
 
-    Batches are formed within a bundle: on bounded runs bundles are large, so batches are
-    full. Outputs are the dead letters, as plain values from ``process`` and windowed
-    values from ``finish_bundle``.
+    A batch is delivered when it is full, when its oldest record has waited ``max_delay``
+    seconds (if set), and at the end of every bundle, so nothing waits on a timer: bounded
+    runs get full batches from their large bundles, streams get batches within a bundle's
+    length. The main output is the dead letters; with ``acks``, delivered records'
+    acknowledgement tokens go to the ``acks`` output.
     """
 
-    def __init__(self, writer: _Writer, max_events: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        writer: _Writer,
+        max_events: int,
+        max_bytes: int,
+        max_delay: float | None = None,
+        *,
+        acks: bool = False,
+    ) -> None:
         self._writer = writer
         self._max_events = max_events
         self._max_bytes = max_bytes
+        self._max_delay = max_delay
+        self._acks = acks
         self._batch: list[_Item] = []
         self._size = 2
+        self._oldest = 0.0
 
     def setup(self) -> None:
         self._writer.open()
@@ -478,20 +477,32 @@ class _BatchingFn(beam.DoFn):
             len(self._batch) >= self._max_events or self._size + size > self._max_bytes
         ):
             yield from self._flush()
+        if not self._batch:
+            self._oldest = time.monotonic()
         self._batch.append(item)
         self._size += size
+        if self._max_delay is not None and time.monotonic() - self._oldest >= self._max_delay:
+            yield from self._flush()
 
-    def finish_bundle(self) -> Iterator[WindowedValue]:
+    def finish_bundle(self) -> Iterator[Any]:
         window = GlobalWindow()
         for output in self._flush():
-            yield WindowedValue(output, window.max_timestamp(), (window,))
+            if isinstance(output, pvalue.TaggedOutput):
+                yield pvalue.TaggedOutput(
+                    output.tag, WindowedValue(output.value, window.max_timestamp(), (window,))
+                )
+            else:
+                yield WindowedValue(output, window.max_timestamp(), (window,))
 
     def _flush(self) -> Iterator[Any]:
         batch, self._batch, self._size = self._batch, [], 2
-        if batch:
-            for _, letter in self._writer.deliver(batch):
-                if letter is not None:
-                    yield letter
+        if not batch:
+            return
+        for item, letter in self._writer.deliver(batch):
+            if letter is not None:
+                yield letter
+            elif self._acks and item[4] is not None:
+                yield pvalue.TaggedOutput(ACKS, item[4])
 
 
 def _validate_batching(kind: str, max_events: int, max_bytes: int, gzip_level: int) -> None:
@@ -557,7 +568,7 @@ class PostToMoesif(beam.PTransform):
         if timeout <= 0:
             msg = f"timeout must be > 0, got {timeout}"
             raise ValueError(msg)
-        self.writer: _Writer = _HttpWriter(
+        self._writer: _Writer = _HttpWriter(
             batch_url(base_url, kind),
             application_id,
             pipeline,
@@ -565,12 +576,17 @@ class PostToMoesif(beam.PTransform):
             policy or RetryPolicy(),
             timeout,
         )
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self._fn = _BatchingFn(self.writer, max_events, max_bytes)
+        self._max_events = max_events
+        self._max_bytes = max_bytes
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        return records | "PostBatches" >> beam.ParDo(self._fn)
+        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes)
+        return records | "PostBatches" >> beam.ParDo(fn)
+
+    def in_stream(self, max_delay: float) -> beam.ParDo:
+        """The same delivery for a stream: dead letters, plus acks of delivered records."""
+        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes, max_delay, acks=True)
+        return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")
 
 
 class WriteBatchFiles(beam.PTransform):
@@ -595,10 +611,15 @@ class WriteBatchFiles(beam.PTransform):
         if not directory:
             msg = "an output directory is required"
             raise ValueError(msg)
-        self.writer: _Writer = _FileWriter(directory, kind, gzip_level)
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self._fn = _BatchingFn(self.writer, max_events, max_bytes)
+        self._writer: _Writer = _FileWriter(directory, kind, gzip_level)
+        self._max_events = max_events
+        self._max_bytes = max_bytes
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        return records | "WriteBatches" >> beam.ParDo(self._fn)
+        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes)
+        return records | "WriteBatches" >> beam.ParDo(fn)
+
+    def in_stream(self, max_delay: float) -> beam.ParDo:
+        """The same delivery for a stream: dead letters, plus acks of delivered records."""
+        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes, max_delay, acks=True)
+        return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")

@@ -1,27 +1,25 @@
 """The stages of an unbounded run: TTL dedup, delay-bounded batches, streaming dead letters.
 
-Bounded runs use :mod:`transforms.dedup` and the bundle-based sinks; a stream needs state
-and timers instead. Each stage here reports every record's fate as an acknowledgement
-token (see :mod:`transforms.offsets`) once it is final: a duplicate when it is dropped, a
-sent record after the collector's 2xx, a dead letter after its file is closed.
+Bounded runs use :mod:`transforms.dedup`; a stream remembers ids in keyed state instead.
+Both use the same bundle-based batching and delivery (:mod:`transforms.moesif_sink`).
+Every record's fate is reported as an acknowledgement token (see :mod:`transforms.offsets`)
+once it is final: a duplicate when it is dropped, a sent record after the collector's 2xx,
+a dead letter after its file is closed.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import fastavro
 from apache_beam import pvalue
-from apache_beam.coders import BooleanCoder, PickleCoder
+from apache_beam.coders import BooleanCoder
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
-    BagStateSpec,
     ReadModifyWriteStateSpec,
     TimerSpec,
     on_timer,
@@ -32,8 +30,8 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import load_schema
 from transforms.counters import counter
-from transforms.deadletter import ACK_FIELD, DEAD_LETTER
-from transforms.moesif_sink import PostToMoesif, WriteBatchFiles, as_item, cut_batches
+from transforms.deadletter import ACK_FIELD
+from transforms.moesif_sink import ACKS, PostToMoesif, WriteBatchFiles
 from transforms.schema import save_schema
 
 __all__ = [
@@ -45,9 +43,6 @@ __all__ = [
     "PersistSchemaInStream",
     "WriteDeadLettersInStream",
 ]
-
-# Tag of the acknowledgement outputs.
-ACKS = "acks"
 
 
 class Deduplicated(NamedTuple):
@@ -117,112 +112,27 @@ class Delivered(NamedTuple):
     acks: beam.PCollection  # tokens of the records the collector accepted
 
 
-class _StreamBatchFn(beam.DoFn):
-    """Keyed by shard: buffers records until a batch is full or ``max_delay`` has passed."""
-
-    BUFFER = BagStateSpec("buffer", PickleCoder())
-    SIZE = ReadModifyWriteStateSpec("size", PickleCoder())
-    FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
-    END = TimerSpec("end", TimeDomain.WATERMARK)
-
-    def __init__(self, sink: Any, max_delay: float) -> None:
-        self._writer = sink.writer
-        self._max_events = sink.max_events
-        self._max_bytes = sink.max_bytes
-        self._max_delay = max_delay
-
-    def setup(self) -> None:
-        self._writer.open()
-
-    def teardown(self) -> None:
-        self._writer.close()
-
-    def process(
-        self,
-        element: tuple[int, tuple[str, tuple]],
-        buffer: Any = beam.DoFn.StateParam(BUFFER),
-        size: Any = beam.DoFn.StateParam(SIZE),
-        flush: Any = beam.DoFn.TimerParam(FLUSH),
-        end: Any = beam.DoFn.TimerParam(END),
-    ) -> Iterator[Any]:
-        item = as_item(element[1])
-        count, nbytes = size.read() or (0, 2)
-        buffer.add(item)
-        count, nbytes = count + 1, nbytes + len(item[0]) + 1
-        if count == 1:
-            # A quiet stream still delivers within max_delay; a drained one at its end.
-            flush.set(time.time() + self._max_delay)
-            end.set(GlobalWindow().max_timestamp())
-        if count >= self._max_events or nbytes >= self._max_bytes:
-            yield from self._deliver(buffer, size)
-            return
-        size.write((count, nbytes))
-
-    @on_timer(FLUSH)
-    def _on_delay(
-        self,
-        buffer: Any = beam.DoFn.StateParam(BUFFER),
-        size: Any = beam.DoFn.StateParam(SIZE),
-    ) -> Iterator[Any]:
-        yield from self._deliver(buffer, size)
-
-    @on_timer(END)
-    def _on_end(
-        self,
-        buffer: Any = beam.DoFn.StateParam(BUFFER),
-        size: Any = beam.DoFn.StateParam(SIZE),
-    ) -> Iterator[Any]:
-        yield from self._deliver(buffer, size)
-
-    def _deliver(self, buffer: Any, size: Any) -> Iterator[Any]:
-        items = list(buffer.read())
-        buffer.clear()
-        size.clear()
-        for batch in cut_batches(items, self._max_events, self._max_bytes):
-            for item, letter in self._writer.deliver(batch):
-                if letter is not None:
-                    yield pvalue.TaggedOutput(DEAD_LETTER, letter)
-                elif item[4] is not None:
-                    yield pvalue.TaggedOutput(ACKS, item[4])
-
-
-def _shard(element: tuple[str, tuple], shards: int) -> tuple[int, tuple[str, tuple]]:
-    return zlib.crc32(element[0].encode("utf-8")) % shards, element
-
-
 class BatchAndDeliverInStream(beam.PTransform):
     """Batch a stream by count, bytes and delay, and deliver each batch with ``sink``'s writer.
 
     ``sink`` is a configured :class:`PostToMoesif` or :class:`WriteBatchFiles`; its
-    guarantees per batch (retries, split, bisect, dead letters) hold unchanged. A partial
-    batch waits at most ``max_delay`` seconds of processing time. Records are spread over
-    ``shards`` keys, so batching is parallel.
+    guarantees per batch (retries, split, bisect, dead letters) hold unchanged. A batch is
+    delivered when full, when its oldest record has waited ``max_delay`` seconds, and at
+    every bundle end; nothing waits on a timer (a stream's bundles last about a second).
+    Delivered records are acknowledged.
     """
 
-    def __init__(
-        self, sink: PostToMoesif | WriteBatchFiles, max_delay: float, shards: int = 4
-    ) -> None:
+    def __init__(self, sink: PostToMoesif | WriteBatchFiles, max_delay: float) -> None:
         super().__init__()
         if max_delay <= 0:
             msg = f"batch_max_delay must be positive, got {max_delay}"
             raise ValueError(msg)
-        if shards < 1:
-            msg = f"shards must be >= 1, got {shards}"
-            raise ValueError(msg)
         self._sink = sink
         self._max_delay = max_delay
-        self._shards = shards
 
     def expand(self, records: beam.PCollection) -> Delivered:
-        out = (
-            records
-            | "Shard" >> beam.Map(_shard, self._shards)
-            | "Batch"
-            >> beam.ParDo(_StreamBatchFn(self._sink, self._max_delay))
-            .with_input_types(tuple[int, tuple[str, tuple]])
-            .with_outputs(DEAD_LETTER, ACKS)
-        )
-        return Delivered(out[DEAD_LETTER], out[ACKS])
+        out = records | "Batch" >> self._sink.in_stream(self._max_delay)
+        return Delivered(out.dead_letters, out[ACKS])
 
 
 class _WriteDeadLettersFn(beam.DoFn):
