@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +41,27 @@ from transforms.formats.wso2 import extract_json, to_moesif_event  # noqa: E402
 from transforms.normalize import parse_json  # noqa: E402
 
 APP_ID = "benchmark-app"
+
+
+def unique_events(input_path: str, counts: dict) -> Iterator[tuple[str, dict]]:
+    """The work every side shares: read, parse, map, drop repeated ids; counts as it goes."""
+    seen: set[str] = set()
+    with open(input_path, "rb") as handle:
+        for text in handle:
+            line = text.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            counts["read"] += 1
+            try:
+                tid, _, event = to_moesif_event(parse_json(extract_json(line)))
+            except (ValueError, InvalidRecord):
+                counts["dead_letters"] += 1
+                continue
+            if tid in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(tid)
+            yield tid, event
 
 
 def reference(input_path: str, url: str, batch_size: int) -> dict:
@@ -57,7 +79,6 @@ def reference(input_path: str, url: str, batch_size: int) -> dict:
         }
     )
     endpoint = f"{url}/v1/events/batch"
-    seen: set[str] = set()
     batch: list[bytes] = []
     counts = {"read": 0, "sent": 0, "duplicates": 0, "dead_letters": 0}
     encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -69,24 +90,10 @@ def reference(input_path: str, url: str, batch_size: int) -> dict:
         counts["sent"] += len(batch)
         batch.clear()
 
-    with open(input_path, "rb") as handle:
-        for text in handle:
-            line = text.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            counts["read"] += 1
-            try:
-                tid, _, event = to_moesif_event(parse_json(extract_json(line)))
-            except (ValueError, InvalidRecord):
-                counts["dead_letters"] += 1
-                continue
-            if tid in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(tid)
-            batch.append(encoder.encode(event).encode("utf-8"))
-            if len(batch) >= batch_size:
-                flush()
+    for _, event in unique_events(input_path, counts):
+        batch.append(encoder.encode(event).encode("utf-8"))
+        if len(batch) >= batch_size:
+            flush()
     if batch:
         flush()
     return counts
@@ -105,7 +112,6 @@ def client_loop(input_path: str, url: str) -> dict:
 
     Configuration.BASE_URI = url
     api = MoesifAPIClient(APP_ID).api
-    seen: set[str] = set()
     batch: list = []
     counts = {"read": 0, "sent": 0, "duplicates": 0, "dead_letters": 0}
 
@@ -114,46 +120,32 @@ def client_loop(input_path: str, url: str) -> dict:
         counts["sent"] += len(batch)
         batch.clear()
 
-    with open(input_path, "rb") as handle:
-        for text in handle:
-            line = text.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            counts["read"] += 1
-            try:
-                tid, _, event = to_moesif_event(parse_json(extract_json(line)))
-            except (ValueError, InvalidRecord):
-                counts["dead_letters"] += 1
-                continue
-            if tid in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(tid)
-            request, response = event["request"], event["response"]
-            batch.append(
-                EventModel(
-                    request=EventRequestModel(
-                        time=request["time"],
-                        uri=request["uri"],
-                        verb=request["verb"],
-                        headers=request["headers"],
-                        api_version=request.get("api_version"),
-                        ip_address=request.get("ip_address"),
-                    ),
-                    response=EventResponseModel(
-                        time=response["time"],
-                        status=response["status"],
-                        headers=response["headers"],
-                    ),
-                    user_id=event.get("user_id"),
-                    company_id=event.get("company_id"),
-                    direction=event.get("direction"),
-                    metadata=event["metadata"],
-                    transaction_id=tid,
-                )
+    for tid, event in unique_events(input_path, counts):
+        request, response = event["request"], event["response"]
+        batch.append(
+            EventModel(
+                request=EventRequestModel(
+                    time=request["time"],
+                    uri=request["uri"],
+                    verb=request["verb"],
+                    headers=request["headers"],
+                    api_version=request.get("api_version"),
+                    ip_address=request.get("ip_address"),
+                ),
+                response=EventResponseModel(
+                    time=response["time"],
+                    status=response["status"],
+                    headers=response["headers"],
+                ),
+                user_id=event.get("user_id"),
+                company_id=event.get("company_id"),
+                direction=event.get("direction"),
+                metadata=event["metadata"],
+                transaction_id=tid,
             )
-            if len(batch) >= 100:
-                flush()
+        )
+        if len(batch) >= 100:
+            flush()
     if batch:
         flush()
     return counts
