@@ -31,6 +31,7 @@ import hashlib
 import json
 import time
 import zlib
+from collections import ChainMap
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -269,15 +270,14 @@ def _explode(element: tuple[bytes, tuple[int, str, Signature]]) -> Iterator[tupl
 
 def _verdict(
     element: tuple[bytes, tuple[int, str, Signature]],
-    stored: Mapping[str, str],
-    winners: Mapping[str, str],
+    stored: dict[str, str],
+    winners: dict[str, str],
 ) -> Iterator[tuple[bytes, tuple[str, str, str]]]:
     sig_id, (_, _, sig) = element
-    for key, kind in sig:
-        expected = stored.get(key) or winners.get(key)
-        if expected is not None and expected != kind:
-            yield sig_id, (key, expected, kind)
-            return
+    # The persisted type of a key wins over this run's first-seen one.
+    conflict = find_conflict(sig, ChainMap(stored, winners))
+    if conflict is not None:
+        yield sig_id, conflict
 
 
 class _CheckFn(beam.DoFn):
