@@ -275,6 +275,18 @@ def main() -> int:
                 ]
                 seconds, rss, proc = _timed(cmd, env)
                 counts = json.loads(proc.stdout)
+            elif side == "client":
+                cmd = [
+                    _client_python(),
+                    __file__,
+                    "--client_only",
+                    "--input",
+                    input_path,
+                    "--url",
+                    url,
+                ]
+                seconds, rss, proc = _timed(cmd, env)
+                counts = json.loads(proc.stdout.strip().splitlines()[-1])
             else:
                 metrics = work / "metrics.json"
                 cmd = [

@@ -142,6 +142,7 @@ def _sink(config: PipelineConfig) -> PostToMoesif | WriteBatchFiles:
             max_events=config.batch_max_events,
             max_bytes=config.batch_max_bytes,
             gzip_level=config.gzip_level,
+            max_in_flight=config.max_in_flight,
         )
     return PostToMoesif(
         config.pipeline,
@@ -151,6 +152,7 @@ def _sink(config: PipelineConfig) -> PostToMoesif | WriteBatchFiles:
         max_events=config.batch_max_events,
         max_bytes=config.batch_max_bytes,
         gzip_level=config.gzip_level,
+        max_in_flight=config.max_in_flight,
         policy=config.retry,
         timeout=config.http_timeout,
     )

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from transforms.kafka_source import KafkaPartition, KafkaSourceConfig
-from transforms.moesif_sink import BATCH_BYTE_LIMITS, RetryPolicy, Secret
+from transforms.moesif_sink import BATCH_BYTE_LIMITS, MAX_IN_FLIGHT, RetryPolicy, Secret
 from transforms.normalize import FORMATS
 from transforms.schema import SCOPES
 
@@ -46,6 +46,7 @@ class PipelineConfig:
         retry: the HTTP retry policy.
         http_timeout: seconds to wait for the collector's answer to one request.
         gzip_level: compression level of batch bodies.
+        max_in_flight: batches each worker compresses and posts at once, beside batching.
         metrics_out: where to write the run's counters as JSON, if anywhere.
         schema_store: the persisted metadata type schema (JSON, any Beam filesystem);
             empty means ``<output_dir>/metadata_schema.json``, shared by both pipelines.
@@ -74,6 +75,7 @@ class PipelineConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     http_timeout: float = 30.0
     gzip_level: int = 6
+    max_in_flight: int = 2
     metrics_out: str | None = None
     schema_store: str = ""
     schema_scope: str = "name"
@@ -121,6 +123,9 @@ class PipelineConfig:
             raise ValueError(msg)
         if not 0 <= self.gzip_level <= 9:
             msg = f"--gzip_level must be between 0 and 9, got {self.gzip_level}"
+            raise ValueError(msg)
+        if not 1 <= self.max_in_flight <= MAX_IN_FLIGHT:
+            msg = f"--max_in_flight must be between 1 and {MAX_IN_FLIGHT}, got {self.max_in_flight}"
             raise ValueError(msg)
         if self.dedup_ttl <= 0:
             msg = f"--dedup_ttl must be positive, got {self.dedup_ttl}"

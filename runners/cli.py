@@ -150,6 +150,12 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
     batching.add_argument("--http_timeout", type=float, default=30.0, help="seconds per request")
     batching.add_argument("--gzip_level", type=int, default=6)
     batching.add_argument(
+        "--max_in_flight",
+        type=int,
+        default=2,
+        help="batches each worker compresses and posts at once while it goes on batching",
+    )
+    batching.add_argument(
         "--dedup_ttl",
         type=float,
         default=3600.0,
@@ -263,6 +269,7 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             retry=RetryPolicy(max_retry_seconds=args.max_retry_seconds),
             http_timeout=args.http_timeout,
             gzip_level=args.gzip_level,
+            max_in_flight=args.max_in_flight,
             metrics_out=args.metrics_out,
             schema_store=args.schema_store,
             schema_scope=args.schema_scope,

@@ -136,6 +136,26 @@ def test_batches_respect_count_and_byte_limits(tmp_path, max_events, max_bytes):
     assert counters["bytes_sent"] == sum(p.stat().st_size for p in tmp_path.glob("batch-*"))
 
 
+def test_batches_are_the_same_whatever_the_number_in_flight(tmp_path):
+    records = [
+        (f"id-{i}", (i, json.dumps({"i": i}).encode(), b"raw", f"f:{i}")) for i in range(300)
+    ]
+    contents = {}
+    for in_flight in (1, 4):
+        out = tmp_path / str(in_flight)
+        pipeline = make_pipeline()
+        _ = (
+            pipeline
+            | beam.Create(records, reshuffle=False)
+            | WriteBatchFiles("events", str(out), max_events=7, max_in_flight=in_flight)
+        )
+        counters = run(pipeline)
+        assert counters["sent"] == 300
+        assert counters["batches"] == len(list(out.glob("batch-*")))
+        contents[in_flight] = sorted(p.read_bytes() for p in out.glob("batch-*"))
+    assert contents[1] == contents[4]
+
+
 def test_batch_limits_are_validated():
     with pytest.raises(ValueError, match="batch_max_bytes"):
         WriteBatchFiles("events", "/tmp/x", max_bytes=60_000_000)
@@ -145,6 +165,8 @@ def test_batch_limits_are_validated():
         WriteBatchFiles("events", "/tmp/x", max_events=0)
     with pytest.raises(ValueError, match="kind"):
         WriteBatchFiles("users", "/tmp/x")
+    with pytest.raises(ValueError, match="max_in_flight"):
+        WriteBatchFiles("events", "/tmp/x", max_in_flight=0)
 
 
 def test_events_pipeline_accounts_for_every_line(tmp_path):

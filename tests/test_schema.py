@@ -13,7 +13,9 @@ from tests.helpers import make_pipeline, run
 from transforms.dedup import DedupByTransactionId
 from transforms.normalize import NormalizeRecords
 from transforms.schema import (
+    SCOPES,
     EnforceMetadataSchema,
+    SignatureMemo,
     find_conflict,
     load_schema,
     merge_schema,
@@ -79,6 +81,26 @@ def test_signature_is_sorted_distinct_and_ignores_nulls():
     assert signature({}) == signature(None) == signature([1]) == ()
     assert signature_id(signature(FIRST)) == signature_id(signature(dict(reversed(FIRST.items()))))
     assert signature_id(signature(FIRST)) != signature_id(signature(SECOND))
+
+
+def test_signature_memo_agrees_with_signature_for_every_shape():
+    rng = random.Random(7)
+    values = [None, True, 0, 1.5, "s", {"x": 1}, {"x": "a"}, [1], [{"y": True}], []]
+    memos = {scope: SignatureMemo(scope, size=8) for scope in SCOPES}
+    for _ in range(2000):
+        keys = rng.sample(["a", "b", "c", "d", "x", "y"], rng.randint(0, 4))
+        metadata = {key: rng.choice(values) for key in keys}
+        for scope, memo in memos.items():
+            sig, sig_id = memo(metadata)
+            assert sig == signature(metadata, scope)
+            assert sig_id == (signature_id(sig) if sig else b"")
+    # Same keys and types, different nested content: the memo must not answer by shape.
+    memo = SignatureMemo("name")
+    assert memo({"a": {"x": 1}})[0] == (("a", "object"), ("x", "number"))
+    assert memo({"a": {"x": "s"}})[0] == (("a", "object"), ("x", "string"))
+    assert memo("not an object") == ((), b"")
+    with pytest.raises(ValueError, match="scope"):
+        SignatureMemo("depth")
 
 
 def test_the_seed_example_conflicts_on_some_string():

@@ -44,8 +44,24 @@ class CollectorConfigError(MoesifBeamError):
     MARKER = "moesif-beam: collector refused the configuration"
 
 
+# Exact types first: this runs for every value of every record.
+_JSON_TYPES: dict[type, str] = {
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    dict: "object",
+    list: "array",
+    tuple: "array",
+    type(None): "null",
+}
+
+
 def json_type(value: object) -> str:
     """Name a Python value's JSON type: string, number, boolean, object, array or null."""
+    kind = _JSON_TYPES.get(type(value))
+    if kind is not None:
+        return kind
     if value is None:
         return "null"
     if isinstance(value, bool):

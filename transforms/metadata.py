@@ -24,7 +24,9 @@ def sanitize_keys(value: Any) -> Any:
         changed = False
         out: dict[str, Any] = {}
         for key, item in value.items():
-            new_item = sanitize_keys(item)
+            # Only containers can hold keys; skipping the call for scalars matters, as
+            # this runs for every value of every record.
+            new_item = sanitize_keys(item) if isinstance(item, dict | list) else item
             new_key = key.replace(".", "_") if "." in key else key
             if new_key is not key or new_item is not item:
                 changed = True

@@ -8,6 +8,7 @@ one pure function, :func:`decide`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import email.utils
 import enum
@@ -15,8 +16,10 @@ import gzip
 import hashlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -36,6 +39,7 @@ from transforms.errors import CollectorConfigError
 __all__ = [
     "ACKS",
     "BATCH_BYTE_LIMITS",
+    "MAX_IN_FLIGHT",
     "Action",
     "Decision",
     "PostToMoesif",
@@ -237,19 +241,22 @@ def preflight(base_url: str, application_id: Secret, timeout: float = 10.0) -> N
         raise CollectorConfigError(msg)
 
 
+# What one delivered batch reports back: every record's fate, and the counts to add.
+_Fates = list[tuple[_Item, dict[str, Any] | None]]
+_Counts = collections.Counter[str]
+
+
 class _Writer:
     """Delivers whole batches and reports every record's fate; opened once per worker.
 
-    ``deliver`` yields ``(item, None)`` for each delivered record and ``(item, letter)`` for
-    each record that became a dead letter, so streaming runs can acknowledge both.
+    ``deliver`` may run on a background thread, where Beam's counters do not reach, so it
+    touches no counter: it adds to the ``counts`` it is given, and the DoFn's thread adds
+    those to the counters when it collects the batch.
     """
 
     def __init__(self, pipeline: str, gzip_level: int) -> None:
         self._pipeline = pipeline
         self._gzip_level = gzip_level
-        self._sent = counter("sent")
-        self._batches = counter("batches")
-        self._bytes_sent = counter("bytes_sent")
 
     def open(self) -> None:
         """Open clients; called from a DoFn's ``setup``."""
@@ -257,7 +264,7 @@ class _Writer:
     def close(self) -> None:
         """Release clients; called from a DoFn's ``teardown``."""
 
-    def deliver(self, batch: list[_Item]) -> Iterator[tuple[_Item, dict[str, Any] | None]]:
+    def deliver(self, batch: list[_Item], counts: _Counts) -> Iterator[tuple[_Item, Any]]:
         """Deliver one batch; yield each record with its dead letter, or None if sent."""
         raise NotImplementedError
 
@@ -266,10 +273,12 @@ class _Writer:
         # mtime=0 makes the gzip bytes a function of the content alone.
         return plain, gzip.compress(plain, compresslevel=self._gzip_level, mtime=0)
 
-    def _delivered(self, batch: Sequence[_Item], body: bytes) -> Iterator[tuple[_Item, None]]:
-        self._sent.inc(len(batch))
-        self._batches.inc()
-        self._bytes_sent.inc(len(body))
+    def _delivered(
+        self, batch: Sequence[_Item], body: bytes, counts: _Counts
+    ) -> Iterator[tuple[_Item, None]]:
+        counts["sent"] += len(batch)
+        counts["batches"] += 1
+        counts["bytes_sent"] += len(body)
         for item in batch:
             yield item, None
 
@@ -298,53 +307,65 @@ class _HttpWriter(_Writer):
         self._application_id = application_id
         self._policy = policy
         self._timeout = timeout
-        self._retries = counter("retries")
-        self._rejected = counter("collector_rejected")
-        self._exhausted = counter("retries_exhausted")
-        self._too_large = counter("too_large")
 
     def open(self) -> None:
-        self._session = requests.Session()
-        # Our own retry policy decides; urllib3's must not retry behind its back.
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers.update(
-            {
-                "Content-Type": "application/json",
-                "Content-Encoding": "gzip",
-                "X-Moesif-Application-Id": self._application_id.reveal(),
-                "User-Agent": _USER_AGENT,
-            }
-        )
+        # One session per delivering thread: requests does not promise that a Session is
+        # safe to share between threads.
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
         self._rng = random.Random()
 
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # Our own retry policy decides; urllib3's must not retry behind its back.
+            adapter = requests.adapters.HTTPAdapter(
+                pool_connections=1, pool_maxsize=1, max_retries=0
+            )
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers.update(
+                {
+                    "Content-Type": "application/json",
+                    "Content-Encoding": "gzip",
+                    "X-Moesif-Application-Id": self._application_id.reveal(),
+                    "User-Agent": _USER_AGENT,
+                }
+            )
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
     def close(self) -> None:
-        session = getattr(self, "_session", None)
-        if session is not None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
             session.close()
 
-    def deliver(self, batch: list[_Item]) -> Iterator[tuple[_Item, dict[str, Any] | None]]:
+    def deliver(self, batch: list[_Item], counts: _Counts) -> Iterator[tuple[_Item, Any]]:
         pending = [batch]
         while pending:
             part = pending.pop()
             _, body = self._body(part)
-            action, status, detail = self._post(body)
+            action, status, detail = self._post(body, counts)
             if action is Action.DONE:
-                yield from self._delivered(part, body)
+                yield from self._delivered(part, body, counts)
             elif action in (Action.SPLIT, Action.BISECT) and len(part) > 1:
                 middle = len(part) // 2
                 pending.append(part[middle:])
                 pending.append(part[:middle])  # popped first: keep the original order
             elif action is Action.SPLIT:
-                self._too_large.inc()
+                counts["too_large"] += 1
                 yield part[0], self._letter("too_large", f"HTTP {status}: {detail}", part[0])
             elif action is Action.BISECT:
-                self._rejected.inc()
+                counts["collector_rejected"] += 1
                 letter = self._letter("collector_rejected", f"HTTP {status}: {detail}", part[0])
                 yield part[0], letter
             elif action is Action.GIVE_UP:
-                self._exhausted.inc(len(part))
+                counts["retries_exhausted"] += len(part)
                 for item in part:
                     yield item, self._letter("retries_exhausted", detail, item)
             else:
@@ -355,14 +376,15 @@ class _HttpWriter(_Writer):
                 )
                 raise CollectorConfigError(msg)
 
-    def _post(self, body: bytes) -> tuple[Action, int | None, str]:
+    def _post(self, body: bytes, counts: _Counts) -> tuple[Action, int | None, str]:
         start = time.monotonic()
+        session = self._session()
         attempt = 0
         while True:
             status: int | None = None
             retry_after = None
             try:
-                response = self._session.post(
+                response = session.post(
                     self._url, data=body, timeout=self._timeout, allow_redirects=False
                 )
                 status = response.status_code
@@ -374,7 +396,7 @@ class _HttpWriter(_Writer):
             jitter = self._rng.random()
             decision = decide(status, attempt, elapsed, retry_after, self._policy, jitter)
             if decision.action is Action.RETRY:
-                self._retries.inc()
+                counts["retries"] += 1
                 _LOG.warning(
                     "collector: %s; retry %d in %.1fs",
                     f"HTTP {status}" if status else detail,
@@ -414,7 +436,7 @@ class _FileWriter(_Writer):
         with contextlib.suppress(OSError):
             FileSystems.mkdirs(self._directory)
 
-    def deliver(self, batch: list[_Item]) -> Iterator[tuple[_Item, dict[str, Any] | None]]:
+    def deliver(self, batch: list[_Item], counts: _Counts) -> Iterator[tuple[_Item, Any]]:
         plain, body = self._body(batch)
         # Named by content: a retried bundle rewrites the same file instead of adding one.
         name = f"batch-{hashlib.sha256(plain).hexdigest()[:24]}.json.gz"
@@ -423,7 +445,7 @@ class _FileWriter(_Writer):
             path, mime_type="application/gzip", compression_type=CompressionTypes.UNCOMPRESSED
         ) as handle:
             handle.write(body)
-        yield from self._delivered(batch, body)
+        yield from self._delivered(batch, body, counts)
 
 
 def as_item(element: tuple[str, tuple]) -> _Item:
@@ -435,11 +457,17 @@ def as_item(element: tuple[str, tuple]) -> _Item:
 class _BatchingFn(beam.DoFn):
     """Cuts records into batches by count and bytes and has a writer deliver them.
 
-    A batch is delivered when it is full, when its oldest record has waited ``max_delay``
+    A batch is cut when it is full, when its oldest record has waited ``max_delay``
     seconds (if set), and at the end of every bundle, so nothing waits on a timer: bounded
     runs get full batches from their large bundles, streams get batches within a bundle's
     length. The main output is the dead letters; with ``acks``, delivered records'
     acknowledgement tokens go to the ``acks`` output.
+
+    Up to ``max_in_flight`` batches are compressed and delivered on background threads
+    while this thread goes on batching (zlib and sockets release the GIL, so this uses a
+    second core and overlaps the collector's own time). A bundle finishes only once every
+    batch cut in it has an outcome, and every output and counter is emitted from this
+    thread, oldest batch first, so a bundle's outputs mean what they meant before.
     """
 
     def __init__(
@@ -450,25 +478,36 @@ class _BatchingFn(beam.DoFn):
         max_delay: float | None = None,
         *,
         acks: bool = False,
+        max_in_flight: int = 1,
     ) -> None:
         self._writer = writer
         self._max_events = max_events
         self._max_bytes = max_bytes
         self._max_delay = max_delay
         self._acks = acks
+        self._max_in_flight = max_in_flight
         self._batch: list[_Item] = []
         self._size = 2
         self._oldest = 0.0
+        self._in_flight: collections.deque[Future] = collections.deque()
 
     def setup(self) -> None:
         self._writer.open()
+        self._counters: dict[str, Any] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        if self._max_in_flight > 1:
+            self._pool = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="deliver")
 
     def teardown(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         self._writer.close()
 
     def start_bundle(self) -> None:
         self._batch = []
         self._size = 2  # the brackets of the JSON array
+        self._in_flight = collections.deque()
 
     def process(self, element: tuple[str, tuple]) -> Iterator[Any]:
         item = as_item(element)
@@ -483,10 +522,13 @@ class _BatchingFn(beam.DoFn):
         self._size += size
         if self._max_delay is not None and time.monotonic() - self._oldest >= self._max_delay:
             yield from self._flush()
+        elif self._in_flight and self._in_flight[0].done():
+            yield from self._collect(self._max_in_flight)
 
     def finish_bundle(self) -> Iterator[Any]:
         window = GlobalWindow()
-        for output in self._flush():
+        outputs = [*self._flush(), *self._collect(0)]
+        for output in outputs:
             if isinstance(output, pvalue.TaggedOutput):
                 yield pvalue.TaggedOutput(
                     output.tag, WindowedValue(output.value, window.max_timestamp(), (window,))
@@ -498,14 +540,49 @@ class _BatchingFn(beam.DoFn):
         batch, self._batch, self._size = self._batch, [], 2
         if not batch:
             return
-        for item, letter in self._writer.deliver(batch):
-            if letter is not None:
-                yield letter
-            elif self._acks and item[4] is not None:
-                yield pvalue.TaggedOutput(ACKS, item[4])
+        if self._pool is None:
+            done: Future = Future()
+            done.set_result(self._deliver(batch))
+            self._in_flight.append(done)
+        else:
+            self._in_flight.append(self._pool.submit(self._deliver, batch))
+        yield from self._collect(self._max_in_flight)
+
+    def _deliver(self, batch: list[_Item]) -> tuple[_Fates, _Counts]:
+        counts: _Counts = collections.Counter()
+        return list(self._writer.deliver(batch, counts)), counts
+
+    def _collect(self, limit: int) -> Iterator[Any]:
+        """Emit the outcomes of finished batches, oldest first; wait while over ``limit``."""
+        while self._in_flight and (len(self._in_flight) > limit or self._in_flight[0].done()):
+            try:
+                fates, counts = self._in_flight.popleft().result()
+            except BaseException:
+                # The bundle fails (a refused application id, say); batches still queued
+                # are not posted, and the runner decides what is retried.
+                for pending in self._in_flight:
+                    pending.cancel()
+                self._in_flight.clear()
+                raise
+            for name, n in counts.items():
+                if name not in self._counters:
+                    self._counters[name] = counter(name)
+                self._counters[name].inc(n)
+            for item, letter in fates:
+                if letter is not None:
+                    yield letter
+                elif self._acks and item[4] is not None:
+                    yield pvalue.TaggedOutput(ACKS, item[4])
 
 
-def _validate_batching(kind: str, max_events: int, max_bytes: int, gzip_level: int) -> None:
+# Each batch in flight holds up to max_bytes twice (JSON and gzip); more than a few buys
+# nothing on one worker, since posting is not where the time goes.
+MAX_IN_FLIGHT = 8
+
+
+def _validate_batching(
+    kind: str, max_events: int, max_bytes: int, gzip_level: int, max_in_flight: int
+) -> None:
     if kind not in BATCH_BYTE_LIMITS:
         msg = f"kind must be one of {sorted(BATCH_BYTE_LIMITS)}, got {kind!r}"
         raise ValueError(msg)
@@ -520,6 +597,9 @@ def _validate_batching(kind: str, max_events: int, max_bytes: int, gzip_level: i
         raise ValueError(msg)
     if not 0 <= gzip_level <= 9:
         msg = f"gzip_level must be in 0..9, got {gzip_level}"
+        raise ValueError(msg)
+    if not 1 <= max_in_flight <= MAX_IN_FLIGHT:
+        msg = f"max_in_flight must be in 1..{MAX_IN_FLIGHT}, got {max_in_flight}"
         raise ValueError(msg)
 
 
@@ -556,9 +636,10 @@ class PostToMoesif(beam.PTransform):
         gzip_level: int = 6,
         policy: RetryPolicy | None = None,
         timeout: float = 30.0,
+        max_in_flight: int = 2,
     ) -> None:
         super().__init__()
-        _validate_batching(kind, max_events, max_bytes, gzip_level)
+        _validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
         if not base_url.startswith(("http://", "https://")):
             msg = f"moesif_base_url must start with http:// or https://, got {base_url!r}"
             raise ValueError(msg)
@@ -578,14 +659,24 @@ class PostToMoesif(beam.PTransform):
         )
         self._max_events = max_events
         self._max_bytes = max_bytes
+        self._max_in_flight = max_in_flight
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes)
+        fn = _BatchingFn(
+            self._writer, self._max_events, self._max_bytes, max_in_flight=self._max_in_flight
+        )
         return records | "PostBatches" >> beam.ParDo(fn)
 
     def in_stream(self, max_delay: float) -> beam.ParDo:
         """The same delivery for a stream: dead letters, plus acks of delivered records."""
-        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes, max_delay, acks=True)
+        fn = _BatchingFn(
+            self._writer,
+            self._max_events,
+            self._max_bytes,
+            max_delay,
+            acks=True,
+            max_in_flight=self._max_in_flight,
+        )
         return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")
 
 
@@ -605,21 +696,32 @@ class WriteBatchFiles(beam.PTransform):
         max_events: int = 500,
         max_bytes: int = 5_000_000,
         gzip_level: int = 6,
+        max_in_flight: int = 2,
     ) -> None:
         super().__init__()
-        _validate_batching(kind, max_events, max_bytes, gzip_level)
+        _validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
         if not directory:
             msg = "an output directory is required"
             raise ValueError(msg)
         self._writer: _Writer = _FileWriter(directory, kind, gzip_level)
         self._max_events = max_events
         self._max_bytes = max_bytes
+        self._max_in_flight = max_in_flight
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes)
+        fn = _BatchingFn(
+            self._writer, self._max_events, self._max_bytes, max_in_flight=self._max_in_flight
+        )
         return records | "WriteBatches" >> beam.ParDo(fn)
 
     def in_stream(self, max_delay: float) -> beam.ParDo:
         """The same delivery for a stream: dead letters, plus acks of delivered records."""
-        fn = _BatchingFn(self._writer, self._max_events, self._max_bytes, max_delay, acks=True)
+        fn = _BatchingFn(
+            self._writer,
+            self._max_events,
+            self._max_bytes,
+            max_delay,
+            acks=True,
+            max_in_flight=self._max_in_flight,
+        )
         return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")

@@ -22,7 +22,7 @@ from transforms.counters import counter
 from transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
 from transforms.errors import InvalidRecord
 from transforms.formats import moesif_actions, segment, wso2
-from transforms.schema import NO_TIME, SCOPES, Signature, signature, signature_id
+from transforms.schema import NO_TIME, SCOPES, Signature, SignatureMemo
 
 __all__ = [
     "FORMATS",
@@ -126,7 +126,7 @@ class _NormalizeFn(beam.DoFn):
     def setup(self) -> None:
         self._format = FORMATS[self._pipeline][self._fmt]
         self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-        self._memo: dict[Signature, bytes] = {}
+        self._signature = SignatureMemo(self._scope, _SIGNATURE_MEMO_SIZE)
 
     def start_bundle(self) -> None:
         # signature id -> (earliest (time, transaction_id) seen in this bundle, signature)
@@ -213,14 +213,9 @@ class _NormalizeFn(beam.DoFn):
         yield transaction_id, (when, body, raw, source, sig_id, ack)
 
     def _note(self, record: dict, when: int, transaction_id: str) -> bytes:
-        sig = signature(record.get("metadata"), self._scope)
+        sig, sig_id = self._signature(record.get("metadata"))
         if not sig:
             return b""
-        sig_id = self._memo.get(sig)
-        if sig_id is None:
-            if len(self._memo) >= _SIGNATURE_MEMO_SIZE:
-                self._memo.clear()
-            sig_id = self._memo[sig] = signature_id(sig)
         first = self._seen.get(sig_id)
         if first is None or (when, transaction_id) < first[:2]:
             self._seen[sig_id] = (when, transaction_id, sig)

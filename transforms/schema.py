@@ -52,6 +52,7 @@ __all__ = [
     "EnforceMetadataSchema",
     "EnforceMetadataSchemaInStream",
     "SchemaChecked",
+    "SignatureMemo",
     "find_conflict",
     "load_schema",
     "merge_schema",
@@ -89,9 +90,9 @@ def types_of(metadata: Mapping[str, Any], scope: str = "name") -> Iterator[tuple
         prefix, obj = stack.pop()
         if isinstance(obj, dict):
             for key, value in obj.items():
-                kind = type_name(value)
-                if kind is None:
+                if value is None:
                     continue
+                kind = json_type(value)
                 name = f"{prefix}{key}" if by_path else key
                 yield name, kind
                 if kind == "object":
@@ -109,6 +110,52 @@ def signature(metadata: Any, scope: str = "name") -> Signature:
     if not isinstance(metadata, dict) or not metadata:
         return ()
     return tuple(sorted(set(types_of(metadata, scope))))
+
+
+class SignatureMemo:
+    """:func:`signature` and :func:`signature_id` of metadata, remembered by shape.
+
+    Records of one source mostly share a metadata shape: the same keys, in the same order,
+    with values of the same types. For metadata without nested objects or arrays that
+    shape decides the signature, so it is computed once per shape instead of once per
+    record. At most ``size`` shapes are kept; the memo starts over when full, so an
+    endless variety of shapes costs time, never unbounded memory.
+    """
+
+    def __init__(self, scope: str, size: int = 50_000) -> None:
+        if scope not in SCOPES:
+            msg = f"scope must be one of {SCOPES}, got {scope!r}"
+            raise ValueError(msg)
+        self._scope = scope
+        self._size = size
+        self._by_shape: dict[tuple, tuple[Signature, bytes]] = {}
+        self._by_signature: dict[Signature, bytes] = {}
+
+    def __call__(self, metadata: Any) -> tuple[Signature, bytes]:
+        """``(signature, signature_id)``; ``((), b"")`` for empty or missing metadata."""
+        if type(metadata) is not dict or not metadata:
+            return (), b""
+        types = tuple(map(type, metadata.values()))
+        nested = dict in types or list in types
+        if nested:
+            return self._of_signature(signature(metadata, self._scope))
+        shape = (tuple(metadata), types)
+        known = self._by_shape.get(shape)
+        if known is None:
+            if len(self._by_shape) >= self._size:
+                self._by_shape.clear()
+            known = self._by_shape[shape] = self._of_signature(signature(metadata, self._scope))
+        return known
+
+    def _of_signature(self, sig: Signature) -> tuple[Signature, bytes]:
+        if not sig:
+            return (), b""
+        sig_id = self._by_signature.get(sig)
+        if sig_id is None:
+            if len(self._by_signature) >= self._size:
+                self._by_signature.clear()
+            sig_id = self._by_signature[sig] = signature_id(sig)
+        return sig, sig_id
 
 
 def signature_id(sig: Signature) -> bytes:

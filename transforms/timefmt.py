@@ -8,6 +8,7 @@ milliseconds happen. Everything here is a pure function over plain values.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from datetime import UTC, datetime
@@ -67,10 +68,15 @@ def _epoch_to_ms(number: float) -> int:
 def format_time_ms(ms: int) -> str:
     """Format epoch milliseconds as Moesif's canonical ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (UTC)."""
     seconds, millis = divmod(ms, 1000)
-    # time.gmtime + manual formatting is several times faster than datetime.strftime,
-    # and this runs twice per event.
+    return f"{_second(seconds)}.{millis:03d}Z"
+
+
+# This runs twice per event, and a log's events crowd into few seconds: remembering the
+# formatted second makes most calls a dictionary lookup.
+@functools.lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
     t = time.gmtime(seconds)
     return (
         f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{millis:03d}Z"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
     )
