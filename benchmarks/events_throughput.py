@@ -22,7 +22,6 @@ import argparse
 import gzip
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,12 +34,11 @@ sys.path.insert(0, str(REPO))
 
 import requests  # noqa: E402
 
+from benchmarks._support import APP_ID, start_collector  # noqa: E402
 from samples.generate_wso2 import generate  # noqa: E402
 from transforms.errors import InvalidRecord  # noqa: E402
 from transforms.formats.wso2 import extract_json, to_moesif_event  # noqa: E402
 from transforms.normalize import parse_json  # noqa: E402
-
-APP_ID = "benchmark-app"
 
 
 def unique_events(input_path: str, counts: dict) -> Iterator[tuple[str, dict]]:
@@ -175,35 +173,6 @@ def _client_python() -> str:
     return str(python)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_collector(data_dir: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "runners.collector",
-            "--port",
-            str(port),
-            "--data_dir",
-            data_dir,
-            "--store",
-            "count",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    proc.stdout.readline()  # "collector listening on ..."
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def _timed(cmd: list[str], env: dict) -> tuple[float, int, subprocess.CompletedProcess]:
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -259,7 +228,7 @@ def main() -> int:
     results = {}
     sides = ("reference", "client", "pipeline") if args.client else ("reference", "pipeline")
     for side in sides:
-        collector, url = _start_collector(str(work / f"collector-{side}"))
+        collector, url = start_collector(str(work / f"collector-{side}"))
         try:
             if side == "reference":
                 cmd = [

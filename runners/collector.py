@@ -44,8 +44,10 @@ that file:
   ``drop_first``, ``fail_first``) or random with a seed. A faulted request stores nothing.
 * ``store="count"`` validates, deduplicates and enforces metadata types like SQLite but keeps
   no bodies (its schema lives in memory): for benchmarks.
-* Inspection without auth: ``GET /_emulator/stats`` (with ``metadata_schema`` and
-  ``type_conflicts``), ``GET /_emulator/records``, ``POST /_emulator/reset``, and
+* Inspection without auth: ``GET /_emulator/stats`` (with ``metadata_schema``,
+  ``type_conflicts`` and ``arrival_lag_ms``: how long after its ``request.time`` each
+  accepted event or action arrived, which is the produce-to-2xx latency when a producer
+  stamps records as it sends them), ``GET /_emulator/records``, ``POST /_emulator/reset``, and
   ``POST /_emulator/schema`` with ``{"key": "type", ...}`` to seed the schema (keys it does
   not know yet are added; it answers with the resulting schema).
 
@@ -1210,6 +1212,7 @@ class _Collector:
             self._dropped = 0
             self._failed = 0
             self._type_conflicts = 0
+            self._lags: dict[str, list[int]] = {"events": [], "actions": []}
             # The fault schedule restarts too, so a reset emulator behaves like a fresh one.
             self._latency_candidates = 0
             self._drop_candidates = 0
@@ -1285,11 +1288,14 @@ class _Collector:
                     self._type_conflicts += 1
                 raise
             duplicates = len(items) - stored
+        lags = _arrival_lags(items) if kind in ("events", "actions") else []
         with self._lock:
             self._accepted[kind] += len(items)
             self._stored[kind] += stored
             if kind in self._duplicates:
                 self._duplicates[kind] += duplicates
+            if lags and len(self._lags[kind]) < _MAX_LAGS:
+                self._lags[kind].extend(lags)
         return stored, duplicates
 
     def _insert_events(self, kind: str, items: list[dict[str, Any]], *, batch: bool) -> int:
@@ -1359,6 +1365,7 @@ class _Collector:
                 "faults": {"dropped": self._dropped, "failed": self._failed},
                 "metadata_schema": schema,
                 "type_conflicts": self._type_conflicts,
+                "arrival_lag_ms": {kind: _percentiles(lags) for kind, lags in self._lags.items()},
             }
 
     def records(self, kind: str, limit: int | None = None, offset: int = 0) -> list[Any]:
@@ -1375,6 +1382,45 @@ class _Collector:
 
     def close(self) -> None:
         self.store.close()
+
+
+# Arrival lags kept per kind (8 bytes each as Python ints in a list: 5M is about 200 MB at
+# worst, and a benchmark run is far below it).
+_MAX_LAGS = 5_000_000
+
+
+def _arrival_lags(items: list[dict[str, Any]]) -> list[int]:
+    """Milliseconds between each item's ``request.time`` and now; items without one skipped."""
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    lags = []
+    for item in items:
+        request = item.get("request")
+        text = request.get("time") if isinstance(request, dict) else None
+        if not isinstance(text, str):
+            continue
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            continue
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        lags.append(now_ms - int(when.timestamp() * 1000))
+    return lags
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    """Count, p50, p90, p99 and max of ``values`` (nearest rank); only count when empty."""
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return {
+        "count": len(ordered),
+        "p50": ordered[round(0.50 * last)],
+        "p90": ordered[round(0.90 * last)],
+        "p99": ordered[round(0.99 * last)],
+        "max": ordered[last],
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -1451,3 +1451,28 @@ def test_cli_parses_metadata_types(capsys):
         main(["--metadata_types", "strict"])
     assert exited.value.code == 2
     assert "--metadata_types" in capsys.readouterr().err
+
+
+def test_stats_report_how_long_after_their_request_time_records_arrived(collector):
+    def stamped(seconds_ago: float) -> str:
+        when = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+        return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    events = [event(f"lag-{i}") for i in range(3)]
+    for i, record in enumerate(events):
+        record["request"]["time"] = stamped(2 + i)
+    assert post(collector, "/v1/events/batch", events).status_code == 201
+    late_action = action("lag-a")
+    late_action["request"]["time"] = stamped(5)
+    assert post(collector, "/v1/actions", late_action).status_code == 201
+
+    lags = collector.stats()["arrival_lag_ms"]
+    assert lags["events"]["count"] == 3
+    # Seconds 2, 3 and 4 ago when stamped; the request itself takes well under 10 s.
+    assert 2000 <= lags["events"]["p50"] - 1000 < 12_000
+    assert 4000 <= lags["events"]["max"] < 14_000
+    assert lags["events"]["p50"] <= lags["events"]["p99"] <= lags["events"]["max"]
+    assert lags["actions"]["count"] == 1
+    assert 5000 <= lags["actions"]["max"] < 15_000
+    requests.post(collector.url + "/_emulator/reset", timeout=10)
+    assert collector.stats()["arrival_lag_ms"] == {"events": {"count": 0}, "actions": {"count": 0}}

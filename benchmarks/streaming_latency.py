@@ -1,0 +1,245 @@
+"""Streaming from Kafka: sustained events/s, and produce-to-2xx latency at a fixed rate.
+
+Run by hand (``python benchmarks/streaming_latency.py``). It starts its own Kafka broker
+(``runners.kafka_local``, or ``--bootstrap`` for another) and the collector emulator in
+count-only mode, then runs ``moesif-beam events --source kafka`` unbounded, on its default
+streaming runner (Prism), twice:
+
+1. sustained throughput: ``--backlog`` events are produced before the pipeline starts; the
+   rate is measured while the collector's count goes from 10% to 90% of them, so start-up
+   and the last partial batches are left out;
+2. latency: ``--rate`` events/s for ``--seconds``, each stamped with the wall clock as it is
+   produced (its ``requestTimestamp``, which becomes the Moesif ``request.time``). The
+   collector reports how long after that time each event arrived; a warm-up phase comes
+   before, and is not counted.
+
+Both runs end with SIGTERM, which drains the pipeline, and both check that every unique
+event produced reached the collector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from confluent_kafka import Producer  # noqa: E402
+
+from benchmarks._support import (  # noqa: E402
+    APP_ID,
+    collector_stats,
+    reset_collector,
+    start_collector,
+)
+from runners.kafka_local import KafkaConfig, LocalKafka, create_topic  # noqa: E402
+from samples.generate_wso2 import generate  # noqa: E402
+
+_TIMESTAMP = re.compile(rb'"requestTimestamp":"[^"]*"')
+
+
+def templates(count: int) -> list[tuple[bytes, bytes]]:
+    """``count`` unique WSO2 events, each split around its requestTimestamp value."""
+    out = []
+    for line in generate(count, seed=2026, fault_rate=0.05, dup_rate=0.0):
+        match = _TIMESTAMP.search(line)
+        if match is None:
+            continue
+        out.append((line[: match.start()] + b'"requestTimestamp":"', b'"' + line[match.end() :]))
+    return out
+
+
+def stamp(template: tuple[bytes, bytes]) -> bytes:
+    """The event, stamped with the current time (milliseconds, UTC)."""
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return template[0] + now.encode() + template[1]
+
+
+def produce_paced(
+    producer: Producer, topic: str, events: list[tuple[bytes, bytes]], rate: float
+) -> float:
+    """Produce ``events`` at ``rate`` per second, stamping each as it goes; returns seconds."""
+    started = time.monotonic()
+    for i, template in enumerate(events):
+        due = started + i / rate
+        wait = due - time.monotonic()
+        if wait > 0:
+            producer.poll(0)
+            time.sleep(wait)
+        producer.produce(topic, stamp(template))
+    producer.flush(60)
+    return time.monotonic() - started
+
+
+def start_pipeline(
+    bootstrap: str, topic: str, url: str, work: Path, extra: list[str]
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "runners.cli",
+        "events",
+        "--source",
+        "kafka",
+        "--kafka_bootstrap_servers",
+        bootstrap,
+        "--kafka_topic",
+        topic,
+        "--kafka_group_id",
+        f"bench-{topic}",
+        "--moesif_base_url",
+        url,
+        "--output_dir",
+        str(work / f"out-{topic}"),
+        *extra,
+    ]
+    env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
+    log = (work / f"pipeline-{topic}.log").open("wb")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_pipeline(proc: subprocess.Popen, timeout: float = 120.0) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``condition`` every 0.2 s; return when it holds, or exit with ``what``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            sys.exit(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+    return time.monotonic()
+
+
+def stored(url: str) -> int:
+    return int(collector_stats(url)["items_stored"]["events"])
+
+
+def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse.Namespace) -> dict:
+    topic = f"bench-backlog-{os.getpid()}"
+    create_topic(bootstrap, topic, args.partitions)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    events = templates(backlog)
+    for template in events:
+        producer.produce(topic, stamp(template))
+        producer.poll(0)
+    producer.flush(120)
+    reset_collector(url)
+    proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
+    try:
+        low, high = int(0.1 * len(events)), int(0.9 * len(events))
+        t_low = wait_for(lambda: stored(url) >= low, 600, "the first 10% of the backlog")
+        t_high = wait_for(lambda: stored(url) >= high, 1800, "90% of the backlog")
+        wait_for(lambda: stored(url) >= len(events), 300, "the whole backlog")
+    finally:
+        code = stop_pipeline(proc)
+    return {
+        "events": len(events),
+        "events_per_s": (high - low) / (t_high - t_low),
+        "delivered": stored(url),
+        "exit": code,
+    }
+
+
+def latency(bootstrap: str, url: str, work: Path, args: argparse.Namespace) -> dict:
+    topic = f"bench-rate-{os.getpid()}"
+    create_topic(bootstrap, topic, args.partitions)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    warmup_n = int(args.rate * args.warmup)
+    events = templates(warmup_n + int(args.rate * args.seconds))
+    warmup, measured = events[:warmup_n], events[warmup_n:]
+    reset_collector(url)
+    proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
+    try:
+        # Warm-up: the job starts, reads, and delivers at the rate before anything counts.
+        produce_paced(producer, topic, warmup, args.rate)
+        wait_for(lambda: stored(url) >= len(warmup), 300, "the warm-up events")
+        reset_collector(url)
+        seconds = produce_paced(producer, topic, measured, args.rate)
+        wait_for(lambda: stored(url) >= len(measured), 300, "every measured event")
+        stats = collector_stats(url)
+    finally:
+        code = stop_pipeline(proc)
+    lag = stats["arrival_lag_ms"]["events"]
+    return {
+        "events": len(measured),
+        "produced_per_s": len(measured) / seconds,
+        "delivered": stats["items_stored"]["events"],
+        "lag": lag,
+        "batches": stats["requests"].get("/v1/events/batch", {}),
+        "exit": code,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=2000.0, help="events/s in the latency run")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the latency run (0: skip it)")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
+    parser.add_argument("--backlog", type=int, default=60_000, help="0 skips the throughput run")
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--bootstrap", help="an existing broker instead of a local one")
+    parser.add_argument(
+        "pipeline_args",
+        nargs="*",
+        help="flags for moesif-beam (after --); default: --batch_max_delay 1",
+    )
+    args = parser.parse_args()
+    if not args.pipeline_args:
+        args.pipeline_args = ["--batch_max_delay", "1"]
+
+    work = Path(tempfile.mkdtemp(prefix="moesif-stream-bench-"))
+    broker = None
+    bootstrap = args.bootstrap
+    if bootstrap is None:
+        broker = LocalKafka(KafkaConfig(data_dir=str(work / "kafka"), port=0)).start()
+        bootstrap = broker.bootstrap_servers
+    collector, url = start_collector(str(work / "collector"))
+    try:
+        print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; work in {work}")
+        print(f"pipeline flags: {' '.join(args.pipeline_args)}; {args.partitions} partitions")
+        if args.backlog:
+            result = sustained(bootstrap, url, work, args.backlog, args)
+            print(
+                f"sustained: {result['events_per_s']:,.0f} events/s over a backlog of "
+                f"{result['events']:,} (delivered {result['delivered']:,}, exit {result['exit']})"
+            )
+        if not args.seconds:
+            return 0
+        result = latency(bootstrap, url, work, args)
+        lag = result["lag"]
+        print(
+            f"latency at {result['produced_per_s']:,.0f} events/s for {args.seconds:.0f}s: "
+            f"p50 {lag['p50'] / 1000:.2f}s  p90 {lag['p90'] / 1000:.2f}s  "
+            f"p99 {lag['p99'] / 1000:.2f}s  max {lag['max'] / 1000:.2f}s  "
+            f"(delivered {result['delivered']:,} of {result['events']:,}, exit {result['exit']}, "
+            f"responses {result['batches']})"
+        )
+        ok = lag["p99"] < 3000 and result["delivered"] >= result["events"]
+    finally:
+        collector.terminate()
+        collector.wait()
+        if broker is not None:
+            broker.stop()
+    print(f"p99 under 3 s: {ok}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
