@@ -190,7 +190,9 @@ def latency(bootstrap: str, url: str, work: Path, args: argparse.Namespace) -> d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=2000.0, help="events/s in the latency run")
-    parser.add_argument("--seconds", type=float, default=60.0, help="length of the latency run (0: skip it)")
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="length of the latency run (0: skip it)"
+    )
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     parser.add_argument("--backlog", type=int, default=60_000, help="0 skips the throughput run")
     parser.add_argument("--partitions", type=int, default=2)

@@ -72,7 +72,9 @@ def build_delivery(
         config.company_id_field,
         schema_scope=config.schema_scope,
     )
-    unique = normalized.records | "Dedup" >> DedupByTransactionId()
+    unique = normalized.records | "Dedup" >> DedupByTransactionId(
+        config.spill_dir if config.dedup_spill else None
+    )
     checked = (unique, normalized.signatures) | "MetadataSchema" >> EnforceMetadataSchema(
         stored_schema, config.pipeline
     )

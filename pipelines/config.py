@@ -56,6 +56,9 @@ class PipelineConfig:
         follow: keep watching the ``input`` glob for new files (streaming).
         follow_interval: seconds between looks for new files.
         dedup_ttl: in streaming, how long a transaction id is remembered, in seconds.
+        dedup_spill: bounded runs deduplicate through files partitioned by id under
+            ``spill_dir`` instead of the engine's shuffle (for local runners, whose
+            shuffle lives in memory).
         run_id: labels this run's dead-letter files.
     """
 
@@ -83,6 +86,7 @@ class PipelineConfig:
     follow: bool = False
     follow_interval: float = 5.0
     dedup_ttl: float = 3600.0
+    dedup_spill: bool = False
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -156,6 +160,11 @@ class PipelineConfig:
     def schema_store_path(self) -> str:
         """Where the metadata type schema is persisted."""
         return self.schema_store or f"{self.output_dir.rstrip('/')}/metadata_schema.json"
+
+    @property
+    def spill_dir(self) -> str:
+        """Where a bounded run with ``dedup_spill`` spills records; removed after the run."""
+        return f"{self.output_dir.rstrip('/')}/.dedup-spill/{self.pipeline}-{self.run_id}"
 
     @property
     def schema_pending_dir(self) -> str:

@@ -232,6 +232,18 @@ def _has_runner(beam_args: list[str]) -> bool:
     return any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args)
 
 
+# Runners whose shuffle lives in this machine's memory; bounded runs on them spill the
+# dedup to files instead (see transforms/dedup.py).
+_LOCAL_RUNNERS = frozenset(
+    {"FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner"}
+)
+
+
+def _runs_locally(beam_args: list[str]) -> bool:
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    return runner is None or str(runner).rsplit(".", 1)[-1] in _LOCAL_RUNNERS
+
+
 def _beam_options(beam_args: list[str], *, streaming: bool) -> PipelineOptions:
     if streaming and "--streaming" not in beam_args:
         beam_args = [*beam_args, "--streaming"]
@@ -279,6 +291,7 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             follow=args.follow,
             follow_interval=args.follow_interval,
             dedup_ttl=args.dedup_ttl,
+            dedup_spill=_runs_locally(beam_args),
         )
         load_schema(config.schema_store_path, config.schema_scope)
         if kafka is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -12,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.filesystems import BeamIOError, FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -99,6 +101,8 @@ def execute(
     finally:
         if restore is not None:
             restore()
+        if config.dedup_spill:
+            _remove_spill(config.spill_dir)
     seconds = time.monotonic() - started
     counters = local_tally() if in_process_workers else collect_counters(result)
     added = merge_pending_schema(config)
@@ -111,6 +115,19 @@ def execute(
     if config.metrics_out:
         _write_metrics(config, counters, seconds)
     return 0 if invariant_holds(counters) else EXIT_FAILED
+
+
+def _remove_spill(directory: str) -> None:
+    """Delete a run's dedup spill files; a failed run's are no use to the next one."""
+    try:
+        if FileSystems.exists(directory):
+            FileSystems.delete([directory])
+    except BeamIOError as exc:
+        _LOG.warning("could not remove the dedup spill directory %s: %s", directory, exc)
+    if "://" not in directory:
+        # The parent holds every run's spill; it goes once no run is using it.
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(directory.rstrip("/")))
 
 
 def _drain_on_signals() -> Callable[[], None]:

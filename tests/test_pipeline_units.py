@@ -26,7 +26,7 @@ from tests.helpers import (
     read_dead_letters,
     run,
 )
-from transforms.dedup import DedupByTransactionId, pick_first
+from transforms.dedup import DedupByTransactionId, pack_record, pick_first, unpack_records
 from transforms.moesif_sink import WriteBatchFiles
 from transforms.normalize import NormalizeRecords
 
@@ -110,6 +110,36 @@ def test_dedup_keeps_the_earliest_record_per_transaction_id():
         equal_to([("a", b'{"v":1}'), ("b", b'{"v":7}')]),
     )
     assert run(pipeline)["duplicates"] == 2
+
+
+def test_packed_records_round_trip():
+    records = [
+        ("a", (5, b'{"v":1}', b"raw\xff", "f:1", b"\x01" * 16, None)),
+        ("\u00e9t\u00e9", (-3, b"", b"", "topic/0@7", b"", ("topic", 0, 7, 6))),
+    ]
+    data = b"".join(pack_record(tid, value) for tid, value in records)
+    assert list(unpack_records(data)) == records
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_dedup_spilled_or_shuffled_keeps_the_same_records(tmp_path, spill):
+    rng = random.Random(3)
+    records = []
+    for i in range(400):
+        tid = f"id-{rng.randrange(150)}"
+        time_ms = rng.randrange(50)
+        records.append(
+            (tid, (time_ms, json.dumps({"t": tid, "i": i}).encode(), b"r", f"f:{i}", b"", None))
+        )
+    expected = {}
+    for tid, value in records:
+        if tid not in expected or value[:2] < expected[tid][:2]:
+            expected[tid] = value
+    pipeline = make_pipeline()
+    spill_dir = str(tmp_path / "spill") if spill else None
+    out = pipeline | beam.Create(records) | DedupByTransactionId(spill_dir, partitions=7)
+    assert_that(out, equal_to(sorted(expected.items())))
+    assert run(pipeline)["duplicates"] == len(records) - len(expected)
 
 
 @pytest.mark.parametrize(("max_events", "max_bytes"), [(3, 5_000_000), (500, 1024), (7, 2000)])

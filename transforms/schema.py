@@ -400,6 +400,10 @@ class EnforceMetadataSchema(beam.PTransform):
 _OK = ("ok",)
 
 
+# Bound on the decisions a worker remembers per stage (each a few dozen bytes).
+_VERDICT_MEMO_SIZE = 100_000
+
+
 def _fan_out(
     element: tuple[bytes, tuple[int, str, Signature]],
 ) -> Iterator[tuple[str, tuple[bytes, str, int]]]:
@@ -421,18 +425,26 @@ class _DecideKeyTypeFn(beam.DoFn):
     def __init__(self, stored: Mapping[str, str]) -> None:
         self._stored = dict(stored)
 
+    def setup(self) -> None:
+        # A decided type never changes, so a worker may remember it and skip the state
+        # read, a blocking round trip to the runner.
+        self._known: dict[str, str] = {}
+
     def process(
         self,
         element: tuple[str, tuple[bytes, str, int]],
         decided_state: Any = beam.DoFn.StateParam(TYPE),
     ) -> Iterator[Any]:
         key, (sig_id, kind, size) = element
-        decided = decided_state.read()
+        decided = self._known.get(key) or decided_state.read()
         if decided is None:
             decided = self._stored.get(key) or kind
             decided_state.write(decided)
             if key not in self._stored:
                 yield pvalue.TaggedOutput("new", (key, decided))
+        if len(self._known) >= _VERDICT_MEMO_SIZE:
+            self._known.clear()
+        self._known[key] = decided
         yield sig_id, (key, decided, kind, size)
 
 
@@ -448,6 +460,10 @@ class _AssembleVerdictFn(beam.DoFn):
     def __init__(self, shards: int) -> None:
         self._shards = shards
 
+    def setup(self) -> None:
+        # Signatures whose verdict went out: final, so no state read is needed for them.
+        self._done: set[bytes] = set()
+
     def process(
         self,
         element: tuple[bytes, tuple[str, str, str, int]],
@@ -455,7 +471,10 @@ class _AssembleVerdictFn(beam.DoFn):
         done: Any = beam.DoFn.StateParam(DONE),
     ) -> Iterator[tuple[tuple[bytes, int], tuple[str, Any]]]:
         sig_id, item = element
+        if sig_id in self._done:
+            return
         if done.read():
+            self._remember(sig_id)
             return
         decided_bag.add(item)
         decisions = {key: (decided, sent) for key, decided, sent, _ in decided_bag.read()}
@@ -469,8 +488,14 @@ class _AssembleVerdictFn(beam.DoFn):
                 break
         done.write(True)
         decided_bag.clear()
+        self._remember(sig_id)
         for shard in range(self._shards):
             yield (sig_id, shard), ("verdict", verdict)
+
+    def _remember(self, sig_id: bytes) -> None:
+        if len(self._done) >= _VERDICT_MEMO_SIZE:
+            self._done.clear()
+        self._done.add(sig_id)
 
 
 class _GateFn(beam.DoFn):
@@ -482,6 +507,12 @@ class _GateFn(beam.DoFn):
     def __init__(self, pipeline: str) -> None:
         self._check = _CheckFn(pipeline)
 
+    def setup(self) -> None:
+        # A signature's verdict never changes once made, so a worker may remember it: most
+        # records then pass without a state read, which is a blocking round trip to the
+        # runner per record.
+        self._verdicts: dict[bytes, tuple] = {}
+
     def process(
         self,
         element: tuple[tuple[bytes, int], tuple[str, Any]],
@@ -491,16 +522,25 @@ class _GateFn(beam.DoFn):
         (sig_id, _), (kind, payload) = element
         if kind == "verdict":
             verdict_state.write(payload)
+            self._remember(sig_id, payload)
             held = list(waiting.read())
             waiting.clear()
             for record in held:
                 yield from self._route(record, payload, sig_id)
             return
-        verdict = verdict_state.read()
+        verdict = self._verdicts.get(sig_id)
         if verdict is None:
-            waiting.add(payload)
-            return
+            verdict = verdict_state.read()
+            if verdict is None:
+                waiting.add(payload)
+                return
+            self._remember(sig_id, verdict)
         yield from self._route(payload, verdict, sig_id)
+
+    def _remember(self, sig_id: bytes, verdict: tuple) -> None:
+        if len(self._verdicts) >= _VERDICT_MEMO_SIZE:
+            self._verdicts.clear()
+        self._verdicts[sig_id] = verdict
 
     def _route(self, record: tuple[str, tuple], verdict: tuple, sig_id: bytes) -> Iterator[Any]:
         conflicts = {} if verdict == _OK else {sig_id: verdict[1:]}

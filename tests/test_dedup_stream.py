@@ -1,0 +1,73 @@
+"""Streaming dedup: a transaction id is dropped within its TTL of event time, then forgotten."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream as EventStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+
+from tests.helpers import run
+from transforms.counters import local_tally
+from transforms.streaming import DedupInStream, _SeenIds
+
+TTL = 60
+
+
+def _record(tid: str, seconds: float, ack: object = None) -> TimestampedValue:
+    value = (int(seconds * 1000), b"{}", b"raw", f"src:{tid}", b"", ack)
+    return TimestampedValue((tid, value), seconds)
+
+
+def test_repeats_within_the_ttl_are_dropped_and_acknowledged_then_forgotten():
+    stream = (
+        EventStream()
+        .add_elements([_record("a", 0), _record("b", 1), _record("a", 2, ack="ack-a2")])
+        .add_elements([_record("a", 50, ack="ack-a50"), _record("c", 30), _record("d", 95)])
+        # Ids are filed in 10 s buckets of event time and forgotten once the watermark
+        # passes the bucket's end plus the TTL: a and b (bucket 0-10 s) at 70 s, c (30-40 s)
+        # at 100 s, d (90-100 s) only at 160 s.
+        .advance_watermark_to(100)
+        .add_elements([_record("a", 101), _record("b", 102), _record("c", 103)])
+        .add_elements([_record("d", 104, ack="ack-d104")])
+        .advance_watermark_to_infinity()
+    )
+    options = PipelineOptions(["--runner=BundleBasedDirectRunner"])
+    options.view_as(StandardOptions).streaming = True
+    pipeline = beam.Pipeline(options=options)
+    out = pipeline | stream | DedupInStream(TTL, shards=3)
+    assert_that(
+        out.records | beam.Map(lambda kv: (kv[0], kv[1][0] // 1000)),
+        equal_to([("a", 0), ("b", 1), ("c", 30), ("d", 95), ("a", 101), ("b", 102), ("c", 103)]),
+        label="records",
+    )
+    assert_that(out.acks, equal_to(["ack-a2", "ack-a50", "ack-d104"]), label="acks")
+    before = local_tally()["duplicates"]
+    run(pipeline)
+    # The in-process tally, not the runner's metrics: the direct runner's streaming mode
+    # reports only part of a keyed stage's counter (seen: 1 of 3), while every worker here
+    # runs in this process, as with moesif-beam's own streaming setup.
+    assert local_tally()["duplicates"] - before == 3
+
+
+def test_seen_ids_forget_whole_buckets():
+    seen = _SeenIds()
+    assert seen.add("x", 1_000)
+    assert not seen.add("x", 9_000)
+    assert seen.add("y", 15_000)
+    assert seen.oldest_bucket_end() == 10_000
+    seen.forget_before(10_000)
+    assert seen.add("x", 20_000)
+    assert not seen.add("y", 20_000)
+    seen.forget_before(30_000)
+    assert seen.ids == {}
+    assert seen.oldest_bucket_end() is None
+
+
+def test_dedup_validates():
+    with pytest.raises(ValueError, match="dedup_ttl"):
+        DedupInStream(0)
+    with pytest.raises(ValueError, match="shards"):
+        DedupInStream(60, shards=0)
