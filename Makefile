@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SAMPLE := samples/wso2_sample.jsonl
 OUT    ?= moesif-out
 
-.PHONY: run test lint unit install collector bench clean
+.PHONY: run test lint unit install collector bench bench-stream clean
 
 run: $(STAMP)
 	$(BIN)/moesif-beam events --input $(SAMPLE) --format wso2 \
@@ -37,7 +37,10 @@ collector: $(STAMP)
 	$(BIN)/moesif-beam collector --port 9500 --data_dir $(OUT)/collector
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/events_throughput.py
+	$(BIN)/python benchmarks/events_throughput.py --client
+
+bench-stream: $(STAMP)
+	$(BIN)/python benchmarks/streaming_latency.py
 
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

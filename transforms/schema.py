@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+import uuid
 import zlib
 from collections import ChainMap
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,7 +41,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.coders import PickleCoder, StrUtf8Coder
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from transforms.counters import counter
 from transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
@@ -412,23 +414,60 @@ def _fan_out(
         yield key, (sig_id, kind, len(sig))
 
 
+class _StageMemory:
+    """What one keyed stage knows in this worker, shared by all its DoFn instances.
+
+    Prism was measured to run bundles of one key concurrently: a record put in a state bag
+    by one bundle while another bundle released the bag stayed there for good (2 to 45
+    records in 30,000), and a signature whose decisions went to a bag from two bundles at
+    once never got its verdict. So these stages decide under a lock in worker memory
+    (keyed routing brings every element of a key to the same worker), and write state
+    only as a durable copy. A decision, once made, never changes, which is also why
+    remembering it needs no state read, a blocking round trip to the runner.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.decided: dict[Any, Any] = {}  # key -> type, or signature -> verdict
+        self.pending: dict[bytes, dict[str, tuple[str, str]]] = {}  # decisions so far
+        self.held: dict[tuple[bytes, int], list[tuple[str, tuple]]] = {}  # awaiting verdicts
+
+
+# stage id -> its memory in this worker.
+_MEMORIES: dict[str, _StageMemory] = {}
+_MEMORIES_LOCK = threading.Lock()
+
+
+def _stage_memory(stage_id: str) -> _StageMemory:
+    with _MEMORIES_LOCK:
+        memory = _MEMORIES.get(stage_id)
+        if memory is None:
+            memory = _MEMORIES[stage_id] = _StageMemory()
+        return memory
+
+
+def _remember(decided: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(decided) >= _VERDICT_MEMO_SIZE:
+        decided.clear()
+    decided[key] = value
+
+
 class _DecideKeyTypeFn(beam.DoFn):
     """Keyed by metadata key: the first type to arrive (or the stored one) is the key's type.
 
-    Every decision is made by this key's state alone, so however many workers run, one key
-    has one type. Emits ``(sig_id, (key, decided, sent, keys_in_signature))`` and, on the
-    tagged output ``new``, each key decided for the first time.
+    One key is decided once, under its worker's lock, so one key has one type. Emits
+    ``(sig_id, (key, decided, sent, keys_in_signature))`` and, on the tagged output
+    ``new``, each key decided for the first time.
     """
 
     TYPE = ReadModifyWriteStateSpec("type", StrUtf8Coder())
 
-    def __init__(self, stored: Mapping[str, str]) -> None:
+    def __init__(self, stored: Mapping[str, str], stage_id: str) -> None:
         self._stored = dict(stored)
+        self._stage_id = stage_id
 
     def setup(self) -> None:
-        # A decided type never changes, so a worker may remember it and skip the state
-        # read, a blocking round trip to the runner.
-        self._known: dict[str, str] = {}
+        self._memory = _stage_memory(self._stage_id)
 
     def process(
         self,
@@ -436,111 +475,114 @@ class _DecideKeyTypeFn(beam.DoFn):
         decided_state: Any = beam.DoFn.StateParam(TYPE),
     ) -> Iterator[Any]:
         key, (sig_id, kind, size) = element
-        decided = self._known.get(key) or decided_state.read()
+        memory = self._memory
+        decided = memory.decided.get(key)
+        first = False
         if decided is None:
-            decided = self._stored.get(key) or kind
-            decided_state.write(decided)
-            if key not in self._stored:
-                yield pvalue.TaggedOutput("new", (key, decided))
-        if len(self._known) >= _VERDICT_MEMO_SIZE:
-            self._known.clear()
-        self._known[key] = decided
+            with memory.lock:
+                decided = memory.decided.get(key)
+                if decided is None:
+                    decided = decided_state.read()
+                    if decided is None:
+                        decided = self._stored.get(key) or kind
+                        decided_state.write(decided)
+                        first = key not in self._stored
+                    _remember(memory.decided, key, decided)
+        if first:
+            yield pvalue.TaggedOutput("new", (key, decided))
         yield sig_id, (key, decided, kind, size)
 
 
 class _AssembleVerdictFn(beam.DoFn):
     """Keyed by signature: once every key of the signature is decided, publish the verdict.
 
-    The verdict goes to each gate shard of the signature, once.
+    The verdict goes to each gate shard of the signature, once per worker lifetime (a
+    restarted worker may publish it again: the same verdict, which the gate takes twice
+    without harm).
     """
 
-    DECIDED = BagStateSpec("decided", PickleCoder())
     DONE = ReadModifyWriteStateSpec("done", PickleCoder())
 
-    def __init__(self, shards: int) -> None:
+    def __init__(self, shards: int, stage_id: str) -> None:
         self._shards = shards
+        self._stage_id = stage_id
 
     def setup(self) -> None:
-        # Signatures whose verdict went out: final, so no state read is needed for them.
-        self._done: set[bytes] = set()
+        self._memory = _stage_memory(self._stage_id)
 
     def process(
         self,
         element: tuple[bytes, tuple[str, str, str, int]],
-        decided_bag: Any = beam.DoFn.StateParam(DECIDED),
         done: Any = beam.DoFn.StateParam(DONE),
     ) -> Iterator[tuple[tuple[bytes, int], tuple[str, Any]]]:
-        sig_id, item = element
-        if sig_id in self._done:
-            return
-        if done.read():
-            self._remember(sig_id)
-            return
-        decided_bag.add(item)
-        decisions = {key: (decided, sent) for key, decided, sent, _ in decided_bag.read()}
-        if len(decisions) < item[3]:
-            return
+        sig_id, (key, decided, sent, size) = element
+        memory = self._memory
+        with memory.lock:
+            if sig_id in memory.decided:
+                return
+            decisions = memory.pending.setdefault(sig_id, {})
+            decisions[key] = (decided, sent)
+            if len(decisions) < size:
+                return
+            del memory.pending[sig_id]
+            _remember(memory.decided, sig_id, True)
         verdict: tuple = _OK
-        for key in sorted(decisions):
-            decided, sent = decisions[key]
+        for name in sorted(decisions):
+            decided, sent = decisions[name]
             if decided != sent:
-                verdict = ("conflict", key, decided, sent)
+                verdict = ("conflict", name, decided, sent)
                 break
-        done.write(True)
-        decided_bag.clear()
-        self._remember(sig_id)
+        done.write(verdict)
         for shard in range(self._shards):
             yield (sig_id, shard), ("verdict", verdict)
 
-    def _remember(self, sig_id: bytes) -> None:
-        if len(self._done) >= _VERDICT_MEMO_SIZE:
-            self._done.clear()
-        self._done.add(sig_id)
-
 
 class _GateFn(beam.DoFn):
-    """Keyed by (signature, shard): holds records until their signature's verdict is known."""
+    """Keyed by (signature, shard): holds records until their signature's verdict is known.
+
+    A record is held, or a verdict published, under one lock in worker memory (see
+    :class:`_StageMemory`), so the verdict finds the record or the record finds the
+    verdict. A record held when its worker dies was never acknowledged, so its Kafka
+    offset was not committed and a restart reads it again.
+    """
 
     VERDICT = ReadModifyWriteStateSpec("verdict", PickleCoder())
-    WAITING = BagStateSpec("waiting", PickleCoder())
 
-    def __init__(self, pipeline: str) -> None:
+    def __init__(self, pipeline: str, stage_id: str) -> None:
         self._check = _CheckFn(pipeline)
+        self._stage_id = stage_id
 
     def setup(self) -> None:
-        # A signature's verdict never changes once made, so a worker may remember it: most
-        # records then pass without a state read, which is a blocking round trip to the
-        # runner per record.
-        self._verdicts: dict[bytes, tuple] = {}
+        self._memory = _stage_memory(self._stage_id)
 
     def process(
         self,
         element: tuple[tuple[bytes, int], tuple[str, Any]],
         verdict_state: Any = beam.DoFn.StateParam(VERDICT),
-        waiting: Any = beam.DoFn.StateParam(WAITING),
     ) -> Iterator[Any]:
-        (sig_id, _), (kind, payload) = element
+        key, (kind, payload) = element
+        sig_id = key[0]
+        memory = self._memory
         if kind == "verdict":
             verdict_state.write(payload)
-            self._remember(sig_id, payload)
-            held = list(waiting.read())
-            waiting.clear()
+            with memory.lock:
+                _remember(memory.decided, sig_id, payload)
+                held = memory.held.pop(key, [])
             for record in held:
                 yield from self._route(record, payload, sig_id)
             return
-        verdict = self._verdicts.get(sig_id)
+        verdict = memory.decided.get(sig_id)
         if verdict is None:
             verdict = verdict_state.read()
-            if verdict is None:
-                waiting.add(payload)
-                return
-            self._remember(sig_id, verdict)
+            with memory.lock:
+                if verdict is not None:
+                    _remember(memory.decided, sig_id, verdict)
+                else:
+                    verdict = memory.decided.get(sig_id)
+                    if verdict is None:
+                        memory.held.setdefault(key, []).append(payload)
+                        return
         yield from self._route(payload, verdict, sig_id)
-
-    def _remember(self, sig_id: bytes, verdict: tuple) -> None:
-        if len(self._verdicts) >= _VERDICT_MEMO_SIZE:
-            self._verdicts.clear()
-        self._verdicts[sig_id] = verdict
 
     def _route(self, record: tuple[str, tuple], verdict: tuple, sig_id: bytes) -> Iterator[Any]:
         conflicts = {} if verdict == _OK else {sig_id: verdict[1:]}
@@ -577,6 +619,8 @@ class EnforceMetadataSchemaInStream(beam.PTransform):
         self._stored = _checked(stored)
         self._pipeline = pipeline
         self._shards = shards
+        # Names this transform's memory in the workers; fixed when the pipeline is built.
+        self._stage_id = uuid.uuid4().hex
 
     def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> SchemaChecked:
         records, signatures = pcolls
@@ -585,17 +629,21 @@ class EnforceMetadataSchemaInStream(beam.PTransform):
             | "FanOutKeys"
             >> beam.FlatMap(_fan_out).with_output_types(tuple[str, tuple[bytes, str, int]])
             | "DecideKeyType"
-            >> beam.ParDo(_DecideKeyTypeFn(self._stored)).with_outputs("new", main="decided")
+            >> beam.ParDo(_DecideKeyTypeFn(self._stored, f"{self._stage_id}/decide")).with_outputs(
+                "new", main="decided"
+            )
         )
         verdicts = decided.decided | "AssembleVerdict" >> beam.ParDo(
-            _AssembleVerdictFn(self._shards)
+            _AssembleVerdictFn(self._shards, f"{self._stage_id}/assemble")
         ).with_input_types(tuple[bytes, tuple[str, str, str, int]])
         routed = records | "ToGate" >> beam.FlatMap(_to_gate, self._shards).with_outputs(
             "free", main="gated"
         )
         gated = (verdicts, routed.gated) | "JoinVerdicts" >> beam.Flatten()
-        checked = gated | "Gate" >> beam.ParDo(_GateFn(self._pipeline)).with_input_types(
-            tuple[tuple[bytes, int], tuple[str, Any]]
-        ).with_outputs(DEAD_LETTER, main="records")
+        checked = gated | "Gate" >> beam.ParDo(
+            _GateFn(self._pipeline, f"{self._stage_id}/gate")
+        ).with_input_types(tuple[tuple[bytes, int], tuple[str, Any]]).with_outputs(
+            DEAD_LETTER, main="records"
+        )
         passed = (checked.records, routed.free) | "Passed" >> beam.Flatten()
         return SchemaChecked(passed, checked[DEAD_LETTER], decided.new)
