@@ -431,6 +431,7 @@ class _StageMemory:
         self.decided: dict[Any, Any] = {}  # key -> type, or signature -> verdict
         self.pending: dict[bytes, dict[str, tuple[str, str]]] = {}  # decisions so far
         self.held: dict[tuple[bytes, int], list[tuple[str, tuple]]] = {}  # awaiting verdicts
+        self.checked: set[tuple[bytes, int]] = set()  # gate keys whose state was read
 
 
 # stage id -> its memory in this worker.
@@ -573,8 +574,11 @@ class _GateFn(beam.DoFn):
             return
         verdict = memory.decided.get(sig_id)
         if verdict is None:
-            verdict = verdict_state.read()
+            # State is read once per key in a worker's life, for a verdict stored before a
+            # restart; any later verdict reaches this worker's memory directly.
+            verdict = None if key in memory.checked else verdict_state.read()
             with memory.lock:
+                memory.checked.add(key)
                 if verdict is not None:
                     _remember(memory.decided, sig_id, verdict)
                 else:
