@@ -603,7 +603,31 @@ def _validate_batching(
         raise ValueError(msg)
 
 
-class PostToMoesif(beam.PTransform):
+class _BatchSink(beam.PTransform):
+    """What both sinks share: a writer, batch limits, and the batching DoFn built on them."""
+
+    _writer: _Writer
+    _max_events: int
+    _max_bytes: int
+    _max_in_flight: int
+
+    def _batching(self, max_delay: float | None = None, *, acks: bool = False) -> _BatchingFn:
+        return _BatchingFn(
+            self._writer,
+            self._max_events,
+            self._max_bytes,
+            max_delay,
+            acks=acks,
+            max_in_flight=self._max_in_flight,
+        )
+
+    def in_stream(self, max_delay: float) -> beam.ParDo:
+        """The same delivery for a stream: dead letters, plus acks of delivered records."""
+        fn = self._batching(max_delay, acks=True)
+        return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")
+
+
+class PostToMoesif(_BatchSink):
     """Post records to ``/v1/<kind>/batch`` in gzip batches; output the dead letters.
 
     Input: ``(transaction_id, (time_ms, record_json, raw, source, ...))``. Batches hold at most
@@ -662,25 +686,10 @@ class PostToMoesif(beam.PTransform):
         self._max_in_flight = max_in_flight
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        fn = _BatchingFn(
-            self._writer, self._max_events, self._max_bytes, max_in_flight=self._max_in_flight
-        )
-        return records | "PostBatches" >> beam.ParDo(fn)
-
-    def in_stream(self, max_delay: float) -> beam.ParDo:
-        """The same delivery for a stream: dead letters, plus acks of delivered records."""
-        fn = _BatchingFn(
-            self._writer,
-            self._max_events,
-            self._max_bytes,
-            max_delay,
-            acks=True,
-            max_in_flight=self._max_in_flight,
-        )
-        return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")
+        return records | "PostBatches" >> beam.ParDo(self._batching())
 
 
-class WriteBatchFiles(beam.PTransform):
+class WriteBatchFiles(_BatchSink):
     """Write each batch body, exactly the gzip bytes that would be posted, to a file.
 
     Files are ``<directory>/batch-<content hash>.json.gz``; ``zcat`` shows the JSON array.
@@ -709,19 +718,4 @@ class WriteBatchFiles(beam.PTransform):
         self._max_in_flight = max_in_flight
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        fn = _BatchingFn(
-            self._writer, self._max_events, self._max_bytes, max_in_flight=self._max_in_flight
-        )
-        return records | "WriteBatches" >> beam.ParDo(fn)
-
-    def in_stream(self, max_delay: float) -> beam.ParDo:
-        """The same delivery for a stream: dead letters, plus acks of delivered records."""
-        fn = _BatchingFn(
-            self._writer,
-            self._max_events,
-            self._max_bytes,
-            max_delay,
-            acks=True,
-            max_in_flight=self._max_in_flight,
-        )
-        return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")
+        return records | "WriteBatches" >> beam.ParDo(self._batching())
