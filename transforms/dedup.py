@@ -72,6 +72,11 @@ def unpack_records(data: bytes) -> Iterator[tuple[str, tuple]]:
         yield tid, (time_ms, body, raw, source, sig_id, ack)
 
 
+def _earlier(value: tuple, other: tuple) -> bool:
+    """The winner rule: earlier event time, then the serialized record, first."""
+    return bool(value[:2] < other[:2])
+
+
 def pick_first(values: Iterable[tuple]) -> tuple[tuple, int]:
     """Choose the record a transaction id keeps, and count the others.
 
@@ -85,7 +90,7 @@ def pick_first(values: Iterable[tuple]) -> tuple[tuple, int]:
     seen = 0
     for value in values:
         seen += 1
-        if winner is None or value[:2] < winner[:2]:
+        if winner is None or _earlier(value, winner):
             winner = value
     if winner is None:
         msg = "pick_first needs at least one value"
@@ -159,7 +164,7 @@ class _KeepFirstInPartitionFn(beam.DoFn):
                     winners[transaction_id] = value
                     continue
                 duplicates += 1
-                if value[:2] < best[:2]:
+                if _earlier(value, best):
                     winners[transaction_id] = value
             del data
         if duplicates:

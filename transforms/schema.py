@@ -47,6 +47,7 @@ from transforms.counters import counter
 from transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
 from transforms.errors import json_type
 from transforms.metadata import sanitize_keys
+from transforms.worker_memory import worker_memory
 
 __all__ = [
     "NO_TIME",
@@ -114,6 +115,18 @@ def signature(metadata: Any, scope: str = "name") -> Signature:
     return tuple(sorted(set(types_of(metadata, scope))))
 
 
+# Bound on the decisions a worker remembers per stage (each a few dozen bytes).
+_VERDICT_MEMO_SIZE = 100_000
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any, size: int = _VERDICT_MEMO_SIZE) -> Any:
+    """Store ``value`` in a memo that starts over once it holds ``size`` entries."""
+    if len(memo) >= size:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 class SignatureMemo:
     """:func:`signature` and :func:`signature_id` of metadata, remembered by shape.
 
@@ -144,9 +157,8 @@ class SignatureMemo:
         shape = (tuple(metadata), types)
         known = self._by_shape.get(shape)
         if known is None:
-            if len(self._by_shape) >= self._size:
-                self._by_shape.clear()
-            known = self._by_shape[shape] = self._of_signature(signature(metadata, self._scope))
+            of_shape = self._of_signature(signature(metadata, self._scope))
+            known = _remember(self._by_shape, shape, of_shape, self._size)
         return known
 
     def _of_signature(self, sig: Signature) -> tuple[Signature, bytes]:
@@ -154,9 +166,7 @@ class SignatureMemo:
             return (), b""
         sig_id = self._by_signature.get(sig)
         if sig_id is None:
-            if len(self._by_signature) >= self._size:
-                self._by_signature.clear()
-            sig_id = self._by_signature[sig] = signature_id(sig)
+            sig_id = _remember(self._by_signature, sig, signature_id(sig), self._size)
         return sig, sig_id
 
 
@@ -402,10 +412,6 @@ class EnforceMetadataSchema(beam.PTransform):
 _OK = ("ok",)
 
 
-# Bound on the decisions a worker remembers per stage (each a few dozen bytes).
-_VERDICT_MEMO_SIZE = 100_000
-
-
 def _fan_out(
     element: tuple[bytes, tuple[int, str, Signature]],
 ) -> Iterator[tuple[str, tuple[bytes, str, int]]]:
@@ -434,23 +440,8 @@ class _StageMemory:
         self.checked: set[tuple[bytes, int]] = set()  # gate keys whose state was read
 
 
-# stage id -> its memory in this worker.
-_MEMORIES: dict[str, _StageMemory] = {}
-_MEMORIES_LOCK = threading.Lock()
-
-
 def _stage_memory(stage_id: str) -> _StageMemory:
-    with _MEMORIES_LOCK:
-        memory = _MEMORIES.get(stage_id)
-        if memory is None:
-            memory = _MEMORIES[stage_id] = _StageMemory()
-        return memory
-
-
-def _remember(decided: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(decided) >= _VERDICT_MEMO_SIZE:
-        decided.clear()
-    decided[key] = value
+    return worker_memory(stage_id, _StageMemory)
 
 
 class _DecideKeyTypeFn(beam.DoFn):

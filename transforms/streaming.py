@@ -33,6 +33,7 @@ from transforms.counters import counter
 from transforms.deadletter import ACK_FIELD
 from transforms.moesif_sink import ACKS, PostToMoesif, WriteBatchFiles
 from transforms.schema import save_schema
+from transforms.worker_memory import worker_memory
 
 __all__ = [
     "ACKS",
@@ -85,19 +86,10 @@ class _SeenIds:
         return (min(self.buckets) + 1) * self.BUCKET_MS if self.buckets else None
 
 
-# Every DoFn instance of one DedupInStream in this process shares one _SeenIds per shard:
-# (dedup id, shard) -> ids. A runner processes one key (shard) at a time, so two bundles
-# never race on one shard; the lock only guards against runners that would.
-_SEEN: dict[tuple[str, int], _SeenIds] = {}
-_SEEN_LOCK = threading.Lock()
-
-
 def _seen_ids(dedup_id: str, shard: int) -> _SeenIds:
-    with _SEEN_LOCK:
-        seen = _SEEN.get((dedup_id, shard))
-        if seen is None:
-            seen = _SEEN[(dedup_id, shard)] = _SeenIds()
-        return seen
+    # Every DoFn instance of one DedupInStream in this process shares one _SeenIds per
+    # shard. Each has its own lock, for runners that run bundles of one key concurrently.
+    return worker_memory(f"{dedup_id}/{shard}", _SeenIds)
 
 
 class _DedupFn(beam.DoFn):
