@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -129,6 +130,18 @@ def test_a_backfill_gives_exactly_the_result_of_the_files(tmp_path, kafka_broker
     assert again.metrics["read"] == 0
 
 
+def _delivery_args(collector: Any, tmp_path: Path) -> list[str]:
+    """Post to ``collector``, write under ``tmp_path/out``, partial batches wait 1 s."""
+    return [
+        "--moesif_base_url",
+        collector.url,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--batch_max_delay",
+        "1",
+    ]
+
+
 class _Stream:
     """A streaming `moesif-beam events` process, stopped by SIGTERM (drain) or SIGKILL."""
 
@@ -193,12 +206,7 @@ def test_streaming_delivers_within_the_delay_and_poison_does_not_stop_it(
         "stream",
         [
             *_kafka_args(bootstrap, topic, "streaming"),
-            "--moesif_base_url",
-            collector.url,
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--batch_max_delay",
-            "1",
+            *_delivery_args(collector, tmp_path),
         ],
     )
     try:
@@ -238,14 +246,9 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     collector = start_collector(application_id=APP_ID, latency_ms=150)
     args = [
         *_kafka_args(bootstrap, topic, "crashing"),
-        "--moesif_base_url",
-        collector.url,
-        "--output_dir",
-        str(tmp_path / "out"),
+        *_delivery_args(collector, tmp_path),
         "--batch_max_events",
         "20",
-        "--batch_max_delay",
-        "1",
     ]
     first = _Stream(tmp_path, "first", args)
     try:
@@ -279,12 +282,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(
         "stream",
         [
             *_kafka_args(bootstrap, topic, "restarting"),
-            "--moesif_base_url",
-            collector.url,
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--batch_max_delay",
-            "1",
+            *_delivery_args(collector, tmp_path),
         ],
     )
     try:
@@ -311,12 +309,7 @@ def test_partitions_added_during_a_stream_are_discovered(
         "stream",
         [
             *_kafka_args(bootstrap, topic, "growing", "--kafka_discovery_interval", "1"),
-            "--moesif_base_url",
-            collector.url,
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--batch_max_delay",
-            "1",
+            *_delivery_args(collector, tmp_path),
         ],
     )
     try:
@@ -351,12 +344,7 @@ def test_dedup_ids_expire_while_a_partition_stays_idle(
         "stream",
         [
             *_kafka_args(bootstrap, topic, "idle"),
-            "--moesif_base_url",
-            collector.url,
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--batch_max_delay",
-            "1",
+            *_delivery_args(collector, tmp_path),
             "--dedup_ttl",
             "2",
         ],

@@ -8,7 +8,14 @@ import time
 import pytest
 
 from tests.helpers import assert_nothing_lost
-from tests.test_kafka_pipeline import APP_ID, _event, _stored_ids, _Stream, _wait_for
+from tests.test_kafka_pipeline import (
+    APP_ID,
+    _delivery_args,
+    _event,
+    _stored_ids,
+    _Stream,
+    _wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prism_runner")]
 
@@ -36,12 +43,7 @@ def test_follow_picks_up_new_files_and_drains(tmp_path, start_collector):
             "--follow",
             "--follow_interval",
             "1",
-            "--moesif_base_url",
-            collector.url,
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--batch_max_delay",
-            "1",
+            *_delivery_args(collector, tmp_path),
         ],
     )
     try:
