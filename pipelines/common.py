@@ -24,6 +24,7 @@ from transforms.schema import EnforceMetadataSchema, EnforceMetadataSchemaInStre
 from transforms.sources import FollowFiles, ReadLines
 from transforms.streaming import (
     BatchAndDeliverInStream,
+    DedupAndCheckInProcess,
     DedupInStream,
     PersistSchemaInStream,
     WriteDeadLettersInStream,
@@ -112,11 +113,22 @@ def _build_streaming(
         config.input_format,
         config.company_id_field,
         schema_scope=config.schema_scope,
+        inline_signatures=config.single_process,
     )
-    unique = normalized.records | "Dedup" >> DedupInStream(config.dedup_ttl)
-    checked = (unique.records, normalized.signatures) | "MetadataSchema" >> (
-        EnforceMetadataSchemaInStream(stored_schema, config.pipeline)
-    )
+    if config.single_process:
+        # One process sees every record: no shuffle to dedup shards or schema gates, so
+        # records go from the reader to delivery in one fused stage (measured: the
+        # shuffles' encoding was a third of a 2,000 events/s stream's CPU).
+        checked = normalized.records | "DedupAndCheck" >> DedupAndCheckInProcess(
+            config.dedup_ttl, stored_schema, config.pipeline
+        )
+        duplicate_acks = checked.acks
+    else:
+        unique = normalized.records | "Dedup" >> DedupInStream(config.dedup_ttl)
+        duplicate_acks = unique.acks
+        checked = (unique.records, normalized.signatures) | "MetadataSchema" >> (
+            EnforceMetadataSchemaInStream(stored_schema, config.pipeline)
+        )
     _ = checked.new_fields | "PersistSchema" >> PersistSchemaInStream(
         config.schema_store_path, config.schema_scope
     )
@@ -131,7 +143,7 @@ def _build_streaming(
         config.dead_letter_dir, config.pipeline, config.run_id
     )
     if config.kafka is not None:
-        acks = (unique.acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()
+        acks = (duplicate_acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()
         _ = (acks, read.partitions) | "CommitOffsets" >> CommitOffsets(config.kafka)
     return pipeline
 

@@ -59,6 +59,10 @@ class PipelineConfig:
         dedup_spill: bounded runs deduplicate through files partitioned by id under
             ``spill_dir`` instead of the engine's shuffle (for local runners, whose
             shuffle lives in memory).
+        single_process: a stream whose workers all run in this one process (the default
+            streaming runner: Prism with in-process workers). Dedup and the metadata type
+            rule then decide in that process's memory, in the reader's stage, instead of
+            in keyed stages that every record is shuffled to.
         run_id: labels this run's dead-letter files.
     """
 
@@ -87,6 +91,7 @@ class PipelineConfig:
     follow_interval: float = 5.0
     dedup_ttl: float = 3600.0
     dedup_spill: bool = False
+    single_process: bool = False
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:

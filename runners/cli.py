@@ -32,7 +32,7 @@ from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
 from transforms.moesif_sink import RetryPolicy, Secret, preflight
 from transforms.normalize import FORMATS
 from transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
-from transforms.sources import match_inputs
+from transforms.sources import RANGE_BYTES, match_inputs
 
 __all__ = ["main"]
 
@@ -244,6 +244,26 @@ def _runs_locally(beam_args: list[str]) -> bool:
     return runner is None or str(runner).rsplit(".", 1)[-1] in _LOCAL_RUNNERS
 
 
+# A bounded local run over at least this much splittable input runs its workers as
+# processes, one per core: measured on 2 cores, 100k events (118 MB) ran about 17%
+# faster; below it the second process's start-up (about 2 s) costs more than it saves.
+PARALLEL_INPUT_BYTES = 4 * RANGE_BYTES
+_MAX_LOCAL_WORKERS = 4
+
+
+def _local_parallelism(beam_args: list[str], paths: list[str]) -> list[str]:
+    """Worker flags for a bounded local run the user did not size (see the README)."""
+    if _has_runner(beam_args) and not _runs_locally(beam_args):
+        return []
+    if any(arg.startswith(("--direct_num_workers", "--direct_running_mode")) for arg in beam_args):
+        return []
+    cores = min(os.cpu_count() or 1, _MAX_LOCAL_WORKERS)
+    splittable = sum(os.path.getsize(p) for p in paths if "://" not in p and not p.endswith(".gz"))
+    if cores < 2 or splittable < PARALLEL_INPUT_BYTES:
+        return []
+    return [f"--direct_num_workers={cores}", "--direct_running_mode=multi_processing"]
+
+
 def _beam_options(beam_args: list[str], *, streaming: bool) -> PipelineOptions:
     if streaming and "--streaming" not in beam_args:
         beam_args = [*beam_args, "--streaming"]
@@ -297,7 +317,9 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
         if kafka is not None:
             config = dataclasses.replace(config, kafka_partitions=tuple(resolve_partitions(kafka)))
         elif not config.follow:
-            match_inputs(config.input)
+            paths = match_inputs(config.input)
+            if not config.streaming:
+                beam_args = [*_local_parallelism(beam_args, paths), *beam_args]
     except ValueError as exc:
         parser.error(str(exc))
     if config.application_id is not None:
@@ -318,6 +340,8 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
                 *beam_args,
             ]
         options = _beam_options(beam_args, streaming=config.streaming)
+        if prism is not None:
+            config = dataclasses.replace(config, single_process=True)
         return execute(_BUILDERS[pipeline], config, options, in_process_workers=prism is not None)
     except RuntimeError as exc:
         print(f"moesif-beam {pipeline}: {exc}", file=sys.stderr, flush=True)

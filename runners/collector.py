@@ -43,7 +43,10 @@ that file:
   statuses (with ``Retry-After`` for 429/503), deterministic (``latency_first``,
   ``drop_first``, ``fail_first``) or random with a seed. A faulted request stores nothing.
 * ``store="count"`` validates, deduplicates and enforces metadata types like SQLite but keeps
-  no bodies (its schema lives in memory): for benchmarks.
+  no bodies (its schema lives in memory): for benchmarks. With ``validation="off"`` and
+  ``metadata_types="off"`` as well it is the fast count-only mode: a body must still
+  authorize, inflate and parse as JSON of the right shape (a list of objects for batches),
+  and items are still counted and deduplicated, but fields are not checked.
 * Inspection without auth: ``GET /_emulator/stats`` (with ``metadata_schema``,
   ``type_conflicts`` and ``arrival_lag_ms``: how long after its ``request.time`` each
   accepted event or action arrived, which is the produce-to-2xx latency when a producer
@@ -179,6 +182,9 @@ class CollectorConfig:
         metadata_types: ``"enforce"`` refuses event and action metadata that sends a key with
             another JSON type than the first one seen (see the module docstring); ``"off"``
             checks no types and learns none, but still converts dots in keys.
+        validation: ``"full"`` checks every item's fields (the 400s above); ``"off"`` only
+            requires the body to parse into items of the right shape (the fast count-only
+            mode for benchmarks, so the collector costs the clients it compares little).
     """
 
     host: str = "127.0.0.1"
@@ -197,6 +203,7 @@ class CollectorConfig:
     store: str = "sqlite"
     reject_older_than_days: int | None = None
     metadata_types: str = "enforce"
+    validation: str = "full"
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -233,6 +240,9 @@ class CollectorConfig:
             raise ValueError(msg)
         if self.metadata_types not in _METADATA_MODES:
             msg = f"metadata_types must be 'enforce' or 'off', got {self.metadata_types!r}"
+            raise ValueError(msg)
+        if self.validation not in ("full", "off"):
+            msg = f"validation must be 'full' or 'off', got {self.validation!r}"
             raise ValueError(msg)
 
 
@@ -608,6 +618,10 @@ def _as_items(payload: Any, *, batch: bool) -> list[Any]:
         if not isinstance(payload, list):
             msg = "a batch body must be a JSON array"
             raise ValidationError(msg)
+        for index, item in enumerate(payload):
+            if not isinstance(item, dict):
+                msg = f"item {index} must be a JSON object"
+                raise ValidationError(msg, index=index)
         return payload
     if not isinstance(payload, dict):
         msg = "the body must be a JSON object (use the /batch route for arrays)"
@@ -1930,12 +1944,13 @@ class _Handler(BaseHTTPRequestHandler):
                     error["index"] = index
                 raise _HttpError(413, error)
         try:
-            validate_payload(
-                route.kind,
-                payload,
-                batch=route.batch,
-                reject_older_than_days=config.reject_older_than_days,
-            )
+            if config.validation == "full":
+                validate_payload(
+                    route.kind,
+                    payload,
+                    batch=route.batch,
+                    reject_older_than_days=config.reject_older_than_days,
+                )
         except ValidationError as exc:
             raise _HttpError(400, exc.to_json()) from None
 
@@ -2129,6 +2144,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default="enforce",
         help="enforce: refuse metadata whose key changes JSON type (default); off: no checks",
     )
+    add(
+        "--validation",
+        choices=("full", "off"),
+        default="full",
+        help="full: check every item's fields (default); off: only parse and count "
+        "(with --store count --metadata_types off: the fast count-only mode)",
+    )
     add("--verbose", action="store_true", help="log one line per request to stderr")
     add("--inspect", metavar="URL", default=None, help="print a running emulator's stats, exit")
     add("--kind", choices=KINDS, default="events", help="with --inspect: records to show")
@@ -2181,6 +2203,7 @@ def _config_from_args(args: argparse.Namespace) -> CollectorConfig:
         store=args.store,
         reject_older_than_days=args.reject_older_than_days,
         metadata_types=args.metadata_types,
+        validation=args.validation,
     )
 
 

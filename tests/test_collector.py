@@ -145,6 +145,7 @@ def free_port() -> int:
         ({"reject_older_than_days": 0}, "reject_older_than_days must be >= 1"),
         ({"application_id": "  "}, "application_id must be non-empty"),
         ({"metadata_types": "strict"}, "metadata_types must be 'enforce' or 'off'"),
+        ({"validation": "some"}, "validation must be 'full' or 'off'"),
     ],
 )
 def test_config_rejects_bad_settings(settings, message):
@@ -907,6 +908,25 @@ def test_count_store_validates_dedups_and_keeps_no_bodies():
         assert stats["records"]["events"] == 4
         assert stats["records"]["users"] == 1
         assert stats["duplicates"]["events"] == 2
+
+
+def test_fast_count_mode_counts_without_checking_fields():
+    """The benchmarks' collector: parse, count, dedup; no field checks, no type rules."""
+    config = CollectorConfig(
+        application_id=APP_ID, store="count", metadata_types="off", validation="off"
+    )
+    with start_in_thread(config) as c:
+        assert post(c, "/v1/events/batch", [event("A"), {"request": {}}]).status_code == 201
+        assert post(c, "/v1/events/batch", [event("A"), {"metadata": {"k": 1}}]).status_code == 201
+        assert post(c, "/v1/events/batch", [{"metadata": {"k": "s"}}]).status_code == 201
+        # What it still refuses: no auth, no JSON, not a list of objects.
+        assert post(c, "/v1/events/batch", [event("B")], app_id="wrong").status_code == 401
+        assert post(c, "/v1/events/batch", b"[{").status_code == 400
+        assert post(c, "/v1/events/batch", [1, 2]).status_code == 400
+        stats = c.stats()
+        assert stats["items_received"]["events"] == 5
+        assert stats["records"]["events"] == 4  # "A" once, three without an id
+        assert stats["duplicates"]["events"] == 1
 
 
 def test_inspection_routes_and_reset(collector):

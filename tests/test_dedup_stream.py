@@ -11,7 +11,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from tests.helpers import run
 from transforms.counters import local_tally
-from transforms.streaming import DedupInStream, _SeenIds
+from transforms.streaming import DedupAndCheckInProcess, DedupInStream, _SeenIds
 
 TTL = 60
 
@@ -21,14 +21,15 @@ def _record(tid: str, seconds: float, ack: object = None) -> TimestampedValue:
     return TimestampedValue((tid, value), seconds)
 
 
-def test_repeats_within_the_ttl_are_dropped_and_acknowledged_then_forgotten():
+@pytest.mark.parametrize("shape", ["keyed", "single_process"])
+def test_repeats_within_the_ttl_are_dropped_and_acknowledged_then_forgotten(shape):
     stream = (
         EventStream()
         .add_elements([_record("a", 0), _record("b", 1), _record("a", 2, ack="ack-a2")])
         .add_elements([_record("a", 50, ack="ack-a50"), _record("c", 30), _record("d", 95)])
-        # Ids are filed in 10 s buckets of event time and forgotten once the watermark
-        # passes the bucket's end plus the TTL: a and b (bucket 0-10 s) at 70 s, c (30-40 s)
-        # at 100 s, d (90-100 s) only at 160 s.
+        # Ids are filed in 10 s buckets of event time and forgotten once the watermark (in
+        # one process: the newest event time seen) passes the bucket's end plus the TTL: a
+        # and b (bucket 0-10 s) at 70 s, c (30-40 s) at 100 s, d (90-100 s) only at 160 s.
         .advance_watermark_to(100)
         .add_elements([_record("a", 101), _record("b", 102), _record("c", 103)])
         .add_elements([_record("d", 104, ack="ack-d104")])
@@ -37,7 +38,10 @@ def test_repeats_within_the_ttl_are_dropped_and_acknowledged_then_forgotten():
     options = PipelineOptions(["--runner=BundleBasedDirectRunner"])
     options.view_as(StandardOptions).streaming = True
     pipeline = beam.Pipeline(options=options)
-    out = pipeline | stream | DedupInStream(TTL, shards=3)
+    if shape == "keyed":
+        out = pipeline | stream | DedupInStream(TTL, shards=3)
+    else:
+        out = pipeline | stream | DedupAndCheckInProcess(TTL, {}, "events")
     assert_that(
         out.records | beam.Map(lambda kv: (kv[0], kv[1][0] // 1000)),
         equal_to([("a", 0), ("b", 1), ("c", 30), ("d", 95), ("a", 101), ("b", 102), ("c", 103)]),
@@ -69,5 +73,9 @@ def test_seen_ids_forget_whole_buckets():
 def test_dedup_validates():
     with pytest.raises(ValueError, match="dedup_ttl"):
         DedupInStream(0)
+    with pytest.raises(ValueError, match="dedup_ttl"):
+        DedupAndCheckInProcess(0, {}, "events")
+    with pytest.raises(ValueError, match="unknown types"):
+        DedupAndCheckInProcess(60, {"k": "text"}, "events")
     with pytest.raises(ValueError, match="shards"):
         DedupInStream(60, shards=0)

@@ -239,3 +239,23 @@ def test_metrics_out_has_every_contract_key(tmp_path):
         "dead_letters",
     }
     assert contract <= keys
+
+
+def test_large_local_inputs_run_on_worker_processes(tmp_path, monkeypatch):
+    from runners import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    big = tmp_path / "big.jsonl"
+    with big.open("wb") as handle:
+        handle.truncate(cli.PARALLEL_INPUT_BYTES)  # sparse: the size is what counts
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b"{}\n")
+    processes = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    assert cli._local_parallelism([], [str(big)]) == processes
+    assert cli._local_parallelism(["--runner=FnApiRunner"], [str(big)]) == processes
+    # Small inputs stay in one process; the user's own sizing and other runners are kept.
+    assert cli._local_parallelism([], [str(small)]) == []
+    assert cli._local_parallelism(["--direct_num_workers", "1"], [str(big)]) == []
+    assert cli._local_parallelism(["--runner=DataflowRunner"], [str(big)]) == []
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 1)
+    assert cli._local_parallelism([], [str(big)]) == []

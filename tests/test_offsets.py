@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
-from transforms.offsets import PartitionProgress, advance
+from transforms.offsets import PartitionProgress, advance, compact_acks
 
 
 def _run(acks):
@@ -28,6 +29,10 @@ def _run(acks):
         ([("start", 11), (12, 11, 3, 0), (12, 11, 3, 2), (12, 11, 3, 1)], 12),
         ([("start", 20), (15, 14), (21, 20)], 21),  # acks from before the start are ignored
         ([(10, 9)], None),  # start unknown: nothing can be committed
+        ([("start", 9), (14, 9), (11, 10)], 14),  # a run (from compact_acks) covers 11
+        ([("start", 12), (14, 9)], 14),  # a run straddling the start counts from there
+        ([(14, 9), ("start", 12)], 14),  # ... whichever arrives first
+        ([("start", 9), (12, 9), (14, 9)], 14),  # two runs from one point: the longer wins
     ],
 )
 def test_advance(acks, frontier):
@@ -46,3 +51,45 @@ def test_advance_reports_movement_and_forgets_what_it_passed():
     assert advance(progress, [(1, 0)])
     assert progress.frontier == 2
     assert progress.done == {} and progress.parts == {}
+
+
+def test_compact_acks_merges_chains_per_partition():
+    acks = [("p/0", 5, 4), ("p/1", 7, 3), ("p/0", 6, 5), ("p/0", 9, 6), ("p/0", 20, 11)]
+    assert sorted(compact_acks(acks)) == [("p/0", 9, 4), ("p/0", 20, 11), ("p/1", 7, 3)]
+
+
+def test_compact_acks_passes_message_parts_through():
+    parts = [("p/0", 12, 11, 3, 0), ("p/0", 12, 11, 3, 2)]
+    assert compact_acks([*parts, ("p/0", 11, 10)]) == [*parts, ("p/0", 11, 10)]
+
+
+def test_compacted_acks_in_any_bundling_and_order_reach_the_same_frontier():
+    """Acks compacted per bundle, bundles retried and reordered: the same frontier."""
+    rng = random.Random(7)
+    for _ in range(300):
+        offsets = sorted(rng.sample(range(100, 160), rng.randint(1, 40)))
+        previous = [99, *offsets[:-1]]
+        acks = [("p/0", o, p) for p, o in zip(previous, offsets, strict=True)]
+        done = [a for a in acks if rng.random() < 0.9]  # some records still in flight
+        rng.shuffle(done)
+        bundles, i = [], 0
+        while i < len(done):
+            n = rng.randint(1, 8)
+            bundles.append(compact_acks(done[i : i + n]))
+            i += n
+        bundles += [b for b in bundles if rng.random() < 0.2]  # retried bundles repeat
+        rng.shuffle(bundles)
+        start = [("start", 99)]
+        cut = rng.randint(0, len(bundles))
+        compacted = [a[1:] for b in bundles[:cut] for a in b]
+        compacted += start + [a[1:] for b in bundles[cut:] for a in b]
+        assert _run(compacted) == _run(start + [a[1:] for a in done])
+
+
+def test_entries_a_run_jumps_over_are_dropped():
+    progress = PartitionProgress()
+    advance(progress, [("start", 0), *((n + 1, n) for n in range(5, 3000))])
+    assert len(progress.done) == 2995  # waiting for 1..5
+    advance(progress, [(10_000, 0)])  # a run covering all of them
+    assert progress.frontier == 10_000
+    assert progress.done == {}

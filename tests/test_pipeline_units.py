@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import random
 
@@ -29,6 +30,7 @@ from tests.helpers import (
 from transforms.dedup import DedupByTransactionId, pack_record, pick_first, unpack_records
 from transforms.moesif_sink import WriteBatchFiles
 from transforms.normalize import NormalizeRecords
+from transforms.sources import ReadLines, iter_lines, iter_range, plan_ranges
 
 
 def test_normalize_routes_every_line_to_records_or_dead_letters():
@@ -248,3 +250,83 @@ def test_events_pipeline_accounts_for_every_line(tmp_path):
     assert by_line["7"]["payload"] == b"\xff\xfe not utf-8"
     assert by_line["9"]["field"] == "requestTimestamp"
     assert all(d["pipeline"] == "events" and d["failed_at"] for d in dead)
+
+
+def _random_lines_file(path, rng: random.Random) -> None:
+    lines = []
+    for _ in range(rng.randint(0, 60)):
+        r = rng.random()
+        if r < 0.1:
+            lines.append(b"")
+        elif r < 0.15:
+            lines.append(b"  ")
+        else:
+            lines.append(bytes(rng.choice(b"ab{}:") for _ in range(rng.randint(1, 30))))
+    data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
+    path.write_bytes(data.replace(b"\n", b"\r\n") if rng.random() < 0.2 else data)
+
+
+def test_planned_ranges_read_every_line_once_with_its_number(tmp_path):
+    rng = random.Random(11)
+    path = tmp_path / "in.jsonl"
+    for _ in range(300):
+        _random_lines_file(path, rng)
+        ranges = plan_ranges(str(path), rng.randint(1, 40))
+        assert [line for r in ranges for line in iter_range(r)] == list(iter_lines(str(path)))
+        assert all(later[1] == earlier[2] for earlier, later in itertools.pairwise(ranges))
+
+
+def test_only_local_plain_files_are_split(tmp_path):
+    gz = tmp_path / "in.jsonl.gz"
+    gz.write_bytes(gzip.compress(b"a\n" * 100))
+    assert plan_ranges(str(gz), 10) == [(str(gz), 0, -1, 1)]
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b"a\n")
+    assert plan_ranges(str(small), 10) == [(str(small), 0, -1, 1)]
+    with pytest.raises(ValueError, match="range_bytes"):
+        ReadLines(str(small), range_bytes=0)
+
+
+def test_read_lines_reads_split_files_whole(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(b'{"n": %d}\n' % i for i in range(500)) + b"\n\nlast")
+    pipeline = make_pipeline()
+    lines = pipeline | ReadLines(str(tmp_path / "*.jsonl"), range_bytes=256)
+    assert_that(lines, equal_to(list(iter_lines(str(path)))))
+    run(pipeline)
+
+
+@pytest.mark.parametrize("single_process", [False, True])
+@pytest.mark.parametrize("source", ["kafka", "follow"])
+def test_stream_flattens_take_inputs_of_one_coder(tmp_path, source, single_process):
+    """Prism runs a Flatten whose inputs are coded unlike its output as one more stage,
+    re-encoding every element that passes: on the record path that cost a whole hop."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.common import build_delivery
+    from transforms.kafka_source import OPEN_END, KafkaPartition, KafkaSourceConfig
+
+    kafka = KafkaSourceConfig("localhost:9092", "t", "g") if source == "kafka" else None
+    config = PipelineConfig(
+        pipeline="events",
+        input=str(tmp_path / "*.jsonl") if kafka is None else "",
+        kafka=kafka,
+        input_format="wso2",
+        output_dir=str(tmp_path / "out"),
+        streaming=True,
+        follow=kafka is None,
+        single_process=single_process,
+        kafka_partitions=(KafkaPartition("t", 0, 0, OPEN_END),) if kafka else (),
+    )
+    graph = build_delivery(config, PipelineOptions(["--streaming"]), {}).to_runner_api()
+    components = graph.components
+    flattens = 0
+    for transform in components.transforms.values():
+        if transform.spec.urn != "beam:transform:flatten:v1":
+            continue
+        flattens += 1
+        (output,) = transform.outputs.values()
+        coder = components.pcollections[output].coder_id
+        inputs = {components.pcollections[i].coder_id for i in transform.inputs.values()}
+        assert inputs == {coder}, transform.unique_name
+    assert flattens >= 1

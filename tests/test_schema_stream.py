@@ -1,16 +1,19 @@
-"""The metadata type rule in streaming: keyed state decides, first arrival wins."""
+"""The metadata type rule in streaming: first arrival wins, decided in keyed stages or, for
+a stream whose workers are one process, in that process's memory (both shapes run here)."""
 
 from __future__ import annotations
 
 import json
 
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.normalize import NormalizeRecords
-from transforms.schema import EnforceMetadataSchemaInStream
+from transforms.schema import EnforceMetadataSchemaInStream, InProcessSchema
+from transforms.streaming import DedupAndCheckInProcess
 
 
 def _line(tid: str, day: int, metadata: dict | None) -> tuple[bytes, str]:
@@ -31,16 +34,25 @@ def _streaming_pipeline() -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
-def _check(stream: EventStream, stored=None, shards=4):
+@pytest.fixture(params=["keyed", "single_process"])
+def shape(request):
+    return request.param
+
+
+def _check(stream: EventStream, shape: str, stored=None, shards=4):
     pipeline = _streaming_pipeline()
-    normalized = pipeline | stream | NormalizeRecords("actions", "moesif")
-    checked = (normalized.records, normalized.signatures) | EnforceMetadataSchemaInStream(
-        stored or {}, "actions", shards=shards
-    )
+    inline = shape == "single_process"
+    normalized = pipeline | stream | NormalizeRecords("actions", "moesif", inline_signatures=inline)
+    if inline:
+        checked = normalized.records | DedupAndCheckInProcess(3600, stored or {}, "actions")
+    else:
+        checked = (normalized.records, normalized.signatures) | EnforceMetadataSchemaInStream(
+            stored or {}, "actions", shards=shards
+        )
     return pipeline, checked
 
 
-def test_first_arrival_wins_even_against_an_earlier_event_time():
+def test_first_arrival_wins_even_against_an_earlier_event_time(shape):
     stream = (
         EventStream()
         .add_elements([_line("first", 5, {"some_string": "I am a string", "n": 1})])
@@ -52,7 +64,7 @@ def test_first_arrival_wins_even_against_an_earlier_event_time():
         .add_elements([_line("no-metadata", 6, None)])
         .advance_watermark_to_infinity()
     )
-    pipeline, checked = _check(stream)
+    pipeline, checked = _check(stream, shape)
     accepted = ["first", "no-metadata", *(f"same-shape-{i}" for i in range(20))]
     assert_that(checked.records | beam.Keys(), equal_to(accepted), label="accepted")
     assert_that(
@@ -71,7 +83,7 @@ def test_first_arrival_wins_even_against_an_earlier_event_time():
     pipeline.run().wait_until_finish()
 
 
-def test_one_key_gets_one_type_when_conflicting_records_arrive_together():
+def test_one_key_gets_one_type_when_conflicting_records_arrive_together(shape):
     stream = (
         EventStream()
         .add_elements(
@@ -80,7 +92,7 @@ def test_one_key_gets_one_type_when_conflicting_records_arrive_together():
         )
         .advance_watermark_to_infinity()
     )
-    pipeline, checked = _check(stream, shards=3)
+    pipeline, checked = _check(stream, shape, shards=3)
 
     def one_type_won(ids):
         ids = sorted(ids)
@@ -99,13 +111,43 @@ def test_one_key_gets_one_type_when_conflicting_records_arrive_together():
     pipeline.run().wait_until_finish()
 
 
-def test_the_persisted_schema_wins_in_streams_too():
+def test_the_persisted_schema_wins_in_streams_too(shape):
     stream = (
         EventStream()
         .add_elements([_line("a", 1, {"plan": 3}), _line("b", 1, {"plan": "pro", "x": True})])
         .advance_watermark_to_infinity()
     )
-    pipeline, checked = _check(stream, stored={"plan": "string"})
+    pipeline, checked = _check(stream, shape, stored={"plan": "string"})
     assert_that(checked.records | beam.Keys(), equal_to(["b"]), label="accepted")
     assert_that(checked.new_fields, equal_to([("x", "boolean")]), label="new keys")
     pipeline.run().wait_until_finish()
+
+
+def test_in_process_schema_decides_each_key_once_across_threads():
+    import threading
+
+    from transforms.schema import signature, signature_id
+
+    schema = InProcessSchema({"plan": "string"})
+    shapes = [{"k": 1, "plan": "pro"}, {"k": "one"}, {"k": True, "n": {"m": 1}}]
+    sigs = [signature(m) for m in shapes]
+    results: list = []
+
+    def work(i: int) -> None:
+        sig = sigs[i % 3]
+        results.append((i % 3, *schema.check(signature_id(sig), sig)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    accepted = {i for i, conflict, _ in results if conflict is None}
+    assert len(accepted) == 1  # one type of "k" won, whichever came first
+    new = [field for _, _, fields in results for field in fields]
+    assert sorted(key for key, _ in new) == ["k", "m", "n"]  # each once; "plan" was stored
+    # A key twice in one signature: the first of its types (in signature order) wins.
+    twice = (("x", "number"), ("x", "string"))
+    conflict, fields = InProcessSchema({}).check(b"twice", twice)
+    assert conflict == ("x", "number", "string")
+    assert fields == [("x", "number")]

@@ -85,3 +85,10 @@ def test_sanitize_keys_does_not_copy_clean_input_or_mutate():
 )
 def test_json_type(value, name):
     assert json_type(value) == name
+
+
+def test_sanitize_keys_recurses_into_dict_subclasses():
+    from collections import OrderedDict
+
+    value = {"plain": OrderedDict({"a.b": 1})}
+    assert sanitize_keys(value) == {"plain": {"a_b": 1}}

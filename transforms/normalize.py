@@ -112,8 +112,10 @@ class _NormalizeFn(beam.DoFn):
         company_id_field: str | None,
         max_record_bytes: int,
         scope: str,
+        inline_signatures: bool = False,
     ) -> None:
         self._pipeline = pipeline
+        self._inline = inline_signatures
         self._fmt = fmt
         self._company_id_field = company_id_field
         self._max_record_bytes = max_record_bytes
@@ -212,17 +214,16 @@ class _NormalizeFn(beam.DoFn):
             )
             return
         when = NO_TIME if time_ms is None else time_ms
-        sig_id = self._note(record, when, transaction_id)
-        yield transaction_id, (when, body, raw, source, sig_id, ack)
-
-    def _note(self, record: dict, when: int, transaction_id: str) -> bytes:
         sig, sig_id = self._signature(record.get("metadata"))
         if not sig:
-            return b""
-        first = self._seen.get(sig_id)
-        if first is None or (when, transaction_id) < first[:2]:
-            self._seen[sig_id] = (when, transaction_id, sig)
-        return sig_id
+            yield transaction_id, (when, body, raw, source, b"", ack)
+        elif self._inline:
+            yield transaction_id, (when, body, raw, source, (sig_id, sig), ack)
+        else:
+            first = self._seen.get(sig_id)
+            if first is None or (when, transaction_id) < first[:2]:
+                self._seen[sig_id] = (when, transaction_id, sig)
+            yield transaction_id, (when, body, raw, source, sig_id, ack)
 
     def finish_bundle(self) -> Iterator[Any]:
         if self._records_read:
@@ -259,7 +260,10 @@ class NormalizeRecords(beam.PTransform):
     transaction id, or as a dead letter: ``parse_error`` (not JSON, bad UTF-8),
     ``invalid_record`` (missing or mistyped fields) or ``too_large`` (over Moesif's
     per-record limit). Nothing is dropped silently. A third output carries the metadata
-    signatures :class:`~transforms.schema.EnforceMetadataSchema` decides on.
+    signatures :class:`~transforms.schema.EnforceMetadataSchema` decides on; with
+    ``inline_signatures`` each record carries ``(signature_id, signature)`` in their place
+    instead, for a check in the same stage (see :class:`~transforms.streaming.
+    DedupAndCheckInProcess`).
     """
 
     def __init__(
@@ -269,6 +273,8 @@ class NormalizeRecords(beam.PTransform):
         company_id_field: str | None = None,
         max_record_bytes: int = MAX_EVENT_BYTES,
         schema_scope: str = "name",
+        *,
+        inline_signatures: bool = False,
     ) -> None:
         super().__init__()
         if pipeline not in FORMATS:
@@ -284,7 +290,9 @@ class NormalizeRecords(beam.PTransform):
         if schema_scope not in SCOPES:
             msg = f"schema_scope must be one of {SCOPES}, got {schema_scope!r}"
             raise ValueError(msg)
-        self._fn = _NormalizeFn(pipeline, fmt, company_id_field, max_record_bytes, schema_scope)
+        self._fn = _NormalizeFn(
+            pipeline, fmt, company_id_field, max_record_bytes, schema_scope, inline_signatures
+        )
 
     def expand(self, lines: beam.PCollection) -> Normalized:
         outputs = lines | "Parse" >> beam.ParDo(self._fn).with_outputs(

@@ -32,7 +32,7 @@ from transforms.kafka_source import (
     retry_transient,
 )
 
-__all__ = ["CommitOffsets", "PartitionProgress", "advance"]
+__all__ = ["CommitOffsets", "PartitionProgress", "advance", "compact_acks"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class PartitionProgress:
 def advance(progress: PartitionProgress, acks: Iterable[tuple]) -> bool:
     """Apply acknowledgements and move the frontier as far as the chain allows.
 
+    An acknowledgement ``(offset, previous)`` says every record after ``previous`` up to
+    and including ``offset`` is done: one record (whose predecessor in the partition was
+    ``previous``), or a run of them merged by :func:`compact_acks`. Stale and overlapping
+    acknowledgements (a retried bundle's, or records re-read after a restart) are harmless.
+
     Args:
         progress: the partition's state, updated in place.
         acks: ``("start", offset_before_first)`` markers and ``(offset, previous)`` or
@@ -69,6 +74,7 @@ def advance(progress: PartitionProgress, acks: Iterable[tuple]) -> bool:
         if ack[0] == "start":
             if progress.frontier is None or ack[1] > progress.frontier:
                 progress.frontier = ack[1]
+                _rebase(progress)
             continue
         offset, previous = ack[0], ack[1]
         if len(ack) > 2:
@@ -77,15 +83,70 @@ def advance(progress: PartitionProgress, acks: Iterable[tuple]) -> bool:
             if len(seen) < ack[2]:
                 continue
             del progress.parts[offset]
-        progress.done[previous] = offset
+        _add_done(progress, previous, offset)
     if progress.frontier is not None:
-        # Forget what the frontier already passed (a duplicate acknowledgement, or records
-        # re-read after a restart that another run had committed).
-        for previous in [p for p in progress.done if p < progress.frontier]:
-            del progress.done[previous]
         while progress.frontier in progress.done:
             progress.frontier = progress.done.pop(progress.frontier)
+        if progress.frontier != before and progress.done:
+            # Entries a run jumped over are never reached; drop them. Acknowledgements
+            # arrive compacted into runs, so there are few entries to look at.
+            _rebase(progress)
     return progress.frontier != before
+
+
+def _add_done(progress: PartitionProgress, previous: int, offset: int) -> None:
+    frontier = progress.frontier
+    if frontier is not None:
+        if offset <= frontier:
+            return  # the frontier already passed it
+        # A run that started before the frontier is done from the frontier on.
+        previous = max(previous, frontier)
+    known = progress.done.get(previous)
+    if known is None or offset > known:
+        # Two runs from one point are prefixes of one chain; the longer covers both.
+        progress.done[previous] = offset
+
+
+def _rebase(progress: PartitionProgress) -> None:
+    """Drop or clip what lies behind the frontier."""
+    frontier = progress.frontier
+    if frontier is None:
+        return
+    behind = [(p, o) for p, o in progress.done.items() if p < frontier]
+    for previous, _ in behind:
+        del progress.done[previous]
+    for previous, offset in behind:
+        _add_done(progress, previous, offset)
+
+
+def compact_acks(acks: Iterable[tuple]) -> list[tuple]:
+    """Merge acknowledgements that chain into runs, one per run and partition.
+
+    ``(p, 5, 4)`` and ``(p, 6, 5)`` become ``(p, 6, 4)``: "everything after 4 up to 6 is
+    done", which :func:`advance` applies exactly as it would the two. A stage that
+    acknowledges a batch of records in partition order sends a handful of tokens instead
+    of one per record. Parts of multi-record messages pass through unchanged.
+    """
+    out: list[tuple] = []
+    chains: dict[str, dict[int, int]] = {}
+    for ack in acks:
+        if len(ack) > 3:
+            out.append(ack)
+            continue
+        name, offset, previous = ack
+        links = chains.setdefault(name, {})
+        if offset > links.get(previous, -1):
+            links[previous] = offset
+    for name, links in chains.items():
+        targets = set(links.values())
+        for head in sorted(p for p in links if p not in targets):
+            end = links.pop(head)
+            while end in links:
+                end = links.pop(end)
+            out.append((name, end, head))
+        # Whatever is left forms cycles, which offsets cannot; keep it as it came.
+        out.extend((name, offset, previous) for previous, offset in links.items())
+    return out
 
 
 class _CommitFn(ConsumerFn):
@@ -155,8 +216,12 @@ class CommitOffsets(beam.PTransform):
 
     def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> beam.PCollection:
         acks, partitions = pcolls
-        starts = partitions | "PartitionStarts" >> beam.Map(_start_marker)
-        keyed = acks | "ByPartition" >> beam.Map(_key_ack)
+        # One coder on both inputs of the Flatten: Prism runs a Flatten of differently
+        # coded inputs as an extra stage.
+        starts = partitions | "PartitionStarts" >> beam.Map(_start_marker).with_output_types(
+            tuple[str, tuple]
+        )
+        keyed = acks | "ByPartition" >> beam.Map(_key_ack).with_output_types(tuple[str, tuple])
         return (
             (starts, keyed)
             | "AllAcks" >> beam.Flatten()

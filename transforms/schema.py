@@ -347,29 +347,70 @@ class _CheckFn(beam.DoFn):
     def process(
         self, element: tuple[str, tuple], conflicts: Mapping[bytes, tuple[str, str, str]]
     ) -> Iterator[Any]:
-        transaction_id, value = element
+        value = element[1]
         conflict = conflicts.get(value[4]) if conflicts else None
         if conflict is None:
             yield element
             return
-        key, expected, actual = conflict
         self._conflicts.inc()
-        detail = f"metadata key {key!r} is {expected} in the schema; this record sends {actual}"
-        letter = dead_letter(
-            "type_conflict",
-            "schema",
-            detail,
-            value[2],
-            value[3],
-            self._pipeline,
-            transaction_id=transaction_id,
-            field=key,
-            expected_type=expected,
-            actual_type=actual,
-        )
-        if len(value) > 5 and value[5] is not None:
-            letter[ACK_FIELD] = value[5]
-        yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+        yield pvalue.TaggedOutput(DEAD_LETTER, conflict_letter(element, conflict, self._pipeline))
+
+
+def conflict_letter(
+    element: tuple[str, tuple], conflict: tuple[str, str, str], pipeline: str
+) -> dict[str, Any]:
+    """The ``type_conflict`` dead letter of a record, with its acknowledgement if any."""
+    transaction_id, value = element
+    key, expected, actual = conflict
+    detail = f"metadata key {key!r} is {expected} in the schema; this record sends {actual}"
+    letter = dead_letter(
+        "type_conflict",
+        "schema",
+        detail,
+        value[2],
+        value[3],
+        pipeline,
+        transaction_id=transaction_id,
+        field=key,
+        expected_type=expected,
+        actual_type=actual,
+    )
+    if len(value) > 5 and value[5] is not None:
+        letter[ACK_FIELD] = value[5]
+    return letter
+
+
+class InProcessSchema:
+    """The metadata type rule for a stream whose workers are all one process.
+
+    The first type to arrive for a key wins (or the stored one), decided under one lock,
+    so concurrent bundles agree. A signature's verdict is computed once and remembered
+    (bounded, like every memo here). Only valid where one process sees every record: on
+    runners with several worker processes use :class:`EnforceMetadataSchemaInStream`.
+    """
+
+    def __init__(self, stored: Mapping[str, str]) -> None:
+        self._decided = dict(_checked(stored))
+        self._verdicts: dict[bytes, tuple[str, str, str] | None] = {}
+        self._lock = threading.Lock()
+
+    def check(self, sig_id: bytes, sig: Signature) -> tuple[tuple[str, str, str] | None, list]:
+        """``(conflict or None, keys decided for the first time as (key, type))``."""
+        verdicts = self._verdicts
+        if sig_id in verdicts:
+            return verdicts[sig_id], []
+        with self._lock:
+            if sig_id in verdicts:
+                return verdicts[sig_id], []
+            decided = self._decided
+            new = []
+            for key, kind in sig:
+                if key not in decided:  # a key twice in one signature: its first type wins
+                    decided[key] = kind
+                    new.append((key, kind))
+            verdict = find_conflict(sig, decided)
+            _remember(verdicts, sig_id, verdict)
+        return verdict, new
 
 
 class EnforceMetadataSchema(beam.PTransform):
@@ -506,7 +547,7 @@ class _AssembleVerdictFn(beam.DoFn):
         self,
         element: tuple[bytes, tuple[str, str, str, int]],
         done: Any = beam.DoFn.StateParam(DONE),
-    ) -> Iterator[tuple[tuple[bytes, int], tuple[str, Any]]]:
+    ) -> Iterator[_GateInput]:
         sig_id, (key, decided, sent, size) = element
         memory = self._memory
         with memory.lock:
@@ -554,6 +595,9 @@ class _GateFn(beam.DoFn):
     ) -> Iterator[Any]:
         key, (kind, payload) = element
         sig_id = key[0]
+        if not sig_id:
+            yield payload  # no metadata, nothing to check
+            return
         memory = self._memory
         if kind == "verdict":
             verdict_state.write(payload)
@@ -584,14 +628,18 @@ class _GateFn(beam.DoFn):
         yield from self._check.process(record, conflicts)
 
 
-def _to_gate(element: tuple[str, tuple], shards: int) -> Iterator[Any]:
+# What the gate takes in, records and verdicts alike. Both inputs of its Flatten must have
+# this one coder: Prism runs a Flatten whose inputs are coded differently as an extra
+# stage, which re-encodes every record once more.
+_GateInput = tuple[tuple[bytes, int], tuple[str, Any]]
+
+
+def _to_gate(element: tuple[str, tuple], shards: int) -> _GateInput:
+    # Records without metadata pass through the gate too (it lets them straight on), so
+    # that every record leaves from one stage and delivery fuses with it.
     transaction_id, value = element
-    sig_id = value[4]
-    if not sig_id:
-        yield pvalue.TaggedOutput("free", element)  # no metadata, nothing to check
-        return
     shard = zlib.crc32(transaction_id.encode("utf-8")) % shards
-    yield (sig_id, shard), ("record", element)
+    return (value[4], shard), ("record", element)
 
 
 class EnforceMetadataSchemaInStream(beam.PTransform):
@@ -630,15 +678,12 @@ class EnforceMetadataSchemaInStream(beam.PTransform):
         )
         verdicts = decided.decided | "AssembleVerdict" >> beam.ParDo(
             _AssembleVerdictFn(self._shards, f"{self._stage_id}/assemble")
-        ).with_input_types(tuple[bytes, tuple[str, str, str, int]])
-        routed = records | "ToGate" >> beam.FlatMap(_to_gate, self._shards).with_outputs(
-            "free", main="gated"
+        ).with_input_types(tuple[bytes, tuple[str, str, str, int]]).with_output_types(_GateInput)
+        routed = records | "ToGate" >> beam.Map(_to_gate, self._shards).with_output_types(
+            _GateInput
         )
-        gated = (verdicts, routed.gated) | "JoinVerdicts" >> beam.Flatten()
+        gated = (verdicts, routed) | "JoinVerdicts" >> beam.Flatten()
         checked = gated | "Gate" >> beam.ParDo(
             _GateFn(self._pipeline, f"{self._stage_id}/gate")
-        ).with_input_types(tuple[tuple[bytes, int], tuple[str, Any]]).with_outputs(
-            DEAD_LETTER, main="records"
-        )
-        passed = (checked.records, routed.free) | "Passed" >> beam.Flatten()
-        return SchemaChecked(passed, checked[DEAD_LETTER], decided.new)
+        ).with_input_types(_GateInput).with_outputs(DEAD_LETTER, main="records")
+        return SchemaChecked(checked.records, checked[DEAD_LETTER], decided.new)

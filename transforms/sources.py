@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,9 +23,15 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from transforms.drain import Ticks
 
-__all__ = ["FollowFiles", "ReadLines", "iter_lines", "match_inputs"]
+__all__ = ["FollowFiles", "ReadLines", "iter_lines", "iter_range", "match_inputs", "plan_ranges"]
 
 _LOG = logging.getLogger(__name__)
+
+# Local plain files larger than this are read as several line-aligned ranges, so that on
+# a multi-worker runner parsing and mapping run on every core, not on the one worker that
+# happened to get the file.
+RANGE_BYTES = 16 << 20
+_SCAN_CHUNK = 1 << 20
 
 
 def match_inputs(pattern: str) -> list[str]:
@@ -65,28 +72,104 @@ def _open_lines(path: str) -> Iterator[bytes]:
             yield line
 
 
+def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, int, int, int]]:
+    """Split a file into line-aligned ranges ``(path, start, end, first_line_number)``.
+
+    Only local, uncompressed files larger than ``range_bytes`` are split; anything else is
+    one range ``(path, 0, -1, 1)`` read whole. Every range starts at the beginning of a
+    line, and the ranges cover the file exactly once, so reading them all yields every
+    line once with the same ``path:line`` numbering as reading the file whole. Planning
+    reads the file once, counting newlines at C speed.
+    """
+    if range_bytes <= 0:
+        msg = f"range_bytes must be > 0, got {range_bytes}"
+        raise ValueError(msg)
+    if "://" in path or path.endswith(".gz"):
+        return [(path, 0, -1, 1)]
+    size = os.path.getsize(path)
+    if size <= range_bytes:
+        return [(path, 0, -1, 1)]
+    ranges = []
+    start, first_line = 0, 1
+    with open(path, "rb") as handle:
+        while start < size:
+            target = start + range_bytes
+            if target >= size:
+                ranges.append((path, start, size, first_line))
+                break
+            # Count the newlines up to the target, then run on to the end of that line.
+            lines = _count_newlines(handle, start, target)
+            handle.seek(target)
+            rest = handle.readline()
+            end = target + len(rest)
+            lines += rest.count(b"\n")
+            ranges.append((path, start, end, first_line))
+            start, first_line = end, first_line + lines
+    return ranges
+
+
+def _count_newlines(handle: Any, start: int, end: int) -> int:
+    handle.seek(start)
+    count, left = 0, end - start
+    while left > 0:
+        chunk = handle.read(min(_SCAN_CHUNK, left))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
+def iter_range(file_range: tuple[str, int, int, int]) -> Iterator[tuple[bytes, str]]:
+    """Yield ``(line, "path:number")`` for the non-blank lines of one planned range."""
+    path, start, end, first_line = file_range
+    if end < 0:
+        yield from iter_lines(path)
+        return
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        position, number = start, first_line
+        for line in handle:
+            stripped = line.rstrip(b"\r\n")
+            if stripped.strip():
+                yield stripped, f"{path}:{number}"
+            number += 1
+            position += len(line)
+            if position >= end:
+                return
+
+
 class ReadLines(beam.PTransform):
     """Read every line of the files matching a glob as ``(raw_bytes, "path:line")``.
 
-    Files are the unit of parallelism; each file is read in one pass.
+    Each file is read once. Large local plain files are read as several line-aligned
+    ranges (see ``plan_ranges``) so that a multi-worker runner reads and parses them on
+    every worker; other files are read whole.
     """
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, range_bytes: int = RANGE_BYTES) -> None:
         super().__init__()
         if not pattern:
             msg = "an input pattern is required"
             raise ValueError(msg)
+        if range_bytes <= 0:
+            msg = f"range_bytes must be > 0, got {range_bytes}"
+            raise ValueError(msg)
         self._pattern = pattern
+        self._range_bytes = range_bytes
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (
             pbegin
             | "Match" >> fileio.MatchFiles(self._pattern)
-            | "Path" >> beam.Map(lambda metadata: metadata.path)
-            # Without this the runner fuses matching with reading and one worker reads
-            # every file; spreading paths lets files be read in parallel.
+            | "Plan"
+            >> beam.FlatMap(
+                lambda metadata, size: plan_ranges(metadata.path, size), self._range_bytes
+            )
+            # Without this the runner fuses planning with reading and one worker reads
+            # everything; spreading ranges lets them be read in parallel.
             | "Spread" >> beam.Reshuffle()
-            | "Lines" >> beam.FlatMap(iter_lines)
+            | "Lines" >> beam.FlatMap(iter_range)
         )
 
 

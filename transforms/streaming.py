@@ -1,6 +1,8 @@
 """The stages of an unbounded run: TTL dedup, delay-bounded batches, streaming dead letters.
 
-Bounded runs use :mod:`transforms.dedup`; a stream remembers ids in keyed state instead.
+Bounded runs use :mod:`transforms.dedup`; a stream remembers ids for a TTL instead, in
+keyed shards (:class:`DedupInStream`) or, when all workers are one process, together with
+the metadata type rule in that process's memory (:class:`DedupAndCheckInProcess`).
 Both use the same bundle-based batching and delivery (:mod:`transforms.moesif_sink`).
 Every record's fate is reported as an acknowledgement token (see :mod:`transforms.offsets`)
 once it is final: a duplicate when it is dropped, a sent record after the collector's 2xx,
@@ -12,7 +14,7 @@ from __future__ import annotations
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -30,14 +32,15 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import load_schema
 from transforms.counters import counter
-from transforms.deadletter import ACK_FIELD
+from transforms.deadletter import ACK_FIELD, DEAD_LETTER
 from transforms.moesif_sink import ACKS, PostToMoesif, WriteBatchFiles
-from transforms.schema import save_schema
+from transforms.schema import InProcessSchema, conflict_letter, save_schema
 from transforms.worker_memory import worker_memory
 
 __all__ = [
     "ACKS",
     "BatchAndDeliverInStream",
+    "DedupAndCheckInProcess",
     "DedupInStream",
     "Deduplicated",
     "Delivered",
@@ -196,6 +199,104 @@ class DedupInStream(beam.PTransform):
             >> beam.ParDo(_DedupFn(self._dedup_id, self._ttl)).with_outputs(ACKS, main="records")
         )
         return Deduplicated(out.records, out[ACKS])
+
+
+class CheckedInProcess(NamedTuple):
+    """Outputs of :class:`DedupAndCheckInProcess`."""
+
+    records: beam.PCollection  # unique records whose metadata agrees with the schema
+    dead_letters: beam.PCollection  # type_conflict dead letters
+    acks: beam.PCollection  # tokens of the duplicates dropped
+    new_fields: beam.PCollection  # (key, type), each key once, when first decided
+
+
+# Tag of the keys the in-process check decides for the first time.
+NEW_FIELDS = "new_fields"
+
+
+class _DedupAndCheckFn(beam.DoFn):
+    """Dedup by transaction id and the metadata type rule, in this process's memory."""
+
+    def __init__(self, stage_id: str, ttl_seconds: float, stored: dict, pipeline: str) -> None:
+        self._stage_id = stage_id
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._stored = stored
+        self._pipeline = pipeline
+        self._duplicates = counter("duplicates")
+        self._conflicts = counter("type_conflicts")
+
+    def setup(self) -> None:
+        self._seen = worker_memory(f"{self._stage_id}/seen", _SeenIds)
+        self._schema = worker_memory(
+            f"{self._stage_id}/schema", lambda: InProcessSchema(self._stored)
+        )
+
+    def process(
+        self, element: tuple[str, tuple], timestamp: Any = beam.DoFn.TimestampParam
+    ) -> Iterator[Any]:
+        transaction_id, value = element
+        seen = self._seen
+        # Event time, as the element's timestamp (as DedupInStream); with no watermark
+        # timers here, the newest time seen is the clock that ages ids out.
+        time_ms = timestamp.micros // 1000
+        with seen.lock:
+            # timer_at serves as the newest event time seen; ids a TTL older are forgotten
+            # before this record is looked up.
+            if seen.timer_at is None or time_ms > seen.timer_at:
+                seen.timer_at = time_ms
+                oldest = seen.oldest_bucket_end()
+                if oldest is not None and oldest + self._ttl_ms <= time_ms:
+                    seen.forget_before(time_ms - self._ttl_ms)
+            new = seen.add(transaction_id, time_ms)
+        if not new:
+            self._duplicates.inc()
+            if value[5] is not None:
+                yield pvalue.TaggedOutput(ACKS, value[5])
+            return
+        signature = value[4]
+        if not signature:
+            yield element
+            return
+        sig_id, sig = signature
+        conflict, new_fields = self._schema.check(sig_id, sig)
+        for field in new_fields:
+            yield pvalue.TaggedOutput(NEW_FIELDS, field)
+        record = (transaction_id, (*value[:4], sig_id, value[5]))
+        if conflict is None:
+            yield record
+            return
+        self._conflicts.inc()
+        yield pvalue.TaggedOutput(DEAD_LETTER, conflict_letter(record, conflict, self._pipeline))
+
+
+class DedupAndCheckInProcess(beam.PTransform):
+    """:class:`DedupInStream` and the metadata type rule in one step, for one process.
+
+    For a stream whose workers all run in one process (moesif-beam's default streaming
+    runner: Prism with in-process workers), where that process's memory sees every
+    record. Then no record needs to be shuffled to a shard or a gate: records flow from
+    the reader to delivery in one fused stage, with the same guarantees: a transaction id
+    seen within ``ttl_seconds`` of event time is a duplicate (counted and acknowledged),
+    the first type to arrive for a metadata key wins (or the stored one), a record that
+    contradicts it is a ``type_conflict`` dead letter, and each newly decided key is
+    output once. Input: records from :class:`~transforms.normalize.NormalizeRecords` with
+    ``inline_signatures``. On runners with several worker processes use
+    :class:`DedupInStream` and :class:`~transforms.schema.EnforceMetadataSchemaInStream`.
+    """
+
+    def __init__(self, ttl_seconds: float, stored: Mapping[str, str], pipeline: str) -> None:
+        super().__init__()
+        if ttl_seconds <= 0:
+            msg = f"dedup_ttl must be positive, got {ttl_seconds}"
+            raise ValueError(msg)
+        InProcessSchema(stored)  # validates the stored types now, not in a worker
+        self._fn = _DedupAndCheckFn(uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline)
+
+    def expand(self, records: beam.PCollection) -> CheckedInProcess:
+        out = records | "DedupAndCheck" >> beam.ParDo(self._fn).with_outputs(
+            DEAD_LETTER, ACKS, NEW_FIELDS, main="records"
+        )
+        return CheckedInProcess(out.records, out[DEAD_LETTER], out[ACKS], out[NEW_FIELDS])
 
 
 class Delivered(NamedTuple):
