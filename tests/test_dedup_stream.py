@@ -79,3 +79,12 @@ def test_dedup_validates():
         DedupAndCheckInProcess(60, {"k": "text"}, "events")
     with pytest.raises(ValueError, match="shards"):
         DedupInStream(60, shards=0)
+
+
+def test_buckets_scale_with_a_short_ttl():
+    # A TTL of 2 s with 10 s buckets would keep an id for up to 12 s.
+    assert _SeenIds.for_ttl(2_000).bucket_ms == 500
+    assert _SeenIds.for_ttl(3_600_000).bucket_ms == _SeenIds.BUCKET_MS
+    assert _SeenIds.for_ttl(2).bucket_ms == 1
+    with pytest.raises(ValueError, match="bucket_ms"):
+        _SeenIds(0)

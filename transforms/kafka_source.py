@@ -15,7 +15,9 @@ The reader never commits offsets itself: reading is not delivering.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -31,6 +33,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
 from transforms.timefmt import parse_time_ms
+from transforms.worker_memory import worker_memory
 
 __all__ = [
     "DRAIN",
@@ -260,27 +263,84 @@ class ConsumerFn(beam.DoFn):
             consumer.close()
 
 
-class _ReadPartitionFn(ConsumerFn):
-    """Reads one partition's range; yields ``(value, source, ack)`` with Kafka's timestamp."""
+class _PartitionConsumer:
+    """One partition's consumer, kept assigned between bundles so it goes on prefetching."""
+
+    def __init__(self) -> None:
+        self.consumer: Any = None
+        self.next_offset = -1  # the offset the consumer reads next, as far as we know
+        self.lock = threading.Lock()
+
+
+class _PartitionConsumers:
+    """A worker's consumers of one reader stage, one per partition (see _ReadPartitionFn)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[str, int], _PartitionConsumer] = {}
+        self._lock = threading.Lock()
+
+    def slot(self, topic: str, partition: int) -> _PartitionConsumer:
+        with self._lock:
+            return self._slots.setdefault((topic, partition), _PartitionConsumer())
+
+    def close(self) -> None:
+        with self._lock:
+            slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            with slot.lock:
+                if slot.consumer is not None:
+                    slot.consumer.close()
+                    slot.consumer = None
+
+
+class _ReadPartitionFn(beam.DoFn):
+    """Reads one partition's range; yields ``(value, source, ack)`` with Kafka's timestamp.
+
+    Each partition has one consumer per worker, shared by the stage's DoFn instances and
+    kept assigned from one bundle to the next: a stream's read of a partition is a chain
+    of one-second bundles, and a consumer assigned afresh for each would drop what it had
+    prefetched and wait for the broker again (measured: up to 40% of a bundle).
+    """
 
     def __init__(self, config: KafkaSourceConfig, poll_seconds: float, idle_lag: float) -> None:
-        super().__init__(config)
+        self._config = config
         self._poll_seconds = poll_seconds
         self._idle_lag = idle_lag
+        # Names this stage's consumers in the worker; fixed when the pipeline is built.
+        self._stage_id = uuid.uuid4().hex
 
-    def _read(
+    def setup(self) -> None:
+        self._consumers = worker_memory(f"{self._stage_id}/consumers", _PartitionConsumers)
+
+    def teardown(self) -> None:
+        consumers = getattr(self, "_consumers", None)
+        if consumers is not None:
+            consumers.close()
+
+    def _read(self, element: KafkaPartition, tracker: Any, watermark: Any) -> Iterator[Any]:
+        slot = self._consumers.slot(element.topic, element.partition)
+        with slot.lock:
+            yield from self._read_with(slot, element, tracker, watermark)
+
+    def _read_with(
         self,
+        slot: _PartitionConsumer,
         element: KafkaPartition,
         tracker: Any,  # Beam's thread-safe wrapper of OffsetRestrictionTracker
         watermark: ManualWatermarkEstimator,
     ) -> Iterator[Any]:
-        from confluent_kafka import KafkaError, TopicPartition  # noqa: PLC0415
+        from confluent_kafka import Consumer, KafkaError, TopicPartition  # noqa: PLC0415
 
         restriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
             return
         tp = TopicPartition(element.topic, element.partition, restriction.start)
-        self._consumer.assign([tp])
+        if slot.consumer is None:
+            slot.consumer = Consumer(self._config.consumer_settings())
+        if slot.next_offset != restriction.start:
+            slot.consumer.assign([tp])  # first use, or a retried range: start over there
+        consumer = slot.consumer
+        slot.next_offset = -1  # unknown until this read ends cleanly
         name = f"{element.topic}/{element.partition}"
         previous = restriction.start - 1
         deadline = time.monotonic() + self._poll_seconds
@@ -291,7 +351,7 @@ class _ReadPartitionFn(ConsumerFn):
                 # unread is acknowledged, so the next run resumes right here.
                 tracker.try_claim(restriction.stop - 1)
                 return
-            messages = self._consumer.consume(num_messages=1000, timeout=0.2)
+            messages = consumer.consume(num_messages=1000, timeout=0.2)
             caught_up = False
             for message in messages:
                 error = message.error()
@@ -319,7 +379,7 @@ class _ReadPartitionFn(ConsumerFn):
                 if offset == restriction.stop - 1:
                     return  # the range is done
             if not messages or caught_up:
-                position = self._consumer.position([tp])[0].offset
+                position = consumer.position([tp])[0].offset
                 if not unbounded and position >= restriction.stop:
                     # Only non-data offsets (transaction markers) are left in the range:
                     # claim its end so the tracker knows the range is done.
@@ -334,6 +394,9 @@ class _ReadPartitionFn(ConsumerFn):
                         watermark.set_watermark(idle)
             if unbounded and time.monotonic() >= deadline:
                 tracker.defer_remainder(Duration.of(0.2 if messages else 1.0))
+                # The residual starts right after the last claimed offset, where the
+                # consumer stands: the next bundle goes on without a new assignment.
+                slot.next_offset = previous + 1
                 return
 
 

@@ -65,7 +65,11 @@ class _SeenIds:
 
     BUCKET_MS = 10_000
 
-    def __init__(self) -> None:
+    def __init__(self, bucket_ms: int = BUCKET_MS) -> None:
+        if bucket_ms < 1:
+            msg = f"bucket_ms must be >= 1, got {bucket_ms}"
+            raise ValueError(msg)
+        self.bucket_ms = bucket_ms
         self.ids: dict[str, int] = {}
         self.buckets: dict[int, list[str]] = {}
         self.timer_at: int | None = None  # when this shard's eviction timer will fire, in ms
@@ -76,23 +80,32 @@ class _SeenIds:
         if transaction_id in self.ids:
             return False
         self.ids[transaction_id] = time_ms
-        self.buckets.setdefault(time_ms // self.BUCKET_MS, []).append(transaction_id)
+        self.buckets.setdefault(time_ms // self.bucket_ms, []).append(transaction_id)
         return True
 
     def forget_before(self, time_ms: int) -> None:
         """Forget every id whose bucket ends at or before ``time_ms``."""
-        for bucket in [b for b in self.buckets if (b + 1) * self.BUCKET_MS <= time_ms]:
+        for bucket in [b for b in self.buckets if (b + 1) * self.bucket_ms <= time_ms]:
             for transaction_id in self.buckets.pop(bucket):
                 self.ids.pop(transaction_id, None)
 
     def oldest_bucket_end(self) -> int | None:
-        return (min(self.buckets) + 1) * self.BUCKET_MS if self.buckets else None
+        return (min(self.buckets) + 1) * self.bucket_ms if self.buckets else None
+
+    @classmethod
+    def for_ttl(cls, ttl_ms: int) -> _SeenIds:
+        """Ids in buckets of a quarter of the TTL, at most 10 s.
+
+        An id is then forgotten within a quarter TTL of being due, and one TTL spans a
+        bounded number of buckets.
+        """
+        return cls(max(1, min(cls.BUCKET_MS, ttl_ms // 4)))
 
 
-def _seen_ids(dedup_id: str, shard: int) -> _SeenIds:
+def _seen_ids(dedup_id: str, shard: int, ttl_ms: int) -> _SeenIds:
     # Every DoFn instance of one DedupInStream in this process shares one _SeenIds per
     # shard. Each has its own lock, for runners that run bundles of one key concurrently.
-    return worker_memory(f"{dedup_id}/{shard}", _SeenIds)
+    return worker_memory(f"{dedup_id}/{shard}", lambda: _SeenIds.for_ttl(ttl_ms))
 
 
 class _DedupFn(beam.DoFn):
@@ -117,7 +130,7 @@ class _DedupFn(beam.DoFn):
     ) -> Iterator[Any]:
         shard, record = element
         value = record[1]
-        seen = _seen_ids(self._dedup_id, shard)
+        seen = _seen_ids(self._dedup_id, shard, self._ttl_ms)
         # Event time, as the element's timestamp: a re-sent record within the TTL of the
         # first one's time is caught, and a drained stream (watermark at the end) forgets
         # everything at once.
@@ -126,7 +139,8 @@ class _DedupFn(beam.DoFn):
             new = seen.add(record[0], time_ms)
             fire_at = None
             if new:
-                due = (time_ms // _SeenIds.BUCKET_MS + 1) * _SeenIds.BUCKET_MS + self._ttl_ms
+                bucket_ms = seen.bucket_ms
+                due = (time_ms // bucket_ms + 1) * bucket_ms + self._ttl_ms
                 if seen.timer_at is None or due < seen.timer_at:
                     seen.timer_at = fire_at = due
         if fire_at is not None:
@@ -145,7 +159,7 @@ class _DedupFn(beam.DoFn):
         fired: Any = beam.DoFn.TimestampParam,
         expire: Any = beam.DoFn.TimerParam(EXPIRE),
     ) -> None:
-        seen = _seen_ids(self._dedup_id, key)
+        seen = _seen_ids(self._dedup_id, key, self._ttl_ms)
         with seen.lock:
             seen.forget_before(fired.micros // 1000 - self._ttl_ms)
             oldest = seen.oldest_bucket_end()
@@ -226,7 +240,7 @@ class _DedupAndCheckFn(beam.DoFn):
         self._conflicts = counter("type_conflicts")
 
     def setup(self) -> None:
-        self._seen = worker_memory(f"{self._stage_id}/seen", _SeenIds)
+        self._seen = worker_memory(f"{self._stage_id}/seen", lambda: _SeenIds.for_ttl(self._ttl_ms))
         self._schema = worker_memory(
             f"{self._stage_id}/schema", lambda: InProcessSchema(self._stored)
         )
