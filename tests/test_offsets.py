@@ -93,3 +93,26 @@ def test_entries_a_run_jumps_over_are_dropped():
     advance(progress, [(10_000, 0)])  # a run covering all of them
     assert progress.frontier == 10_000
     assert progress.done == {}
+
+
+def test_partition_consumers_one_per_partition_and_close_never_hangs():
+    from transforms.kafka_source import _PartitionConsumers
+
+    class Closable:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    consumers = _PartitionConsumers()
+    first = consumers.slot("t", 0)
+    assert consumers.slot("t", 0) is first
+    assert consumers.slot("t", 1) is not first
+    first.consumer, busy = Closable(), consumers.slot("t", 1)
+    busy.consumer = Closable()
+    busy.lock.acquire()  # a read that never ends
+    idle = first.consumer
+    consumers.close(wait=0.1)
+    assert idle.closed and first.consumer is None
+    assert busy.consumer is not None and not busy.consumer.closed
+    assert consumers.slot("t", 0) is not first  # a later read starts afresh

@@ -283,14 +283,22 @@ class _PartitionConsumers:
         with self._lock:
             return self._slots.setdefault((topic, partition), _PartitionConsumer())
 
-    def close(self) -> None:
+    def close(self, wait: float = 10.0) -> None:
+        """Close every consumer; one whose read does not end within ``wait`` s is left."""
         with self._lock:
             slots, self._slots = list(self._slots.values()), {}
         for slot in slots:
-            with slot.lock:
+            # A read still holding its slot ends within its poll window; one that never
+            # ends (an abandoned bundle) must not hang the shutdown: its consumer is left
+            # to the process's exit.
+            if not slot.lock.acquire(timeout=wait):
+                continue
+            try:
                 if slot.consumer is not None:
                     slot.consumer.close()
                     slot.consumer = None
+            finally:
+                slot.lock.release()
 
 
 class _ReadPartitionFn(beam.DoFn):
