@@ -88,3 +88,15 @@ def test_buckets_scale_with_a_short_ttl():
     assert _SeenIds.for_ttl(2).bucket_ms == 1
     with pytest.raises(ValueError, match="bucket_ms"):
         _SeenIds(0)
+
+
+def test_seen_ids_schedule_and_expire_track_the_oldest_due_bucket():
+    seen = _SeenIds(1_000)
+    seen.add("a", 2_500)
+    assert seen.schedule(2_500, 60_000) == 63_000  # bucket 2-3 s, due a TTL after its end
+    seen.add("b", 5_100)
+    assert seen.schedule(5_100, 60_000) is None  # a later bucket: the earlier one is due first
+    assert seen.expire(63_000, 60_000) == 66_000  # "a" forgotten; "b" falls due next
+    assert set(seen.ids) == {"b"}
+    assert seen.expire(70_000, 60_000) is None
+    assert seen.ids == {}

@@ -72,7 +72,7 @@ class _SeenIds:
         self.bucket_ms = bucket_ms
         self.ids: dict[str, int] = {}
         self.buckets: dict[int, list[str]] = {}
-        self.timer_at: int | None = None  # when this shard's eviction timer will fire, in ms
+        self.timer_at: int | None = None  # when the oldest bucket falls due (end + TTL), ms
         self.lock = threading.Lock()
 
     def add(self, transaction_id: str, time_ms: int) -> bool:
@@ -91,6 +91,24 @@ class _SeenIds:
 
     def oldest_bucket_end(self) -> int | None:
         return (min(self.buckets) + 1) * self.bucket_ms if self.buckets else None
+
+    def schedule(self, time_ms: int, ttl_ms: int) -> int | None:
+        """Note an id added at ``time_ms``; its bucket's due time if now the earliest.
+
+        None when an earlier bucket is already due first (so no new timer is needed).
+        """
+        due = (time_ms // self.bucket_ms + 1) * self.bucket_ms + ttl_ms
+        if self.timer_at is None or due < self.timer_at:
+            self.timer_at = due
+            return due
+        return None
+
+    def expire(self, now_ms: int, ttl_ms: int) -> int | None:
+        """Forget the ids a TTL older than ``now_ms``; return when the next bucket falls due."""
+        self.forget_before(now_ms - ttl_ms)
+        oldest = self.oldest_bucket_end()
+        self.timer_at = None if oldest is None else oldest + ttl_ms
+        return self.timer_at
 
     @classmethod
     def for_ttl(cls, ttl_ms: int) -> _SeenIds:
@@ -137,12 +155,7 @@ class _DedupFn(beam.DoFn):
         time_ms = timestamp.micros // 1000
         with seen.lock:
             new = seen.add(record[0], time_ms)
-            fire_at = None
-            if new:
-                bucket_ms = seen.bucket_ms
-                due = (time_ms // bucket_ms + 1) * bucket_ms + self._ttl_ms
-                if seen.timer_at is None or due < seen.timer_at:
-                    seen.timer_at = fire_at = due
+            fire_at = seen.schedule(time_ms, self._ttl_ms) if new else None
         if fire_at is not None:
             expire.set(_event_time(fire_at))
         if new:
@@ -161,10 +174,7 @@ class _DedupFn(beam.DoFn):
     ) -> None:
         seen = _seen_ids(self._dedup_id, key, self._ttl_ms)
         with seen.lock:
-            seen.forget_before(fired.micros // 1000 - self._ttl_ms)
-            oldest = seen.oldest_bucket_end()
-            seen.timer_at = None if oldest is None else oldest + self._ttl_ms
-            fire_at = seen.timer_at
+            fire_at = seen.expire(fired.micros // 1000, self._ttl_ms)
         if fire_at is not None:
             expire.set(_event_time(fire_at))
 
@@ -251,17 +261,15 @@ class _DedupAndCheckFn(beam.DoFn):
         transaction_id, value = element
         seen = self._seen
         # Event time, as the element's timestamp (as DedupInStream); with no watermark
-        # timers here, the newest time seen is the clock that ages ids out.
+        # timers here, the records' own times are the clock: once one reaches the oldest
+        # bucket's due time, ids a TTL older are forgotten, before it is looked up.
         time_ms = timestamp.micros // 1000
         with seen.lock:
-            # timer_at serves as the newest event time seen; ids a TTL older are forgotten
-            # before this record is looked up.
-            if seen.timer_at is None or time_ms > seen.timer_at:
-                seen.timer_at = time_ms
-                oldest = seen.oldest_bucket_end()
-                if oldest is not None and oldest + self._ttl_ms <= time_ms:
-                    seen.forget_before(time_ms - self._ttl_ms)
+            if seen.timer_at is not None and time_ms >= seen.timer_at:
+                seen.expire(time_ms, self._ttl_ms)
             new = seen.add(transaction_id, time_ms)
+            if new:
+                seen.schedule(time_ms, self._ttl_ms)
         if not new:
             self._duplicates.inc()
             if value[5] is not None:
