@@ -253,7 +253,7 @@ _MAX_LOCAL_WORKERS = 4
 
 def _local_parallelism(beam_args: list[str], paths: list[str]) -> list[str]:
     """Worker flags for a bounded local run the user did not size (see the README)."""
-    if _has_runner(beam_args) and not _runs_locally(beam_args):
+    if not _runs_locally(beam_args):
         return []
     if any(arg.startswith(("--direct_num_workers", "--direct_running_mode")) for arg in beam_args):
         return []

@@ -140,6 +140,8 @@ _DEFAULT_RECORDS_LIMIT: Final = 100
 _DIRECTIONS: Final = frozenset({"Incoming", "Outgoing", "Internal"})
 # CollectorConfig.metadata_types: refuse type changes, or only convert dots in keys.
 _METADATA_MODES: Final = ("enforce", "off")
+# CollectorConfig.validation: check every item's fields, or only the body's shape.
+_VALIDATION_MODES: Final = ("full", "off")
 _PROFILE_KEYS: Final = {
     "users": "user_id",
     "companies": "company_id",
@@ -241,7 +243,7 @@ class CollectorConfig:
         if self.metadata_types not in _METADATA_MODES:
             msg = f"metadata_types must be 'enforce' or 'off', got {self.metadata_types!r}"
             raise ValueError(msg)
-        if self.validation not in ("full", "off"):
+        if self.validation not in _VALIDATION_MODES:
             msg = f"validation must be 'full' or 'off', got {self.validation!r}"
             raise ValueError(msg)
 
@@ -2146,7 +2148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--validation",
-        choices=("full", "off"),
+        choices=_VALIDATION_MODES,
         default="full",
         help="full: check every item's fields (default); off: only parse and count "
         "(with --store count --metadata_types off: the fast count-only mode)",

@@ -144,8 +144,6 @@ def compact_acks(acks: Iterable[tuple]) -> list[tuple]:
             while end in links:
                 end = links.pop(end)
             out.append((name, end, head))
-        # Whatever is left forms cycles, which offsets cannot; keep it as it came.
-        out.extend((name, offset, previous) for previous, offset in links.items())
     return out
 
 

@@ -11,7 +11,7 @@ import gzip
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -50,7 +50,11 @@ def iter_lines(path: str) -> Iterator[tuple[bytes, str]]:
     Line endings are removed; nothing else is touched. ``.gz`` files are decompressed.
     Blank lines are not records and are skipped (they are not counted as read).
     """
-    for number, line in enumerate(_open_lines(path), 1):
+    return _numbered(_open_lines(path), path, 1)
+
+
+def _numbered(lines: Iterable[bytes], path: str, first: int) -> Iterator[tuple[bytes, str]]:
+    for number, line in enumerate(lines, first):
         stripped = line.rstrip(b"\r\n")
         if stripped.strip():
             yield stripped, f"{path}:{number}"
@@ -124,16 +128,16 @@ def iter_range(file_range: tuple[str, int, int, int]) -> Iterator[tuple[bytes, s
     """Yield ``(line, "path:number")`` for the non-blank lines of one planned range."""
     path, start, end, first_line = file_range
     if end < 0:
-        yield from iter_lines(path)
-        return
+        return iter_lines(path)
+    return _numbered(_lines_between(path, start, end), path, first_line)
+
+
+def _lines_between(path: str, start: int, end: int) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         handle.seek(start)
-        position, number = start, first_line
+        position = start
         for line in handle:
-            stripped = line.rstrip(b"\r\n")
-            if stripped.strip():
-                yield stripped, f"{path}:{number}"
-            number += 1
+            yield line
             position += len(line)
             if position >= end:
                 return
