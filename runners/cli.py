@@ -42,8 +42,10 @@ EXIT_USAGE = 2
 # and started as our own job server (runners/prism.py).
 # Bounded runs default to Beam's FnApiRunner, chosen rather than reached by accident: the
 # DirectRunner would first try to download Prism, and our batch pipelines use nothing
-# the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode.
-DEFAULT_BATCH_RUNNER = "FnApiRunner"
+# the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode; ours
+# (runners/local_workers.py) only forks its multi_processing workers instead of starting
+# them, which saves each about 2 s of start-up.
+DEFAULT_BATCH_RUNNER = "runners.local_workers.LocalRunner"
 
 _USAGE = """usage: moesif-beam COMMAND [options]
 
@@ -235,7 +237,13 @@ def _has_runner(beam_args: list[str]) -> bool:
 # Runners whose shuffle lives in this machine's memory; bounded runs on them spill the
 # dedup to files instead (see transforms/dedup.py).
 _LOCAL_RUNNERS = frozenset(
-    {"FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner"}
+    {
+        "FnApiRunner",
+        "LocalRunner",
+        "DirectRunner",
+        "SwitchingDirectRunner",
+        "BundleBasedDirectRunner",
+    }
 )
 
 
@@ -245,8 +253,9 @@ def _runs_locally(beam_args: list[str]) -> bool:
 
 
 # A bounded local run over at least this much splittable input runs its workers as
-# processes, one per core: measured on 2 cores, 100k events (118 MB) ran about 17%
-# faster; below it the second process's start-up (about 2 s) costs more than it saves.
+# processes, one per core. Measured on 2 cores with forked workers (runners/
+# local_workers.py): at 40 MB two processes took 9.2-9.5 s against 10.9-12.8 s for one;
+# at 17 MB the two were even; below that a second process has too little to do.
 PARALLEL_INPUT_BYTES = 4 * RANGE_BYTES
 _MAX_LOCAL_WORKERS = 4
 

@@ -259,3 +259,43 @@ def test_large_local_inputs_run_on_worker_processes(tmp_path, monkeypatch):
     assert cli._local_parallelism(["--runner=DataflowRunner"], [str(big)]) == []
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 1)
     assert cli._local_parallelism([], [str(big)]) == []
+
+
+def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
+    tmp_path, start_collector
+):
+    """Large files are read as line-aligned ranges by several (forked) worker processes:
+    every record is still sent once, and dead letters name their line in the whole file."""
+    from samples.generate_wso2 import generate
+    from transforms.sources import RANGE_BYTES
+
+    collector = start_collector(application_id=APP_ID)
+    lines = list(generate(15_000, seed=11))
+    # Bad lines in the first, second and last range; line numbers are 1-based.
+    bad = {2_000: b"not json", 9_000: b'{"apiMethod": 3}', 14_900: b'{"a": "\xff"}'}
+    for number in sorted(bad):
+        lines.insert(number - 1, bad[number])
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert path.stat().st_size > 2 * RANGE_BYTES  # three ranges at least
+
+    run = _events(
+        tmp_path,
+        collector.url,
+        "--direct_num_workers",
+        "2",
+        "--direct_running_mode",
+        "multi_processing",
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = run.metrics
+    assert_nothing_lost(metrics)
+    good = [json.loads(line) for n, line in enumerate(lines, 1) if n not in bad]
+    unique = {event["correlationId"] for event in good}
+    assert metrics["read"] == len(lines)
+    assert (metrics["sent"], metrics["duplicates"]) == (len(unique), len(good) - len(unique))
+    assert metrics["dead_letters"] == 3
+    received = [event["transaction_id"] for event in collector.records("events")]
+    assert len(received) == len(set(received)) and set(received) == unique
+    dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    assert sorted(d["source"] for d in dead) == sorted(f"{path}:{n}" for n in bad)

@@ -52,13 +52,25 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(msg)
 
 
+# One decoder for every line: ``json.loads(raw, parse_constant=...)`` builds a new one per
+# call, and with bytes it also sniffs the encoding; together that was half the parse time.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def parse_json(raw: bytes) -> Any:
     """Parse JSON from bytes as strictly as Moesif will: UTF-8 only, no NaN or Infinity.
+
+    A leading UTF-8 byte-order mark is skipped. Other encodings (UTF-16, UTF-32) and
+    encoded surrogates are not UTF-8 and are refused.
 
     Raises:
         ValueError: not JSON, not UTF-8 (``UnicodeDecodeError``), or a non-finite constant.
     """
-    return json.loads(raw, parse_constant=_refuse_constant)
+    if raw[:3] == _UTF8_BOM:
+        raw = raw[3:]
+    return _DECODER.decode(raw.decode("utf-8"))
 
 
 def _parse_wso2(raw: bytes) -> Any:

@@ -29,8 +29,9 @@ _LOG = logging.getLogger(__name__)
 
 # Local plain files larger than this are read as several line-aligned ranges, so that on
 # a multi-worker runner parsing and mapping run on every core, not on the one worker that
-# happened to get the file.
-RANGE_BYTES = 16 << 20
+# happened to get the file. Small enough that a 40 MB file splits into ranges two
+# workers share evenly (measured: 16 MB ranges left one worker with 25 MB of 41).
+RANGE_BYTES = 8 << 20
 _SCAN_CHUNK = 1 << 20
 
 

@@ -1,0 +1,131 @@
+"""Forked worker processes for bounded local runs (runners/local_workers.py).
+
+Forking is only safe from a process with one thread, which pytest's process is not by
+the time these run, so each check runs in a fresh interpreter, as the launcher does.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from runners.local_workers import ForkServer
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+# A pipeline on the LocalRunner with two worker processes. Each element records the
+# process that handled it and whether that process holds a value only the launcher's
+# memory has: a forked worker does, a worker started from scratch would not.
+_PIPELINE = """
+import json, os, sys
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+import runners.local_workers as local_workers
+
+local_workers._launcher_mark = os.getpid()
+
+
+def where(n):
+    import os
+    import runners.local_workers as lw
+    return json.dumps([n * n, os.getpid(), getattr(lw, "_launcher_mark", None)])
+
+
+options = PipelineOptions(
+    ["--runner=runners.local_workers.LocalRunner", "--direct_num_workers=2",
+     "--direct_running_mode=multi_processing"]
+)
+with beam.Pipeline(options=options) as p:
+    _ = (
+        p
+        | beam.Create(list(range(200)))
+        | beam.Reshuffle()
+        | beam.Map(where)
+        | beam.io.WriteToText(sys.argv[1])
+    )
+print(json.dumps({"launcher": os.getpid(), "mode": options.view_as(
+    __import__("apache_beam").options.pipeline_options.DirectOptions).direct_running_mode}))
+"""
+
+
+def _python(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_workers_are_forked_from_the_launcher_and_compute_the_same(tmp_path):
+    proc = _python(_PIPELINE, str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    launcher = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [
+        json.loads(line)
+        for path in sorted(tmp_path.glob("out*"))
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted(row[0] for row in rows) == [n * n for n in range(200)]
+    # Every element ran in a worker process, and every worker was a fork of the launcher.
+    assert {row[1] for row in rows}.isdisjoint({launcher["launcher"]})
+    assert {row[2] for row in rows} == {launcher["launcher"]}
+    # The user's options read as they were given once the run is over.
+    assert launcher["mode"] == "multi_processing"
+
+
+_FAILING_WORKER = """
+import subprocess, sys
+from runners.local_workers import ForkServer
+
+server = ForkServer()
+server.start()
+try:
+    # No control endpoint in the environment: the SDK harness cannot start.
+    code = subprocess.run(server.command(), shell=True, env={}, timeout=60).returncode
+finally:
+    server.stop()
+print(code)
+"""
+
+
+def test_a_worker_that_cannot_start_reports_a_failure_exit_code():
+    proc = _python(_FAILING_WORKER)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "1"
+    assert "forked SDK worker failed" in proc.stderr
+
+
+def test_forking_is_refused_while_other_threads_run():
+    assert ForkServer.can_fork() == (threading.active_count() == 1)
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        assert not ForkServer.can_fork()
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_the_worker_command_runs_the_standard_library_stub_only():
+    server = ForkServer()
+    server._path = "/tmp/some dir/fork.sock"  # a path that needs quoting
+    command = server.command()
+    assert command.startswith(f"{sys.executable} -I -S ")
+    assert command.endswith("'/tmp/some dir/fork.sock'")
+    stub = Path(REPO) / "runners" / "_worker_stub.py"
+    imports = [
+        line.split()[1]
+        for line in stub.read_text().splitlines()
+        if line.startswith(("import ", "from "))
+    ]
+    assert set(imports) <= {"json", "os", "socket", "sys"}
