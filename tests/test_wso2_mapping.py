@@ -77,6 +77,24 @@ def test_documented_examples_as_printed_are_not_json(printed):
         parse_json(printed)
 
 
+def test_parse_json_reads_utf8_only():
+    assert parse_json(b'{"a": "\xc3\xa9"}') == {"a": "\u00e9"}
+    # A UTF-8 byte-order mark (files saved by Windows tools) is skipped.
+    assert parse_json(b'\xef\xbb\xbf {"a": 1} ') == {"a": 1}
+    # An escaped lone surrogate is JSON; the mapping stage refuses to send it, not the parser.
+    assert parse_json(b'"\\ud800"') == "\ud800"
+    for not_utf8 in (
+        '{"a": 1}'.encode("utf-16"),  # valid JSON, other encoding
+        b'{"a": "\xed\xa0\x80"}',  # an encoded surrogate is not UTF-8
+        b'{"a": "\xff"}',
+    ):
+        with pytest.raises(UnicodeDecodeError):
+            parse_json(not_utf8)
+    for constant in (b"NaN", b"[Infinity]", b'{"a": -Infinity}'):
+        with pytest.raises(ValueError, match="not valid JSON"):
+            parse_json(constant)
+
+
 def test_original_gateway_url_wins_over_context_and_template():
     event = copy.deepcopy(RESPONSE_EVENT)
     event["properties"]["x-original-gw-url"] = "https://gw.example.com/api1/2.0.0/menu?x=1"
