@@ -26,6 +26,7 @@ from apache_beam.options.pipeline_options import (
 from pipelines import actions, events
 from pipelines.config import DEFAULT_BASE_URL, PipelineConfig
 from runners.launch import EXIT_COLLECTOR, execute
+from runners.local_workers import LocalRunner
 from runners.prism import PrismServer, ensure_prism
 from transforms.errors import CollectorConfigError
 from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
@@ -45,7 +46,9 @@ EXIT_USAGE = 2
 # the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode; ours
 # (runners/local_workers.py) only forks its multi_processing workers instead of starting
 # them, which saves each about 2 s of start-up.
-DEFAULT_BATCH_RUNNER = "runners.local_workers.LocalRunner"
+# Imported above, before any work starts a thread: forking is judged against the threads
+# that existed then.
+DEFAULT_BATCH_RUNNER = f"{LocalRunner.__module__}.{LocalRunner.__name__}"
 
 _USAGE = """usage: moesif-beam COMMAND [options]
 

@@ -58,8 +58,17 @@ class ForkServer:
 
     @staticmethod
     def can_fork() -> bool:
-        """Forking is safe here: the platform has ``fork`` and this process has one thread."""
-        return hasattr(os, "fork") and threading.active_count() == 1
+        """Forking is safe here: ``fork`` exists and no thread runs but this one.
+
+        A fork keeps only the calling thread, and a lock another thread held stays locked
+        for ever. So no other Python thread may run, nor any native thread started since
+        this module was imported (a Kafka client's, gRPC's). The threads present at import
+        (numpy's BLAS pool, jemalloc's background thread) are the libraries' own and
+        handle fork themselves.
+        """
+        if not hasattr(os, "fork") or threading.active_count() != 1:
+            return False
+        return _os_threads() <= _THREADS_AT_IMPORT
 
     def start(self) -> None:
         self._directory = tempfile.mkdtemp(prefix="moesif-beam-workers-")
@@ -98,6 +107,18 @@ class ForkServer:
         with contextlib.suppress(OSError):
             os.unlink(self._path)
             os.rmdir(self._directory)
+
+
+def _os_threads() -> frozenset[str]:
+    """Ids of this process's threads as the OS knows them (empty where it cannot tell)."""
+    try:
+        return frozenset(os.listdir("/proc/self/task"))
+    except OSError:
+        return frozenset()
+
+
+# The CLI imports this module before it does any work (see runners/cli.py).
+_THREADS_AT_IMPORT = _os_threads()
 
 
 def _serve(listener: socket.socket, keepalive: int) -> None:
@@ -160,7 +181,10 @@ class LocalRunner(FnApiRunner):
 
     def run_pipeline(self, pipeline: Any, options: Any) -> Any:
         direct = options.view_as(DirectOptions)
-        if direct.direct_running_mode != "multi_processing" or not ForkServer.can_fork():
+        if direct.direct_running_mode != "multi_processing":
+            return super().run_pipeline(pipeline, options)
+        if not ForkServer.can_fork():
+            _LOG.info("starting worker processes: forking is not safe with threads running")
             return super().run_pipeline(pipeline, options)
         server = ForkServer()
         server.start()
