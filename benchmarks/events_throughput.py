@@ -4,7 +4,7 @@ Run by hand (``make bench`` or ``python benchmarks/events_throughput.py --events
 Every side gets the same generated WSO2 input (about 1 KB per event, 2% repeated
 correlationIds, 5% faults) and posts to the same collector emulator, started as its own
 process in count-only mode so it costs every side the same. Each side runs in its own
-process, so peak RSS (of the side's whole process tree) is its own. The sides:
+process, so peak memory (RSS and PSS of the side's whole process tree) is its own. The sides:
 
 * reference: a plain single-process loop: read, parse, map (the pipeline's own mapping
   function), drop repeated ids, batch 500, gzip, POST;
@@ -174,8 +174,13 @@ def _client_python() -> str:
     return str(python)
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of a process and all its descendants, from /proc (Linux)."""
+def _tree_memory(root: int) -> tuple[int, int]:
+    """``(rss, pss)`` bytes of a process and all its descendants, from /proc (Linux).
+
+    RSS counts a page shared by several processes (forked workers share their parent's
+    pages until they write to them) once per process; PSS splits it between them, so the
+    tree's PSS is the memory the run really holds.
+    """
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -189,31 +194,45 @@ def _tree_rss(root: int) -> int:
         pid = int(entry)
         children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: the parent pid
         rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # fields[21]: rss pages
-    total, todo = 0, [root]
+    total_rss = total_pss = 0
+    todo = [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        total_rss += rss.get(pid, 0)
+        total_pss += _pss(pid)
         todo.extend(children.get(pid, []))
-    return total
+    return total_rss, total_pss
 
 
-def _timed(cmd: list[str], env: dict) -> tuple[float, int, subprocess.CompletedProcess]:
-    """Run one side; returns seconds, the peak RSS of its whole process tree, the result.
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # gone meanwhile, or no smaps_rollup (kernels before 4.14)
+    return 0
 
-    The tree's RSS is sampled every 0.1 s: with worker processes, the largest single
-    process (``ru_maxrss``) would understate what the run holds.
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, tuple[int, int], subprocess.CompletedProcess]:
+    """Run one side; returns seconds, the peak (RSS, PSS) of its process tree, the result.
+
+    The tree is sampled every 0.1 s: with worker processes, the largest single process
+    (``ru_maxrss``) would understate what the run holds.
     """
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    peak = 0
+    peak_rss = peak_pss = 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         while not stop.wait(0.1):
-            peak = max(peak, _tree_rss(proc.pid))
+            rss, pss = _tree_memory(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -223,7 +242,7 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, int, subprocess.CompletedP
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"{cmd[2:4]} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return seconds, peak, subprocess.CompletedProcess(cmd, 0, stdout, stderr)
+    return seconds, (peak_rss, peak_pss), subprocess.CompletedProcess(cmd, 0, stdout, stderr)
 
 
 def main() -> int:
@@ -280,7 +299,7 @@ def main() -> int:
                     "--batch_size",
                     str(args.batch_size),
                 ]
-                seconds, rss, proc = _timed(cmd, env)
+                seconds, memory, proc = _timed(cmd, env)
                 counts = json.loads(proc.stdout)
             elif side == "client":
                 cmd = [
@@ -292,7 +311,7 @@ def main() -> int:
                     "--url",
                     url,
                 ]
-                seconds, rss, proc = _timed(cmd, env)
+                seconds, memory, proc = _timed(cmd, env)
                 counts = json.loads(proc.stdout.strip().splitlines()[-1])
             else:
                 metrics = work / "metrics.json"
@@ -313,25 +332,24 @@ def main() -> int:
                     str(metrics),
                     *args.pipeline_args,
                 ]
-                seconds, rss, proc = _timed(cmd, env)
+                seconds, memory, proc = _timed(cmd, env)
                 counts = json.loads(metrics.read_text())
         finally:
             collector.terminate()
             collector.wait()
-        results[side] = {"seconds": seconds, "rss": rss, "counts": counts}
+        results[side] = {"seconds": seconds, "memory": memory, "counts": counts}
 
     ref, pipe = results["reference"], results["pipeline"]
     keys = ("read", "sent", "duplicates", "dead_letters")
     agree = all(ref["counts"][k] == pipe["counts"][k] for k in keys)
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    print(f"{'':<12}{'events/s':>12}{'seconds':>10}{'peak RSS':>12}   counts")
+    print(f"{'':<12}{'events/s':>12}{'seconds':>10}{'peak RSS':>12}{'peak PSS':>12}   counts")
     for side in sides:
         r = results[side]
         rate = r["counts"]["read"] / r["seconds"]
         counts = ", ".join(f"{k} {r['counts'][k]:,}" for k in keys)
-        print(
-            f"{side:<12}{rate:>12,.0f}{r['seconds']:>10.1f}{r['rss'] / 2**20:>10.0f}MiB   {counts}"
-        )
+        rss, pss = (f"{b / 2**20:>9.0f}MiB" for b in r["memory"])
+        print(f"{side:<12}{rate:>12,.0f}{r['seconds']:>10.1f}{rss}{pss}   {counts}")
     agree = agree and all(
         results[side]["counts"][k] == ref["counts"][k] for side in sides for k in keys
     )

@@ -299,3 +299,30 @@ def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
     assert len(received) == len(set(received)) and set(received) == unique
     dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
     assert sorted(d["source"] for d in dead) == sorted(f"{path}:{n}" for n in bad)
+
+
+def test_run_options_make_each_view_once_and_share_its_values():
+    from apache_beam.options.pipeline_options import (
+        DirectOptions,
+        PipelineOptions,
+        StandardOptions,
+    )
+
+    from runners import cli
+
+    options = cli._beam_options(["--direct_num_workers=2"], streaming=False)
+    direct = options.view_as(DirectOptions)
+    assert options.view_as(DirectOptions) is direct
+    assert direct.direct_num_workers == 2
+    assert options.view_as(StandardOptions).runner == cli.DEFAULT_BATCH_RUNNER
+    # A value set through one view is what every view, and the serialized options, read.
+    direct.direct_running_mode = "multi_processing"
+    assert options.view_as(DirectOptions).direct_running_mode == "multi_processing"
+    assert PipelineOptions.view_as(options, DirectOptions).direct_running_mode == (
+        "multi_processing"
+    )
+    assert options.get_all_options()["direct_running_mode"] == "multi_processing"
+    # The flag check still knows every Beam flag and only those.
+    assert cli._unknown_beam_args(["--direct_num_workers=2", "--no_such_flag"]) == [
+        "--no_such_flag"
+    ]
