@@ -10,7 +10,7 @@ thread or gRPC connection exists, so a worker is ready in milliseconds.
 Only the way a worker process comes to life changes. The runner still speaks to it over
 the Fn API as to any worker process, the worker still runs Beam's own SDK harness, and
 its exit code still reaches the runner (see :mod:`runners._worker_stub`). Where forking
-is not safe (no ``fork``, or threads already running) it starts workers as Beam does.
+is not safe (not Linux, or threads already running) it starts workers as Beam does.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ForkServer:
 
     @staticmethod
     def can_fork() -> bool:
-        """Forking is safe here: ``fork`` exists and no thread runs but this one.
+        """Forking is safe here: Linux, and no thread runs but this one.
 
         A fork keeps only the calling thread, and a lock another thread held stays locked
         for ever. So no other Python thread may run, nor any native thread started since
@@ -66,7 +66,9 @@ class ForkServer:
         (numpy's BLAS pool, jemalloc's background thread) are the libraries' own and
         handle fork themselves.
         """
-        if not hasattr(os, "fork") or threading.active_count() != 1:
+        # Linux only: on macOS system frameworks are not fork-safe (Python itself spawns
+        # there by default), and elsewhere there is no fork.
+        if not sys.platform.startswith("linux") or threading.active_count() != 1:
             return False
         return _os_threads() <= _THREADS_AT_IMPORT
 
@@ -77,6 +79,10 @@ class ForkServer:
         listener.bind(path)
         listener.listen(16)
         keepalive_read, self._keepalive = os.pipe()
+        # What this process has buffered but not written would otherwise be written again
+        # by every fork that flushes.
+        sys.stdout.flush()
+        sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the fork server
             os.close(self._keepalive)
@@ -166,6 +172,11 @@ def _run_worker(conn: socket.socket, env: dict[str, str]) -> None:
     except BaseException:  # reported through the exit code, as a worker process would
         _LOG.exception("forked SDK worker failed")
     finally:
+        # os._exit skips the interpreter's own flushing: what the worker's code printed
+        # is written here, as a worker process's would be at its exit.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
         with contextlib.suppress(OSError):
             conn.sendall(str(code).encode("ascii"))
             conn.close()

@@ -7,6 +7,7 @@ the time these run, so each check runs in a fresh interpreter, as the launcher d
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -33,9 +34,15 @@ local_workers._launcher_mark = os.getpid()
 
 
 def where(n):
-    import os
+    import os, sys
     import runners.local_workers as lw
+    # One write per line: two processes share the pipe, and print() writes the line and
+    # its newline separately.
+    sys.stdout.write(f"worker-line {n}\\n")
     return json.dumps([n * n, os.getpid(), getattr(lw, "_launcher_mark", None)])
+
+
+print("launcher-line")  # still in this process's buffer when the workers are forked
 
 
 options = PipelineOptions(
@@ -56,9 +63,12 @@ print(json.dumps({"launcher": os.getpid(), "mode": options.view_as(
 
 
 def _python(script: str, *args: str) -> subprocess.CompletedProcess:
+    # Buffered output, as a launcher writing to a pipe or a file has it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return subprocess.run(
         [sys.executable, "-c", script, *args],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -81,6 +91,12 @@ def test_workers_are_forked_from_the_launcher_and_compute_the_same(tmp_path):
     assert {row[2] for row in rows} == {launcher["launcher"]}
     # The user's options read as they were given once the run is over.
     assert launcher["mode"] == "multi_processing"
+    # What the workers print is written once; what the launcher had buffered, once too.
+    printed = proc.stdout.splitlines()
+    assert printed.count("launcher-line") == 1
+    assert sorted(line for line in printed if line.startswith("worker-line")) == sorted(
+        f"worker-line {n}" for n in range(200)
+    )
 
 
 _FAILING_WORKER = """
