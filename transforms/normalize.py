@@ -53,7 +53,8 @@ def _refuse_constant(name: str) -> Any:
 
 
 # One decoder for every line: ``json.loads(raw, parse_constant=...)`` builds a new one per
-# call, and with bytes it also sniffs the encoding; together that was half the parse time.
+# call, and with bytes it also sniffs the encoding (measured: 25 µs against 22 µs for a
+# 1.2 KB event).
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 _UTF8_BOM = b"\xef\xbb\xbf"
