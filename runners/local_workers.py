@@ -199,6 +199,8 @@ class LocalRunner(FnApiRunner):
             return super().run_pipeline(pipeline, options)
         server = ForkServer()
         server.start()
+        # This run's command points at this run's fork server only.
+        default_environment = self._default_environment
         try:
             self._default_environment = environments.SubprocessSDKEnvironment.from_command_string(
                 server.command()
@@ -210,6 +212,7 @@ class LocalRunner(FnApiRunner):
                 return super().run_pipeline(pipeline, options)
         finally:
             direct.direct_running_mode = "multi_processing"
+            self._default_environment = default_environment
             server.stop()
 
 

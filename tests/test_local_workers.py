@@ -160,3 +160,37 @@ def test_the_worker_command_runs_the_standard_library_stub_only():
         if line.startswith(("import ", "from "))
     ]
     assert set(imports) <= {"json", "os", "socket", "sys"}
+
+
+_RUNS_IN_TURN = """
+import os, sys
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from runners.local_workers import LocalRunner
+
+runner = LocalRunner()
+for mode in ("multi_processing", "in_memory", "multi_processing"):
+    workers = "2" if mode == "multi_processing" else "1"
+    options = PipelineOptions([f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"])
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    log = sys.argv[1]
+    _ = (
+        pipeline
+        | beam.Create([mode])
+        | beam.Map(lambda m, log=log: open(log, "a").write(f"{m} {__import__('os').getpid()}\\n"))
+    )
+    pipeline.run().wait_until_finish()
+print(os.getpid())
+"""
+
+
+def test_one_runner_forks_for_each_run_and_leaves_other_modes_alone(tmp_path):
+    log = tmp_path / "where.txt"
+    proc = _python(_RUNS_IN_TURN, str(log))
+    assert proc.returncode == 0, proc.stderr
+    launcher = proc.stdout.split()[-1]
+    runs = [line.split() for line in log.read_text().splitlines()]
+    assert [mode for mode, _ in runs] == ["multi_processing", "in_memory", "multi_processing"]
+    # in_memory runs in the launcher itself; each multi_processing run in a worker of its own.
+    assert runs[1][1] == launcher
+    assert launcher not in (runs[0][1], runs[2][1])
