@@ -76,8 +76,12 @@ class ForkServer:
         self._directory = tempfile.mkdtemp(prefix="moesif-beam-workers-")
         path = os.path.join(self._directory, "fork.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(16)
+        try:
+            listener.bind(path)
+            listener.listen(16)
+        except OSError:
+            listener.close()
+            raise
         keepalive_read, self._keepalive = os.pipe()
         # What this process has buffered but not written would otherwise be written again
         # by every fork that flushes.
@@ -103,6 +107,7 @@ class ForkServer:
         return " ".join(shlex.quote(part) for part in parts)
 
     def stop(self) -> None:
+        """End the server; safe to call twice, or after a :meth:`start` that failed."""
         if self._keepalive is not None:
             os.close(self._keepalive)  # the server sees end-of-file and leaves
             self._keepalive = None
@@ -111,7 +116,8 @@ class ForkServer:
                 os.waitpid(self._pid, 0)
             self._pid = None
         with contextlib.suppress(OSError):
-            os.unlink(self._path)
+            os.unlink(self._path or os.path.join(self._directory, "fork.sock"))
+        with contextlib.suppress(OSError):
             os.rmdir(self._directory)
 
 
@@ -198,7 +204,12 @@ class LocalRunner(FnApiRunner):
             _LOG.info("starting worker processes: forking is not safe with threads running")
             return super().run_pipeline(pipeline, options)
         server = ForkServer()
-        server.start()
+        try:
+            server.start()
+        except OSError as exc:  # e.g. a socket path over the 108-byte limit of a long TMPDIR
+            _LOG.info("starting worker processes: no fork server (%s)", exc)
+            server.stop()
+            return super().run_pipeline(pipeline, options)
         # This run's command points at this run's fork server only.
         default_environment = self._default_environment
         try:

@@ -62,9 +62,9 @@ print(json.dumps({"launcher": os.getpid(), "mode": options.view_as(
 """
 
 
-def _python(script: str, *args: str) -> subprocess.CompletedProcess:
+def _python(script: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     # Buffered output, as a launcher writing to a pipe or a file has it.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | extra_env
     return subprocess.run(
         [sys.executable, "-c", script, *args],
         cwd=REPO,
@@ -97,6 +97,26 @@ def test_workers_are_forked_from_the_launcher_and_compute_the_same(tmp_path):
     assert sorted(line for line in printed if line.startswith("worker-line")) == sorted(
         f"worker-line {n}" for n in range(200)
     )
+
+
+def test_without_a_fork_server_workers_are_started_as_beam_starts_them(tmp_path):
+    # A Unix socket path may not exceed 108 bytes: under this TMPDIR no fork server can
+    # listen, so the run must fall back to Beam's own worker processes, and still finish.
+    long_tmp = tmp_path / ("x" * 100)
+    long_tmp.mkdir()
+    proc = _python(_PIPELINE, str(tmp_path / "out"), TMPDIR=str(long_tmp))
+    assert proc.returncode == 0, proc.stderr
+    launcher = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [
+        json.loads(line)
+        for path in sorted(tmp_path.glob("out*"))
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted(row[0] for row in rows) == [n * n for n in range(200)]
+    # Started workers import everything afresh: none holds the launcher's value.
+    assert {row[2] for row in rows} == {None}
+    assert launcher["mode"] == "multi_processing"
+    assert list(long_tmp.iterdir()) == []  # the fork server's directory is removed
 
 
 _FAILING_WORKER = """
