@@ -76,8 +76,8 @@ def _python(script: str, *args: str, **extra_env: str) -> subprocess.CompletedPr
     )
 
 
-def test_workers_are_forked_from_the_launcher_and_compute_the_same(tmp_path):
-    proc = _python(_PIPELINE, str(tmp_path / "out"))
+def _pipeline_result(proc: subprocess.CompletedProcess, tmp_path: Path) -> tuple[dict, list]:
+    """What the :data:`_PIPELINE` script reported, and its rows, checked to be exact."""
     assert proc.returncode == 0, proc.stderr
     launcher = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = [
@@ -86,6 +86,12 @@ def test_workers_are_forked_from_the_launcher_and_compute_the_same(tmp_path):
         for line in path.read_text().splitlines()
     ]
     assert sorted(row[0] for row in rows) == [n * n for n in range(200)]
+    return launcher, rows
+
+
+def test_workers_are_forked_from_the_launcher_and_compute_the_same(tmp_path):
+    proc = _python(_PIPELINE, str(tmp_path / "out"))
+    launcher, rows = _pipeline_result(proc, tmp_path)
     # Every element ran in a worker process, and every worker was a fork of the launcher.
     assert {row[1] for row in rows}.isdisjoint({launcher["launcher"]})
     assert {row[2] for row in rows} == {launcher["launcher"]}
@@ -105,14 +111,7 @@ def test_without_a_fork_server_workers_are_started_as_beam_starts_them(tmp_path)
     long_tmp = tmp_path / ("x" * 100)
     long_tmp.mkdir()
     proc = _python(_PIPELINE, str(tmp_path / "out"), TMPDIR=str(long_tmp))
-    assert proc.returncode == 0, proc.stderr
-    launcher = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows = [
-        json.loads(line)
-        for path in sorted(tmp_path.glob("out*"))
-        for line in path.read_text().splitlines()
-    ]
-    assert sorted(row[0] for row in rows) == [n * n for n in range(200)]
+    launcher, rows = _pipeline_result(proc, tmp_path)
     # Started workers import everything afresh: none holds the launcher's value.
     assert {row[2] for row in rows} == {None}
     assert launcher["mode"] == "multi_processing"
