@@ -53,8 +53,7 @@ class ForkServer:
     def __init__(self) -> None:
         self._pid: int | None = None
         self._keepalive: int | None = None
-        self._directory = ""
-        self._path = ""
+        self._directory = ""  # holds the server's socket, once started
 
     @staticmethod
     def can_fork() -> bool:
@@ -74,7 +73,7 @@ class ForkServer:
 
     def start(self) -> None:
         self._directory = tempfile.mkdtemp(prefix="moesif-beam-workers-")
-        path = os.path.join(self._directory, "fork.sock")
+        path = self._socket_path()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(path)
@@ -99,11 +98,10 @@ class ForkServer:
         listener.close()
         os.close(keepalive_read)
         self._pid = pid
-        self._path = path
 
     def command(self) -> str:
         """The shell command that gets one forked worker and waits for it."""
-        parts = (sys.executable, "-I", "-S", _STUB, self._path)
+        parts = (sys.executable, "-I", "-S", _STUB, self._socket_path())
         return " ".join(shlex.quote(part) for part in parts)
 
     def stop(self) -> None:
@@ -115,10 +113,15 @@ class ForkServer:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self._pid, 0)
             self._pid = None
-        with contextlib.suppress(OSError):
-            os.unlink(self._path or os.path.join(self._directory, "fork.sock"))
-        with contextlib.suppress(OSError):
-            os.rmdir(self._directory)
+        if self._directory:
+            with contextlib.suppress(OSError):
+                os.unlink(self._socket_path())
+            with contextlib.suppress(OSError):
+                os.rmdir(self._directory)
+            self._directory = ""
+
+    def _socket_path(self) -> str:
+        return os.path.join(self._directory, "fork.sock")
 
 
 def _os_threads() -> frozenset[str]:

@@ -168,7 +168,7 @@ def test_the_command_line_launcher_can_fork_once_it_has_imported_everything():
 
 def test_the_worker_command_runs_the_standard_library_stub_only():
     server = ForkServer()
-    server._path = "/tmp/some dir/fork.sock"  # a path that needs quoting
+    server._directory = "/tmp/some dir"  # a path that needs quoting
     command = server.command()
     assert command.startswith(f"{sys.executable} -I -S ")
     assert command.endswith("'/tmp/some dir/fork.sock'")
