@@ -34,7 +34,7 @@ from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
 from transforms.moesif_sink import RetryPolicy, Secret, preflight
 from transforms.normalize import FORMATS
 from transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
-from transforms.sources import RANGE_BYTES, match_inputs
+from transforms.sources import RANGE_BYTES, match_inputs, splittable
 
 __all__ = ["main"]
 
@@ -271,8 +271,8 @@ def _local_parallelism(beam_args: list[str], paths: list[str]) -> list[str]:
     if any(arg.startswith(("--direct_num_workers", "--direct_running_mode")) for arg in beam_args):
         return []
     cores = min(os.cpu_count() or 1, _MAX_LOCAL_WORKERS)
-    splittable = sum(os.path.getsize(p) for p in paths if "://" not in p and not p.endswith(".gz"))
-    if cores < 2 or splittable < PARALLEL_INPUT_BYTES:
+    size = sum(os.path.getsize(p) for p in paths if splittable(p))
+    if cores < 2 or size < PARALLEL_INPUT_BYTES:
         return []
     return [f"--direct_num_workers={cores}", "--direct_running_mode=multi_processing"]
 

@@ -23,7 +23,15 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from transforms.drain import Ticks
 
-__all__ = ["FollowFiles", "ReadLines", "iter_lines", "iter_range", "match_inputs", "plan_ranges"]
+__all__ = [
+    "FollowFiles",
+    "ReadLines",
+    "iter_lines",
+    "iter_range",
+    "match_inputs",
+    "plan_ranges",
+    "splittable",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -77,6 +85,11 @@ def _open_lines(path: str) -> Iterator[bytes]:
             yield line
 
 
+def splittable(path: str) -> bool:
+    """A local, uncompressed file: one that can be read as byte ranges."""
+    return "://" not in path and not path.endswith(".gz")
+
+
 def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, int, int, int]]:
     """Split a file into line-aligned ranges ``(path, start, end, first_line_number)``.
 
@@ -89,7 +102,7 @@ def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, in
     if range_bytes <= 0:
         msg = f"range_bytes must be > 0, got {range_bytes}"
         raise ValueError(msg)
-    if "://" in path or path.endswith(".gz"):
+    if not splittable(path):
         return [(path, 0, -1, 1)]
     size = os.path.getsize(path)
     if size <= range_bytes:
