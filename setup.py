@@ -26,9 +26,17 @@ setup(
         "fastavro==1.13.1",
         "requests==2.34.2",
         "confluent-kafka==2.16.1",
+        # Parses and writes every record: several times faster than the standard library,
+        # and strict where Moesif is (no NaN, no Infinity, no overflowing numbers).
+        "orjson==3.13.0",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "testcontainers==4.15.0"],
+        "test": [
+            "pytest==9.2.0",
+            "testcontainers==4.15.0",
+            "hypothesis==6.170.17",
+            "pytest-timeout==2.4.0",
+        ],
         "dev": ["ruff==0.17.6", "mypy==2.4.1", "types-requests==2.33.0.20261030"],
     },
     entry_points={"console_scripts": ["moesif-beam=runners.cli:main"]},

@@ -65,13 +65,18 @@ def build_delivery(
     if config.kafka is not None:
         read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
         lines = read.records
+        unreadable = ()
     else:
-        lines = pipeline | "ReadFiles" >> ReadLines(config.input)
+        files = pipeline | "ReadFiles" >> ReadLines(
+            config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes
+        )
+        lines, unreadable = files.lines, (files.dead_letters,)
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
         config.company_id_field,
         schema_scope=config.schema_scope,
+        max_line_bytes=config.max_line_bytes,
     )
     unique = normalized.records | "Dedup" >> DedupByTransactionId(
         config.spill_dir if config.dedup_spill else None
@@ -81,6 +86,7 @@ def build_delivery(
     )
     rejected = checked.records | "Deliver" >> _sink(config)
     _ = (
+        *unreadable,
         normalized.dead_letters,
         checked.dead_letters,
         rejected,
@@ -106,14 +112,22 @@ def _build_streaming(
     if config.kafka is not None:
         read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
         lines = read.records
+        unreadable = ()
     else:
-        lines = pipeline | "FollowFiles" >> FollowFiles(config.input, config.follow_interval)
+        files = pipeline | "FollowFiles" >> FollowFiles(
+            config.input,
+            config.follow_interval,
+            pipeline=config.pipeline,
+            max_line_bytes=config.max_line_bytes,
+        )
+        lines, unreadable = files.lines, (files.dead_letters,)
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
         config.company_id_field,
         schema_scope=config.schema_scope,
         inline_signatures=config.single_process,
+        max_line_bytes=config.max_line_bytes,
     )
     if config.single_process:
         # One process sees every record: no shuffle to dedup shards or schema gates, so
@@ -136,6 +150,7 @@ def _build_streaming(
         _sink(config), config.batch_max_delay
     )
     dead_acks = (
+        *unreadable,
         normalized.dead_letters,
         checked.dead_letters,
         delivered.dead_letters,
@@ -169,4 +184,5 @@ def _sink(config: PipelineConfig) -> PostToMoesif | WriteBatchFiles:
         max_in_flight=config.max_in_flight,
         policy=config.retry,
         timeout=config.http_timeout,
+        ca_bundle=config.ca_bundle,
     )

@@ -11,9 +11,17 @@ import time
 from dataclasses import dataclass, field
 
 from transforms.kafka_source import KafkaPartition, KafkaSourceConfig
-from transforms.moesif_sink import BATCH_BYTE_LIMITS, MAX_IN_FLIGHT, RetryPolicy, Secret
+from transforms.moesif_sink import (
+    BATCH_BYTE_LIMITS,
+    MAX_IN_FLIGHT,
+    MIN_SECRET_LENGTH,
+    RetryPolicy,
+    Secret,
+    check_ca_bundle,
+)
 from transforms.normalize import FORMATS
 from transforms.schema import SCOPES
+from transforms.sources import MAX_LINE_BYTES
 
 __all__ = ["DEFAULT_BASE_URL", "PipelineConfig", "new_run_id"]
 
@@ -45,6 +53,8 @@ class PipelineConfig:
         batch_max_delay: how long a partial batch may wait in streaming runs, in seconds.
         retry: the HTTP retry policy.
         http_timeout: seconds to wait for the collector's answer to one request.
+        ca_bundle: a PEM file of CA certificates to trust for the collector's TLS
+            certificate instead of the system's (a private CA).
         gzip_level: compression level of batch bodies.
         max_in_flight: batches each worker compresses and posts at once, beside batching.
         metrics_out: where to write the run's counters as JSON, if anywhere.
@@ -63,6 +73,8 @@ class PipelineConfig:
             streaming runner: Prism with in-process workers). Dedup and the metadata type
             rule then decide in that process's memory, in the reader's stage, instead of
             in keyed stages that every record is shuffled to.
+        max_line_bytes: the longest input line (or Kafka message) read; a longer one is a
+            ``too_large`` dead letter.
         run_id: labels this run's dead-letter files.
     """
 
@@ -81,6 +93,7 @@ class PipelineConfig:
     batch_max_delay: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     http_timeout: float = 30.0
+    ca_bundle: str | None = None
     gzip_level: int = 6
     max_in_flight: int = 2
     metrics_out: str | None = None
@@ -92,6 +105,7 @@ class PipelineConfig:
     dedup_ttl: float = 3600.0
     dedup_spill: bool = False
     single_process: bool = False
+    max_line_bytes: int = MAX_LINE_BYTES
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -130,6 +144,17 @@ class PipelineConfig:
         if self.http_timeout <= 0:
             msg = f"--http_timeout must be positive, got {self.http_timeout}"
             raise ValueError(msg)
+        if self.application_id is not None and (
+            len(self.application_id.reveal()) < MIN_SECRET_LENGTH
+        ):
+            # Never the id itself, nor its length: only what is wrong.
+            msg = (
+                f"the Moesif application id is too short (under {MIN_SECRET_LENGTH} "
+                "characters); check --moesif_application_id or MOESIF_APPLICATION_ID"
+            )
+            raise ValueError(msg)
+        if self.ca_bundle is not None:
+            check_ca_bundle(self.ca_bundle)
         if not 0 <= self.gzip_level <= 9:
             msg = f"--gzip_level must be between 0 and 9, got {self.gzip_level}"
             raise ValueError(msg)
@@ -154,6 +179,9 @@ class PipelineConfig:
             raise ValueError(msg)
         if not self.output_dir:
             msg = "--output_dir must not be empty"
+            raise ValueError(msg)
+        if self.max_line_bytes < 1:
+            msg = f"--max_line_bytes must be positive, got {self.max_line_bytes}"
             raise ValueError(msg)
 
     @property

@@ -34,7 +34,7 @@ from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
 from transforms.moesif_sink import RetryPolicy, Secret, preflight
 from transforms.normalize import FORMATS
 from transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
-from transforms.sources import RANGE_BYTES, match_inputs, splittable
+from transforms.sources import MAX_LINE_BYTES, RANGE_BYTES, match_inputs, splittable
 
 __all__ = ["main"]
 
@@ -127,6 +127,13 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
         help=_FORMAT_HELP[pipeline],
     )
     source.add_argument(
+        "--max_line_bytes",
+        type=int,
+        default=MAX_LINE_BYTES,
+        help=f"longest input line or Kafka message read (default {MAX_LINE_BYTES:,}: 16 MiB); "
+        "a longer one is a too_large dead letter",
+    )
+    source.add_argument(
         "--company_id_field",
         help="field whose value becomes company_id when a record has none (events: top "
         "level, then properties; actions: metadata)",
@@ -138,6 +145,12 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
         "are written to files under --output_dir",
     )
     sink.add_argument("--moesif_base_url", default=DEFAULT_BASE_URL, help="collector base URL")
+    sink.add_argument(
+        "--ca_bundle",
+        default=None,
+        metavar="PATH",
+        help="PEM file of CA certificates to trust for the collector (a private CA)",
+    )
     sink.add_argument("--output_dir", default="./moesif-out", help="batch files and dead letters")
     sink.add_argument("--dead_letter", default="", help="dead-letter directory")
     sink.add_argument("--metrics_out", help="write the run's counters as JSON to this path")
@@ -151,7 +164,11 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
         "--batch_max_delay", type=float, default=2.0, help="seconds (streaming runs)"
     )
     batching.add_argument(
-        "--max_retry_seconds", type=float, default=300.0, help="retry budget per batch"
+        "--max_retry_seconds",
+        type=float,
+        default=300.0,
+        help="retry budget per batch, and for the whole run while the collector fails "
+        "without a break",
     )
     batching.add_argument("--http_timeout", type=float, default=30.0, help="seconds per request")
     batching.add_argument("--gzip_level", type=int, default=6)
@@ -329,6 +346,7 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             batch_max_delay=args.batch_max_delay,
             retry=RetryPolicy(max_retry_seconds=args.max_retry_seconds),
             http_timeout=args.http_timeout,
+            ca_bundle=args.ca_bundle,
             gzip_level=args.gzip_level,
             max_in_flight=args.max_in_flight,
             metrics_out=args.metrics_out,
@@ -341,6 +359,7 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             follow_interval=args.follow_interval,
             dedup_ttl=args.dedup_ttl,
             dedup_spill=_runs_locally(beam_args),
+            max_line_bytes=args.max_line_bytes,
         )
         load_schema(config.schema_store_path, config.schema_scope)
         if kafka is not None:
@@ -353,7 +372,12 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
         parser.error(str(exc))
     if config.application_id is not None:
         try:
-            preflight(config.base_url, config.application_id, timeout=config.http_timeout)
+            preflight(
+                config.base_url,
+                config.application_id,
+                timeout=config.http_timeout,
+                ca_bundle=config.ca_bundle,
+            )
         except CollectorConfigError as exc:
             print(str(exc), file=sys.stderr, flush=True)
             return EXIT_COLLECTOR

@@ -64,8 +64,19 @@ def format_summary(config: PipelineConfig, counters: dict[str, int], seconds: fl
         f", invalid {counters['invalid']}, type_conflicts {counters['type_conflicts']}"
         f", too_large {counters['too_large']}, collector_rejected "
         f"{counters['collector_rejected']}, retries_exhausted {counters['retries_exhausted']}"
-        f" -> {config.dead_letter_dir}",
-        f"  retries       {counters['retries']:>10,}",
+        # Rare kinds are named only when they happened.
+        + "".join(
+            f", {name} {counters.get(name, 0)}"
+            for name in ("internal_errors", "unreadable_inputs")
+            if counters.get(name, 0)
+        )
+        + f" -> {config.dead_letter_dir}",
+        f"  retries       {counters['retries']:>10,}"
+        + (
+            f"   timeouts {counters['timeouts']:,} (delivery unknown; re-posted, same ids)"
+            if counters.get("timeouts")
+            else ""
+        ),
     ]
     if invariant_holds(counters):
         lines.append("  read == sent + duplicates + dead_letters: holds")
@@ -214,9 +225,8 @@ def _write_metrics(config: PipelineConfig, counters: dict[str, int], seconds: fl
 
 def _report_failure(exc: BaseException, config: PipelineConfig) -> int:
     text = "".join(traceback.format_exception(exc))
-    secret = config.application_id.reveal() if config.application_id else ""
-    if secret:
-        text = text.replace(secret, "***")
+    if config.application_id is not None:
+        text = config.application_id.scrub(text)
     marker = text.find(CollectorConfigError.MARKER)
     if marker >= 0:
         message = text[marker:].splitlines()[0]

@@ -291,7 +291,7 @@ def test_read_lines_reads_split_files_whole(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"".join(b'{"n": %d}\n' % i for i in range(500)) + b"\n\nlast")
     pipeline = make_pipeline()
-    lines = pipeline | ReadLines(str(tmp_path / "*.jsonl"), range_bytes=256)
+    lines = (pipeline | ReadLines(str(tmp_path / "*.jsonl"), range_bytes=256)).lines
     assert_that(lines, equal_to(list(iter_lines(str(path)))))
     run(pipeline)
 

@@ -34,8 +34,16 @@ COUNTERS = (
     "collector_rejected",
     "dead_letters",
 )
-# Break-downs of dead_letters that have no contract counter of their own.
-EXTRA_COUNTERS = ("too_large", "retries_exhausted")
+# Break-downs of dead_letters that have no contract counter of their own, and
+# ``timeouts``: requests that got no answer within --http_timeout after their body was sent
+# (delivery unknown; re-posted with the same transaction ids).
+EXTRA_COUNTERS = (
+    "too_large",
+    "retries_exhausted",
+    "internal_errors",
+    "unreadable_inputs",
+    "timeouts",
+)
 
 _TALLY: Counter[str] = Counter()
 _TALLY_LOCK = threading.Lock()

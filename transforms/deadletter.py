@@ -37,6 +37,8 @@ REASONS = (
     "too_large",
     "collector_rejected",
     "retries_exhausted",
+    "internal_error",
+    "unreadable_input",
 )
 
 

@@ -12,19 +12,26 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam import pvalue
 from apache_beam.coders import PickleCoder
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import BeamIOError, FileSystems
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
+from transforms.counters import counter
+from transforms.deadletter import DEAD_LETTER, dead_letter
 from transforms.drain import Ticks
 
 __all__ = [
+    "MAX_LINE_BYTES",
     "FollowFiles",
+    "Lines",
+    "Oversized",
     "ReadLines",
     "iter_lines",
     "iter_range",
@@ -40,6 +47,10 @@ _LOG = logging.getLogger(__name__)
 # happened to get the file. Small enough that a 40 MB file splits into ranges two
 # workers share evenly (measured: 16 MB ranges left one worker with 25 MB of 41).
 RANGE_BYTES = 8 << 20
+
+# The longest line read by default: above the largest batch body Moesif takes (15 MB of
+# actions), so a line holding a whole /v1/actions/batch body still fits.
+MAX_LINE_BYTES = 16 << 20
 _SCAN_CHUNK = 1 << 20
 
 
@@ -53,35 +64,85 @@ def match_inputs(pattern: str) -> list[str]:
     return paths
 
 
-def iter_lines(path: str) -> Iterator[tuple[bytes, str]]:
+def iter_lines(path: str, max_line_bytes: int = 0) -> Iterator[tuple[Any, str]]:
     """Yield ``(line, "path:number")`` for every non-blank line of a file.
 
     Line endings are removed; nothing else is touched. ``.gz`` files are decompressed.
-    Blank lines are not records and are skipped (they are not counted as read).
+    Blank lines are not records and are skipped (they are not counted as read). With
+    ``max_line_bytes``, a longer line is yielded as an :class:`Oversized` in its place,
+    and only its first :data:`OVERSIZED_HEAD` bytes are ever held in memory (on local
+    files; other filesystems read the line whole first).
+
+    Raises:
+        OSError, EOFError, zlib.error: the file cannot be read or decompressed; lines
+            before the failure have been yielded.
     """
-    return _numbered(_open_lines(path), path, 1)
+    return _numbered(_open_lines(path, max_line_bytes), path, 1)
 
 
-def _numbered(lines: Iterable[bytes], path: str, first: int) -> Iterator[tuple[bytes, str]]:
+# What a dead letter keeps of a line too long to read whole.
+OVERSIZED_HEAD = 64 << 10
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A line longer than the reader's limit: its first bytes and its full length."""
+
+    head: bytes
+    size: int
+
+
+def _numbered(
+    lines: Iterable[bytes | Oversized], path: str, first: int
+) -> Iterator[tuple[Any, str]]:
     for number, line in enumerate(lines, first):
+        if isinstance(line, Oversized):
+            yield line, f"{path}:{number}"
+            continue
         stripped = line.rstrip(b"\r\n")
         if stripped.strip():
             yield stripped, f"{path}:{number}"
 
 
-def _open_lines(path: str) -> Iterator[bytes]:
+def _bounded(handle: Any, limit: int) -> Iterator[bytes | Oversized]:
+    """Lines of ``handle``; a line over ``limit`` bytes (ending excluded) as Oversized."""
+    while True:
+        line = handle.readline(limit + 2)  # room for "\r\n" after a line of exactly limit
+        if not line:
+            return
+        if len(line.rstrip(b"\r\n")) <= limit and (line.endswith(b"\n") or len(line) < limit + 2):
+            yield line
+            continue
+        # Over the limit: keep the head, count the rest without holding it.
+        head, size, last = line[:OVERSIZED_HEAD], len(line), line
+        while not last.endswith(b"\n"):
+            last = handle.readline(_SCAN_CHUNK)
+            if not last:
+                break
+            size += len(last)
+        ending = len(last) - len(last.rstrip(b"\r\n")) if last else 0
+        yield Oversized(head, size - ending)
+
+
+def _open_lines(path: str, max_line_bytes: int = 0) -> Iterator[bytes | Oversized]:
     if "://" not in path:
-        # Local files: the C-level line iterators of open()/gzip are several times faster
+        # Local files: the C-level line readers of open()/gzip are several times faster
         # than Beam's generic readers.
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as handle:
-            yield from handle
+            if max_line_bytes:
+                yield from _bounded(handle, max_line_bytes)
+            else:
+                yield from handle
         return
     with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
         while True:
             line = handle.readline()
             if not line:
                 return
+            if max_line_bytes and len(line.rstrip(b"\r\n")) > max_line_bytes:
+                yield Oversized(line[:OVERSIZED_HEAD], len(line.rstrip(b"\r\n")))
+                continue
             yield line
 
 
@@ -138,23 +199,94 @@ def _count_newlines(handle: Any, start: int, end: int) -> int:
     return count
 
 
-def iter_range(file_range: tuple[str, int, int, int]) -> Iterator[tuple[bytes, str]]:
-    """Yield ``(line, "path:number")`` for the non-blank lines of one planned range."""
+def iter_range(
+    file_range: tuple[str, int, int, int], max_line_bytes: int = 0
+) -> Iterator[tuple[Any, str]]:
+    """Yield ``(line, "path:number")`` for the non-blank lines of one planned range.
+
+    ``max_line_bytes`` is as for :func:`iter_lines`.
+    """
     path, start, end, first_line = file_range
     if end < 0:
-        return iter_lines(path)
-    return _numbered(_lines_between(path, start, end), path, first_line)
+        return iter_lines(path, max_line_bytes)
+    return _numbered(_lines_between(path, start, end, max_line_bytes), path, first_line)
 
 
-def _lines_between(path: str, start: int, end: int) -> Iterator[bytes]:
+def _lines_between(
+    path: str, start: int, end: int, max_line_bytes: int = 0
+) -> Iterator[bytes | Oversized]:
     with open(path, "rb") as handle:
         handle.seek(start)
         position = start
-        for line in handle:
+        lines: Iterable[bytes | Oversized] = (
+            _bounded(handle, max_line_bytes) if max_line_bytes else handle
+        )
+        for line in lines:
             yield line
-            position += len(line)
+            position = handle.tell()
             if position >= end:
                 return
+
+
+class _ReadFn(beam.DoFn):
+    """Reads one planned range (or a whole file); a failure becomes a dead letter.
+
+    A file that cannot be opened, read or decompressed (a truncated or corrupt ``.gz``)
+    gives one ``unreadable_input`` dead letter naming the file and how far the read got;
+    the lines before the failure go on as usual. A line over ``max_line_bytes`` gives a
+    ``too_large`` dead letter holding its first bytes. Each such letter counts once in
+    ``read``, so the run's books still balance.
+    """
+
+    def __init__(self, pipeline: str, max_line_bytes: int) -> None:
+        self._pipeline = pipeline
+        self._max_line_bytes = max_line_bytes
+        self._read = counter("read")
+        self._too_large = counter("too_large")
+        self._unreadable = counter("unreadable_inputs")
+
+    def process(self, file_range: Any) -> Iterator[Any]:
+        if isinstance(file_range, str):
+            file_range = (file_range, 0, -1, 1)
+        path = file_range[0]
+        lines, last = 0, ""
+        try:
+            for line, source in iter_range(file_range, self._max_line_bytes):
+                if isinstance(line, Oversized):
+                    yield self._oversized(line, source)
+                else:
+                    lines += 1
+                    last = source
+                    yield line, source
+        except Exception as exc:
+            # Reached only for failures of the file itself: open, read, decompress.
+            self._read.inc()
+            self._unreadable.inc()
+            where = f"after line {last.rsplit(':', 1)[-1]}" if last else "before its first line"
+            detail = (
+                f"cannot read {path}: {type(exc).__name__}: {exc}"[:300]
+                + f"; the read stopped {where} ({lines:,} lines read"
+                + (f" from byte {file_range[1]:,})" if file_range[1] else ")")
+            )
+            letter = dead_letter("unreadable_input", "read", detail, b"", path, self._pipeline)
+            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+
+    def _oversized(self, line: Oversized, source: str) -> pvalue.TaggedOutput:
+        self._read.inc()
+        self._too_large.inc()
+        detail = (
+            f"line is {line.size:,} bytes; --max_line_bytes is {self._max_line_bytes:,} "
+            f"(the payload holds its first {len(line.head):,} bytes)"
+        )
+        letter = dead_letter("too_large", "read", detail, line.head, source, self._pipeline)
+        return pvalue.TaggedOutput(DEAD_LETTER, letter)
+
+
+class Lines(NamedTuple):
+    """Outputs of the file readers."""
+
+    lines: beam.PCollection  # (raw_bytes, "path:line")
+    dead_letters: beam.PCollection  # unreadable files and over-long lines
 
 
 class ReadLines(beam.PTransform):
@@ -162,11 +294,24 @@ class ReadLines(beam.PTransform):
 
     Each file is read once. Large local plain files are read as several line-aligned
     ranges (see ``plan_ranges``) so that a multi-worker runner reads and parses them on
-    every worker; other files are read whole.
+    every worker; other files are read whole. A file that cannot be read, and a line over
+    ``max_line_bytes``, become dead letters (see :class:`Lines`); the other files and
+    lines are read as usual.
     """
 
-    def __init__(self, pattern: str, range_bytes: int = RANGE_BYTES) -> None:
+    def __init__(
+        self,
+        pattern: str,
+        range_bytes: int = RANGE_BYTES,
+        *,
+        pipeline: str = "events",
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
         super().__init__()
+        if max_line_bytes < 1:
+            msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
+            raise ValueError(msg)
+        self._fn = _ReadFn(pipeline, max_line_bytes)
         if not pattern:
             msg = "an input pattern is required"
             raise ValueError(msg)
@@ -176,8 +321,8 @@ class ReadLines(beam.PTransform):
         self._pattern = pattern
         self._range_bytes = range_bytes
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
+    def expand(self, pbegin: beam.pvalue.PBegin) -> Lines:
+        read = (
             pbegin
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "Plan"
@@ -187,8 +332,9 @@ class ReadLines(beam.PTransform):
             # Without this the runner fuses planning with reading and one worker reads
             # everything; spreading ranges lets them be read in parallel.
             | "Spread" >> beam.Reshuffle()
-            | "Lines" >> beam.FlatMap(iter_range)
+            | "Lines" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="lines")
         )
+        return Lines(read.lines, read[DEAD_LETTER])
 
 
 class _NewFilesFn(beam.DoFn):
@@ -231,8 +377,20 @@ class FollowFiles(beam.PTransform):
     stable, so Moesif's dedup absorbs what was already delivered.
     """
 
-    def __init__(self, pattern: str, interval: float = 5.0, settle_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        pattern: str,
+        interval: float = 5.0,
+        settle_seconds: float = 2.0,
+        *,
+        pipeline: str = "events",
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
         super().__init__()
+        if max_line_bytes < 1:
+            msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
+            raise ValueError(msg)
+        self._fn = _ReadFn(pipeline, max_line_bytes)
         if not pattern:
             msg = "an input pattern is required"
             raise ValueError(msg)
@@ -243,8 +401,8 @@ class FollowFiles(beam.PTransform):
         self._interval = interval
         self._settle = settle_seconds
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
+    def expand(self, pbegin: beam.pvalue.PBegin) -> Lines:
+        read = (
             pbegin
             | "Tick" >> Ticks(self._interval)
             | "ByGlob" >> beam.Map(lambda tick, glob: (glob, tick), self._pattern)
@@ -253,5 +411,6 @@ class FollowFiles(beam.PTransform):
                 tuple[str, int]
             )
             | "Spread" >> beam.Reshuffle()
-            | "Lines" >> beam.FlatMap(iter_lines)
+            | "Lines" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="lines")
         )
+        return Lines(read.lines, read[DEAD_LETTER])

@@ -21,9 +21,11 @@ import json
 import uuid
 from typing import Any
 
+import orjson
+
 from transforms.errors import InvalidRecord, json_type
 from transforms.metadata import sanitize_keys
-from transforms.timefmt import format_time_ms, parse_time_ms
+from transforms.timefmt import check_time_ms, format_time_ms, parse_time_ms
 
 __all__ = ["PLACEHOLDERS", "WSO2_NAMESPACE", "extract_json", "to_moesif_event"]
 
@@ -104,8 +106,7 @@ def to_moesif_event(event: Any, company_id_field: str | None = None) -> tuple[st
     request_ms = _request_time(event)
     verb = _required_str(event, "apiMethod").upper()
     status = _status(event)
-    latency = _optional_number(event, "responseLatency")
-    response_ms = request_ms + int(latency) if latency is not None else request_ms
+    response_ms = _response_time(event, request_ms)
 
     request: dict[str, Any] = {
         "time": format_time_ms(request_ms),
@@ -165,6 +166,25 @@ def _request_time(event: dict) -> int:
         ) from exc
 
 
+# A latency longer than a day is a corrupt field, not a slow API (and 1e308 would
+# overflow every time computed from it).
+MAX_LATENCY_MS = 86_400_000
+
+
+def _response_time(event: dict, request_ms: int) -> int:
+    latency = _optional_number(event, "responseLatency")
+    if latency is None:
+        return request_ms
+    if not -MAX_LATENCY_MS <= latency <= MAX_LATENCY_MS:
+        msg = f"responseLatency must be within {MAX_LATENCY_MS:,} ms, got {latency:.6g}"
+        raise InvalidRecord(msg, "responseLatency", "number", "number")
+    try:
+        return check_time_ms(request_ms + int(latency))
+    except ValueError as exc:
+        msg = f"requestTimestamp + responseLatency is {exc}"
+        raise InvalidRecord(msg, "responseLatency", "number", "number") from exc
+
+
 def _required_str(event: dict, key: str) -> str:
     value = event.get(key)
     if value is None or value == "":
@@ -204,6 +224,11 @@ def _status(event: dict) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         msg = "proxyResponseCode must be an integer"
         raise InvalidRecord(msg, "proxyResponseCode", "number", json_type(value))
+    # WSO2 writes -1 (and 0) where a fault had no backend response; anything beyond
+    # three digits is not an HTTP status.
+    if not -1 <= value <= 999:
+        msg = f"proxyResponseCode must be an HTTP status, got {value}"
+        raise InvalidRecord(msg, "proxyResponseCode", "number", "number")
     return value
 
 
@@ -272,8 +297,10 @@ def _attach_body(target: dict, props: dict, body_key: str, encoding_key: str) ->
         return
     if text[:1] in ("{", "["):
         try:
-            target["body"] = json.loads(text)
-        except ValueError:
+            # orjson, as for the event itself: NaN, Infinity and numbers that overflow to
+            # them are not JSON, so such a body is sent base64 like any other non-JSON text.
+            target["body"] = orjson.loads(text)
+        except orjson.JSONDecodeError:
             pass
         else:
             target["transfer_encoding"] = "json"
