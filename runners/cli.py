@@ -229,6 +229,20 @@ def _configure_logging(level: str) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_OwnErrorsOnce())
+    if level == "DEBUG":
+        # Records are data, not diagnostics: these Beam loggers print whole elements at
+        # DEBUG, so they stay at INFO whatever --log_level asks for.
+        for name in _ELEMENT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
+# Beam's loggers that log elements at DEBUG (Beam 2.77: "Processing [<element>]" for
+# combines, flattens and in-memory writes; the trigger manager's values; LogElements).
+_ELEMENT_LOGGERS = (
+    "apache_beam.runners.worker.operations",
+    "apache_beam.runners.portability.fn_api_runner.trigger_manager",
+    "apache_beam.transforms.util",
+)
 
 
 def _unknown_beam_args(beam_args: Sequence[str]) -> list[str]:

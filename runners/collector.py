@@ -42,6 +42,9 @@ that file:
 * Faults for retry tests, on ingestion POSTs only: latency, dropped connections and error
   statuses (with ``Retry-After`` for 429/503), deterministic (``latency_first``,
   ``drop_first``, ``fail_first``) or random with a seed. A faulted request stores nothing.
+  ``redirect_to`` answers every ``/v1`` request (``GET /v1/config`` too) with a 307 to
+  another base URL, for the client's never-follow-a-redirect rule.
+* HTTPS with ``tls_cert`` and ``tls_key`` (for the client's certificate checks).
 * ``store="count"`` validates, deduplicates and enforces metadata types like SQLite but keeps
   no bodies (its schema lives in memory): for benchmarks. With ``validation="off"`` and
   ``metadata_types="off"`` as well it is the fast count-only mode: a body must still
@@ -77,6 +80,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import sys
 import threading
 import urllib.parse
@@ -187,6 +191,12 @@ class CollectorConfig:
         validation: ``"full"`` checks every item's fields (the 400s above); ``"off"`` only
             requires the body to parse into items of the right shape (the fast count-only
             mode for benchmarks, so the collector costs the clients it compares little).
+        redirect_to: When set, every ``/v1`` request (the config read and ingestion alike)
+            is answered ``307`` with ``Location: <redirect_to><path>``, before any auth,
+            as a hostile or misconfigured proxy would: a client must not follow it.
+        tls_cert: PEM certificate chain to serve HTTPS with (``tls_key`` required too);
+            ``RunningCollector.url`` then starts with ``https://``.
+        tls_key: PEM private key of ``tls_cert``.
     """
 
     host: str = "127.0.0.1"
@@ -206,6 +216,9 @@ class CollectorConfig:
     reject_older_than_days: int | None = None
     metadata_types: str = "enforce"
     validation: str = "full"
+    redirect_to: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -245,6 +258,14 @@ class CollectorConfig:
             raise ValueError(msg)
         if self.validation not in _VALIDATION_MODES:
             msg = f"validation must be 'full' or 'off', got {self.validation!r}"
+            raise ValueError(msg)
+        if self.redirect_to is not None and not self.redirect_to.startswith(
+            ("http://", "https://")
+        ):
+            msg = f"redirect_to must be an http(s) URL, got {self.redirect_to!r}"
+            raise ValueError(msg)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            msg = "tls_cert and tls_key go together"
             raise ValueError(msg)
 
 
@@ -1594,9 +1615,30 @@ class _CollectorServer(ThreadingHTTPServer):
         self._active = 0
         self._idle = threading.Condition()
         config = collector.config
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_cert is not None:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(config.tls_cert, config.tls_key)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), _Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        # The handshake runs here, on the connection's own thread, so a client that
+        # never completes it (or refuses our certificate) holds up no one else.
+        request.settimeout(10)
+        try:
+            connection = self.tls.wrap_socket(request, server_side=True)
+        except OSError:
+            _LOG.debug("TLS handshake with %s failed", client_address, exc_info=True)
+            return
+        try:
+            super().finish_request(connection, client_address)
+        finally:
+            connection.close()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can stall on reverse DNS;
@@ -1823,6 +1865,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, path: str) -> None:
         method = self.command
+        redirect_to = self.server.collector.config.redirect_to
+        if redirect_to is not None and path.startswith("/v1/"):
+            location = redirect_to.rstrip("/") + path
+            raise _HttpError(307, "moved", headers={"Location": location})
         ingest = _INGEST_ROUTES.get(path)
         if ingest is not None or path in _EMULATOR_POST_ROUTES:
             if method != "POST":
@@ -1993,7 +2039,8 @@ class RunningCollector:
         host, port = server.server_address[:2]
         text = host.decode() if isinstance(host, bytes) else str(host)
         shown = f"[{text}]" if ":" in text else text
-        self.url = f"http://{shown}:{port}"
+        scheme = "https" if server.tls is not None else "http"
+        self.url = f"{scheme}://{shown}:{port}"
 
     @property
     def port(self) -> int:
@@ -2153,6 +2200,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="full: check every item's fields (default); off: only parse and count "
         "(with --store count --metadata_types off: the fast count-only mode)",
     )
+    add("--redirect_to", default=None, help="answer every /v1 request 307 to this base URL")
+    add("--tls_cert", default=None, help="serve HTTPS with this PEM certificate chain")
+    add("--tls_key", default=None, help="the PEM private key of --tls_cert")
     add("--verbose", action="store_true", help="log one line per request to stderr")
     add("--inspect", metavar="URL", default=None, help="print a running emulator's stats, exit")
     add("--kind", choices=KINDS, default="events", help="with --inspect: records to show")
@@ -2206,6 +2256,9 @@ def _config_from_args(args: argparse.Namespace) -> CollectorConfig:
         reject_older_than_days=args.reject_older_than_days,
         metadata_types=args.metadata_types,
         validation=args.validation,
+        redirect_to=args.redirect_to,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 

@@ -15,10 +15,16 @@ import enum
 import gzip
 import hashlib
 import logging
+import os
 import random
+import re
+import secrets
+import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import urllib.parse
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
@@ -41,6 +47,7 @@ __all__ = [
     "ACKS",
     "BATCH_BYTE_LIMITS",
     "MAX_IN_FLIGHT",
+    "MIN_SECRET_LENGTH",
     "Action",
     "Decision",
     "PostToMoesif",
@@ -49,11 +56,15 @@ __all__ = [
     "WriteBatchFiles",
     "as_item",
     "batch_url",
+    "check_ca_bundle",
     "classify",
     "decide",
+    "delivery_unknown",
     "encode_batch",
     "parse_retry_after",
     "preflight",
+    "redirect_host",
+    "tls_failure",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -70,6 +81,15 @@ ACKS = "acks"
 _Item = tuple[bytes, bytes, str, str, Any]
 
 
+# The shortest application id accepted. A shorter secret is too easy to find in ordinary
+# text: scrubbing it would mangle messages, and not scrubbing it would leak it.
+MIN_SECRET_LENGTH = 8
+
+# Characters that continue a token: the secret is scrubbed only where it is not part of a
+# longer word, so an id "mark" never turns "marker" into "***er".
+_WORD_CHARS = "A-Za-z0-9_-"
+
+
 class Secret:
     """A string that never shows itself in reprs, logs, display data or error messages."""
 
@@ -81,6 +101,18 @@ class Secret:
     def reveal(self) -> str:
         """Return the secret, for the one place that must send it."""
         return self._value
+
+    def scrub(self, text: str) -> str:
+        """Replace every whole-token occurrence of the secret in ``text`` with ``***``.
+
+        A whole token is one not preceded or followed by a letter, digit, ``_`` or ``-``.
+        This is the one scrubber: the sink's error details and the CLI's failure report
+        both use it.
+        """
+        if not self._value:
+            return text
+        pattern = rf"(?<![{_WORD_CHARS}]){re.escape(self._value)}(?![{_WORD_CHARS}])"
+        return re.sub(pattern, "***", text)
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -216,11 +248,118 @@ def batch_url(base_url: str, kind: str) -> str:
     return f"{base}/v1/{kind}/batch"
 
 
-def preflight(base_url: str, application_id: Secret, timeout: float = 10.0) -> None:
+def check_ca_bundle(path: str) -> None:
+    """Refuse a ``--ca_bundle`` that is not a readable file of PEM certificates.
+
+    Raises:
+        ValueError: naming the path and what is wrong with it, in one line.
+    """
+    if not os.path.isfile(path):
+        msg = f"--ca_bundle {path}: no such file"
+        raise ValueError(msg)
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        msg = f"--ca_bundle {path}: not a readable PEM file of CA certificates ({exc})"
+        raise ValueError(msg) from None
+
+
+def _host(url: str) -> str:
+    return urllib.parse.urlsplit(url).hostname or "?"
+
+
+def redirect_host(location: str | None, url: str) -> str:
+    """The host a redirect's ``Location`` points to (a relative one stays on ``url``'s host).
+
+    Only the host is ever shown: a Location may carry anything, the id included.
+    """
+    if not location:
+        return "(no Location header)"
+    return _host(urllib.parse.urljoin(url, location.strip()))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, urllib3's ``reason``, first arguments."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for inner in (
+            current.__cause__,
+            current.__context__,
+            getattr(current, "reason", None),
+            *current.args,
+        ):
+            if isinstance(inner, BaseException):
+                pending.append(inner)
+
+
+def tls_failure(exc: BaseException) -> bool:
+    """Whether a request failed on TLS itself: a certificate, hostname or protocol problem.
+
+    Those are configuration errors: retrying the same handshake gets the same answer. A TLS
+    connection cut off mid-handshake (EOF, reset) is only a dropped connection, retried.
+    """
+    if not isinstance(exc, requests.exceptions.SSLError):
+        return False
+    return not any(
+        isinstance(inner, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError)
+        for inner in _chain(exc)
+    )
+
+
+def delivery_unknown(exc: BaseException) -> bool:
+    """Whether a request that got no answer may have been delivered all the same.
+
+    A read timeout or a connection lost after the body went out leaves the outcome unknown
+    (the collector may have stored the batch); a refused or timed-out connect does not.
+    """
+    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.SSLError):
+        return False
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return not any(
+            type(inner).__name__ in ("NewConnectionError", "NameResolutionError")
+            for inner in _chain(exc)
+        )
+    return False
+
+
+def _tls_message(url: str, exc: BaseException, application_id: Secret) -> str:
+    reason = next(
+        (str(inner) for inner in _chain(exc) if isinstance(inner, ssl.SSLError)), type(exc).__name__
+    )
+    return application_id.scrub(
+        f"{CollectorConfigError.MARKER}: TLS failure talking to {_host(url)}: {reason[:200]}. "
+        "Check --moesif_base_url, or trust a private CA with --ca_bundle PATH."
+    )
+
+
+def _redirect_message(url: str, status: int, location: str | None) -> str:
+    return (
+        f"{CollectorConfigError.MARKER}: HTTP {status} from {url}: a redirect to "
+        f"{redirect_host(location, url)}; moesif-beam never follows redirects with the "
+        "application id. Set --moesif_base_url to the collector's own URL."
+    )
+
+
+def preflight(
+    base_url: str,
+    application_id: Secret,
+    timeout: float = 10.0,
+    *,
+    ca_bundle: str | None = None,
+) -> None:
     """Check the application id against the collector before any data moves.
 
     ``GET /v1/config`` is the read Moesif's own SDKs make with the same header. A 401 or
-    403 raises :class:`CollectorConfigError` so the run never starts; an unreachable
+    403, a redirect (never followed: it would carry the id to another host) or a TLS
+    failure raises :class:`CollectorConfigError` so the run never starts; an unreachable
     collector only logs a warning, since the sink's retries may still get through.
     """
     url = f"{base_url.rstrip('/').removesuffix('/v1')}/v1/config"
@@ -229,8 +368,12 @@ def preflight(base_url: str, application_id: Secret, timeout: float = 10.0) -> N
             url,
             headers={"X-Moesif-Application-Id": application_id.reveal(), "User-Agent": _USER_AGENT},
             timeout=timeout,
+            allow_redirects=False,
+            verify=ca_bundle or True,
         )
     except requests.RequestException as exc:
+        if tls_failure(exc):
+            raise CollectorConfigError(_tls_message(url, exc, application_id)) from None
         _LOG.warning("collector preflight: no answer from %s (%s)", url, type(exc).__name__)
         return
     if response.status_code in (401, 403):
@@ -240,6 +383,9 @@ def preflight(base_url: str, application_id: Secret, timeout: float = 10.0) -> N
             "MOESIF_APPLICATION_ID. Nothing was sent."
         )
         raise CollectorConfigError(msg)
+    if 300 <= response.status_code < 400:
+        location = response.headers.get("Location")
+        raise CollectorConfigError(_redirect_message(url, response.status_code, location))
 
 
 # What one delivered batch reports back: every record's fate, and the counts to add.
@@ -293,7 +439,90 @@ class _Writer:
         return letter
 
 
+class _Breaker:
+    """How long the collector has been failing without a break, for all batches of a run.
+
+    Every transient failure (no answer, 408, 429, 5xx) starts or extends the failure; any
+    answer that shows the collector working (2xx, 400, 413) ends it. A batch's retry time
+    is measured as the longer of its own time and the failure's, so once the collector has
+    failed for ``--max_retry_seconds`` without a break, each further batch gets one attempt
+    and, if that fails too, gives up at once instead of spending the budget again. Shared
+    by every copy of one run's writer in a process (see :func:`_shared_breaker`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failing_since: float | None = None
+        self._announced = False
+
+    def failed(self, now: float) -> float:
+        """Record a transient failure; return for how long the collector has been failing."""
+        with self._lock:
+            if self._failing_since is None:
+                self._failing_since = now
+            return now - self._failing_since
+
+    def succeeded(self) -> None:
+        """Record an answer that shows the collector working: the failure is over."""
+        with self._lock:
+            self._failing_since = None
+            self._announced = False
+
+    def failing_for(self, now: float) -> float:
+        """For how long the collector has been failing without a break (0 if it is not)."""
+        with self._lock:
+            return 0.0 if self._failing_since is None else now - self._failing_since
+
+    def announce(self) -> bool:
+        """True once per failure: whether to log that the breaker opened."""
+        with self._lock:
+            first, self._announced = not self._announced, True
+            return first
+
+
+_BREAKERS: weakref.WeakValueDictionary[str, _Breaker] = weakref.WeakValueDictionary()
+_BREAKERS_LOCK = threading.Lock()
+
+
+def _shared_breaker(key: str) -> _Breaker:
+    """The breaker of one run's writer in this process: its copies share it, runs do not."""
+    with _BREAKERS_LOCK:
+        breaker = _BREAKERS.get(key)
+        if breaker is None:
+            breaker = _Breaker()
+            _BREAKERS[key] = breaker
+        return breaker
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # Our own retry policy decides; urllib3's must not retry behind its back.
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What came of posting one body: the action, the status, and a scrubbed detail.
+
+    For FATAL, ``detail`` is the whole one-line message the run stops with.
+    """
+
+    action: Action
+    status: int | None
+    detail: str
+
+
 class _HttpWriter(_Writer):
+    """Posts batches to one collector URL, with retries bounded per batch and per run.
+
+    ``clock``, ``wall_clock``, ``sleep`` and ``session_factory`` are there for tests: a
+    fake clock and session make the retry, give-up and breaker paths testable without a
+    server or real waiting.
+    """
+
     def __init__(
         self,
         url: str,
@@ -302,31 +531,40 @@ class _HttpWriter(_Writer):
         gzip_level: int,
         policy: RetryPolicy,
         timeout: float,
+        *,
+        ca_bundle: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        session_factory: Callable[[], Any] = _new_session,
     ) -> None:
         super().__init__(pipeline, gzip_level)
         self._url = url
         self._application_id = application_id
         self._policy = policy
         self._timeout = timeout
+        self._verify: str | bool = ca_bundle or True
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sleep = sleep
+        self._session_factory = session_factory
+        # Made once, where the pipeline is built, and pickled into every copy of this
+        # writer: the copies in one process share a breaker, other runs' writers do not.
+        self._breaker_key = f"{url} {secrets.token_hex(8)}"
 
     def open(self) -> None:
         # One session per delivering thread: requests does not promise that a Session is
         # safe to share between threads.
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._sessions: list[Any] = []
         self._lock = threading.Lock()
         self._rng = random.Random()
+        self._breaker = _shared_breaker(self._breaker_key)
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
+    def _session(self) -> Any:
+        session = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
-            # Our own retry policy decides; urllib3's must not retry behind its back.
-            adapter = requests.adapters.HTTPAdapter(
-                pool_connections=1, pool_maxsize=1, max_retries=0
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
+            session = self._session_factory()
             session.headers.update(
                 {
                     "Content-Type": "application/json",
@@ -351,7 +589,8 @@ class _HttpWriter(_Writer):
         while pending:
             part = pending.pop()
             _, body = self._body(part)
-            action, status, detail = self._post(body, counts)
+            outcome = self._post(body, counts)
+            action, status, detail = outcome.action, outcome.status, outcome.detail
             if action is Action.DONE:
                 yield from self._delivered(part, body, counts)
             elif action in (Action.SPLIT, Action.BISECT) and len(part) > 1:
@@ -370,32 +609,52 @@ class _HttpWriter(_Writer):
                 for item in part:
                     yield item, self._letter("retries_exhausted", detail, item)
             else:
-                msg = (
-                    f"{CollectorConfigError.MARKER}: HTTP {status} from {self._url}: "
-                    f"{_explain(status)} The run stopped; undelivered records were not "
-                    "dead-lettered, so a re-run after fixing the configuration loses nothing."
-                )
-                raise CollectorConfigError(msg)
+                raise CollectorConfigError(detail)
 
-    def _post(self, body: bytes, counts: _Counts) -> tuple[Action, int | None, str]:
-        start = time.monotonic()
+    def _post(self, body: bytes, counts: _Counts) -> _Outcome:
+        start = self._clock()
         session = self._session()
         attempt = 0
+        unknown = False  # some attempt may have been stored without our hearing of it
         while True:
             status: int | None = None
             retry_after = None
+            response: Any = None
             try:
                 response = session.post(
-                    self._url, data=body, timeout=self._timeout, allow_redirects=False
+                    self._url,
+                    data=body,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    verify=self._verify,
                 )
                 status = response.status_code
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+                retry_after = parse_retry_after(
+                    response.headers.get("Retry-After"), self._wall_clock()
+                )
                 detail = self._scrub(response.text[:500])
             except requests.RequestException as exc:
+                if tls_failure(exc):
+                    return _Outcome(
+                        Action.FATAL, None, _tls_message(self._url, exc, self._application_id)
+                    )
+                if isinstance(exc, requests.exceptions.ReadTimeout):
+                    counts["timeouts"] += 1
+                unknown = unknown or delivery_unknown(exc)
                 detail = self._scrub(f"{type(exc).__name__}: {exc}"[:500])
-            elapsed = time.monotonic() - start
+            now = self._clock()
+            if classify(status) is Action.RETRY:
+                failing_for = self._breaker.failed(now)
+            else:
+                if status is not None and classify(status) is not Action.FATAL:
+                    self._breaker.succeeded()
+                failing_for = 0.0
+            elapsed = now - start
             jitter = self._rng.random()
-            decision = decide(status, attempt, elapsed, retry_after, self._policy, jitter)
+            # The run-wide bound: a collector failing for the whole budget already leaves a
+            # new batch no time to retry.
+            spent = max(elapsed, failing_for)
+            decision = decide(status, attempt, spent, retry_after, self._policy, jitter)
             if decision.action is Action.RETRY:
                 counts["retries"] += 1
                 _LOG.warning(
@@ -404,17 +663,54 @@ class _HttpWriter(_Writer):
                     attempt + 1,
                     decision.delay,
                 )
-                time.sleep(decision.delay)
+                self._sleep(decision.delay)
                 attempt += 1
                 continue
             if decision.action is Action.GIVE_UP:
-                last = f"HTTP {status}" if status else detail
-                detail = f"gave up after {attempt + 1} attempts in {elapsed:.1f}s; last: {last}"
-            return decision.action, status, detail
+                detail = self._give_up_detail(status, detail, attempt, elapsed, failing_for)
+                detail += _UNKNOWN if unknown else ""
+            elif decision.action is Action.FATAL:
+                detail = self._fatal_message(status, response)
+            return _Outcome(decision.action, status, detail)
+
+    def _give_up_detail(
+        self, status: int | None, detail: str, attempt: int, elapsed: float, failing_for: float
+    ) -> str:
+        last = f"HTTP {status}" if status else detail
+        text = f"gave up after {attempt + 1} attempts in {elapsed:.1f}s; last: {last}"
+        budget = self._policy.max_retry_seconds
+        if failing_for > elapsed and failing_for + 1e-9 >= budget:
+            text += (
+                f"; the collector has failed without a break for {failing_for:.1f}s, the "
+                f"run's retry budget (--max_retry_seconds {budget:g})"
+            )
+            if self._breaker.announce():
+                _LOG.warning(
+                    "collector: failing without a break for %.0fs; until it answers again, "
+                    "each batch gets one attempt before it is dead-lettered",
+                    failing_for,
+                )
+        return text
+
+    def _fatal_message(self, status: int | None, response: Any) -> str:
+        if status is not None and 300 <= status < 400:
+            return _redirect_message(self._url, status, response.headers.get("Location"))
+        return (
+            f"{CollectorConfigError.MARKER}: HTTP {status} from {self._url}: "
+            f"{_explain(status)} The run stopped; undelivered records were not "
+            "dead-lettered, so a re-run after fixing the configuration loses nothing."
+        )
 
     def _scrub(self, text: str) -> str:
-        secret = self._application_id.reveal()
-        return text.replace(secret, "***") if secret else text
+        return self._application_id.scrub(text)
+
+
+# Added to a retries_exhausted dead letter's detail when an attempt got no answer after
+# its body was sent.
+_UNKNOWN = (
+    "; delivery unknown: a request got no answer after its body was sent, so the collector "
+    "may have stored these records (a replay with the same transaction_id is harmless)"
+)
 
 
 def _explain(status: int | None) -> str:
@@ -648,8 +944,13 @@ class PostToMoesif(_BatchSink):
     * 413: the batch is split in halves; a single record refused for size is ``too_large``.
     * 400: the batch is bisected until the refused records are isolated, each a
       ``collector_rejected`` dead letter with the collector's message; the rest is sent.
-    * 401, 403 and other configuration errors: the run stops with
-      :class:`CollectorConfigError`, and nothing is dead-lettered.
+    * 401, 403, redirects (never followed), TLS failures and other configuration errors:
+      the run stops with :class:`CollectorConfigError`, and nothing is dead-lettered.
+
+    The retry time is bounded for the whole run too: once the collector has failed for
+    ``policy.max_retry_seconds`` without a break, each further batch gets one attempt
+    before its records are dead-lettered, until the collector answers again. ``ca_bundle``
+    is a PEM file of CAs to trust instead of the system's.
 
     Delivery is at least once: a retried bundle posts again, with the same transaction
     ids, which Moesif deduplicates.
@@ -668,6 +969,7 @@ class PostToMoesif(_BatchSink):
         policy: RetryPolicy | None = None,
         timeout: float = 30.0,
         max_in_flight: int = 2,
+        ca_bundle: str | None = None,
     ) -> None:
         super().__init__()
         _validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
@@ -680,6 +982,8 @@ class PostToMoesif(_BatchSink):
         if timeout <= 0:
             msg = f"timeout must be > 0, got {timeout}"
             raise ValueError(msg)
+        if ca_bundle is not None:
+            check_ca_bundle(ca_bundle)
         self._writer: _Writer = _HttpWriter(
             batch_url(base_url, kind),
             application_id,
@@ -687,6 +991,7 @@ class PostToMoesif(_BatchSink):
             gzip_level,
             policy or RetryPolicy(),
             timeout,
+            ca_bundle=ca_bundle,
         )
         self._max_events = max_events
         self._max_bytes = max_bytes
