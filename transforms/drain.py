@@ -2,8 +2,9 @@
 
 A streaming run ends by draining: sources stop, every stage flushes what it holds, and the
 run finishes. For workers in this process (the local Prism runner with LOOPBACK) the CLI
-sets :data:`DRAIN` on SIGTERM or SIGINT; runners with remote workers (Flink, Dataflow)
-drain through their own controls.
+sets :data:`DRAIN` on SIGTERM or SIGINT (:func:`start_drain`), with a deadline
+(``--drain_timeout``) past which stages stop waiting (:func:`check_drain_deadline`); runners
+with remote workers (Flink, Dataflow) drain through their own controls.
 """
 
 from __future__ import annotations
@@ -20,11 +21,65 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-__all__ = ["DRAIN", "OPEN_END", "CheckpointOnlyTracker", "Ticks"]
+__all__ = [
+    "DRAIN",
+    "OPEN_END",
+    "CheckpointOnlyTracker",
+    "DrainTimedOut",
+    "Ticks",
+    "check_drain_deadline",
+    "drain_timed_out",
+    "start_drain",
+]
 
 # Set to drain the unbounded sources running in this process: they stop claiming work and
 # finish their restrictions, the watermark reaches the end, and downstream stages flush.
 DRAIN = threading.Event()
+
+# When a drain started with a time limit must be over (time.monotonic()), and whether a
+# stage gave up on it.
+_deadline: float | None = None
+_timed_out = threading.Event()
+
+
+class DrainTimedOut(Exception):
+    """A drain's time is up and a stage still holds undelivered records.
+
+    Raised instead of waiting longer: it fails the bundle, so those records are neither
+    acknowledged nor dead-lettered, their offsets are not committed, and a restarted run
+    reads them again.
+    """
+
+    MARKER = "moesif-beam drain timed out"
+
+
+def start_drain(timeout: float | None = None) -> None:
+    """Drain the sources in this process; with ``timeout``, stages stop waiting after it.
+
+    Only the first call sets the deadline: a second SIGTERM does not extend it.
+    """
+    global _deadline  # noqa: PLW0603 - one drain per process, read by every stage
+    if timeout is not None and _deadline is None:
+        _deadline = time.monotonic() + timeout
+    DRAIN.set()
+
+
+def check_drain_deadline(wait: float = 0.0) -> None:
+    """Raise :class:`DrainTimedOut` if a drain's deadline passes within ``wait`` seconds.
+
+    A stage about to wait (before a retry) or to start work it cannot finish in time calls
+    this, so that it gives up when the drain's time is up rather than after its own budget.
+    Does nothing outside a drain with a time limit.
+    """
+    if _deadline is not None and time.monotonic() + wait >= _deadline:
+        _timed_out.set()
+        msg = f"{DrainTimedOut.MARKER}: undelivered records were not acknowledged"
+        raise DrainTimedOut(msg)
+
+
+def drain_timed_out() -> bool:
+    """Whether a stage gave up on the drain, or its deadline has passed."""
+    return _timed_out.is_set() or (_deadline is not None and time.monotonic() >= _deadline)
 
 # The stop of an open (unbounded) offset range.
 OPEN_END = sys.maxsize

@@ -40,6 +40,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.counters import counter
 from transforms.deadletter import ACK_FIELD, dead_letter
+from transforms.drain import check_drain_deadline
 from transforms.errors import CollectorConfigError
 from transforms.offsets import compact_acks
 
@@ -656,6 +657,9 @@ class _HttpWriter(_Writer):
             spent = max(elapsed, failing_for)
             decision = decide(status, attempt, spent, retry_after, self._policy, jitter)
             if decision.action is Action.RETRY:
+                # A drain's time is up before the retry: give up on the batch without a
+                # fate (no ack, no dead letter), so its records are read again on restart.
+                check_drain_deadline(decision.delay)
                 counts["retries"] += 1
                 _LOG.warning(
                     "collector: %s; retry %d in %.1fs",
