@@ -81,6 +81,7 @@ def drain_timed_out() -> bool:
     """Whether a stage gave up on the drain, or its deadline has passed."""
     return _timed_out.is_set() or (_deadline is not None and time.monotonic() >= _deadline)
 
+
 # The stop of an open (unbounded) offset range.
 OPEN_END = sys.maxsize
 
