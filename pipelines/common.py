@@ -65,7 +65,7 @@ def build_delivery(
     if config.kafka is not None:
         read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
         lines = read.records
-        unreadable = ()
+        unreadable: tuple[beam.PCollection, ...] = ()
     else:
         files = pipeline | "ReadFiles" >> ReadLines(
             config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes
@@ -112,7 +112,7 @@ def _build_streaming(
     if config.kafka is not None:
         read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
         lines = read.records
-        unreadable = ()
+        unreadable: tuple[beam.PCollection, ...] = ()
     else:
         files = pipeline | "FollowFiles" >> FollowFiles(
             config.input,
