@@ -28,6 +28,7 @@ __all__ = [
     "DrainTimedOut",
     "Ticks",
     "check_drain_deadline",
+    "drain_sleep",
     "drain_timed_out",
     "start_drain",
 ]
@@ -75,6 +76,24 @@ def check_drain_deadline(wait: float = 0.0) -> None:
         _timed_out.set()
         msg = f"{DrainTimedOut.MARKER}: undelivered records were not acknowledged"
         raise DrainTimedOut(msg)
+
+
+def drain_sleep(seconds: float) -> None:
+    """``time.sleep`` for stages that wait to retry: a drain's deadline cuts it short.
+
+    Wakes when a drain starts; raises :class:`DrainTimedOut` (at once, not at the end of
+    the wait) if the drain's deadline passes before ``seconds`` are over.
+    """
+    end = time.monotonic() + seconds
+    while True:
+        remaining = end - time.monotonic()
+        check_drain_deadline(max(remaining, 0.0))
+        if remaining <= 0:
+            return
+        if DRAIN.is_set():  # and the deadline is after the end of the wait
+            time.sleep(remaining)
+            return
+        DRAIN.wait(remaining)
 
 
 def drain_timed_out() -> bool:

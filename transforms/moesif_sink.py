@@ -40,7 +40,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.counters import counter
 from transforms.deadletter import ACK_FIELD, dead_letter
-from transforms.drain import check_drain_deadline
+from transforms.drain import check_drain_deadline, drain_sleep
 from transforms.errors import CollectorConfigError
 from transforms.offsets import compact_acks
 
@@ -536,7 +536,7 @@ class _HttpWriter(_Writer):
         ca_bundle: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = drain_sleep,
         session_factory: Callable[[], Any] = _new_session,
     ) -> None:
         super().__init__(pipeline, gzip_level)
