@@ -683,12 +683,12 @@ class _HttpWriter(_Writer):
         last = f"HTTP {status}" if status else detail
         text = f"gave up after {attempt + 1} attempts in {elapsed:.1f}s; last: {last}"
         budget = self._policy.max_retry_seconds
-        if failing_for > elapsed and failing_for + 1e-9 >= budget:
+        if failing_for > elapsed:
             text += (
-                f"; the collector has failed without a break for {failing_for:.1f}s, the "
+                f"; the collector has failed without a break for {failing_for:.1f}s of the "
                 f"run's retry budget (--max_retry_seconds {budget:g})"
             )
-            if self._breaker.announce():
+            if failing_for >= budget and self._breaker.announce():
                 _LOG.warning(
                     "collector: failing without a break for %.0fs; until it answers again, "
                     "each batch gets one attempt before it is dead-lettered",
