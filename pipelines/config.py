@@ -66,6 +66,8 @@ class PipelineConfig:
         follow: keep watching the ``input`` glob for new files (streaming).
         follow_interval: seconds between looks for new files.
         dedup_ttl: in streaming, how long a transaction id is remembered, in seconds.
+        drain_timeout: in streaming, how long a drain (SIGTERM, Ctrl-C) may take, in
+            seconds; what is undelivered then is not committed and is read again.
         dedup_spill: bounded runs deduplicate through files partitioned by id under
             ``spill_dir`` instead of the engine's shuffle (for local runners, whose
             shuffle lives in memory).
@@ -103,6 +105,7 @@ class PipelineConfig:
     follow: bool = False
     follow_interval: float = 5.0
     dedup_ttl: float = 3600.0
+    drain_timeout: float = 30.0
     dedup_spill: bool = False
     single_process: bool = False
     max_line_bytes: int = MAX_LINE_BYTES
@@ -163,6 +166,9 @@ class PipelineConfig:
             raise ValueError(msg)
         if self.dedup_ttl <= 0:
             msg = f"--dedup_ttl must be positive, got {self.dedup_ttl}"
+            raise ValueError(msg)
+        if self.drain_timeout <= 0:
+            msg = f"--drain_timeout must be positive, got {self.drain_timeout}"
             raise ValueError(msg)
         if self.follow and self.kafka is not None:
             msg = "--follow watches files; it cannot be combined with --source kafka"

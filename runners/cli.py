@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +27,9 @@ from pipelines import actions, events
 from pipelines.config import DEFAULT_BASE_URL, PipelineConfig
 from runners.launch import EXIT_COLLECTOR, execute
 from runners.local_workers import LocalRunner
+from runners.loopback import loopback_grpc_servers
 from runners.prism import PrismServer, ensure_prism
+from runners.run_state import start_run
 from transforms.errors import CollectorConfigError
 from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
 from transforms.moesif_sink import RetryPolicy, Secret, preflight
@@ -183,6 +184,13 @@ def _delivery_parser(pipeline: str) -> argparse.ArgumentParser:
         type=float,
         default=3600.0,
         help="streaming: seconds (of event time) a transaction id is remembered",
+    )
+    batching.add_argument(
+        "--drain_timeout",
+        type=float,
+        default=30.0,
+        help="streaming: seconds a drain (SIGTERM, Ctrl-C) may take; records not delivered "
+        "by then are not committed, and are read again on restart (exit code 4)",
     )
     parser.add_argument(
         "--log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -372,6 +380,7 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
             follow=args.follow,
             follow_interval=args.follow_interval,
             dedup_ttl=args.dedup_ttl,
+            drain_timeout=args.drain_timeout,
             dedup_spill=_runs_locally(beam_args),
             max_line_bytes=args.max_line_bytes,
         )
@@ -395,10 +404,13 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
         except CollectorConfigError as exc:
             print(str(exc), file=sys.stderr, flush=True)
             return EXIT_COLLECTOR
+    # Removes what killed runs left, claims this run's directories, and gives the run a
+    # private temporary directory (Prism's log, Beam's temporary files), all removed after.
+    run = start_run(config)
     prism = None
     try:
         if config.streaming and not _has_runner(beam_args):
-            prism = PrismServer(ensure_prism(), f"{tempfile.gettempdir()}/moesif-beam-prism.log")
+            prism = PrismServer(ensure_prism(), run.file("prism.log"))
             beam_args = [
                 "--runner=PortableRunner",
                 f"--job_endpoint={prism.start()}",
@@ -409,13 +421,17 @@ def _deliver(pipeline: str, argv: Sequence[str]) -> int:
         options = _beam_options(beam_args, streaming=config.streaming)
         if prism is not None:
             config = dataclasses.replace(config, single_process=True)
-        return execute(_BUILDERS[pipeline], config, options, in_process_workers=prism is not None)
+        with loopback_grpc_servers():  # Beam's worker endpoints listen on 127.0.0.1 only
+            return execute(
+                _BUILDERS[pipeline], config, options, in_process_workers=prism is not None
+            )
     except RuntimeError as exc:
         print(f"moesif-beam {pipeline}: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     finally:
         if prism is not None:
             prism.stop()
+        run.close()
 
 
 def _kafka_config(args: argparse.Namespace) -> KafkaSourceConfig | None:

@@ -8,10 +8,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import apache_beam as beam
 from apache_beam.io.filesystems import BeamIOError, FileSystems
@@ -19,17 +20,30 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config import PipelineConfig
+from runners.run_state import OWNER_FILE
 from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
-from transforms.drain import DRAIN
+from transforms.drain import drain_timed_out, start_drain
 from transforms.errors import CollectorConfigError
 from transforms.schema import load_schema, save_schema
 
-__all__ = ["EXIT_COLLECTOR", "EXIT_FAILED", "collect_counters", "execute", "format_summary"]
+__all__ = [
+    "EXIT_COLLECTOR",
+    "EXIT_DRAIN_TIMEOUT",
+    "EXIT_FAILED",
+    "collect_counters",
+    "execute",
+    "format_summary",
+]
 
 _LOG = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
 EXIT_COLLECTOR = 3
+EXIT_DRAIN_TIMEOUT = 4
+# Past a drain's deadline, a run that has not ended (a stage stuck elsewhere than in the
+# sink's retries, which give up at the deadline) is cancelled, then ended.
+_CANCEL_GRACE_S = 5.0
+_EXIT_GRACE_S = 15.0
 
 
 def collect_counters(result: Any) -> dict[str, int]:
@@ -103,11 +117,14 @@ def execute(
     stored = load_schema(config.schema_store_path, config.schema_scope)
     pipeline = build(config, options, stored)
     started = time.monotonic()
-    restore = _drain_on_signals() if config.streaming else None
+    restore = _drain_on_signals(config.drain_timeout) if config.streaming else None
     try:
         result = pipeline.run()
-        result.wait_until_finish()
+        with _drain_watchdog(result, config) if config.streaming else contextlib.nullcontext():
+            result.wait_until_finish()
     except Exception as exc:  # the runner wraps worker errors; we explain them once
+        if config.streaming and drain_timed_out():
+            return _report_drain_timeout(config)
         return _report_failure(exc, config)
     finally:
         if restore is not None:
@@ -141,29 +158,115 @@ def _remove_spill(directory: str) -> None:
             os.rmdir(os.path.dirname(directory.rstrip("/")))
 
 
-def _drain_on_signals() -> Callable[[], None]:
+def _drain_on_signals(timeout: float) -> Callable[[], None]:
     """Make SIGTERM and SIGINT drain a streaming run instead of killing it.
 
     The readers stop claiming, every stage flushes (partial batches are delivered, dead
-    letters written), offsets are committed, and the run finishes with its summary.
+    letters written), offsets are committed, and the run finishes with its summary. What
+    is not delivered within ``timeout`` seconds is given up on (see :func:`execute`).
     Returns a function that restores the previous handlers.
     """
 
     def drain(signum: int, _frame: Any) -> None:
         print(
-            f"moesif-beam: {signal.Signals(signum).name}: draining (flush, commit, exit)...",
+            f"moesif-beam: {signal.Signals(signum).name}: draining (flush, commit, exit; "
+            f"at most {timeout:g}s)...",
             file=sys.stderr,
             flush=True,
         )
-        DRAIN.set()
+        start_drain(timeout)
 
     previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Once the drain's time is up, the run is torn down: what Beam and gRPC log or print
+    # about that (failed bundles, cancelled streams, each with its traceback) is noise
+    # around the one line the launcher prints.
+    quiet = _QuietAfterDrainTimeout()
+    log_handlers = list(logging.getLogger().handlers)
+    for log_handler in log_handlers:
+        log_handler.addFilter(quiet)
+    stderr = sys.stderr
+    sys.stderr = cast(TextIO, _QuietAfterDrainTimeoutStream(stderr))
 
     def restore() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if drain_timed_out():
+            return  # stay quiet: Beam's threads die noisily while the process ends
+        for log_handler in log_handlers:
+            log_handler.removeFilter(quiet)
+        sys.stderr = stderr
 
     return restore
+
+
+class _QuietAfterDrainTimeout(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not drain_timed_out()
+
+
+class _QuietAfterDrainTimeoutStream:
+    """Standard error that drops what is written once a drain has timed out.
+
+    Beam's SDK harness prints a failed bundle's traceback to ``sys.stderr`` itself, besides
+    logging it.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if drain_timed_out():
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _drain_watchdog(result: Any, config: PipelineConfig) -> Any:
+    """Bound a drain even where no stage gives up by itself.
+
+    The sink stops retrying at the drain's deadline, which fails the run. If the run has
+    still not ended a little later, it is cancelled; if even that does not end it, the
+    process exits with the drain timeout's code. Offsets are only ever committed for
+    records that are done, so nothing is lost either way.
+    """
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(0.5):
+            if not drain_timed_out():
+                continue
+            if finished.wait(_CANCEL_GRACE_S):
+                return
+            threading.Thread(target=_cancel, args=(result,), daemon=True).start()
+            if finished.wait(_EXIT_GRACE_S - _CANCEL_GRACE_S):
+                return
+            _report_drain_timeout(config)
+            os._exit(EXIT_DRAIN_TIMEOUT)
+
+    watcher = threading.Thread(target=watch, name="drain-watchdog", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+
+
+def _cancel(result: Any) -> None:
+    with contextlib.suppress(Exception):
+        result.cancel()
+
+
+def _report_drain_timeout(config: PipelineConfig) -> int:
+    print(
+        f"moesif-beam {config.pipeline}: drain timed out after {config.drain_timeout:g}s: "
+        "undelivered records were not committed and will be re-read on restart",
+        file=getattr(sys.stderr, "stream", sys.stderr),  # past the quiet wrapper above
+        flush=True,
+    )
+    return EXIT_DRAIN_TIMEOUT
 
 
 def commit_offsets(config: PipelineConfig) -> None:
@@ -198,6 +301,8 @@ def merge_pending_schema(config: PipelineConfig) -> int:
     match = FileSystems.match([f"{config.schema_pending_dir}/*"])[0].metadata_list
     pairs: list[tuple[str, str]] = []
     for metadata in match:
+        if os.path.basename(metadata.path) == OWNER_FILE:  # the run's claim, not keys
+            continue
         with FileSystems.open(metadata.path) as handle:
             for line in handle.read().splitlines():
                 if line.strip():

@@ -21,10 +21,10 @@ import logging
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 from typing import Any
 
@@ -34,6 +34,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 # Imported with this module, so that every forked worker has the SDK harness loaded.
 from apache_beam.runners.worker import sdk_worker_main
 from apache_beam.transforms import environments
+
+from runners.run_state import make_temp_dir
 
 __all__ = ["ForkServer", "LocalRunner"]
 
@@ -72,7 +74,8 @@ class ForkServer:
         return _os_threads() <= _THREADS_AT_IMPORT
 
     def start(self) -> None:
-        self._directory = tempfile.mkdtemp(prefix="moesif-beam-workers-")
+        # Claimed by this process: if the launcher is killed, the next run removes it.
+        self._directory = make_temp_dir("workers")
         path = self._socket_path()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -114,10 +117,7 @@ class ForkServer:
                 os.waitpid(self._pid, 0)
             self._pid = None
         if self._directory:
-            with contextlib.suppress(OSError):
-                os.unlink(self._socket_path())
-            with contextlib.suppress(OSError):
-                os.rmdir(self._directory)
+            shutil.rmtree(self._directory, ignore_errors=True)  # the socket and owner file
             self._directory = ""
 
     def _socket_path(self) -> str:

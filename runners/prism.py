@@ -1,13 +1,20 @@
 """Beam's Prism runner for local streaming runs, built once from Beam's Go module.
 
 The Python SDK would download a Prism binary from GitHub; that is out of reach on many
-machines (and on ours). Prism is a Go module, so ``go install`` at the pinned Beam version
-builds the same runner from the Go module proxy. The binary is cached under
-``~/.cache/moesif-beam/prism-<beam version>/``.
+machines (and on ours). Prism is a Go module, so Go builds the same runner from the Go
+module proxy, at the pinned Beam version. The binary is cached under
+``~/.cache/moesif-beam/prism-<beam version>-loopback/``.
+
+One line of Prism is changed before it is built: its job server, which also serves its
+workers' Fn API (control, data, state, logging), listens on every interface (``:port``,
+with no flag to choose), unauthenticated, so anyone who reaches the machine could submit a
+job. moesif-beam builds it to listen on 127.0.0.1 only; it tells its clients
+``localhost:port`` anyway, so nothing that worked before stops working.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -21,15 +28,59 @@ from apache_beam.version import __version__ as BEAM_VERSION
 
 from runners.children import child_options
 
-__all__ = ["BEAM_VERSION", "PrismServer", "ensure_prism", "prism_path"]
+__all__ = ["BEAM_VERSION", "PrismServer", "ensure_prism", "loopback_only", "prism_path"]
 
-_MODULE = "github.com/apache/beam/sdks/v2/go/cmd/prism"
+_GO_MODULE = "github.com/apache/beam/sdks/v2"
+_MAIN = "./go/cmd/prism"
+# The listener of Prism's job and worker endpoints, and what it becomes.
+_LISTEN_FILE = "go/pkg/beam/runners/prism/internal/jobservices/server.go"
+_LISTEN_ANY = 'net.Listen("tcp", fmt.Sprintf(":%d", port))'
+_LISTEN_LOOPBACK = 'net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))'
 
 
 def prism_path(version: str = BEAM_VERSION) -> Path:
-    """Where the Prism binary for ``version`` is cached."""
+    """Where the (loopback-only) Prism binary for ``version`` is cached."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "moesif-beam" / f"prism-{version}" / "prism"
+    return root / "moesif-beam" / f"prism-{version}-loopback" / "prism"
+
+
+def loopback_only(source: str) -> str:
+    """Prism's ``server.go`` with its listener bound to 127.0.0.1 instead of every interface.
+
+    Raises:
+        RuntimeError: the source does not have the one line this expects (another Beam
+            version): building a Prism that listens everywhere would be silently worse.
+    """
+    if source.count(_LISTEN_ANY) != 1:
+        msg = (
+            f"cannot make Prism listen on loopback only: {_LISTEN_FILE} does not contain "
+            f"{_LISTEN_ANY} exactly once (has Beam changed it?)"
+        )
+        raise RuntimeError(msg)
+    return source.replace(_LISTEN_ANY, _LISTEN_LOOPBACK)
+
+
+def _go(go: str, args: list[str], env: dict[str, str], cwd: str | None = None) -> str:
+    result = subprocess.run(
+        [go, *args], env=env, cwd=cwd, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        msg = f"building Prism failed (go {' '.join(args)}):\n{result.stderr[-2000:]}"
+        raise RuntimeError(msg)
+    return result.stdout
+
+
+def _writable_copy(module_dir: str, destination: str) -> None:
+    """Copy the Go SDK part of Beam's module (read-only in Go's cache) to ``destination``."""
+    os.makedirs(destination)
+    for name in ("go.mod", "go.sum"):
+        shutil.copyfile(os.path.join(module_dir, name), os.path.join(destination, name))
+    shutil.copytree(os.path.join(module_dir, "go"), os.path.join(destination, "go"))
+    for root, dirs, files in os.walk(destination):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o600)
 
 
 def ensure_prism(version: str = BEAM_VERSION) -> str:
@@ -44,31 +95,31 @@ def ensure_prism(version: str = BEAM_VERSION) -> str:
     go = shutil.which("go")
     if go is None:
         msg = (
-            "streaming runs locally on Beam's Prism runner, which moesif-beam builds with Go "
-            "(`go install`); install Go 1.24+ or choose another runner (--runner FlinkRunner)"
+            "streaming runs locally on Beam's Prism runner, which moesif-beam builds with Go; "
+            "install Go 1.24+ or choose another runner (--runner FlinkRunner)"
         )
         raise RuntimeError(msg)
     print(
-        f"moesif-beam: building Beam's Prism runner {version} with go install into "
+        f"moesif-beam: building Beam's Prism runner {version} with Go into "
         f"{target.parent} (first use only, a few minutes)...",
         file=sys.stderr,
         flush=True,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as build_dir:
-        env = dict(os.environ, GOBIN=build_dir, GOFLAGS="-mod=mod")
+        env = dict(os.environ, GOFLAGS="-mod=mod")
         # Keep Go's downloads with ours under ~/.cache unless the user chose otherwise.
         env.setdefault("GOMODCACHE", str(target.parent.parent / "go-mod"))
-        result = subprocess.run(
-            [go, "install", f"{_MODULE}@v{version}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        listing = _go(go, ["mod", "download", "-json", f"{_GO_MODULE}@v{version}"], env, build_dir)
+        module_dir = json.loads(listing)["Dir"]
+        source = os.path.join(build_dir, "src")
+        _writable_copy(module_dir, source)
+        listen = Path(source, _LISTEN_FILE)
+        listen.write_text(loopback_only(listen.read_text()))
         built = Path(build_dir) / "prism"
-        if result.returncode != 0 or not built.is_file():
-            msg = f"building Prism failed:\n{result.stderr[-2000:]}"
+        _go(go, ["build", "-trimpath", "-o", str(built), _MAIN], env, source)
+        if not built.is_file():
+            msg = "building Prism failed: go build made no binary"
             raise RuntimeError(msg)
         # Rename within one directory: atomic, so a half-built binary is never cached.
         built.replace(target)
@@ -76,7 +127,7 @@ def ensure_prism(version: str = BEAM_VERSION) -> str:
 
 
 class PrismServer:
-    """A Prism job server of our own, in its own session.
+    """A Prism job server of our own, in its own session, logging to ``log_path``.
 
     Beam's PrismRunner starts Prism in our process group, so a Ctrl-C or a group-wide
     SIGTERM (``timeout``, systemd) kills it before we can drain. Started here with a new
@@ -103,9 +154,7 @@ class PrismServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                msg = (
-                    f"Prism exited at start (code {self._process.returncode}); see {self._log_path}"
-                )
+                msg = f"Prism exited at start (code {self._process.returncode}){self._log_tail()}"
                 raise RuntimeError(msg)
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -113,8 +162,16 @@ class PrismServer:
                     return self.endpoint
             time.sleep(0.1)
         self.stop()
-        msg = f"Prism did not listen on port {port} within {timeout:.0f}s; see {self._log_path}"
+        msg = f"Prism did not listen on port {port} within {timeout:.0f}s{self._log_tail()}"
         raise RuntimeError(msg)
+
+    def _log_tail(self, lines: int = 10) -> str:
+        """The end of Prism's log, for an error message (the log goes with the run)."""
+        try:
+            text = Path(self._log_path).read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return ":\n" + "\n".join(text.splitlines()[-lines:]) if text else ""
 
     def stop(self) -> None:
         """Stop Prism (SIGTERM, then SIGKILL after 10 s)."""
