@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.config import PipelineConfig
+from runners import launch
 from runners.loopback import loopback_address, loopback_grpc_servers
 from runners.prism import loopback_only
 from runners.run_state import OWNER_FILE, Owner, remove_abandoned
@@ -220,6 +222,39 @@ def test_a_second_drain_does_not_extend_the_deadline(fresh_drain):
     assert drain_timed_out()
     with pytest.raises(DrainTimedOut):
         check_drain_deadline()
+
+
+def test_drain_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="--drain_timeout"):
+        PipelineConfig("events", "x.jsonl", "wso2", drain_timeout=0)
+    assert PipelineConfig("events", "x.jsonl", "wso2").drain_timeout == 30
+
+
+def test_a_drain_stuck_elsewhere_is_cancelled_then_ended(fresh_drain, monkeypatch, capsys):
+    monkeypatch.setattr(launch, "_CANCEL_GRACE_S", 0.2)
+    monkeypatch.setattr(launch, "_EXIT_GRACE_S", 0.4)
+    exits: list[int] = []
+    ended = threading.Event()
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        ended.set()
+
+    monkeypatch.setattr(launch.os, "_exit", fake_exit)
+
+    class StuckResult:
+        cancels = 0
+
+        def cancel(self) -> None:
+            StuckResult.cancels += 1  # and the run goes on regardless
+
+    config = PipelineConfig("events", "x.jsonl", "wso2", drain_timeout=0.1)
+    with launch._drain_watchdog(StuckResult(), config):
+        start_drain(config.drain_timeout)
+        assert ended.wait(10)
+    assert StuckResult.cancels == 1
+    assert exits == [launch.EXIT_DRAIN_TIMEOUT]
+    assert "drain timed out after 0.1s" in capsys.readouterr().err
 
 
 @pytest.mark.integration
