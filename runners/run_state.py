@@ -102,7 +102,18 @@ class Owner:
         """Whether this very process still runs (a zombie counts as gone)."""
         if self.boot != _boot_id():
             return False
-        if _start_time(self.pid) != self.started:
+        started = _start_time(self.pid)
+        if started is None:
+            # Hidden from us (another user's process under /proc's hidepid) or gone: only
+            # a process we may not signal is taken to be alive, as it may be the owner.
+            try:
+                os.kill(self.pid, 0)
+            except PermissionError:
+                return True
+            except OSError:
+                return False
+            return False
+        if started != self.started:
             return False
         try:
             state = Path(f"/proc/{self.pid}/stat").read_text()
