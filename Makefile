@@ -1,4 +1,4 @@
-# moesif-beam: `make run` and `make test` work on a fresh machine with Python 3.10+.
+# moesif-beam: `make run` and `make test` work on a fresh machine with Python 3.11+.
 # Everything installs into .venv; pip's cache lives under ~/.cache/pip.
 
 PYTHON ?= python3
@@ -27,7 +27,7 @@ unit: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py moesif_beam/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test,dev]"

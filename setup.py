@@ -1,26 +1,41 @@
-"""Packaging for moesif-beam: installable locally and shippable to Beam workers (--setup_file)."""
+"""Packaging for moesif-beam: installable locally and shippable to Beam workers (--setup_file).
+
+The repository keeps its folders at the top (pipelines/, transforms/, schemas/, runners/);
+installed, they are subpackages of one namespace, ``moesif_beam``, so the distribution never
+puts generic top-level packages into a user's site-packages.
+"""
+
+import re
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
+ROOT = Path(__file__).resolve().parent
+FOLDERS = ("pipelines", "transforms", "schemas", "runners")
+
+# The version is written once, in moesif_beam/__init__.py.
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (ROOT / "moesif_beam" / "__init__.py").read_text(), re.M
+).group(1)
+
+# moesif_beam.<folder>[.<sub>] -> <folder>[/<sub>]
+PACKAGES = ["moesif_beam"] + [
+    f"moesif_beam.{package}"
+    for folder in FOLDERS
+    for package in find_packages(where=str(ROOT), include=[folder, f"{folder}.*"])
+]
+
 setup(
     name="moesif-beam",
-    version="0.1.0",
+    version=VERSION,
     description="Apache Beam pipelines that deliver API-gateway logs and action streams to Moesif.",
-    python_requires=">=3.10",
-    packages=find_packages(
-        include=[
-            "pipelines",
-            "pipelines.*",
-            "transforms",
-            "transforms.*",
-            "schemas",
-            "schemas.*",
-            "runners",
-            "runners.*",
-        ]
-    ),
-    package_data={"schemas": ["*.avsc"]},
-    include_package_data=True,
+    python_requires=">=3.11",
+    packages=PACKAGES,
+    package_dir={
+        "moesif_beam": "moesif_beam",
+        **{f"moesif_beam.{folder}": folder for folder in FOLDERS},
+    },
+    package_data={"moesif_beam": ["py.typed"], "moesif_beam.schemas": ["*.avsc"]},
     install_requires=[
         "apache-beam==2.77.0",
         "fastavro==1.13.1",
@@ -39,5 +54,5 @@ setup(
         ],
         "dev": ["ruff==0.17.6", "mypy==2.4.1", "types-requests==2.33.0.20261030"],
     },
-    entry_points={"console_scripts": ["moesif-beam=runners.cli:main"]},
+    entry_points={"console_scripts": ["moesif-beam=moesif_beam.runners.cli:main"]},
 )

@@ -26,7 +26,7 @@ def start_collector(data_dir: str) -> tuple[subprocess.Popen, str]:
         [
             sys.executable,
             "-m",
-            "runners.collector",
+            "moesif_beam.runners.collector",
             "--port",
             str(port),
             "--data_dir",

@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO))
 import requests  # noqa: E402
 
 from benchmarks._support import APP_ID, start_collector  # noqa: E402
+from moesif_beam.transforms.errors import InvalidRecord  # noqa: E402
+from moesif_beam.transforms.formats.wso2 import extract_json, to_moesif_event  # noqa: E402
+from moesif_beam.transforms.normalize import parse_json  # noqa: E402
 from samples.generate_wso2 import generate  # noqa: E402
-from transforms.errors import InvalidRecord  # noqa: E402
-from transforms.formats.wso2 import extract_json, to_moesif_event  # noqa: E402
-from transforms.normalize import parse_json  # noqa: E402
 
 
 def unique_events(input_path: str, counts: dict) -> Iterator[tuple[str, dict]]:
@@ -318,7 +318,7 @@ def main() -> int:
                 cmd = [
                     sys.executable,
                     "-m",
-                    "runners.cli",
+                    "moesif_beam.runners.cli",
                     "events",
                     "--input",
                     input_path,

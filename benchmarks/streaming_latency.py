@@ -1,7 +1,7 @@
 """Streaming from Kafka: sustained events/s, and produce-to-2xx latency at a fixed rate.
 
 Run by hand (``python benchmarks/streaming_latency.py``). It starts its own Kafka broker
-(``runners.kafka_local``, or ``--bootstrap`` for another) and the collector emulator in
+(``moesif_beam.runners.kafka_local``, or ``--bootstrap`` for another) and the collector emulator in
 count-only mode, then runs ``moesif-beam events --source kafka`` unbounded, on its default
 streaming runner (Prism), twice:
 
@@ -42,7 +42,7 @@ from benchmarks._support import (  # noqa: E402
     reset_collector,
     start_collector,
 )
-from runners.kafka_local import KafkaConfig, LocalKafka, create_topic  # noqa: E402
+from moesif_beam.runners.kafka_local import KafkaConfig, LocalKafka, create_topic  # noqa: E402
 from samples.generate_wso2 import generate  # noqa: E402
 
 _TIMESTAMP = re.compile(rb'"requestTimestamp":"[^"]*"')
@@ -87,7 +87,7 @@ def start_pipeline(
     cmd = [
         sys.executable,
         "-m",
-        "runners.cli",
+        "moesif_beam.runners.cli",
         "events",
         "--source",
         "kafka",

@@ -2,12 +2,12 @@
 
 Formats: ``moesif`` (Collector API action JSON) and ``segment`` (track calls).
 ``build(config, options, stored_schema=None) -> beam.Pipeline``; see
-:func:`pipelines.common.build_delivery` for what it wires and guarantees.
+:func:`moesif_beam.pipelines.common.build_delivery` for what it wires and guarantees.
 """
 
 from __future__ import annotations
 
-from pipelines.common import builder
+from moesif_beam.pipelines.common import builder
 
 __all__ = ["build"]
 

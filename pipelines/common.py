@@ -13,16 +13,16 @@ from collections.abc import Callable, Mapping
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.config import PipelineConfig
-from transforms.deadletter import WriteDeadLetters
-from transforms.dedup import DedupByTransactionId
-from transforms.kafka_source import ReadKafka
-from transforms.moesif_sink import PostToMoesif, WriteBatchFiles
-from transforms.normalize import NormalizeRecords
-from transforms.offsets import CommitOffsets
-from transforms.schema import EnforceMetadataSchema, EnforceMetadataSchemaInStream
-from transforms.sources import FollowFiles, ReadLines
-from transforms.streaming import (
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.transforms.deadletter import WriteDeadLetters
+from moesif_beam.transforms.dedup import DedupByTransactionId
+from moesif_beam.transforms.kafka_source import ReadKafka
+from moesif_beam.transforms.moesif_sink import PostToMoesif, WriteBatchFiles
+from moesif_beam.transforms.normalize import NormalizeRecords
+from moesif_beam.transforms.offsets import CommitOffsets
+from moesif_beam.transforms.schema import EnforceMetadataSchema, EnforceMetadataSchemaInStream
+from moesif_beam.transforms.sources import FollowFiles, ReadLines
+from moesif_beam.transforms.streaming import (
     BatchAndDeliverInStream,
     DedupAndCheckInProcess,
     DedupInStream,

@@ -1,4 +1,4 @@
-"""The worker command of :mod:`runners.local_workers`: asks the fork server for a worker.
+"""The worker command of the local runner (``local_workers``): asks the fork server for a worker.
 
 Run by the FnApiRunner in place of ``python -m apache_beam.runners.worker.sdk_worker_main``,
 as ``python -I -S _worker_stub.py SOCKET``. It imports nothing but the standard library,

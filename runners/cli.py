@@ -23,19 +23,19 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
-from pipelines import actions, events
-from pipelines.config import DEFAULT_BASE_URL, PipelineConfig
-from runners.launch import EXIT_COLLECTOR, execute
-from runners.local_workers import LocalRunner
-from runners.loopback import loopback_grpc_servers
-from runners.prism import PrismServer, ensure_prism
-from runners.run_state import start_run
-from transforms.errors import CollectorConfigError
-from transforms.kafka_source import KafkaSourceConfig, resolve_partitions
-from transforms.moesif_sink import RetryPolicy, Secret, preflight
-from transforms.normalize import FORMATS
-from transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
-from transforms.sources import MAX_LINE_BYTES, RANGE_BYTES, match_inputs, splittable
+from moesif_beam.pipelines import actions, events
+from moesif_beam.pipelines.config import DEFAULT_BASE_URL, PipelineConfig
+from moesif_beam.runners.launch import EXIT_COLLECTOR, execute
+from moesif_beam.runners.local_workers import LocalRunner
+from moesif_beam.runners.loopback import loopback_grpc_servers
+from moesif_beam.runners.prism import PrismServer, ensure_prism
+from moesif_beam.runners.run_state import start_run
+from moesif_beam.transforms.errors import CollectorConfigError
+from moesif_beam.transforms.kafka_source import KafkaSourceConfig, resolve_partitions
+from moesif_beam.transforms.moesif_sink import RetryPolicy, Secret, preflight
+from moesif_beam.transforms.normalize import FORMATS
+from moesif_beam.transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
+from moesif_beam.transforms.sources import MAX_LINE_BYTES, RANGE_BYTES, match_inputs, splittable
 
 __all__ = ["main"]
 
@@ -509,11 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "schema":
         return _schema(rest)
     if command == "kafka-local":
-        from runners import kafka_local  # noqa: PLC0415 - only this command needs it
+        from moesif_beam.runners import kafka_local  # noqa: PLC0415 - only this command needs it
 
         return kafka_local.main(rest)
     if command == "collector":
-        from runners import collector  # noqa: PLC0415 - the emulator is not needed otherwise
+        from moesif_beam.runners import collector  # noqa: PLC0415 - the emulator is not needed otherwise
 
         return collector.main(rest)
     print(f"moesif-beam: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)

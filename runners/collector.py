@@ -63,7 +63,8 @@ Typical use in a test::
         post_batches(collector.url)
         assert collector.stats()["records"]["events"] == 10
 
-From the command line: ``python -m runners.collector --port 9500 --data_dir ./collector-data``.
+From the command line:
+``python -m moesif_beam.runners.collector --port 9500 --data_dir ./collector-data``.
 """
 
 from __future__ import annotations

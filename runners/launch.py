@@ -19,12 +19,12 @@ from apache_beam.io.filesystems import BeamIOError, FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.config import PipelineConfig
-from runners.run_state import OWNER_FILE
-from transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
-from transforms.drain import drain_timed_out, start_drain
-from transforms.errors import CollectorConfigError
-from transforms.schema import load_schema, save_schema
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners.run_state import OWNER_FILE
+from moesif_beam.transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
+from moesif_beam.transforms.drain import drain_timed_out, start_drain
+from moesif_beam.transforms.errors import CollectorConfigError
+from moesif_beam.transforms.schema import load_schema, save_schema
 
 __all__ = [
     "EXIT_COLLECTOR",

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipelines.config import PipelineConfig
+    from moesif_beam.pipelines.config import PipelineConfig
 
 __all__ = [
     "OWNER_FILE",

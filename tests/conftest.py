@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from runners.collector import CollectorConfig, RunningCollector, start_in_thread
+from moesif_beam.runners.collector import CollectorConfig, RunningCollector, start_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def prism_runner() -> str:
 
     Built from Beam's Go module on first use (minutes on a fresh machine, then cached).
     """
-    from runners.prism import ensure_prism
+    from moesif_beam.runners.prism import ensure_prism
 
     return ensure_prism()
 
@@ -68,7 +68,7 @@ def run_cli(
     if metrics is not None:
         args = [*args, "--metrics_out", str(metrics)]
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.cli", *args],
+        [sys.executable, "-m", "moesif_beam.runners.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

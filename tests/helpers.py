@@ -12,7 +12,7 @@ import fastavro
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from runners.launch import collect_counters
+from moesif_beam.runners.launch import collect_counters
 
 
 def make_pipeline() -> TestPipeline:

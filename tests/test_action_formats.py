@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from transforms.errors import InvalidRecord
-from transforms.formats import moesif_actions, segment, wso2
-from transforms.formats.moesif_actions import ACTIONS_NAMESPACE
-from transforms.formats.segment import SEGMENT_NAMESPACE
+from moesif_beam.transforms.errors import InvalidRecord
+from moesif_beam.transforms.formats import moesif_actions, segment, wso2
+from moesif_beam.transforms.formats.moesif_actions import ACTIONS_NAMESPACE
+from moesif_beam.transforms.formats.segment import SEGMENT_NAMESPACE
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

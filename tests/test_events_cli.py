@@ -242,7 +242,7 @@ def test_metrics_out_has_every_contract_key(tmp_path):
 
 
 def test_large_local_inputs_run_on_worker_processes(tmp_path, monkeypatch):
-    from runners import cli
+    from moesif_beam.runners import cli
 
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
     big = tmp_path / "big.jsonl"
@@ -266,8 +266,8 @@ def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
 ):
     """Large files are read as line-aligned ranges by several (forked) worker processes:
     every record is still sent once, and dead letters name their line in the whole file."""
+    from moesif_beam.transforms.sources import RANGE_BYTES
     from samples.generate_wso2 import generate
-    from transforms.sources import RANGE_BYTES
 
     collector = start_collector(application_id=APP_ID)
     lines = list(generate(15_000, seed=11))
@@ -308,7 +308,7 @@ def test_run_options_make_each_view_once_and_share_its_values():
         StandardOptions,
     )
 
-    from runners import cli
+    from moesif_beam.runners import cli
 
     options = cli._beam_options(["--direct_num_workers=2"], streaming=False)
     direct = options.view_as(DirectOptions)

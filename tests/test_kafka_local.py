@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from runners.kafka_local import (
+from moesif_beam.runners.kafka_local import (
     KAFKA_VERSION,
     KafkaConfig,
     LocalKafka,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # registered by conftest's pytest_plugins, after assertion re
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-CLIENT_LOG = logging.getLogger("runners.kafka_local.client")
+CLIENT_LOG = logging.getLogger("moesif_beam.runners.kafka_local.client")
 
 
 # ---- helpers
@@ -328,7 +328,7 @@ def _start_cli(data_dir: Path, port: int, stderr_path: Path) -> subprocess.Popen
     with stderr_path.open("w") as stderr:
         return subprocess.Popen(
             [
-                *(sys.executable, "-m", "runners.kafka_local"),
+                *(sys.executable, "-m", "moesif_beam.runners.kafka_local"),
                 *("--port", str(port), "--data_dir", str(data_dir), "--partitions", "2"),
             ],
             cwd=REPO,

@@ -153,7 +153,7 @@ class _Stream:
             [
                 sys.executable,
                 "-m",
-                "runners.cli",
+                "moesif_beam.runners.cli",
                 "events",
                 *args,
                 "--metrics_out",

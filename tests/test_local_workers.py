@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from runners import local_workers
-from runners.local_workers import ForkServer
+from moesif_beam.runners import local_workers
+from moesif_beam.runners.local_workers import ForkServer
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -28,14 +28,14 @@ _PIPELINE = """
 import json, os, sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-import runners.local_workers as local_workers
+import moesif_beam.runners.local_workers as local_workers
 
 local_workers._launcher_mark = os.getpid()
 
 
 def where(n):
     import os, sys
-    import runners.local_workers as lw
+    import moesif_beam.runners.local_workers as lw
     # One write per line: two processes share the pipe, and print() writes the line and
     # its newline separately.
     sys.stdout.write(f"worker-line {n}\\n")
@@ -46,7 +46,7 @@ print("launcher-line")  # still in this process's buffer when the workers are fo
 
 
 options = PipelineOptions(
-    ["--runner=runners.local_workers.LocalRunner", "--direct_num_workers=2",
+    ["--runner=moesif_beam.runners.local_workers.LocalRunner", "--direct_num_workers=2",
      "--direct_running_mode=multi_processing"]
 )
 with beam.Pipeline(options=options) as p:
@@ -120,7 +120,7 @@ def test_without_a_fork_server_workers_are_started_as_beam_starts_them(tmp_path)
 
 _FAILING_WORKER = """
 import subprocess, sys
-from runners.local_workers import ForkServer
+from moesif_beam.runners.local_workers import ForkServer
 
 server = ForkServer()
 server.start()
@@ -158,8 +158,8 @@ def test_forking_is_refused_while_other_threads_run(monkeypatch):
 
 def test_the_command_line_launcher_can_fork_once_it_has_imported_everything():
     proc = _python(
-        "import runners.cli\n"
-        "from runners.local_workers import ForkServer\n"
+        "import moesif_beam.runners.cli\n"
+        "from moesif_beam.runners.local_workers import ForkServer\n"
         "print(ForkServer.can_fork())"
     )
     assert proc.returncode == 0, proc.stderr
@@ -185,7 +185,7 @@ _RUNS_IN_TURN = """
 import os, sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-from runners.local_workers import LocalRunner
+from moesif_beam.runners.local_workers import LocalRunner
 
 runner = LocalRunner()
 for mode in ("multi_processing", "in_memory", "multi_processing"):

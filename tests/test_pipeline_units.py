@@ -11,8 +11,17 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import events
-from pipelines.config import PipelineConfig
+from moesif_beam.pipelines import events
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.transforms.dedup import (
+    DedupByTransactionId,
+    pack_record,
+    pick_first,
+    unpack_records,
+)
+from moesif_beam.transforms.moesif_sink import WriteBatchFiles
+from moesif_beam.transforms.normalize import NormalizeRecords
+from moesif_beam.transforms.sources import ReadLines, iter_lines, iter_range, plan_ranges
 from tests.fixtures import (
     FAULT_EVENT_AS_PRINTED,
     FAULT_EVENT_LINE,
@@ -27,10 +36,6 @@ from tests.helpers import (
     read_dead_letters,
     run,
 )
-from transforms.dedup import DedupByTransactionId, pack_record, pick_first, unpack_records
-from transforms.moesif_sink import WriteBatchFiles
-from transforms.normalize import NormalizeRecords
-from transforms.sources import ReadLines, iter_lines, iter_range, plan_ranges
 
 
 def test_normalize_routes_every_line_to_records_or_dead_letters():
@@ -303,8 +308,8 @@ def test_stream_flattens_take_inputs_of_one_coder(tmp_path, source, single_proce
     re-encoding every element that passes: on the record path that cost a whole hop."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.common import build_delivery
-    from transforms.kafka_source import OPEN_END, KafkaPartition, KafkaSourceConfig
+    from moesif_beam.pipelines.common import build_delivery
+    from moesif_beam.transforms.kafka_source import OPEN_END, KafkaPartition, KafkaSourceConfig
 
     kafka = KafkaSourceConfig("localhost:9092", "t", "g") if source == "kafka" else None
     config = PipelineConfig(

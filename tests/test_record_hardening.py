@@ -18,12 +18,17 @@ from apache_beam import pvalue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transforms.dedup import DedupByTransactionId
-from transforms.errors import InvalidRecord
-from transforms.metadata import MAX_DEPTH, sanitize_keys
-from transforms.moesif_sink import encode_batch
-from transforms.normalize import FORMATS, MAX_EVENT_BYTES, NormalizeRecords, _NormalizeFn
-from transforms.schema import signature
+from moesif_beam.transforms.dedup import DedupByTransactionId
+from moesif_beam.transforms.errors import InvalidRecord
+from moesif_beam.transforms.metadata import MAX_DEPTH, sanitize_keys
+from moesif_beam.transforms.moesif_sink import encode_batch
+from moesif_beam.transforms.normalize import (
+    FORMATS,
+    MAX_EVENT_BYTES,
+    NormalizeRecords,
+    _NormalizeFn,
+)
+from moesif_beam.transforms.schema import signature
 
 REPO = Path(__file__).resolve().parent.parent
 WSO2_LINE = (REPO / "samples" / "wso2_sample.jsonl").read_bytes().splitlines()[0]
@@ -165,7 +170,7 @@ def test_non_finite_values_never_reach_a_batch():
 def test_an_unforeseen_exception_is_an_internal_error_dead_letter(monkeypatch):
     # A mapping bug for one record: that record is dead-lettered, its neighbours in the
     # same line go on.
-    from transforms.formats import moesif_actions
+    from moesif_beam.transforms.formats import moesif_actions
 
     original = moesif_actions.to_moesif_action
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transforms.moesif_sink import (
+from moesif_beam.transforms.moesif_sink import (
     Action,
     RetryPolicy,
     batch_url,

@@ -23,15 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import PipelineConfig
-from runners import launch
-from runners.loopback import loopback_address, loopback_grpc_servers
-from runners.prism import loopback_only
-from runners.run_state import OWNER_FILE, Owner, remove_abandoned
-from tests.conftest import REPO
-from tests.fixtures import wso2_line
-from transforms import drain
-from transforms.drain import (
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners import launch
+from moesif_beam.runners.loopback import loopback_address, loopback_grpc_servers
+from moesif_beam.runners.prism import loopback_only
+from moesif_beam.runners.run_state import OWNER_FILE, Owner, remove_abandoned
+from moesif_beam.transforms import drain
+from moesif_beam.transforms.drain import (
     DRAIN,
     DrainTimedOut,
     check_drain_deadline,
@@ -39,7 +37,9 @@ from transforms.drain import (
     drain_timed_out,
     start_drain,
 )
-from transforms.moesif_sink import RetryPolicy, Secret, _HttpWriter
+from moesif_beam.transforms.moesif_sink import RetryPolicy, Secret, _HttpWriter
+from tests.conftest import REPO
+from tests.fixtures import wso2_line
 
 APP_ID = "hardening-app-id"
 TIMEOUT_LINE = "drain timed out after"
@@ -392,7 +392,7 @@ def _cli(args: list[str], tmpdir: Path, **popen: object) -> subprocess.Popen:
     env["TMPDIR"] = str(tmpdir)
     env.update(popen.pop("env", {}))  # type: ignore[arg-type]
     return subprocess.Popen(
-        [sys.executable, "-m", "runners.cli", *args],
+        [sys.executable, "-m", "moesif_beam.runners.cli", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -9,10 +9,9 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from tests.helpers import make_pipeline, run
-from transforms.dedup import DedupByTransactionId
-from transforms.normalize import NormalizeRecords
-from transforms.schema import (
+from moesif_beam.transforms.dedup import DedupByTransactionId
+from moesif_beam.transforms.normalize import NormalizeRecords
+from moesif_beam.transforms.schema import (
     SCOPES,
     EnforceMetadataSchema,
     SignatureMemo,
@@ -26,6 +25,7 @@ from transforms.schema import (
     type_name,
     types_of,
 )
+from tests.helpers import make_pipeline, run
 
 # Moesif's documented example: some_string is first seen as a string at the top level...
 FIRST = {"some_string": "I am a string", "some_int": 77, "some_object": {"some_sub_field": "v"}}

@@ -11,9 +11,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.normalize import NormalizeRecords
-from transforms.schema import EnforceMetadataSchemaInStream, InProcessSchema
-from transforms.streaming import DedupAndCheckInProcess
+from moesif_beam.transforms.normalize import NormalizeRecords
+from moesif_beam.transforms.schema import EnforceMetadataSchemaInStream, InProcessSchema
+from moesif_beam.transforms.streaming import DedupAndCheckInProcess
 
 
 def _line(tid: str, day: int, metadata: dict | None) -> tuple[bytes, str]:
@@ -126,7 +126,7 @@ def test_the_persisted_schema_wins_in_streams_too(shape):
 def test_in_process_schema_decides_each_key_once_across_threads():
     import threading
 
-    from transforms.schema import signature, signature_id
+    from moesif_beam.transforms.schema import signature, signature_id
 
     schema = InProcessSchema({"plan": "string"})
     shapes = [{"k": 1, "plan": "pro"}, {"k": "one"}, {"k": True, "n": {"m": 1}}]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from transforms.errors import json_type
-from transforms.metadata import sanitize_keys
-from transforms.timefmt import format_time_ms, parse_time_ms
+from moesif_beam.transforms.errors import json_type
+from moesif_beam.transforms.metadata import sanitize_keys
+from moesif_beam.transforms.timefmt import format_time_ms, parse_time_ms
 
 
 @pytest.mark.parametrize(

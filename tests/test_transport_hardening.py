@@ -20,13 +20,10 @@ from typing import Any
 import pytest
 import requests
 
-from pipelines.config import PipelineConfig
-from runners.launch import _report_failure
-from tests.conftest import run_cli
-from tests.fixtures import wso2_line
-from tests.helpers import assert_nothing_lost, read_dead_letters
-from transforms.errors import CollectorConfigError
-from transforms.moesif_sink import (
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners.launch import _report_failure
+from moesif_beam.transforms.errors import CollectorConfigError
+from moesif_beam.transforms.moesif_sink import (
     PostToMoesif,
     RetryPolicy,
     Secret,
@@ -36,6 +33,9 @@ from transforms.moesif_sink import (
     redirect_host,
     tls_failure,
 )
+from tests.conftest import run_cli
+from tests.fixtures import wso2_line
+from tests.helpers import assert_nothing_lost, read_dead_letters
 
 APP_ID = "hardening-app-9c41e7"  # recognisable: it must never show up in any output
 

@@ -7,15 +7,15 @@ import json
 
 import pytest
 
+from moesif_beam.transforms.errors import InvalidRecord
+from moesif_beam.transforms.formats.wso2 import extract_json, to_moesif_event
+from moesif_beam.transforms.normalize import parse_json
 from tests.fixtures import (
     FAULT_EVENT,
     FAULT_EVENT_AS_PRINTED,
     RESPONSE_EVENT,
     RESPONSE_EVENT_AS_PRINTED,
 )
-from transforms.errors import InvalidRecord
-from transforms.formats.wso2 import extract_json, to_moesif_event
-from transforms.normalize import parse_json
 
 
 def test_response_event_maps_like_wso2_publisher_and_better():

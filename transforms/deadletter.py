@@ -12,8 +12,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.avroio import WriteToAvro
 
-from schemas import schema_json
-from transforms.counters import counter
+from moesif_beam.schemas import schema_json
+from moesif_beam.transforms.counters import counter
 
 __all__ = [
     "ACK_FIELD",

@@ -31,9 +31,9 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from transforms.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
-from transforms.timefmt import parse_time_ms
-from transforms.worker_memory import worker_memory
+from moesif_beam.transforms.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
+from moesif_beam.transforms.timefmt import parse_time_ms
+from moesif_beam.transforms.worker_memory import worker_memory
 
 __all__ = [
     "DRAIN",

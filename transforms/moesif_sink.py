@@ -38,11 +38,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.counters import counter
-from transforms.deadletter import ACK_FIELD, dead_letter
-from transforms.drain import check_drain_deadline, drain_sleep
-from transforms.errors import CollectorConfigError
-from transforms.offsets import compact_acks
+from moesif_beam import __version__
+from moesif_beam.transforms.counters import counter
+from moesif_beam.transforms.deadletter import ACK_FIELD, dead_letter
+from moesif_beam.transforms.drain import check_drain_deadline, drain_sleep
+from moesif_beam.transforms.errors import CollectorConfigError
+from moesif_beam.transforms.offsets import compact_acks
 
 __all__ = [
     "ACKS",
@@ -73,7 +74,7 @@ _LOG = logging.getLogger(__name__)
 # Moesif's request limits per batch endpoint, whether or not the body is compressed.
 BATCH_BYTE_LIMITS = {"events": 50_000_000, "actions": 15_000_000}
 
-_USER_AGENT = "moesif-beam/0.1.0"
+_USER_AGENT = f"moesif-beam/{__version__}"
 
 # Tag of the output carrying delivered records' Kafka acknowledgement tokens.
 ACKS = "acks"

@@ -43,11 +43,11 @@ from apache_beam.coders import PickleCoder, StrUtf8Coder
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from transforms.counters import counter
-from transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
-from transforms.errors import json_type
-from transforms.metadata import sanitize_keys
-from transforms.worker_memory import worker_memory
+from moesif_beam.transforms.counters import counter
+from moesif_beam.transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
+from moesif_beam.transforms.errors import json_type
+from moesif_beam.transforms.metadata import sanitize_keys
+from moesif_beam.transforms.worker_memory import worker_memory
 
 __all__ = [
     "NO_TIME",
@@ -418,7 +418,8 @@ class EnforceMetadataSchema(beam.PTransform):
 
     Takes ``(records, signatures)``: records are ``(transaction_id, (time_ms, record_json,
     raw, source, signature_id))`` and signatures ``(signature_id, (time_ms, transaction_id,
-    signature))`` as :class:`~transforms.normalize.NormalizeRecords` emits them. Returns the
+    signature))`` as :class:`~moesif_beam.transforms.normalize.NormalizeRecords` emits them.
+    Returns the
     records that agree, ``type_conflict`` dead letters (counted in ``type_conflicts``), and
     the ``(key, type)`` pairs this run adds to the persisted schema.
     """

@@ -1,10 +1,11 @@
 """The stages of an unbounded run: TTL dedup, delay-bounded batches, streaming dead letters.
 
-Bounded runs use :mod:`transforms.dedup`; a stream remembers ids for a TTL instead, in
+Bounded runs use :mod:`moesif_beam.transforms.dedup`; a stream remembers ids for a TTL instead, in
 keyed shards (:class:`DedupInStream`) or, when all workers are one process, together with
 the metadata type rule in that process's memory (:class:`DedupAndCheckInProcess`).
-Both use the same bundle-based batching and delivery (:mod:`transforms.moesif_sink`).
-Every record's fate is reported as an acknowledgement token (see :mod:`transforms.offsets`)
+Both use the same bundle-based batching and delivery
+(:mod:`moesif_beam.transforms.moesif_sink`). Every record's fate is reported as an
+acknowledgement token (see :mod:`moesif_beam.transforms.offsets`)
 once it is final: a duplicate when it is dropped, a sent record after the collector's 2xx,
 a dead letter after its file is closed.
 """
@@ -30,12 +31,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas import load_schema
-from transforms.counters import counter
-from transforms.deadletter import ACK_FIELD, DEAD_LETTER
-from transforms.moesif_sink import ACKS, PostToMoesif, WriteBatchFiles
-from transforms.schema import InProcessSchema, conflict_letter, save_schema
-from transforms.worker_memory import worker_memory
+from moesif_beam.schemas import load_schema
+from moesif_beam.transforms.counters import counter
+from moesif_beam.transforms.deadletter import ACK_FIELD, DEAD_LETTER
+from moesif_beam.transforms.moesif_sink import ACKS, PostToMoesif, WriteBatchFiles
+from moesif_beam.transforms.schema import InProcessSchema, conflict_letter, save_schema
+from moesif_beam.transforms.worker_memory import worker_memory
 
 __all__ = [
     "ACKS",
@@ -301,9 +302,10 @@ class DedupAndCheckInProcess(beam.PTransform):
     seen within ``ttl_seconds`` of event time is a duplicate (counted and acknowledged),
     the first type to arrive for a metadata key wins (or the stored one), a record that
     contradicts it is a ``type_conflict`` dead letter, and each newly decided key is
-    output once. Input: records from :class:`~transforms.normalize.NormalizeRecords` with
-    ``inline_signatures``. On runners with several worker processes use
-    :class:`DedupInStream` and :class:`~transforms.schema.EnforceMetadataSchemaInStream`.
+    output once. Input: records from
+    :class:`~moesif_beam.transforms.normalize.NormalizeRecords` with ``inline_signatures``.
+    On runners with several worker processes use :class:`DedupInStream` and
+    :class:`~moesif_beam.transforms.schema.EnforceMetadataSchemaInStream`.
     """
 
     def __init__(self, ttl_seconds: float, stored: Mapping[str, str], pipeline: str) -> None:

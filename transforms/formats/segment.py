@@ -25,7 +25,7 @@ Guarantees of the mapping:
 * A batch body's top-level ``context`` applies to every call in it, as in Segment's batch
   API; a call's own context keys win.
 
-The output has exactly the shape of :mod:`transforms.formats.moesif_actions`. Everything
+The output has exactly the shape of :mod:`moesif_beam.transforms.formats.moesif_actions`. Everything
 here is a pure function of one parsed call; no Beam, no I/O.
 """
 
@@ -34,8 +34,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from transforms.errors import InvalidRecord, json_type
-from transforms.formats.moesif_actions import (
+from moesif_beam.transforms.errors import InvalidRecord, json_type
+from moesif_beam.transforms.formats.moesif_actions import (
     assemble_action,
     content_id,
     optional_id,
@@ -43,7 +43,7 @@ from transforms.formats.moesif_actions import (
     parse_time,
     required_string,
 )
-from transforms.timefmt import format_time_ms
+from moesif_beam.transforms.timefmt import format_time_ms
 
 __all__ = ["SEGMENT_NAMESPACE", "split", "to_moesif_action"]
 

@@ -1,0 +1,126 @@
+"""The distribution: one namespace, the schemas inside it, and what --setup_file ships.
+
+Built from this checkout with pip and setuptools, installed into a folder of its own and
+imported from outside the repository, as a user's ``pip install .`` would be.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+FOLDERS = ("pipelines", "transforms", "schemas", "runners")
+
+
+def _modules(root: Path) -> set[str]:
+    """Every .py and .avsc file of the project's folders, relative to the repository."""
+    return {
+        str(path.relative_to(root))
+        for folder in FOLDERS
+        for path in (root / folder).rglob("*")
+        if path.suffix in (".py", ".avsc") and "__pycache__" not in path.parts
+    }
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (built,) = out.glob("moesif_beam-*.whl")
+    return built
+
+
+def test_the_wheel_installs_one_namespace_with_its_schemas_and_types(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/", 1)[0] for name in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"moesif_beam"}
+    installed = {name.removeprefix("moesif_beam/") for name in names}
+    assert _modules(REPO) <= installed
+    assert "moesif_beam/py.typed" in names
+    assert "moesif_beam/schemas/dead_letter.avsc" in names
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "Requires-Python: >=3.11" in text
+    from moesif_beam import __version__
+
+    assert f"Version: {__version__}\n" in text
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "moesif-beam = moesif_beam.runners.cli:main" in (
+        zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
+
+
+def test_installed_it_imports_as_moesif_beam_only(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    probe = (
+        "import importlib.util, sys\n"
+        "sys.path = [p for p in sys.path if 'moesif_beam' not in p and p not in ('', '.')]\n"
+        f"sys.path.insert(0, {str(target)!r})\n"
+        "for name in ('transforms', 'pipelines', 'runners', 'schemas'):\n"
+        "    assert importlib.util.find_spec(name) is None, name\n"
+        "import moesif_beam\n"
+        "from moesif_beam.schemas import schema_json\n"
+        "from moesif_beam.runners import cli\n"
+        f"assert moesif_beam.__file__.startswith({str(target)!r}), moesif_beam.__file__\n"
+        f"assert cli.__file__.startswith({str(target)!r}), cli.__file__\n"
+        "assert schema_json('dead_letter')['name'] == 'DeadLetter'\n"
+        "print('ok')\n"
+    )
+    # -I: no user site, no cwd, no PYTHONPATH; the venv's own packages (Beam...) stay, but
+    # the editable install of this checkout is dropped above.
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_setup_file_sdist_ships_every_module_and_schema(tmp_path):
+    # Beam's --setup_file runs `python setup.py sdist` and installs the result on workers.
+    subprocess.run(
+        [sys.executable, "setup.py", "sdist", "--dist-dir", str(tmp_path)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (sdist,) = tmp_path.glob("moesif[-_]beam-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert _modules(REPO) <= names
+    assert "moesif_beam/__init__.py" in names
