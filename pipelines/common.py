@@ -14,21 +14,21 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
-from moesif_beam.transforms.deadletter import WriteDeadLetters
-from moesif_beam.transforms.dedup import DedupByTransactionId
-from moesif_beam.transforms.kafka_source import ReadKafka
-from moesif_beam.transforms.moesif_sink import PostToMoesif, WriteBatchFiles
-from moesif_beam.transforms.normalize import NormalizeRecords
-from moesif_beam.transforms.offsets import CommitOffsets
-from moesif_beam.transforms.schema import EnforceMetadataSchema, EnforceMetadataSchemaInStream
-from moesif_beam.transforms.sources import FollowFiles, ReadLines
-from moesif_beam.transforms.streaming import (
-    BatchAndDeliverInStream,
-    DedupAndCheckInProcess,
-    DedupInStream,
+from moesif_beam.transforms.deadletters.letters import WriteDeadLetters
+from moesif_beam.transforms.deadletters.streaming import WriteDeadLettersInStream
+from moesif_beam.transforms.dedup.bounded import DedupByTransactionId
+from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess, DedupInStream
+from moesif_beam.transforms.delivery import PostToMoesif, WriteBatchFiles
+from moesif_beam.transforms.delivery.streaming import BatchAndDeliverInStream
+from moesif_beam.transforms.formats.normalize import NormalizeRecords
+from moesif_beam.transforms.schema import (
+    EnforceMetadataSchema,
+    EnforceMetadataSchemaInStream,
     PersistSchemaInStream,
-    WriteDeadLettersInStream,
 )
+from moesif_beam.transforms.sources.files import FollowFiles, ReadLines
+from moesif_beam.transforms.sources.kafka import ReadKafka
+from moesif_beam.transforms.sources.offsets import CommitOffsets
 
 __all__ = ["build_delivery", "builder"]
 

@@ -10,8 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from moesif_beam.transforms.kafka_source import KafkaPartition, KafkaSourceConfig
-from moesif_beam.transforms.moesif_sink import (
+from moesif_beam.transforms.delivery import (
     BATCH_BYTE_LIMITS,
     MAX_IN_FLIGHT,
     MIN_SECRET_LENGTH,
@@ -19,9 +18,10 @@ from moesif_beam.transforms.moesif_sink import (
     Secret,
     check_ca_bundle,
 )
-from moesif_beam.transforms.normalize import FORMATS
+from moesif_beam.transforms.formats.normalize import FORMATS
 from moesif_beam.transforms.schema import SCOPES
-from moesif_beam.transforms.sources import MAX_LINE_BYTES
+from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
+from moesif_beam.transforms.sources.kafka import KafkaPartition, KafkaSourceConfig
 
 __all__ = ["DEFAULT_BASE_URL", "PipelineConfig", "new_run_id"]
 

@@ -36,9 +36,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from moesif_beam.transforms.errors import InvalidRecord, json_type
-from moesif_beam.transforms.metadata import sanitize_keys
-from moesif_beam.transforms.timefmt import format_time_ms, parse_time_ms
+from moesif_beam.transforms.common.errors import InvalidRecord, json_type
+from moesif_beam.transforms.common.timefmt import format_time_ms, parse_time_ms
+from moesif_beam.transforms.schema.keys import sanitize_keys
 
 __all__ = [
     "ACTIONS_NAMESPACE",

@@ -34,7 +34,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from moesif_beam.transforms.errors import InvalidRecord, json_type
+from moesif_beam.transforms.common.errors import InvalidRecord, json_type
+from moesif_beam.transforms.common.timefmt import format_time_ms
 from moesif_beam.transforms.formats.moesif_actions import (
     assemble_action,
     content_id,
@@ -43,7 +44,6 @@ from moesif_beam.transforms.formats.moesif_actions import (
     parse_time,
     required_string,
 )
-from moesif_beam.transforms.timefmt import format_time_ms
 
 __all__ = ["SEGMENT_NAMESPACE", "split", "to_moesif_action"]
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from moesif_beam.transforms.errors import InvalidRecord, json_type
-from moesif_beam.transforms.metadata import sanitize_keys
-from moesif_beam.transforms.timefmt import check_time_ms, format_time_ms, parse_time_ms
+from moesif_beam.transforms.common.errors import InvalidRecord, json_type
+from moesif_beam.transforms.common.timefmt import check_time_ms, format_time_ms, parse_time_ms
+from moesif_beam.transforms.schema.keys import sanitize_keys
 
 __all__ = ["PLACEHOLDERS", "WSO2_NAMESPACE", "extract_json", "to_moesif_event"]
 

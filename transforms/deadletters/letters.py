@@ -13,7 +13,7 @@ import apache_beam as beam
 from apache_beam.io.avroio import WriteToAvro
 
 from moesif_beam.schemas import schema_json
-from moesif_beam.transforms.counters import counter
+from moesif_beam.transforms.common.counters import counter
 
 __all__ = [
     "ACK_FIELD",

@@ -3,7 +3,7 @@
 The hot path parses each line once, maps each record once and serializes it once; from
 here on the record travels as bytes (through the dedup shuffle and into the batch body)
 and is never parsed again. Its metadata is reduced to a type signature on the way, for
-:mod:`moesif_beam.transforms.schema`.
+:mod:`moesif_beam.transforms.schema.rule`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from apache_beam import pvalue
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from moesif_beam.transforms.counters import counter
-from moesif_beam.transforms.deadletter import ACK_FIELD, DEAD_LETTER, dead_letter
-from moesif_beam.transforms.errors import InvalidRecord
+from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.errors import InvalidRecord
+from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
 from moesif_beam.transforms.formats import moesif_actions, segment, wso2
-from moesif_beam.transforms.schema import NO_TIME, SCOPES, Signature, SignatureMemo
-from moesif_beam.transforms.sources import MAX_LINE_BYTES
+from moesif_beam.transforms.schema.rule import NO_TIME, SCOPES, Signature, SignatureMemo
+from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
 
 __all__ = [
     "FORMATS",
@@ -351,9 +351,9 @@ class NormalizeRecords(beam.PTransform):
     Nothing raised for one record escapes this stage, and nothing is dropped silently.
     A record from a line holding an array carries that element's own bytes (as orjson
     writes them), not the whole line. A third output carries the metadata
-    signatures :class:`~moesif_beam.transforms.schema.EnforceMetadataSchema` decides on; with
+    signatures :class:`~moesif_beam.transforms.schema.rule.EnforceMetadataSchema` decides on; with
     ``inline_signatures`` each record carries ``(signature_id, signature)`` in their place
-    instead, for a check in the same stage (see :class:`~moesif_beam.transforms.streaming.
+    instead, for a check in the same stage (see :class:`~moesif_beam.transforms.dedup.streaming.
     DedupAndCheckInProcess`).
     """
 

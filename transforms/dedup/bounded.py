@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from moesif_beam.transforms.counters import counter
+from moesif_beam.transforms.common.counters import counter
 
 __all__ = ["DedupByTransactionId", "pack_record", "pick_first", "unpack_records"]
 

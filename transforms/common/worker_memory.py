@@ -2,7 +2,7 @@
 
 Runners create several instances of one DoFn in a worker process (one per concurrent
 bundle). Stages that keep working state in memory instead of Beam state (see
-:mod:`moesif_beam.transforms.streaming` and :mod:`moesif_beam.transforms.schema` for why)
+:mod:`moesif_beam.transforms.dedup.streaming` and :mod:`moesif_beam.transforms.schema.rule` for why)
 look it up here by a
 name fixed when the pipeline is built, so all of a stage's instances in a process share
 one object. Keyed routing brings a key's elements to one worker.

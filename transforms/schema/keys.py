@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moesif_beam.transforms.errors import InvalidRecord
+from moesif_beam.transforms.common.errors import InvalidRecord
 
 __all__ = ["MAX_DEPTH", "sanitize_keys"]
 

@@ -31,9 +31,9 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from moesif_beam.transforms.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
-from moesif_beam.transforms.timefmt import parse_time_ms
-from moesif_beam.transforms.worker_memory import worker_memory
+from moesif_beam.transforms.common.timefmt import parse_time_ms
+from moesif_beam.transforms.common.worker_memory import worker_memory
+from moesif_beam.transforms.sources.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
 
 __all__ = [
     "DRAIN",

@@ -1,13 +1,10 @@
-"""The stages of an unbounded run: TTL dedup, delay-bounded batches, streaming dead letters.
+"""Dedup in an unbounded run: transaction ids remembered for a TTL of event time.
 
-Bounded runs use :mod:`moesif_beam.transforms.dedup`; a stream remembers ids for a TTL instead, in
-keyed shards (:class:`DedupInStream`) or, when all workers are one process, together with
-the metadata type rule in that process's memory (:class:`DedupAndCheckInProcess`).
-Both use the same bundle-based batching and delivery
-(:mod:`moesif_beam.transforms.moesif_sink`). Every record's fate is reported as an
-acknowledgement token (see :mod:`moesif_beam.transforms.offsets`)
-once it is final: a duplicate when it is dropped, a sent record after the collector's 2xx,
-a dead letter after its file is closed.
+Bounded runs use :mod:`moesif_beam.transforms.dedup.bounded`; a stream remembers ids for a
+TTL instead, in keyed shards (:class:`DedupInStream`) or, when all workers are one
+process, together with the metadata type rule in that process's memory
+(:class:`DedupAndCheckInProcess`). A dropped duplicate's acknowledgement token is output
+at once (see :mod:`moesif_beam.transforms.sources.offsets`): its fate is final.
 """
 
 from __future__ import annotations
@@ -19,9 +16,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-import fastavro
 from apache_beam import pvalue
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
     TimerSpec,
@@ -29,24 +24,18 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
-from apache_beam.utils.windowed_value import WindowedValue
 
-from moesif_beam.schemas import load_schema
-from moesif_beam.transforms.counters import counter
-from moesif_beam.transforms.deadletter import ACK_FIELD, DEAD_LETTER
-from moesif_beam.transforms.moesif_sink import ACKS, PostToMoesif, WriteBatchFiles
-from moesif_beam.transforms.schema import InProcessSchema, conflict_letter, save_schema
-from moesif_beam.transforms.worker_memory import worker_memory
+from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.worker_memory import worker_memory
+from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
+from moesif_beam.transforms.delivery.sinks import ACKS
+from moesif_beam.transforms.schema.bounded import InProcessSchema, conflict_letter
 
 __all__ = [
-    "ACKS",
-    "BatchAndDeliverInStream",
+    "CheckedInProcess",
     "DedupAndCheckInProcess",
     "DedupInStream",
     "Deduplicated",
-    "Delivered",
-    "PersistSchemaInStream",
-    "WriteDeadLettersInStream",
 ]
 
 
@@ -303,9 +292,9 @@ class DedupAndCheckInProcess(beam.PTransform):
     the first type to arrive for a metadata key wins (or the stored one), a record that
     contradicts it is a ``type_conflict`` dead letter, and each newly decided key is
     output once. Input: records from
-    :class:`~moesif_beam.transforms.normalize.NormalizeRecords` with ``inline_signatures``.
+    :class:`~moesif_beam.transforms.formats.normalize.NormalizeRecords` with ``inline_signatures``.
     On runners with several worker processes use :class:`DedupInStream` and
-    :class:`~moesif_beam.transforms.schema.EnforceMetadataSchemaInStream`.
+    :class:`~moesif_beam.transforms.schema.rule.EnforceMetadataSchemaInStream`.
     """
 
     def __init__(self, ttl_seconds: float, stored: Mapping[str, str], pipeline: str) -> None:
@@ -321,115 +310,3 @@ class DedupAndCheckInProcess(beam.PTransform):
             DEAD_LETTER, ACKS, NEW_FIELDS, main="records"
         )
         return CheckedInProcess(out.records, out[DEAD_LETTER], out[ACKS], out[NEW_FIELDS])
-
-
-class Delivered(NamedTuple):
-    """Outputs of :class:`BatchAndDeliverInStream`."""
-
-    dead_letters: beam.PCollection
-    acks: beam.PCollection  # tokens of the records the collector accepted
-
-
-class BatchAndDeliverInStream(beam.PTransform):
-    """Batch a stream by count, bytes and delay, and deliver each batch with ``sink``'s writer.
-
-    ``sink`` is a configured :class:`PostToMoesif` or :class:`WriteBatchFiles`; its
-    guarantees per batch (retries, split, bisect, dead letters) hold unchanged. A batch is
-    delivered when full, when its oldest record has waited ``max_delay`` seconds, and at
-    every bundle end; nothing waits on a timer (a stream's bundles last about a second).
-    Delivered records are acknowledged.
-    """
-
-    def __init__(self, sink: PostToMoesif | WriteBatchFiles, max_delay: float) -> None:
-        super().__init__()
-        if max_delay <= 0:
-            msg = f"batch_max_delay must be positive, got {max_delay}"
-            raise ValueError(msg)
-        self._sink = sink
-        self._max_delay = max_delay
-
-    def expand(self, records: beam.PCollection) -> Delivered:
-        out = records | "Batch" >> self._sink.in_stream(self._max_delay)
-        return Delivered(out.dead_letters, out[ACKS])
-
-
-class _WriteDeadLettersFn(beam.DoFn):
-    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
-        self._directory = directory.rstrip("/")
-        self._prefix = f"{pipeline}-{run_id}"
-        self._dead_letters = counter("dead_letters")
-
-    def setup(self) -> None:
-        self._schema = load_schema("dead_letter")
-        if "://" not in self._directory and not FileSystems.exists(self._directory):
-            FileSystems.mkdirs(self._directory)
-
-    def start_bundle(self) -> None:
-        self._letters: list[dict[str, Any]] = []
-
-    def process(self, letter: dict[str, Any]) -> None:
-        self._letters.append(letter)
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        if not self._letters:
-            return
-        letters, self._letters = self._letters, []
-        path = f"{self._directory}/{self._prefix}-{uuid.uuid4().hex[:12]}.avro"
-        with FileSystems.create(path, mime_type="application/avro") as handle:
-            fastavro.writer(handle, self._schema, letters, codec="deflate")
-        # Only now, with the file closed, are these records done.
-        self._dead_letters.inc(len(letters))
-        window = GlobalWindow()
-        for letter in letters:
-            if letter.get(ACK_FIELD) is not None:
-                yield WindowedValue(letter[ACK_FIELD], window.max_timestamp(), (window,))
-
-
-class WriteDeadLettersInStream(beam.PTransform):
-    """Write a stream's dead letters as one Avro file per bundle; output their acks.
-
-    Files are ``<directory>/<pipeline>-<run_id>-<random>.avro``, the schema of
-    ``schemas/dead_letter.avsc``. Each record is counted in ``dead_letters`` and
-    acknowledged only after its file is closed.
-    """
-
-    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
-        super().__init__()
-        self._fn = _WriteDeadLettersFn(directory, pipeline, run_id)
-
-    def expand(self, pcolls: Any) -> beam.PCollection:
-        if isinstance(pcolls, tuple | list):
-            pcolls = tuple(pcolls) | "Flatten" >> beam.Flatten()
-        return pcolls | "WriteAvro" >> beam.ParDo(self._fn)
-
-
-class _PersistSchemaFn(beam.DoFn):
-    def __init__(self, path: str, scope: str) -> None:
-        self._path = path
-        self._scope = scope
-
-    def start_bundle(self) -> None:
-        self._new: list[tuple[str, str]] = []
-
-    def process(self, key_type: tuple[str, str]) -> None:
-        self._new.append(key_type)
-
-    def finish_bundle(self) -> None:
-        if self._new:
-            save_schema(self._path, self._scope, self._new)
-            self._new = []
-
-
-class PersistSchemaInStream(beam.PTransform):
-    """Merge newly decided metadata keys into the schema store as they are decided.
-
-    Each bundle with new keys re-reads the store and adds them (first wins), so the store
-    is never more than a bundle behind the pipeline's decisions.
-    """
-
-    def __init__(self, path: str, scope: str) -> None:
-        super().__init__()
-        self._fn = _PersistSchemaFn(path, scope)
-
-    def expand(self, new_fields: beam.PCollection) -> beam.PCollection:
-        return new_fields | "Persist" >> beam.ParDo(self._fn)

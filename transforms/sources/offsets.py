@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from moesif_beam.transforms.kafka_source import (
+from moesif_beam.transforms.sources.kafka import (
     ConsumerFn,
     KafkaPartition,
     KafkaSourceConfig,

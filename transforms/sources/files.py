@@ -23,9 +23,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import BeamIOError, FileSystems
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from moesif_beam.transforms.counters import counter
-from moesif_beam.transforms.deadletter import DEAD_LETTER, dead_letter
-from moesif_beam.transforms.drain import Ticks
+from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.deadletters.letters import DEAD_LETTER, dead_letter
+from moesif_beam.transforms.sources.drain import Ticks
 
 __all__ = [
     "MAX_LINE_BYTES",

@@ -1,0 +1,69 @@
+"""Dead letters in a stream: one Avro file per bundle, acknowledged once written."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import fastavro
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from moesif_beam.schemas import load_schema
+from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.deadletters.letters import ACK_FIELD
+
+__all__ = ["WriteDeadLettersInStream"]
+
+
+class _WriteDeadLettersFn(beam.DoFn):
+    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
+        self._directory = directory.rstrip("/")
+        self._prefix = f"{pipeline}-{run_id}"
+        self._dead_letters = counter("dead_letters")
+
+    def setup(self) -> None:
+        self._schema = load_schema("dead_letter")
+        if "://" not in self._directory and not FileSystems.exists(self._directory):
+            FileSystems.mkdirs(self._directory)
+
+    def start_bundle(self) -> None:
+        self._letters: list[dict[str, Any]] = []
+
+    def process(self, letter: dict[str, Any]) -> None:
+        self._letters.append(letter)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if not self._letters:
+            return
+        letters, self._letters = self._letters, []
+        path = f"{self._directory}/{self._prefix}-{uuid.uuid4().hex[:12]}.avro"
+        with FileSystems.create(path, mime_type="application/avro") as handle:
+            fastavro.writer(handle, self._schema, letters, codec="deflate")
+        # Only now, with the file closed, are these records done.
+        self._dead_letters.inc(len(letters))
+        window = GlobalWindow()
+        for letter in letters:
+            if letter.get(ACK_FIELD) is not None:
+                yield WindowedValue(letter[ACK_FIELD], window.max_timestamp(), (window,))
+
+
+class WriteDeadLettersInStream(beam.PTransform):
+    """Write a stream's dead letters as one Avro file per bundle; output their acks.
+
+    Files are ``<directory>/<pipeline>-<run_id>-<random>.avro``, the schema of
+    ``schemas/dead_letter.avsc``. Each record is counted in ``dead_letters`` and
+    acknowledged only after its file is closed.
+    """
+
+    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
+        super().__init__()
+        self._fn = _WriteDeadLettersFn(directory, pipeline, run_id)
+
+    def expand(self, pcolls: Any) -> beam.PCollection:
+        if isinstance(pcolls, tuple | list):
+            pcolls = tuple(pcolls) | "Flatten" >> beam.Flatten()
+        return pcolls | "WriteAvro" >> beam.ParDo(self._fn)

@@ -1,0 +1,340 @@
+"""Deliver serialized Moesif records in batches: to the Collector API, or to batch files.
+
+Both sinks cut batches by count and by bytes, build the body once (a JSON array of the
+already-serialized records, gzip-compressed) and account for every record: it is sent,
+or it leaves as a dead letter with its reason. The HTTP sink's retry decisions come from
+one pure function, :func:`decide`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.delivery.http import (
+    _Counts,
+    _Fates,
+    _FileWriter,
+    _HttpWriter,
+    _Item,
+    _Writer,
+)
+from moesif_beam.transforms.delivery.policy import RetryPolicy
+from moesif_beam.transforms.delivery.transport import Secret, batch_url, check_ca_bundle
+from moesif_beam.transforms.sources.offsets import compact_acks
+
+__all__ = [
+    "ACKS",
+    "BATCH_BYTE_LIMITS",
+    "MAX_IN_FLIGHT",
+    "PostToMoesif",
+    "WriteBatchFiles",
+    "as_item",
+]
+
+_LOG = logging.getLogger(__name__)
+
+# Moesif's request limits per batch endpoint, whether or not the body is compressed.
+BATCH_BYTE_LIMITS = {"events": 50_000_000, "actions": 15_000_000}
+
+
+# Tag of the output carrying delivered records' Kafka acknowledgement tokens.
+ACKS = "acks"
+
+
+def as_item(element: tuple[str, tuple]) -> _Item:
+    """A keyed record ``(transaction_id, (time_ms, body, raw, source, ...))`` as a sink item."""
+    transaction_id, value = element
+    return value[1], value[2], value[3], transaction_id, value[5] if len(value) > 5 else None
+
+
+class _BatchingFn(beam.DoFn):
+    """Cuts records into batches by count and bytes and has a writer deliver them.
+
+    A batch is cut when it is full, when its oldest record has waited ``max_delay``
+    seconds (if set), and at the end of every bundle, so nothing waits on a timer: bounded
+    runs get full batches from their large bundles, streams get batches within a bundle's
+    length. The main output is the dead letters; with ``acks``, delivered records'
+    acknowledgement tokens go to the ``acks`` output.
+
+    Up to ``max_in_flight`` batches are compressed and delivered on background threads
+    while this thread goes on batching (zlib and sockets release the GIL, so this uses a
+    second core and overlaps the collector's own time). A bundle finishes only once every
+    batch cut in it has an outcome, and every output and counter is emitted from this
+    thread, oldest batch first, so a bundle's outputs mean what they meant before.
+    """
+
+    def __init__(
+        self,
+        writer: _Writer,
+        max_events: int,
+        max_bytes: int,
+        max_delay: float | None = None,
+        *,
+        acks: bool = False,
+        max_in_flight: int = 1,
+    ) -> None:
+        self._writer = writer
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._max_delay = max_delay
+        self._acks = acks
+        self._max_in_flight = max_in_flight
+        self._batch: list[_Item] = []
+        self._size = 2
+        self._oldest = 0.0
+        self._in_flight: collections.deque[Future] = collections.deque()
+
+    def setup(self) -> None:
+        self._writer.open()
+        self._counters: dict[str, Any] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        if self._max_in_flight > 1:
+            self._pool = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="deliver")
+
+    def teardown(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.close()
+
+    def start_bundle(self) -> None:
+        self._batch = []
+        self._size = 2  # the brackets of the JSON array
+        self._in_flight = collections.deque()
+        self._done_acks: list[tuple] = []
+
+    def process(self, element: tuple[str, tuple]) -> Iterator[Any]:
+        item = as_item(element)
+        size = len(item[0]) + 1  # the record and its comma
+        if self._batch and (
+            len(self._batch) >= self._max_events or self._size + size > self._max_bytes
+        ):
+            yield from self._flush()
+        if not self._batch:
+            self._oldest = time.monotonic()
+        self._batch.append(item)
+        self._size += size
+        if self._max_delay is not None and time.monotonic() - self._oldest >= self._max_delay:
+            yield from self._flush()
+        elif self._in_flight and self._in_flight[0].done():
+            yield from self._collect(self._max_in_flight)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        window = GlobalWindow()
+        outputs = [*self._flush(), *self._collect(0)]
+        # A bundle's delivered records are runs of consecutive offsets: a few tokens say
+        # the same as one per record, and the commit stage has that much less to shuffle.
+        # Emitted here, after every batch of the bundle got its 2xx.
+        outputs += [pvalue.TaggedOutput(ACKS, ack) for ack in compact_acks(self._done_acks)]
+        self._done_acks = []
+        for output in outputs:
+            if isinstance(output, pvalue.TaggedOutput):
+                yield pvalue.TaggedOutput(
+                    output.tag, WindowedValue(output.value, window.max_timestamp(), (window,))
+                )
+            else:
+                yield WindowedValue(output, window.max_timestamp(), (window,))
+
+    def _flush(self) -> Iterator[Any]:
+        batch, self._batch, self._size = self._batch, [], 2
+        if not batch:
+            return
+        if self._pool is None:
+            done: Future = Future()
+            done.set_result(self._deliver(batch))
+            self._in_flight.append(done)
+        else:
+            self._in_flight.append(self._pool.submit(self._deliver, batch))
+        yield from self._collect(self._max_in_flight)
+
+    def _deliver(self, batch: list[_Item]) -> tuple[_Fates, _Counts]:
+        counts: _Counts = collections.Counter()
+        return list(self._writer.deliver(batch, counts)), counts
+
+    def _collect(self, limit: int) -> Iterator[Any]:
+        """Emit the outcomes of finished batches, oldest first; wait while over ``limit``."""
+        while self._in_flight and (len(self._in_flight) > limit or self._in_flight[0].done()):
+            try:
+                fates, counts = self._in_flight.popleft().result()
+            except BaseException:
+                # The bundle fails (a refused application id, say); batches still queued
+                # are not posted, and the runner decides what is retried.
+                for pending in self._in_flight:
+                    pending.cancel()
+                self._in_flight.clear()
+                raise
+            for name, n in counts.items():
+                if name not in self._counters:
+                    self._counters[name] = counter(name)
+                self._counters[name].inc(n)
+            for item, letter in fates:
+                if letter is not None:
+                    yield letter
+                elif self._acks and item[4] is not None:
+                    self._done_acks.append(item[4])
+
+
+# Each batch in flight holds up to max_bytes twice (JSON and gzip); more than a few buys
+# nothing on one worker, since posting is not where the time goes.
+MAX_IN_FLIGHT = 8
+
+
+def _validate_batching(
+    kind: str, max_events: int, max_bytes: int, gzip_level: int, max_in_flight: int
+) -> None:
+    if kind not in BATCH_BYTE_LIMITS:
+        msg = f"kind must be one of {sorted(BATCH_BYTE_LIMITS)}, got {kind!r}"
+        raise ValueError(msg)
+    if max_events < 1:
+        msg = f"batch_max_events must be >= 1, got {max_events}"
+        raise ValueError(msg)
+    limit = BATCH_BYTE_LIMITS[kind]
+    # A record larger than max_bytes still goes out, alone; the per-record limit upstream
+    # keeps that within Moesif's batch limit.
+    if not 1024 <= max_bytes <= limit:
+        msg = f"batch_max_bytes for {kind} must be in 1024..{limit}, got {max_bytes}"
+        raise ValueError(msg)
+    if not 0 <= gzip_level <= 9:
+        msg = f"gzip_level must be in 0..9, got {gzip_level}"
+        raise ValueError(msg)
+    if not 1 <= max_in_flight <= MAX_IN_FLIGHT:
+        msg = f"max_in_flight must be in 1..{MAX_IN_FLIGHT}, got {max_in_flight}"
+        raise ValueError(msg)
+
+
+class _BatchSink(beam.PTransform):
+    """What both sinks share: a writer, batch limits, and the batching DoFn built on them."""
+
+    _writer: _Writer
+    _max_events: int
+    _max_bytes: int
+    _max_in_flight: int
+
+    def _batching(self, max_delay: float | None = None, *, acks: bool = False) -> _BatchingFn:
+        return _BatchingFn(
+            self._writer,
+            self._max_events,
+            self._max_bytes,
+            max_delay,
+            acks=acks,
+            max_in_flight=self._max_in_flight,
+        )
+
+    def in_stream(self, max_delay: float) -> beam.ParDo:
+        """The same delivery for a stream: dead letters, plus acks of delivered records."""
+        fn = self._batching(max_delay, acks=True)
+        return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")
+
+
+class PostToMoesif(_BatchSink):
+    """Post records to ``/v1/<kind>/batch`` in gzip batches; output the dead letters.
+
+    Input: ``(transaction_id, (time_ms, record_json, raw, source, ...))``. Batches hold at most
+    ``max_events`` records and ``max_bytes`` bytes of JSON (uncompressed, so Moesif's limit
+    holds however the body compresses). Guarantees, per batch:
+
+    * 2xx: every record counts as ``sent``.
+    * 408, 429, 5xx except 501, no response: retried with capped exponential backoff and
+      jitter, honouring ``Retry-After``, for at most ``policy.max_retry_seconds``; then
+      each record is a ``retries_exhausted`` dead letter.
+    * 413: the batch is split in halves; a single record refused for size is ``too_large``.
+    * 400: the batch is bisected until the refused records are isolated, each a
+      ``collector_rejected`` dead letter with the collector's message; the rest is sent.
+    * 401, 403, redirects (never followed), TLS failures and other configuration errors:
+      the run stops with :class:`CollectorConfigError`, and nothing is dead-lettered.
+
+    The retry time is bounded for the whole run too: once the collector has failed for
+    ``policy.max_retry_seconds`` without a break, each further batch gets one attempt
+    before its records are dead-lettered, until the collector answers again. ``ca_bundle``
+    is a PEM file of CAs to trust instead of the system's.
+
+    Delivery is at least once: a retried bundle posts again, with the same transaction
+    ids, which Moesif deduplicates.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        base_url: str,
+        application_id: Secret,
+        pipeline: str,
+        *,
+        max_events: int = 500,
+        max_bytes: int = 5_000_000,
+        gzip_level: int = 6,
+        policy: RetryPolicy | None = None,
+        timeout: float = 30.0,
+        max_in_flight: int = 2,
+        ca_bundle: str | None = None,
+    ) -> None:
+        super().__init__()
+        _validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
+        if not base_url.startswith(("http://", "https://")):
+            msg = f"moesif_base_url must start with http:// or https://, got {base_url!r}"
+            raise ValueError(msg)
+        if not isinstance(application_id, Secret) or not application_id.reveal():
+            msg = "a Moesif application id is required to post to the collector"
+            raise ValueError(msg)
+        if timeout <= 0:
+            msg = f"timeout must be > 0, got {timeout}"
+            raise ValueError(msg)
+        if ca_bundle is not None:
+            check_ca_bundle(ca_bundle)
+        self._writer: _Writer = _HttpWriter(
+            batch_url(base_url, kind),
+            application_id,
+            pipeline,
+            gzip_level,
+            policy or RetryPolicy(),
+            timeout,
+            ca_bundle=ca_bundle,
+        )
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._max_in_flight = max_in_flight
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return records | "PostBatches" >> beam.ParDo(self._batching())
+
+
+class WriteBatchFiles(_BatchSink):
+    """Write each batch body, exactly the gzip bytes that would be posted, to a file.
+
+    Files are ``<directory>/batch-<content hash>.json.gz``; ``zcat`` shows the JSON array.
+    Used when no application id is configured. Outputs no dead letters (an unwritable
+    directory fails the run), but returns an empty PCollection so callers wire it alike.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        directory: str,
+        *,
+        max_events: int = 500,
+        max_bytes: int = 5_000_000,
+        gzip_level: int = 6,
+        max_in_flight: int = 2,
+    ) -> None:
+        super().__init__()
+        _validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
+        if not directory:
+            msg = "an output directory is required"
+            raise ValueError(msg)
+        self._writer: _Writer = _FileWriter(directory, kind, gzip_level)
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._max_in_flight = max_in_flight
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return records | "WriteBatches" >> beam.ParDo(self._batching())

@@ -1,0 +1,166 @@
+"""The metadata type rule in a bounded run: per-key winners, then a verdict per signature.
+
+See :mod:`moesif_beam.transforms.schema.rule` for the rule and why the answer does not depend
+on input order or parallelism.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import ChainMap
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
+from moesif_beam.transforms.schema.rule import (
+    Signature,
+    _remember,
+    find_conflict,
+)
+from moesif_beam.transforms.schema.store import _checked
+
+__all__ = ["EnforceMetadataSchema", "InProcessSchema", "SchemaChecked", "conflict_letter"]
+
+
+class SchemaChecked(NamedTuple):
+    """Outputs of :class:`EnforceMetadataSchema`."""
+
+    records: beam.PCollection  # records whose metadata agrees with the schema
+    dead_letters: beam.PCollection  # type_conflict dead letters
+    new_fields: beam.PCollection  # (key, type) pairs this run adds to the schema
+
+
+def _earliest(values: Iterable[tuple]) -> tuple:
+    return min(values)
+
+
+def _explode(element: tuple[bytes, tuple[int, str, Signature]]) -> Iterator[tuple]:
+    _, (time_ms, transaction_id, sig) = element
+    for key, kind in sig:
+        yield key, (time_ms, transaction_id, kind)
+
+
+def _verdict(
+    element: tuple[bytes, tuple[int, str, Signature]],
+    stored: dict[str, str],
+    winners: dict[str, str],
+) -> Iterator[tuple[bytes, tuple[str, str, str]]]:
+    sig_id, (_, _, sig) = element
+    # The persisted type of a key wins over this run's first-seen one.
+    conflict = find_conflict(sig, ChainMap(stored, winners))
+    if conflict is not None:
+        yield sig_id, conflict
+
+
+class _CheckFn(beam.DoFn):
+    def __init__(self, pipeline: str) -> None:
+        self._pipeline = pipeline
+        self._conflicts = counter("type_conflicts")
+
+    def process(
+        self, element: tuple[str, tuple], conflicts: Mapping[bytes, tuple[str, str, str]]
+    ) -> Iterator[Any]:
+        value = element[1]
+        conflict = conflicts.get(value[4]) if conflicts else None
+        if conflict is None:
+            yield element
+            return
+        self._conflicts.inc()
+        yield pvalue.TaggedOutput(DEAD_LETTER, conflict_letter(element, conflict, self._pipeline))
+
+
+def conflict_letter(
+    element: tuple[str, tuple], conflict: tuple[str, str, str], pipeline: str
+) -> dict[str, Any]:
+    """The ``type_conflict`` dead letter of a record, with its acknowledgement if any."""
+    transaction_id, value = element
+    key, expected, actual = conflict
+    detail = f"metadata key {key!r} is {expected} in the schema; this record sends {actual}"
+    letter = dead_letter(
+        "type_conflict",
+        "schema",
+        detail,
+        value[2],
+        value[3],
+        pipeline,
+        transaction_id=transaction_id,
+        field=key,
+        expected_type=expected,
+        actual_type=actual,
+    )
+    if len(value) > 5 and value[5] is not None:
+        letter[ACK_FIELD] = value[5]
+    return letter
+
+
+class InProcessSchema:
+    """The metadata type rule for a stream whose workers are all one process.
+
+    The first type to arrive for a key wins (or the stored one), decided under one lock,
+    so concurrent bundles agree. A signature's verdict is computed once and remembered
+    (bounded, like every memo here). Only valid where one process sees every record: on
+    runners with several worker processes use :class:`EnforceMetadataSchemaInStream`.
+    """
+
+    def __init__(self, stored: Mapping[str, str]) -> None:
+        self._decided = dict(_checked(stored))
+        self._verdicts: dict[bytes, tuple[str, str, str] | None] = {}
+        self._lock = threading.Lock()
+
+    def check(self, sig_id: bytes, sig: Signature) -> tuple[tuple[str, str, str] | None, list]:
+        """``(conflict or None, keys decided for the first time as (key, type))``."""
+        verdicts = self._verdicts
+        if sig_id in verdicts:
+            return verdicts[sig_id], []
+        with self._lock:
+            if sig_id in verdicts:
+                return verdicts[sig_id], []
+            decided = self._decided
+            new = []
+            for key, kind in sig:
+                if key not in decided:  # a key twice in one signature: its first type wins
+                    decided[key] = kind
+                    new.append((key, kind))
+            verdict = find_conflict(sig, decided)
+            _remember(verdicts, sig_id, verdict)
+        return verdict, new
+
+
+class EnforceMetadataSchema(beam.PTransform):
+    """Dead-letter records whose metadata contradicts the first type seen for a key.
+
+    Takes ``(records, signatures)``: records are ``(transaction_id, (time_ms, record_json,
+    raw, source, signature_id))`` and signatures ``(signature_id, (time_ms, transaction_id,
+    signature))`` as :class:`~moesif_beam.transforms.formats.normalize.NormalizeRecords` emits them.
+    Returns the
+    records that agree, ``type_conflict`` dead letters (counted in ``type_conflicts``), and
+    the ``(key, type)`` pairs this run adds to the persisted schema.
+    """
+
+    def __init__(self, stored: Mapping[str, str], pipeline: str) -> None:
+        super().__init__()
+        self._stored = _checked(stored)
+        self._pipeline = pipeline
+
+    def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> SchemaChecked:
+        records, signatures = pcolls
+        distinct = signatures | "DistinctSignatures" >> beam.CombinePerKey(_earliest)
+        winners = (
+            distinct
+            | "KeyTypes" >> beam.FlatMap(_explode)
+            | "FirstTypePerKey" >> beam.CombinePerKey(_earliest)
+            | "WinningType" >> beam.MapTuple(lambda key, first: (key, first[2]))
+        )
+        conflicts = distinct | "Verdicts" >> beam.FlatMap(
+            _verdict, stored=self._stored, winners=beam.pvalue.AsDict(winners)
+        )
+        checked = records | "Check" >> beam.ParDo(
+            _CheckFn(self._pipeline), conflicts=beam.pvalue.AsDict(conflicts)
+        ).with_outputs(DEAD_LETTER, main="records")
+        stored = self._stored
+        new_fields = winners | "NewKeys" >> beam.Filter(lambda kv: kv[0] not in stored)
+        return SchemaChecked(checked.records, checked[DEAD_LETTER], new_fields)
