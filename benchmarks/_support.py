@@ -26,7 +26,7 @@ def start_collector(data_dir: str) -> tuple[subprocess.Popen, str]:
         [
             sys.executable,
             "-m",
-            "moesif_beam.runners.collector",
+            "moesif_beam.runners.emulators.collector",
             "--port",
             str(port),
             "--data_dir",

@@ -1,9 +1,9 @@
 """Streaming from Kafka: sustained events/s, and produce-to-2xx latency at a fixed rate.
 
 Run by hand (``python benchmarks/streaming_latency.py``). It starts its own Kafka broker
-(``moesif_beam.runners.kafka_local``, or ``--bootstrap`` for another) and the collector emulator in
-count-only mode, then runs ``moesif-beam events --source kafka`` unbounded, on its default
-streaming runner (Prism), twice:
+(``moesif_beam.runners.emulators.kafka_local``, or ``--bootstrap`` for another) and the
+collector emulator in count-only mode, then runs ``moesif-beam events --source kafka``
+unbounded, on its default streaming runner (Prism), twice:
 
 1. sustained throughput: ``--backlog`` events are produced before the pipeline starts; the
    rate is measured while the collector's count goes from 10% to 90% of them, so start-up
@@ -42,7 +42,7 @@ from benchmarks._support import (  # noqa: E402
     reset_collector,
     start_collector,
 )
-from moesif_beam.runners.kafka_local import KafkaConfig, LocalKafka, create_topic  # noqa: E402
+from moesif_beam.runners.emulators.kafka_local import KafkaConfig, LocalKafka, create_topic  # noqa: E402
 from samples.generate_wso2 import generate  # noqa: E402
 
 _TIMESTAMP = re.compile(rb'"requestTimestamp":"[^"]*"')

@@ -25,17 +25,22 @@ from apache_beam.options.pipeline_options import (
 
 from moesif_beam.pipelines import actions, events
 from moesif_beam.pipelines.config import DEFAULT_BASE_URL, PipelineConfig
+from moesif_beam.runners.engines.local_workers import LocalRunner
+from moesif_beam.runners.engines.loopback import loopback_grpc_servers
+from moesif_beam.runners.engines.prism import PrismServer, ensure_prism
+from moesif_beam.runners.engines.run_state import start_run
 from moesif_beam.runners.launch import EXIT_COLLECTOR, execute
-from moesif_beam.runners.local_workers import LocalRunner
-from moesif_beam.runners.loopback import loopback_grpc_servers
-from moesif_beam.runners.prism import PrismServer, ensure_prism
-from moesif_beam.runners.run_state import start_run
-from moesif_beam.transforms.errors import CollectorConfigError
-from moesif_beam.transforms.kafka_source import KafkaSourceConfig, resolve_partitions
-from moesif_beam.transforms.moesif_sink import RetryPolicy, Secret, preflight
-from moesif_beam.transforms.normalize import FORMATS
+from moesif_beam.transforms.common.errors import CollectorConfigError
+from moesif_beam.transforms.delivery import RetryPolicy, Secret, preflight
+from moesif_beam.transforms.formats.normalize import FORMATS
 from moesif_beam.transforms.schema import SCOPES, load_schema, save_schema, seed_pairs
-from moesif_beam.transforms.sources import MAX_LINE_BYTES, RANGE_BYTES, match_inputs, splittable
+from moesif_beam.transforms.sources.files import (
+    MAX_LINE_BYTES,
+    RANGE_BYTES,
+    match_inputs,
+    splittable,
+)
+from moesif_beam.transforms.sources.kafka import KafkaSourceConfig, resolve_partitions
 
 __all__ = ["main"]
 
@@ -509,11 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "schema":
         return _schema(rest)
     if command == "kafka-local":
-        from moesif_beam.runners import kafka_local  # noqa: PLC0415 - only this command needs it
+        from moesif_beam.runners.emulators import kafka_local  # noqa: PLC0415 - only this command needs it
 
         return kafka_local.main(rest)
     if command == "collector":
-        from moesif_beam.runners import collector  # noqa: PLC0415 - the emulator is not needed otherwise
+        from moesif_beam.runners.emulators import collector  # noqa: PLC0415 - the emulator is not needed otherwise
 
         return collector.main(rest)
     print(f"moesif-beam: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)

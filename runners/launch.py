@@ -20,11 +20,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
-from moesif_beam.runners.run_state import OWNER_FILE
-from moesif_beam.transforms.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
-from moesif_beam.transforms.drain import drain_timed_out, start_drain
-from moesif_beam.transforms.errors import CollectorConfigError
+from moesif_beam.runners.engines.run_state import OWNER_FILE
+from moesif_beam.transforms.common.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
+from moesif_beam.transforms.common.errors import CollectorConfigError
 from moesif_beam.transforms.schema import load_schema, save_schema
+from moesif_beam.transforms.sources.drain import drain_timed_out, start_drain
 
 __all__ = [
     "EXIT_COLLECTOR",

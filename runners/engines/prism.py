@@ -26,7 +26,7 @@ from pathlib import Path
 
 from apache_beam.version import __version__ as BEAM_VERSION
 
-from moesif_beam.runners.children import child_options
+from moesif_beam.runners.engines.children import child_options
 
 __all__ = ["BEAM_VERSION", "PrismServer", "ensure_prism", "loopback_only", "prism_path"]
 

@@ -30,7 +30,7 @@ Typical use in a test::
         produce(kafka.bootstrap_servers)
 
 From the command line: ``moesif-beam kafka-local --port 9092 --data_dir ./kafka-data`` or
-``python -m moesif_beam.runners.kafka_local --port 9092 --data_dir ./kafka-data``.
+``python -m moesif_beam.runners.emulators.kafka_local --port 9092 --data_dir ./kafka-data``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from typing import Any, Final
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from moesif_beam.runners.children import child_options
+from moesif_beam.runners.engines.children import child_options
 
 __all__ = [
     "KAFKA_VERSION",
@@ -1178,6 +1178,3 @@ def main(argv: list[str] | None = None) -> int:
         for restored, handler in previous.items():
             signal.signal(restored, handler)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,8 +9,9 @@ thread or gRPC connection exists, so a worker is ready in milliseconds.
 
 Only the way a worker process comes to life changes. The runner still speaks to it over
 the Fn API as to any worker process, the worker still runs Beam's own SDK harness, and
-its exit code still reaches the runner (see :mod:`moesif_beam.runners._worker_stub`). Where forking
-is not safe (not Linux, or threads already running) it starts workers as Beam does.
+its exit code still reaches the runner (see :mod:`moesif_beam.runners.engines._worker_stub`).
+Where forking is not safe (not Linux, or threads already running) it starts workers as Beam
+does.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.worker import sdk_worker_main
 from apache_beam.transforms import environments
 
-from moesif_beam.runners.run_state import make_temp_dir
+from moesif_beam.runners.engines.run_state import make_temp_dir
 
 __all__ = ["ForkServer", "LocalRunner"]
 

@@ -64,7 +64,7 @@ Typical use in a test::
         assert collector.stats()["records"]["events"] == 10
 
 From the command line:
-``python -m moesif_beam.runners.collector --port 9500 --data_dir ./collector-data``.
+``python -m moesif_beam.runners.emulators.collector --port 9500 --data_dir ./collector-data``.
 """
 
 from __future__ import annotations
@@ -2322,6 +2322,3 @@ def main(argv: list[str] | None = None) -> int:
         for restored, handler in previous.items():
             signal.signal(restored, handler)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
