@@ -1,1 +1,1 @@
-"""placeholder."""
+"""What every stage shares: the error vocabulary, counters, time formats, worker memory."""
