@@ -8,14 +8,17 @@ STAMP  := $(VENV)/.installed
 SAMPLE := samples/wso2_sample.jsonl
 OUT    ?= moesif-out
 
-.PHONY: run test lint unit install collector bench bench-stream clean
+.PHONY: run test lint unit integration install collector bench bench-stream clean
 
 run: $(STAMP)
 	$(BIN)/moesif-beam events --input $(SAMPLE) --format wso2 \
 	    --output_dir $(OUT) --metrics_out $(OUT)/metrics.json
 
+# Lint, then the unit tests (seconds), then the integration tests (real services, minutes):
+# a lint or unit failure stops before the slow part starts.
 test: $(STAMP) lint
-	$(BIN)/pytest
+	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -23,7 +26,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest -m "not integration"
+	$(BIN)/pytest tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration
 
 install: $(STAMP)
 

@@ -78,3 +78,18 @@ def run_cli(
     )
     loaded = json.loads(metrics.read_text()) if metrics is not None and metrics.exists() else {}
     return CliRun(proc.returncode, proc.stdout, proc.stderr, loaded)
+
+
+@pytest.fixture
+def fresh_drain() -> Iterator[None]:
+    """The drain flag and deadline are per process: each test starts and ends without one."""
+    from moesif_beam.transforms.sources import drain
+
+    def reset() -> None:
+        drain._deadline = None
+        drain._timed_out.clear()
+        drain.DRAIN.clear()
+
+    reset()
+    yield
+    reset()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.helpers import assert_nothing_lost
-from tests.test_kafka_pipeline import (
+from tests.integration.test_kafka_pipeline import (
     APP_ID,
     _delivery_args,
     _event,

@@ -14,7 +14,7 @@ import pytest
 
 from samples.generate_wso2 import MALFORMED_KINDS, generate, main, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "wso2_sample.jsonl"
 README = ROOT / "samples" / "README.md"
 # The command documented in samples/README.md.

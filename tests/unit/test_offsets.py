@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from moesif_beam.transforms.offsets import PartitionProgress, advance, compact_acks
+from moesif_beam.transforms.sources.offsets import PartitionProgress, advance, compact_acks
 
 
 def _run(acks):
@@ -96,7 +96,7 @@ def test_entries_a_run_jumps_over_are_dropped():
 
 
 def test_partition_consumers_one_per_partition_and_close_never_hangs():
-    from moesif_beam.transforms.kafka_source import _PartitionConsumers
+    from moesif_beam.transforms.sources.kafka import _PartitionConsumers
 
     class Closable:
         closed = False

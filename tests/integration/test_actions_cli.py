@@ -141,7 +141,7 @@ def test_the_schema_persists_across_runs_and_is_shared_by_both_pipelines(tmp_pat
 
     # The events pipeline shares the store: a WSO2 property named "seats" must be a number.
     event = json.loads(
-        (Path(__file__).parent.parent / "samples" / "wso2_sample.jsonl")
+        (Path(__file__).resolve().parents[2] / "samples" / "wso2_sample.jsonl")
         .read_bytes()
         .splitlines()[1]
     )

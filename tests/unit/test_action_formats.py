@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from moesif_beam.transforms.errors import InvalidRecord
+from moesif_beam.transforms.common.errors import InvalidRecord
 from moesif_beam.transforms.formats import moesif_actions, segment, wso2
 from moesif_beam.transforms.formats.moesif_actions import ACTIONS_NAMESPACE
 from moesif_beam.transforms.formats.segment import SEGMENT_NAMESPACE
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 # Moesif's "Send a Batch of Actions" example, exactly as its docs print it.
 SEED_BATCH: list[dict[str, Any]] = [

@@ -13,15 +13,15 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from moesif_beam.pipelines import events
 from moesif_beam.pipelines.config import PipelineConfig
-from moesif_beam.transforms.dedup import (
+from moesif_beam.transforms.dedup.bounded import (
     DedupByTransactionId,
     pack_record,
     pick_first,
     unpack_records,
 )
-from moesif_beam.transforms.moesif_sink import WriteBatchFiles
-from moesif_beam.transforms.normalize import NormalizeRecords
-from moesif_beam.transforms.sources import ReadLines, iter_lines, iter_range, plan_ranges
+from moesif_beam.transforms.delivery.sinks import WriteBatchFiles
+from moesif_beam.transforms.formats.normalize import NormalizeRecords
+from moesif_beam.transforms.sources.files import ReadLines, iter_lines, iter_range, plan_ranges
 from tests.fixtures import (
     FAULT_EVENT_AS_PRINTED,
     FAULT_EVENT_LINE,
@@ -309,7 +309,8 @@ def test_stream_flattens_take_inputs_of_one_coder(tmp_path, source, single_proce
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from moesif_beam.pipelines.common import build_delivery
-    from moesif_beam.transforms.kafka_source import OPEN_END, KafkaPartition, KafkaSourceConfig
+    from moesif_beam.transforms.sources.drain import OPEN_END
+    from moesif_beam.transforms.sources.kafka import KafkaPartition, KafkaSourceConfig
 
     kafka = KafkaSourceConfig("localhost:9092", "t", "g") if source == "kafka" else None
     config = PipelineConfig(

@@ -266,7 +266,7 @@ def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
 ):
     """Large files are read as line-aligned ranges by several (forked) worker processes:
     every record is still sent once, and dead letters name their line in the whole file."""
-    from moesif_beam.transforms.sources import RANGE_BYTES
+    from moesif_beam.transforms.sources.files import RANGE_BYTES
     from samples.generate_wso2 import generate
 
     collector = start_collector(application_id=APP_ID)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # registered by conftest's pytest_plugins, after assertion re
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLIENT_LOG = logging.getLogger("moesif_beam.runners.kafka_local.client")
 
 

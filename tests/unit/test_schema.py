@@ -9,8 +9,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from moesif_beam.transforms.dedup import DedupByTransactionId
-from moesif_beam.transforms.normalize import NormalizeRecords
+from moesif_beam.transforms.dedup.bounded import DedupByTransactionId
+from moesif_beam.transforms.formats.normalize import NormalizeRecords
 from moesif_beam.transforms.schema import (
     SCOPES,
     EnforceMetadataSchema,

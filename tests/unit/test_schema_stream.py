@@ -11,9 +11,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.testing.util import assert_that, equal_to
 
-from moesif_beam.transforms.normalize import NormalizeRecords
+from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess
+from moesif_beam.transforms.formats.normalize import NormalizeRecords
 from moesif_beam.transforms.schema import EnforceMetadataSchemaInStream, InProcessSchema
-from moesif_beam.transforms.streaming import DedupAndCheckInProcess
 
 
 def _line(tid: str, day: int, metadata: dict | None) -> tuple[bytes, str]:

@@ -40,7 +40,7 @@ from moesif_beam.runners.collector import (
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 APP_ID = "emulator-secret-7d41c9"  # recognisable, so a leak into any output is caught
 JSON = "application/json"
 

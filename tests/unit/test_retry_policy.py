@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from moesif_beam.transforms.moesif_sink import (
+from moesif_beam.transforms.delivery.http import encode_batch
+from moesif_beam.transforms.delivery.policy import (
     Action,
     RetryPolicy,
-    batch_url,
     classify,
     decide,
-    encode_batch,
     parse_retry_after,
 )
+from moesif_beam.transforms.delivery.transport import batch_url
 
 POLICY = RetryPolicy(max_retry_seconds=60, base_delay=1, max_delay=8)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from moesif_beam.transforms.errors import json_type
-from moesif_beam.transforms.metadata import sanitize_keys
-from moesif_beam.transforms.timefmt import format_time_ms, parse_time_ms
+from moesif_beam.transforms.common.errors import json_type
+from moesif_beam.transforms.common.timefmt import format_time_ms, parse_time_ms
+from moesif_beam.transforms.schema.keys import sanitize_keys
 
 
 @pytest.mark.parametrize(

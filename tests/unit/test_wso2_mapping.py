@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from moesif_beam.transforms.errors import InvalidRecord
+from moesif_beam.transforms.common.errors import InvalidRecord
+from moesif_beam.transforms.formats.normalize import parse_json
 from moesif_beam.transforms.formats.wso2 import extract_json, to_moesif_event
-from moesif_beam.transforms.normalize import parse_json
 from tests.fixtures import (
     FAULT_EVENT,
     FAULT_EVENT_AS_PRINTED,

@@ -9,8 +9,8 @@ from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from moesif_beam.transforms.counters import local_tally
-from moesif_beam.transforms.streaming import DedupAndCheckInProcess, DedupInStream, _SeenIds
+from moesif_beam.transforms.common.counters import local_tally
+from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess, DedupInStream, _SeenIds
 from tests.helpers import run
 
 TTL = 60

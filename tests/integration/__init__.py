@@ -1,0 +1,2 @@
+"""Integration tests: real local services (the collector emulator over HTTP, Kafka, Prism) and
+the real command in subprocesses."""

@@ -1,0 +1,1 @@
+"""Unit tests: pure functions and in-process pipelines; no service, subprocess run or network."""
