@@ -20,7 +20,7 @@ __all__ = ["COUNTERS", "EXTRA_COUNTERS", "NAMESPACE", "counter", "local_tally"]
 
 NAMESPACE = "moesif_beam"
 
-# The contract (DESIGN.md): these keys always appear in --metrics_out, zero or not.
+# The contract (docs/design.md, Contracts): these keys always appear in --metrics_out, zero or not.
 COUNTERS = (
     "read",
     "parse_errors",
