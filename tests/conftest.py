@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 
-from moesif_beam.runners.collector import CollectorConfig, RunningCollector, start_in_thread
+from moesif_beam.runners.emulators.collector import (
+    CollectorConfig,
+    RunningCollector,
+    start_in_thread,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +47,7 @@ def prism_runner() -> str:
 
     Built from Beam's Go module on first use (minutes on a fresh machine, then cached).
     """
-    from moesif_beam.runners.prism import ensure_prism
+    from moesif_beam.runners.engines.prism import ensure_prism
 
     return ensure_prism()
 

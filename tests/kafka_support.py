@@ -5,8 +5,9 @@ The session's broker is the first of:
 1. ``KAFKA_BOOTSTRAP_SERVERS`` from the environment (an external broker; it must answer);
 2. a testcontainers Kafka in KRaft mode, where a Docker engine answers a ping (checked quickly
    and quietly: no engine means this option is skipped without a word);
-3. the project's own :class:`moesif_beam.runners.kafka_local.LocalKafka`, with its data under
-   pytest's temporary directory (jars from Maven Central, cached after the first run).
+3. the project's own :class:`moesif_beam.runners.emulators.kafka_local.LocalKafka`, with its
+   data under pytest's temporary directory (jars from Maven Central, cached after the first
+   run).
 
 Fixtures:
 
@@ -35,7 +36,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from moesif_beam.runners.kafka_local import (
+from moesif_beam.runners.emulators.kafka_local import (
     KAFKA_VERSION,
     KafkaConfig,
     LocalKafka,
@@ -76,9 +77,9 @@ def local_broker_or_skip(broker: KafkaBroker) -> LocalKafka:
 def _check_answers(bootstrap_servers: str, source: str, timeout: float = 15.0) -> None:
     from confluent_kafka.admin import AdminClient
 
-    # The logger runners.kafka_local gives its own clients: librdkafka's connection errors go
+    # The logger kafka_local gives its own clients: librdkafka's connection errors go
     # to logging, not to the test run's stderr.
-    client_log = logging.getLogger("moesif_beam.runners.kafka_local.client")
+    client_log = logging.getLogger("moesif_beam.runners.emulators.kafka_local.client")
     config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "logger": client_log}
     admin = AdminClient(config)
     try:
@@ -129,7 +130,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         return f"kafka: KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS'].strip()}"
     return (
-        "kafka: testcontainers where a Docker engine answers, else moesif_beam.runners.kafka_local "
+        "kafka: testcontainers where a Docker engine answers, else "
+        "moesif_beam.runners.emulators.kafka_local "
         f"(Apache Kafka {KAFKA_VERSION})"
     )
 
@@ -155,7 +157,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
             container_problem = f"the testcontainers Kafka did not start ({exc})"
             warnings.warn(
                 f"a Docker engine answers but the Kafka container did not start ({exc}); "
-                "using moesif_beam.runners.kafka_local instead",
+                "using moesif_beam.runners.emulators.kafka_local instead",
                 stacklevel=1,
             )
         else:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from moesif_beam.runners.run_state import OWNER_FILE, Owner
+from moesif_beam.runners.engines.run_state import OWNER_FILE, Owner
 
 
 def dead_owner() -> Owner:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from moesif_beam.runners.collector import (
+from moesif_beam.runners.emulators.collector import (
     ACTIONS_BATCH_LIMIT_BYTES,
     METADATA_TYPES,
     CollectorConfig,
@@ -952,11 +952,15 @@ def test_inspection_routes_and_reset(collector):
 
 
 def test_verbose_logs_one_line_per_request_without_headers(caplog):
-    caplog.set_level(logging.INFO, logger="moesif_beam.runners.collector")
+    caplog.set_level(logging.INFO, logger="moesif_beam.runners.emulators.collector")
     with start_in_thread(CollectorConfig(application_id=APP_ID), verbose=True) as c:
         post(c, "/v1/events/batch", [event("a"), event("b")])
         post(c, "/v1/events/batch", [event("a")], app_id="wrong-id")
-    lines = [r.getMessage() for r in caplog.records if r.name == "moesif_beam.runners.collector"]
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "moesif_beam.runners.emulators.collector"
+    ]
     assert lines == [
         "POST /v1/events/batch -> 201 (2 items)",
         "POST /v1/events/batch -> 401 (0 items)",
@@ -1007,7 +1011,7 @@ def test_module_runs_as_a_service_and_stops_on_sigterm(tmp_path):
         [
             sys.executable,
             "-m",
-            "moesif_beam.runners.collector",
+            "moesif_beam.runners.emulators.collector",
             "--port",
             str(port),
             "--data_dir",
@@ -1462,7 +1466,7 @@ def test_concurrent_conflicting_batches_let_exactly_one_type_win(collector):
 
 
 def test_cli_parses_metadata_types(capsys):
-    from moesif_beam.runners.collector import _build_parser, _config_from_args
+    from moesif_beam.runners.emulators.collector.cli import _build_parser, _config_from_args
 
     parser = _build_parser()
     assert _config_from_args(parser.parse_args([])).metadata_types == "enforce"

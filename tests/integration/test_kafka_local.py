@@ -1,4 +1,4 @@
-"""Integration tests of runners/kafka_local.py against the real Apache Kafka broker it runs.
+"""Integration tests of runners/emulators/kafka_local/ against the real Apache Kafka broker it runs.
 
 The round trip runs on the session broker (``kafka_broker`` from tests/kafka_support.py, any
 real Kafka); tests of LocalKafka's own lifecycle (restart, stop, the CLI) start their own
@@ -25,16 +25,16 @@ import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from moesif_beam.runners.kafka_local import (
+from moesif_beam.runners.emulators.kafka_local import (
     KAFKA_VERSION,
     KafkaConfig,
     LocalKafka,
     LocalKafkaError,
-    _parse_java_version,
     create_topic,
     ensure_kafka_libs,
     kafka_cache_dir,
 )
+from moesif_beam.runners.emulators.kafka_local.jars import _parse_java_version
 
 if TYPE_CHECKING:  # registered by conftest's pytest_plugins, after assertion rewriting
     from tests.kafka_support import KafkaBroker
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # registered by conftest's pytest_plugins, after assertion re
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-CLIENT_LOG = logging.getLogger("moesif_beam.runners.kafka_local.client")
+CLIENT_LOG = logging.getLogger("moesif_beam.runners.emulators.kafka_local.client")
 
 
 # ---- helpers
@@ -328,7 +328,7 @@ def _start_cli(data_dir: Path, port: int, stderr_path: Path) -> subprocess.Popen
     with stderr_path.open("w") as stderr:
         return subprocess.Popen(
             [
-                *(sys.executable, "-m", "moesif_beam.runners.kafka_local"),
+                *(sys.executable, "-m", "moesif_beam.runners.emulators.kafka_local"),
                 *("--port", str(port), "--data_dir", str(data_dir), "--partitions", "2"),
             ],
             cwd=REPO,

@@ -1,4 +1,4 @@
-"""Forked worker processes for bounded local runs (runners/local_workers.py).
+"""Forked worker processes for bounded local runs (runners/engines/local_workers.py).
 
 Forking is only safe from a process with one thread, which pytest's process is not by
 the time these run, so each check runs in a fresh interpreter, as the launcher does.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moesif_beam.runners import local_workers
-from moesif_beam.runners.local_workers import ForkServer
+from moesif_beam.runners.engines import local_workers
+from moesif_beam.runners.engines.local_workers import ForkServer
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -28,14 +28,14 @@ _PIPELINE = """
 import json, os, sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-import moesif_beam.runners.local_workers as local_workers
+import moesif_beam.runners.engines.local_workers as local_workers
 
 local_workers._launcher_mark = os.getpid()
 
 
 def where(n):
     import os, sys
-    import moesif_beam.runners.local_workers as lw
+    import moesif_beam.runners.engines.local_workers as lw
     # One write per line: two processes share the pipe, and print() writes the line and
     # its newline separately.
     sys.stdout.write(f"worker-line {n}\\n")
@@ -46,7 +46,7 @@ print("launcher-line")  # still in this process's buffer when the workers are fo
 
 
 options = PipelineOptions(
-    ["--runner=moesif_beam.runners.local_workers.LocalRunner", "--direct_num_workers=2",
+    ["--runner=moesif_beam.runners.engines.local_workers.LocalRunner", "--direct_num_workers=2",
      "--direct_running_mode=multi_processing"]
 )
 with beam.Pipeline(options=options) as p:
@@ -120,7 +120,7 @@ def test_without_a_fork_server_workers_are_started_as_beam_starts_them(tmp_path)
 
 _FAILING_WORKER = """
 import subprocess, sys
-from moesif_beam.runners.local_workers import ForkServer
+from moesif_beam.runners.engines.local_workers import ForkServer
 
 server = ForkServer()
 server.start()
@@ -159,7 +159,7 @@ def test_forking_is_refused_while_other_threads_run(monkeypatch):
 def test_the_command_line_launcher_can_fork_once_it_has_imported_everything():
     proc = _python(
         "import moesif_beam.runners.cli\n"
-        "from moesif_beam.runners.local_workers import ForkServer\n"
+        "from moesif_beam.runners.engines.local_workers import ForkServer\n"
         "print(ForkServer.can_fork())"
     )
     assert proc.returncode == 0, proc.stderr
@@ -172,7 +172,7 @@ def test_the_worker_command_runs_the_standard_library_stub_only():
     command = server.command()
     assert command.startswith(f"{sys.executable} -I -S ")
     assert command.endswith("'/tmp/some dir/fork.sock'")
-    stub = Path(REPO) / "runners" / "_worker_stub.py"
+    stub = Path(REPO) / "runners" / "engines" / "_worker_stub.py"
     imports = [
         line.split()[1]
         for line in stub.read_text().splitlines()
@@ -185,7 +185,7 @@ _RUNS_IN_TURN = """
 import os, sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-from moesif_beam.runners.local_workers import LocalRunner
+from moesif_beam.runners.engines.local_workers import LocalRunner
 
 runner = LocalRunner()
 for mode in ("multi_processing", "in_memory", "multi_processing"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from moesif_beam.runners.run_state import OWNER_FILE
+from moesif_beam.runners.engines.run_state import OWNER_FILE
 from moesif_beam.transforms.delivery.http import _HttpWriter
 from moesif_beam.transforms.delivery.policy import RetryPolicy
 from moesif_beam.transforms.delivery.transport import Secret

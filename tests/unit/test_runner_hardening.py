@@ -14,9 +14,9 @@ import pytest
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners import launch
-from moesif_beam.runners.loopback import loopback_address, loopback_grpc_servers
-from moesif_beam.runners.prism import loopback_only
-from moesif_beam.runners.run_state import OWNER_FILE, Owner, remove_abandoned
+from moesif_beam.runners.engines.loopback import loopback_address, loopback_grpc_servers
+from moesif_beam.runners.engines.prism import loopback_only
+from moesif_beam.runners.engines.run_state import OWNER_FILE, Owner, remove_abandoned
 from moesif_beam.transforms.sources.drain import (
     DRAIN,
     DrainTimedOut,
