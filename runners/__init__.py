@@ -1,4 +1,4 @@
-"""moesif-beam runners: the CLI, launch and reporting, and local services."""
+"""moesif-beam runners: the command and its launch, engines/ and emulators/."""
 
 import logging
 
