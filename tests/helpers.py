@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
@@ -49,3 +51,15 @@ def assert_nothing_lost(counters: dict[str, int]) -> None:
     assert (
         counters["read"] == counters["sent"] + counters["duplicates"] + counters["dead_letters"]
     ), counters
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds.
+
+    Tests wait on the event itself with this, never for a fixed time.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)

@@ -846,14 +846,19 @@ def test_random_faults_are_reproducible_with_a_seed():
 
 
 def test_latency_delays_ingestion_only():
-    config = CollectorConfig(application_id=APP_ID, latency_ms=300, latency_first=1)
+    # The first POST is held for the injected latency (an hour): the client gives up on it.
+    # The second is answered at once (latency_first=1: only the first is slow); stopping
+    # the emulator then ends the held one.
+    config = CollectorConfig(application_id=APP_ID, latency_ms=3_600_000, latency_first=1)
     with start_in_thread(config) as c:
-        started = time.monotonic()
-        assert post(c, "/v1/events/batch", [event("a")]).status_code == 201
-        assert time.monotonic() - started >= 0.29
-        started = time.monotonic()
+        with pytest.raises(requests.Timeout):
+            requests.post(
+                c.url + "/v1/events/batch",
+                data=json.dumps([event("a")]),
+                headers={"Content-Type": JSON, "X-Moesif-Application-Id": APP_ID},
+                timeout=1,
+            )
         assert post(c, "/v1/events/batch", [event("b")]).status_code == 201
-        assert time.monotonic() - started < 0.29  # latency_first=1: only the first is slow
 
 
 def test_a_request_the_client_gave_up_on_is_still_stored():
@@ -872,7 +877,7 @@ def test_a_request_the_client_gave_up_on_is_still_stored():
 
 
 def test_stop_does_not_wait_out_injected_latency(caplog):
-    running = start_in_thread(CollectorConfig(application_id=APP_ID, latency_ms=10_000))
+    running = start_in_thread(CollectorConfig(application_id=APP_ID, latency_ms=600_000))
     outcome: list[BaseException] = []
 
     def client() -> None:
@@ -883,11 +888,16 @@ def test_stop_does_not_wait_out_injected_latency(caplog):
 
     thread = threading.Thread(target=client)
     thread.start()
-    time.sleep(0.3)  # the request is now sleeping in the handler
+    # The request is in the handler (it reads its small body, then sleeps the latency).
+    deadline = time.monotonic() + 30
+    while running._server._active == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running._server._active == 1
     started = time.monotonic()
     running.stop()
-    thread.join(timeout=5)
-    assert time.monotonic() - started < 3
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 60  # far below the injected 600 s
     assert outcome and isinstance(outcome[0], requests.ConnectionError)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     running.stop()  # idempotent

@@ -11,7 +11,6 @@ import datetime
 import gzip
 import ipaddress
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,12 +165,12 @@ def test_the_sink_posts_over_tls_with_a_ca_bundle_and_stops_without_one(start_co
     }
     batch = [(json.dumps(event).encode(), b"raw", "f:1", "tls-1", None)]
 
-    untrusting = _HttpWriter(url, Secret(APP_ID), "events", 1, policy, 5.0)
+    waits: list[float] = []  # the writer's waits before retries
+    untrusting = _HttpWriter(url, Secret(APP_ID), "events", 1, policy, 5.0, sleep=waits.append)
     untrusting.open()
-    started = time.monotonic()
     with pytest.raises(CollectorConfigError, match="--ca_bundle"):
         _deliver(untrusting, batch)
-    assert time.monotonic() - started < 5  # not retried for the budget
+    assert waits == []  # not retried for the budget
 
     trusting = _HttpWriter(
         url, Secret(APP_ID), "events", 1, policy, 5.0, ca_bundle=str(tls_files["ca"])
@@ -268,7 +267,6 @@ def test_cli_a_stuck_collector_costs_the_retry_budget_once(tmp_path, start_colle
     collector = start_collector(application_id=APP_ID, latency_ms=2000)
     batches = 24
     _input(tmp_path / "in.jsonl", batches * 2)
-    started = time.monotonic()
     run = _events(
         tmp_path,
         collector.url,
@@ -281,7 +279,6 @@ def test_cli_a_stuck_collector_costs_the_retry_budget_once(tmp_path, start_colle
         "--max_in_flight",
         "1",
     )
-    elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stderr
     assert_nothing_lost(run.metrics)
     assert run.metrics["retries_exhausted"] == batches * 2
@@ -293,7 +290,6 @@ def test_cli_a_stuck_collector_costs_the_retry_budget_once(tmp_path, start_colle
     attempts = run.metrics["timeouts"]
     assert attempts < batches + 12, attempts  # the old code: about 5 per batch
     assert posts <= attempts
-    assert elapsed < 60, elapsed
 
 
 @pytest.mark.integration

@@ -17,6 +17,7 @@ from moesif_beam.runners import launch
 from moesif_beam.runners.engines.loopback import loopback_address, loopback_grpc_servers
 from moesif_beam.runners.engines.prism import loopback_only
 from moesif_beam.runners.engines.run_state import OWNER_FILE, Owner, remove_abandoned
+from moesif_beam.transforms.sources import drain
 from moesif_beam.transforms.sources.drain import (
     DRAIN,
     DrainTimedOut,
@@ -25,6 +26,7 @@ from moesif_beam.transforms.sources.drain import (
     drain_timed_out,
     start_drain,
 )
+from tests.helpers import wait_for
 from tests.processes import dead_owner, is_loopback, leftover, listening_addresses, live_owner
 
 APP_ID = "hardening-app-id"
@@ -126,7 +128,21 @@ def test_no_deadline_without_a_timed_drain(fresh_drain):
     drain_sleep(0.01)
 
 
-def test_drain_sleep_is_cut_short_by_the_deadline(fresh_drain):
+class _WatchedEvent(threading.Event):
+    """A ``threading.Event`` that tells when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+def test_drain_sleep_is_cut_short_by_the_deadline(fresh_drain, monkeypatch):
+    drain_flag = _WatchedEvent()
+    monkeypatch.setattr(drain, "DRAIN", drain_flag)
     woke = threading.Event()
     failure: list[BaseException] = []
 
@@ -139,7 +155,7 @@ def test_drain_sleep_is_cut_short_by_the_deadline(fresh_drain):
 
     thread = threading.Thread(target=sleeper)
     thread.start()
-    time.sleep(0.2)
+    assert drain_flag.waiting.wait(10)  # the sleeper is waiting for a drain
     assert not woke.is_set()
     start_drain(0.5)  # the wait would end after the deadline: give up at once
     assert woke.wait(5)
@@ -152,7 +168,7 @@ def test_drain_sleep_is_cut_short_by_the_deadline(fresh_drain):
 def test_a_second_drain_does_not_extend_the_deadline(fresh_drain):
     start_drain(0.2)
     start_drain(3600)
-    time.sleep(0.3)
+    wait_for(drain_timed_out, 10, "the first drain's deadline")  # not the second's hour
     assert drain_timed_out()
     with pytest.raises(DrainTimedOut):
         check_drain_deadline()
