@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 import requests  # noqa: E402
 
 from benchmarks._support import APP_ID, start_collector  # noqa: E402
-from moesif_beam.transforms.errors import InvalidRecord  # noqa: E402
+from moesif_beam.transforms.common.errors import InvalidRecord  # noqa: E402
+from moesif_beam.transforms.formats.normalize import parse_json  # noqa: E402
 from moesif_beam.transforms.formats.wso2 import extract_json, to_moesif_event  # noqa: E402
-from moesif_beam.transforms.normalize import parse_json  # noqa: E402
 from samples.generate_wso2 import generate  # noqa: E402
 
 

@@ -24,6 +24,7 @@ from moesif_beam.runners.engines.run_state import OWNER_FILE
 from moesif_beam.transforms.delivery.http import _HttpWriter
 from moesif_beam.transforms.delivery.policy import RetryPolicy
 from moesif_beam.transforms.delivery.transport import Secret
+from moesif_beam.transforms.records import Ack, Record
 from moesif_beam.transforms.sources.drain import DrainTimedOut, start_drain
 from tests.conftest import REPO
 from tests.fixtures import wso2_line
@@ -61,7 +62,10 @@ def test_the_sink_gives_up_at_the_deadline_without_a_fate(fresh_drain, start_col
         timeout=5,
     )
     writer.open()
-    batch = [(wso2_line(f"t{i}"), b"raw", f"f:{i}", f"t{i}", (0, i, i - 1)) for i in range(3)]
+    batch = [
+        (f"t{i}", Record(0, wso2_line(f"t{i}"), b"raw", f"f:{i}", ack=Ack("t/0", i, i - 1)))
+        for i in range(3)
+    ]
     fates: list = []
     start_drain(1.5)
     started = time.monotonic()

@@ -11,13 +11,14 @@ from apache_beam.transforms.window import TimestampedValue
 
 from moesif_beam.transforms.common.counters import local_tally
 from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess, DedupInStream, _SeenIds
+from moesif_beam.transforms.records import Record
 from tests.helpers import run
 
 TTL = 60
 
 
 def _record(tid: str, seconds: float, ack: object = None) -> TimestampedValue:
-    value = (int(seconds * 1000), b"{}", b"raw", f"src:{tid}", b"", ack)
+    value = Record(int(seconds * 1000), b"{}", b"raw", f"src:{tid}", ack=ack)
     return TimestampedValue((tid, value), seconds)
 
 

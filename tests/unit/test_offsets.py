@@ -7,12 +7,26 @@ import random
 
 import pytest
 
+from moesif_beam.transforms.records import Ack, PartitionStart
 from moesif_beam.transforms.sources.offsets import PartitionProgress, advance, compact_acks
+
+
+def _typed(ack):
+    """The tables below in short: ("start", n), (offset, previous[, parts, part])."""
+    if isinstance(ack, Ack | PartitionStart):
+        return ack
+    if ack[0] == "start":
+        return PartitionStart("p/0", ack[1])
+    return Ack("p/0", *ack)
+
+
+def _acks(*acks):
+    return [Ack(*a) for a in acks]
 
 
 def _run(acks):
     progress = PartitionProgress()
-    advance(progress, acks)
+    advance(progress, [_typed(a) for a in acks])
     return progress.frontier
 
 
@@ -46,21 +60,21 @@ def test_every_order_of_the_same_acks_ends_at_the_same_frontier():
 
 def test_advance_reports_movement_and_forgets_what_it_passed():
     progress = PartitionProgress()
-    assert advance(progress, [("start", 0)])
-    assert not advance(progress, [(2, 1)])
-    assert advance(progress, [(1, 0)])
+    assert advance(progress, [PartitionStart("p/0", 0)])
+    assert not advance(progress, [Ack("p/0", 2, 1)])
+    assert advance(progress, [Ack("p/0", 1, 0)])
     assert progress.frontier == 2
     assert progress.done == {} and progress.parts == {}
 
 
 def test_compact_acks_merges_chains_per_partition():
-    acks = [("p/0", 5, 4), ("p/1", 7, 3), ("p/0", 6, 5), ("p/0", 9, 6), ("p/0", 20, 11)]
-    assert sorted(compact_acks(acks)) == [("p/0", 9, 4), ("p/0", 20, 11), ("p/1", 7, 3)]
+    acks = _acks(("p/0", 5, 4), ("p/1", 7, 3), ("p/0", 6, 5), ("p/0", 9, 6), ("p/0", 20, 11))
+    assert sorted(compact_acks(acks)) == _acks(("p/0", 9, 4), ("p/0", 20, 11), ("p/1", 7, 3))
 
 
 def test_compact_acks_passes_message_parts_through():
-    parts = [("p/0", 12, 11, 3, 0), ("p/0", 12, 11, 3, 2)]
-    assert compact_acks([*parts, ("p/0", 11, 10)]) == [*parts, ("p/0", 11, 10)]
+    parts = _acks(("p/0", 12, 11, 3, 0), ("p/0", 12, 11, 3, 2))
+    assert compact_acks([*parts, Ack("p/0", 11, 10)]) == [*parts, Ack("p/0", 11, 10)]
 
 
 def test_compacted_acks_in_any_bundling_and_order_reach_the_same_frontier():
@@ -69,7 +83,7 @@ def test_compacted_acks_in_any_bundling_and_order_reach_the_same_frontier():
     for _ in range(300):
         offsets = sorted(rng.sample(range(100, 160), rng.randint(1, 40)))
         previous = [99, *offsets[:-1]]
-        acks = [("p/0", o, p) for p, o in zip(previous, offsets, strict=True)]
+        acks = [Ack("p/0", o, p) for p, o in zip(previous, offsets, strict=True)]
         done = [a for a in acks if rng.random() < 0.9]  # some records still in flight
         rng.shuffle(done)
         bundles, i = [], 0
@@ -88,9 +102,9 @@ def test_compacted_acks_in_any_bundling_and_order_reach_the_same_frontier():
 
 def test_entries_a_run_jumps_over_are_dropped():
     progress = PartitionProgress()
-    advance(progress, [("start", 0), *((n + 1, n) for n in range(5, 3000))])
+    advance(progress, [PartitionStart("p/0", 0), *(Ack("p/0", n + 1, n) for n in range(5, 3000))])
     assert len(progress.done) == 2995  # waiting for 1..5
-    advance(progress, [(10_000, 0)])  # a run covering all of them
+    advance(progress, [Ack("p/0", 10_000, 0)])  # a run covering all of them
     assert progress.frontier == 10_000
     assert progress.done == {}
 

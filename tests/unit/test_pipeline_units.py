@@ -21,6 +21,7 @@ from moesif_beam.transforms.dedup.bounded import (
 )
 from moesif_beam.transforms.delivery.sinks import WriteBatchFiles
 from moesif_beam.transforms.formats.normalize import NormalizeRecords
+from moesif_beam.transforms.records import Ack, Line, Record
 from moesif_beam.transforms.sources.files import ReadLines, iter_lines, iter_range, plan_ranges
 from tests.fixtures import (
     FAULT_EVENT_AS_PRINTED,
@@ -50,7 +51,9 @@ def test_normalize_routes_every_line_to_records_or_dead_letters():
         (b"[1, 2]", "f:8"),
     ]
     pipeline = make_pipeline()
-    out = pipeline | beam.Create(lines) | NormalizeRecords("events", "wso2")
+    out = (
+        pipeline | beam.Create([Line(*line) for line in lines]) | NormalizeRecords("events", "wso2")
+    )
     assert_that(
         out.records | "Ids" >> beam.Keys(),
         equal_to(["79ed20c3-55b1-434a-adf6-eea25e2d09c3", "ccf2196f-9db8-429b-aaae-98f4c6edf6d7"]),
@@ -84,7 +87,7 @@ def test_normalize_dead_letters_records_over_the_size_limit():
     pipeline = make_pipeline()
     out = (
         pipeline
-        | beam.Create([(big, "f:1")])
+        | beam.Create([Line(big, "f:1")])
         | NormalizeRecords("events", "wso2", max_record_bytes=1500)
     )
     assert_that(
@@ -95,25 +98,29 @@ def test_normalize_dead_letters_records_over_the_size_limit():
 
 
 def test_pick_first_is_order_independent():
-    values = [(5, b"b", b"r1", "s1"), (3, b"z", b"r2", "s2"), (3, b"a", b"r3", "s3")]
+    values = [
+        Record(5, b"b", b"r1", "s1"),
+        Record(3, b"z", b"r2", "s2"),
+        Record(3, b"a", b"r3", "s3"),
+    ]
     for _ in range(5):
         random.shuffle(values)
-        assert pick_first(values) == ((3, b"a", b"r3", "s3"), 2)
+        assert pick_first(values) == (Record(3, b"a", b"r3", "s3"), 2)
     with pytest.raises(ValueError, match="at least one"):
         pick_first([])
 
 
 def test_dedup_keeps_the_earliest_record_per_transaction_id():
     records = [
-        ("a", (2, b'{"v":2}', b"raw2", "f:2")),
-        ("a", (1, b'{"v":1}', b"raw1", "f:1")),
-        ("b", (7, b'{"v":7}', b"raw7", "f:7")),
-        ("a", (1, b'{"v":1}', b"raw1", "f:9")),
+        ("a", Record(2, b'{"v":2}', b"raw2", "f:2")),
+        ("a", Record(1, b'{"v":1}', b"raw1", "f:1")),
+        ("b", Record(7, b'{"v":7}', b"raw7", "f:7")),
+        ("a", Record(1, b'{"v":1}', b"raw1", "f:9")),
     ]
     pipeline = make_pipeline()
     out = pipeline | beam.Create(records) | DedupByTransactionId()
     assert_that(
-        out | beam.Map(lambda kv: (kv[0], kv[1][1])),
+        out | beam.Map(lambda kv: (kv[0], kv[1].body)),
         equal_to([("a", b'{"v":1}'), ("b", b'{"v":7}')]),
     )
     assert run(pipeline)["duplicates"] == 2
@@ -121,8 +128,8 @@ def test_dedup_keeps_the_earliest_record_per_transaction_id():
 
 def test_packed_records_round_trip():
     records = [
-        ("a", (5, b'{"v":1}', b"raw\xff", "f:1", b"\x01" * 16, None)),
-        ("\u00e9t\u00e9", (-3, b"", b"", "topic/0@7", b"", ("topic", 0, 7, 6))),
+        ("a", Record(5, b'{"v":1}', b"raw\xff", "f:1", b"\x01" * 16)),
+        ("\u00e9t\u00e9", Record(-3, b"", b"", "topic/0@7", ack=Ack("topic/0", 7, 6, 3, 2))),
     ]
     data = b"".join(pack_record(tid, value) for tid, value in records)
     assert list(unpack_records(data)) == records
@@ -136,7 +143,7 @@ def test_dedup_spilled_or_shuffled_keeps_the_same_records(tmp_path, spill):
         tid = f"id-{rng.randrange(150)}"
         time_ms = rng.randrange(50)
         records.append(
-            (tid, (time_ms, json.dumps({"t": tid, "i": i}).encode(), b"r", f"f:{i}", b"", None))
+            (tid, Record(time_ms, json.dumps({"t": tid, "i": i}).encode(), b"r", f"f:{i}"))
         )
     expected = {}
     for tid, value in records:
@@ -152,7 +159,10 @@ def test_dedup_spilled_or_shuffled_keeps_the_same_records(tmp_path, spill):
 @pytest.mark.parametrize(("max_events", "max_bytes"), [(3, 5_000_000), (500, 1024), (7, 2000)])
 def test_batches_respect_count_and_byte_limits(tmp_path, max_events, max_bytes):
     records = [
-        (f"id-{i}", (i, json.dumps({"i": i, "pad": "p" * (i % 50)}).encode(), b"raw", f"f:{i}"))
+        (
+            f"id-{i}",
+            Record(i, json.dumps({"i": i, "pad": "p" * (i % 50)}).encode(), b"raw", f"f:{i}"),
+        )
         for i in range(200)
     ]
     pipeline = make_pipeline()
@@ -175,7 +185,7 @@ def test_batches_respect_count_and_byte_limits(tmp_path, max_events, max_bytes):
 
 def test_batches_are_the_same_whatever_the_number_in_flight(tmp_path):
     records = [
-        (f"id-{i}", (i, json.dumps({"i": i}).encode(), b"raw", f"f:{i}")) for i in range(300)
+        (f"id-{i}", Record(i, json.dumps({"i": i}).encode(), b"raw", f"f:{i}")) for i in range(300)
     ]
     contents = {}
     for in_flight in (1, 4):
@@ -297,7 +307,7 @@ def test_read_lines_reads_split_files_whole(tmp_path):
     path.write_bytes(b"".join(b'{"n": %d}\n' % i for i in range(500)) + b"\n\nlast")
     pipeline = make_pipeline()
     lines = (pipeline | ReadLines(str(tmp_path / "*.jsonl"), range_bytes=256)).lines
-    assert_that(lines, equal_to(list(iter_lines(str(path)))))
+    assert_that(lines, equal_to([Line(raw, source) for raw, source in iter_lines(str(path))]))
     run(pipeline)
 
 

@@ -27,6 +27,7 @@ from moesif_beam.transforms.formats.normalize import (
     NormalizeRecords,
     _NormalizeFn,
 )
+from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.schema import signature
 from moesif_beam.transforms.schema.keys import MAX_DEPTH, sanitize_keys
 
@@ -52,7 +53,7 @@ def normalize(pipeline: str, fmt: str, raw: bytes, **settings: Any) -> tuple[lis
     fn = _NormalizeFn(pipeline, fmt, None, MAX_EVENT_BYTES, "name", **settings)
     fn.setup()
     fn.start_bundle()
-    out = list(fn.process((raw, "test:1")))
+    out = list(fn.process(Line(raw, "test:1")))
     records = [o for o in out if not isinstance(o, pvalue.TaggedOutput)]
     letters = [o.value for o in out if isinstance(o, pvalue.TaggedOutput)]
     for _, value in records:
@@ -218,7 +219,7 @@ def test_a_line_of_100k_actions_spills_linear_bytes(tmp_path):
     spill = tmp_path / "spill"
     pipeline = make_pipeline()
     records = (
-        pipeline | beam.Create([(line, "big.jsonl:1")]) | NormalizeRecords("actions", "moesif")
+        pipeline | beam.Create([Line(line, "big.jsonl:1")]) | NormalizeRecords("actions", "moesif")
     ).records
     _ = records | DedupByTransactionId(str(spill), partitions=4)
     counters = run(pipeline)

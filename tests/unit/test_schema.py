@@ -11,6 +11,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from moesif_beam.transforms.dedup.bounded import DedupByTransactionId
 from moesif_beam.transforms.formats.normalize import NormalizeRecords
+from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.schema import (
     SCOPES,
     EnforceMetadataSchema,
@@ -170,14 +171,14 @@ def test_seed_pairs_from_examples_and_from_a_type_map(tmp_path):
         seed_pairs(str(types), "name", types_map=True)
 
 
-def _action(tid: str, time: str, metadata: dict) -> tuple[bytes, str]:
+def _action(tid: str, time: str, metadata: dict) -> Line:
     line = {
         "action_name": "Did",
         "transaction_id": tid,
         "request": {"time": time},
         "metadata": metadata,
     }
-    return json.dumps(line).encode(), f"f:{tid}"
+    return Line(json.dumps(line).encode(), f"f:{tid}")
 
 
 def _decide(lines, stored=None, scope="name"):

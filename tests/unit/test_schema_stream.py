@@ -13,10 +13,11 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess
 from moesif_beam.transforms.formats.normalize import NormalizeRecords
+from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.schema import EnforceMetadataSchemaInStream, InProcessSchema
 
 
-def _line(tid: str, day: int, metadata: dict | None) -> tuple[bytes, str]:
+def _line(tid: str, day: int, metadata: dict | None) -> Line:
     action = {
         "action_name": "Did",
         "transaction_id": tid,
@@ -24,7 +25,7 @@ def _line(tid: str, day: int, metadata: dict | None) -> tuple[bytes, str]:
     }
     if metadata is not None:
         action["metadata"] = metadata
-    return json.dumps(action).encode(), f"stream:{tid}"
+    return Line(json.dumps(action).encode(), f"stream:{tid}")
 
 
 def _streaming_pipeline() -> beam.Pipeline:

@@ -27,6 +27,7 @@ from moesif_beam.transforms.delivery.transport import (
     redirect_host,
     tls_failure,
 )
+from moesif_beam.transforms.records import Record
 
 APP_ID = "hardening-app-9c41e7"  # recognisable: it must never show up in any output
 
@@ -98,11 +99,8 @@ def _writer(clock: FakeClock, session: FakeSession, budget: float = 10.0) -> _Ht
 def _batch(n: int, prefix: str = "r") -> list[tuple]:
     return [
         (
-            json.dumps({"transaction_id": f"{prefix}-{i}"}).encode(),
-            b"raw",
-            "f:1",
             f"{prefix}-{i}",
-            None,
+            Record(0, json.dumps({"transaction_id": f"{prefix}-{i}"}).encode(), b"raw", "f:1"),
         )
         for i in range(n)
     ]

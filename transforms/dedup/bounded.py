@@ -11,8 +11,6 @@ Two ways to bring every copy of an id together, with the same result:
 
 from __future__ import annotations
 
-import pickle
-import struct
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator
@@ -25,59 +23,31 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.records import Keyed, Record, pack_keyed, unpack_keyed
 
 __all__ = ["DedupByTransactionId", "pack_record", "pick_first", "unpack_records"]
 
-# time_ms, then the lengths of: transaction id, body, raw, source, signature id, ack.
-_HEADER = struct.Struct("<qIIIIII")
 
+def pack_record(transaction_id: str, record: Record) -> bytes:
+    """One keyed record as bytes, as the spill writes it.
 
-def pack_record(transaction_id: str, value: tuple) -> bytes:
-    """One keyed record ``(transaction_id, (time_ms, body, raw, source, sig_id, ack))`` as bytes.
-
-    Bytes in, bytes out: only the id and the source are encoded; an ack, when there is one,
-    is pickled.
+    See :func:`~moesif_beam.transforms.records.pack_keyed`: bytes in, bytes out, nothing
+    pickled.
     """
-    tid = transaction_id.encode("utf-8")
-    source = value[3].encode("utf-8")
-    sig_id = value[4] if len(value) > 4 else b""
-    ack = value[5] if len(value) > 5 else None
-    packed_ack = b"" if ack is None else pickle.dumps(ack, protocol=pickle.HIGHEST_PROTOCOL)
-    header = _HEADER.pack(
-        value[0], len(tid), len(value[1]), len(value[2]), len(source), len(sig_id), len(packed_ack)
-    )
-    return b"".join((header, tid, value[1], value[2], source, sig_id, packed_ack))
+    return pack_keyed(transaction_id, record)
 
 
-def unpack_records(data: bytes) -> Iterator[tuple[str, tuple]]:
+def unpack_records(data: bytes) -> Iterator[Keyed]:
     """The records :func:`pack_record` wrote, concatenated in ``data``, in order."""
-    view = memoryview(data)
-    pos = 0
-    size = _HEADER.size
-    while pos < len(data):
-        time_ms, n_tid, n_body, n_raw, n_source, n_sig, n_ack = _HEADER.unpack_from(data, pos)
-        pos += size
-        tid = str(view[pos : pos + n_tid], "utf-8")
-        pos += n_tid
-        body = bytes(view[pos : pos + n_body])
-        pos += n_body
-        raw = bytes(view[pos : pos + n_raw])
-        pos += n_raw
-        source = str(view[pos : pos + n_source], "utf-8")
-        pos += n_source
-        sig_id = bytes(view[pos : pos + n_sig])
-        pos += n_sig
-        ack = pickle.loads(view[pos : pos + n_ack]) if n_ack else None  # noqa: S301 (our own bytes)
-        pos += n_ack
-        yield tid, (time_ms, body, raw, source, sig_id, ack)
+    return unpack_keyed(data)
 
 
-def _earlier(value: tuple, other: tuple) -> bool:
+def _earlier(value: Record, other: Record) -> bool:
     """The winner rule: earlier event time, then the serialized record, first."""
-    return bool(value[:2] < other[:2])
+    return (value.time_ms, value.body) < (other.time_ms, other.body)
 
 
-def pick_first(values: Iterable[tuple]) -> tuple[tuple, int]:
+def pick_first(values: Iterable[Record]) -> tuple[Record, int]:
     """Choose the record a transaction id keeps, and count the others.
 
     The earliest event time wins, ties broken by the serialized record, so the choice does
@@ -86,7 +56,7 @@ def pick_first(values: Iterable[tuple]) -> tuple[tuple, int]:
     Returns:
         ``(winner, duplicates)``.
     """
-    winner: tuple | None = None
+    winner: Record | None = None
     seen = 0
     for value in values:
         seen += 1
@@ -125,7 +95,7 @@ class _SpillFn(beam.DoFn):
         self._bundle = uuid.uuid4().hex
         self._files: dict[int, Any] = {}
 
-    def process(self, element: tuple[str, tuple]) -> None:
+    def process(self, element: Keyed) -> None:
         transaction_id, value = element
         part = zlib.crc32(transaction_id.encode("utf-8")) % self._partitions
         handle = self._files.get(part)
@@ -151,9 +121,9 @@ class _KeepFirstInPartitionFn(beam.DoFn):
     def __init__(self) -> None:
         self._duplicates = counter("duplicates")
 
-    def process(self, element: tuple[int, Iterable[str]]) -> Iterator[tuple[str, tuple]]:
+    def process(self, element: tuple[int, Iterable[str]]) -> Iterator[Keyed]:
         _, paths = element
-        winners: dict[str, tuple] = {}
+        winners: dict[str, Record] = {}
         duplicates = 0
         for path in sorted(paths):
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -178,7 +148,7 @@ class _KeepFirstInPartitionFn(beam.DoFn):
 class DedupByTransactionId(beam.PTransform):
     """Keep exactly one record per transaction id in a bounded run.
 
-    Input and output are ``(transaction_id, (time_ms, record_json, raw, source, ...))``. The
+    Input and output are ``(transaction_id, Record)``. The
     earliest event time wins, ties broken by the serialized record, so the result does not
     depend on input order or parallelism. Every dropped record is counted in ``duplicates``.
     Records travel as bytes, serialized before this step and not parsed again.

@@ -29,6 +29,7 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.sinks import ACKS
+from moesif_beam.transforms.records import Keyed
 from moesif_beam.transforms.schema.bounded import InProcessSchema, conflict_letter
 
 __all__ = [
@@ -132,19 +133,19 @@ class _DedupFn(beam.DoFn):
 
     def process(
         self,
-        element: tuple[int, tuple[str, tuple]],
+        element: tuple[int, Keyed],
         timestamp: Any = beam.DoFn.TimestampParam,
         expire: Any = beam.DoFn.TimerParam(EXPIRE),
     ) -> Iterator[Any]:
         shard, record = element
-        value = record[1]
+        transaction_id, value = record
         seen = _seen_ids(self._dedup_id, shard, self._ttl_ms)
         # Event time, as the element's timestamp: a re-sent record within the TTL of the
         # first one's time is caught, and a drained stream (watermark at the end) forgets
         # everything at once.
         time_ms = timestamp.micros // 1000
         with seen.lock:
-            new = seen.add(record[0], time_ms)
+            new = seen.add(transaction_id, time_ms)
             fire_at = seen.schedule(time_ms, self._ttl_ms) if new else None
         if fire_at is not None:
             expire.set(_event_time(fire_at))
@@ -152,8 +153,8 @@ class _DedupFn(beam.DoFn):
             yield record
             return
         self._duplicates.inc()
-        if len(value) > 5 and value[5] is not None:
-            yield pvalue.TaggedOutput(ACKS, value[5])
+        if value.ack is not None:
+            yield pvalue.TaggedOutput(ACKS, value.ack)
 
     @on_timer(EXPIRE)
     def _forget(
@@ -173,7 +174,7 @@ def _event_time(ms: int) -> Timestamp:
     return min(Timestamp(micros=ms * 1000), GlobalWindow().max_timestamp())
 
 
-def _to_shard(element: tuple[str, tuple], shards: int) -> tuple[int, tuple[str, tuple]]:
+def _to_shard(element: Keyed, shards: int) -> tuple[int, Keyed]:
     return zlib.crc32(element[0].encode("utf-8")) % shards, element
 
 
@@ -207,8 +208,7 @@ class DedupInStream(beam.PTransform):
     def expand(self, records: beam.PCollection) -> Deduplicated:
         out = (
             records
-            | "ToShard"
-            >> beam.Map(_to_shard, self._shards).with_output_types(tuple[int, tuple[str, tuple]])
+            | "ToShard" >> beam.Map(_to_shard, self._shards).with_output_types(tuple[int, Keyed])
             | "DropRepeats"
             >> beam.ParDo(_DedupFn(self._dedup_id, self._ttl)).with_outputs(ACKS, main="records")
         )
@@ -245,9 +245,7 @@ class _DedupAndCheckFn(beam.DoFn):
             f"{self._stage_id}/schema", lambda: InProcessSchema(self._stored)
         )
 
-    def process(
-        self, element: tuple[str, tuple], timestamp: Any = beam.DoFn.TimestampParam
-    ) -> Iterator[Any]:
+    def process(self, element: Keyed, timestamp: Any = beam.DoFn.TimestampParam) -> Iterator[Any]:
         transaction_id, value = element
         seen = self._seen
         # Event time, as the element's timestamp (as DedupInStream); with no watermark
@@ -262,18 +260,17 @@ class _DedupAndCheckFn(beam.DoFn):
                 seen.schedule(time_ms, self._ttl_ms)
         if not new:
             self._duplicates.inc()
-            if value[5] is not None:
-                yield pvalue.TaggedOutput(ACKS, value[5])
+            if value.ack is not None:
+                yield pvalue.TaggedOutput(ACKS, value.ack)
             return
-        signature = value[4]
-        if not signature:
+        if not value.signature:
             yield element
             return
-        sig_id, sig = signature
-        conflict, new_fields = self._schema.check(sig_id, sig)
+        conflict, new_fields = self._schema.check(value.sig_id, value.signature)
         for field in new_fields:
             yield pvalue.TaggedOutput(NEW_FIELDS, field)
-        record = (transaction_id, (*value[:4], sig_id, value[5]))
+        # The signature has done its work here; it does not travel on.
+        record = (transaction_id, value._replace(signature=()))
         if conflict is None:
             yield record
             return

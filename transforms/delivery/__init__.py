@@ -23,7 +23,6 @@ from moesif_beam.transforms.delivery.sinks import (
     MAX_IN_FLIGHT,
     PostToMoesif,
     WriteBatchFiles,
-    as_item,
 )
 from moesif_beam.transforms.delivery.transport import (
     MIN_SECRET_LENGTH,
@@ -47,7 +46,6 @@ __all__ = [
     "RetryPolicy",
     "Secret",
     "WriteBatchFiles",
-    "as_item",
     "batch_url",
     "check_ca_bundle",
     "classify",

@@ -41,6 +41,7 @@ from moesif_beam.transforms.delivery.transport import (
     delivery_unknown,
     tls_failure,
 )
+from moesif_beam.transforms.records import Keyed
 from moesif_beam.transforms.sources.drain import check_drain_deadline, drain_sleep
 
 __all__ = ["encode_batch"]
@@ -49,7 +50,8 @@ _LOG = logging.getLogger(__name__)
 
 
 # A record as the sinks see it: (record_json, raw_input, source, transaction_id, ack or None).
-_Item = tuple[bytes, bytes, str, str, Any]
+# A record as the writers see it: ``(transaction_id, Record)``.
+_Item = Keyed
 
 
 def encode_batch(records: Sequence[bytes]) -> bytes:
@@ -87,7 +89,7 @@ class _Writer:
         raise NotImplementedError
 
     def _body(self, batch: Sequence[_Item]) -> tuple[bytes, bytes]:
-        plain = encode_batch([item[0] for item in batch])
+        plain = encode_batch([record.body for _, record in batch])
         # mtime=0 makes the gzip bytes a function of the content alone.
         return plain, gzip.compress(plain, compresslevel=self._gzip_level, mtime=0)
 
@@ -101,7 +103,8 @@ class _Writer:
             yield item, None
 
     def _letter(self, reason: str, detail: str, item: _Item) -> dict[str, Any]:
-        _, raw, source, transaction_id, ack = item
+        transaction_id, record = item
+        raw, source, ack = record.raw, record.source, record.ack
         letter = dead_letter(
             reason, "send", detail, raw, source, self._pipeline, transaction_id=transaction_id
         )

@@ -31,6 +31,7 @@ from moesif_beam.transforms.delivery.http import (
 )
 from moesif_beam.transforms.delivery.policy import RetryPolicy
 from moesif_beam.transforms.delivery.transport import Secret, batch_url, check_ca_bundle
+from moesif_beam.transforms.records import Ack, Keyed
 from moesif_beam.transforms.sources.offsets import compact_acks
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "MAX_IN_FLIGHT",
     "PostToMoesif",
     "WriteBatchFiles",
-    "as_item",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -50,12 +50,6 @@ BATCH_BYTE_LIMITS = {"events": 50_000_000, "actions": 15_000_000}
 
 # Tag of the output carrying delivered records' Kafka acknowledgement tokens.
 ACKS = "acks"
-
-
-def as_item(element: tuple[str, tuple]) -> _Item:
-    """A keyed record ``(transaction_id, (time_ms, body, raw, source, ...))`` as a sink item."""
-    transaction_id, value = element
-    return value[1], value[2], value[3], transaction_id, value[5] if len(value) > 5 else None
 
 
 class _BatchingFn(beam.DoFn):
@@ -112,11 +106,11 @@ class _BatchingFn(beam.DoFn):
         self._batch = []
         self._size = 2  # the brackets of the JSON array
         self._in_flight = collections.deque()
-        self._done_acks: list[tuple] = []
+        self._done_acks: list[Ack] = []
 
-    def process(self, element: tuple[str, tuple]) -> Iterator[Any]:
-        item = as_item(element)
-        size = len(item[0]) + 1  # the record and its comma
+    def process(self, item: Keyed) -> Iterator[Any]:
+        _, record = item
+        size = len(record.body) + 1  # the record and its comma
         if self._batch and (
             len(self._batch) >= self._max_events or self._size + size > self._max_bytes
         ):
@@ -178,11 +172,11 @@ class _BatchingFn(beam.DoFn):
                 if name not in self._counters:
                     self._counters[name] = counter(name)
                 self._counters[name].inc(n)
-            for item, letter in fates:
+            for (_, record), letter in fates:
                 if letter is not None:
                     yield letter
-                elif self._acks and item[4] is not None:
-                    self._done_acks.append(item[4])
+                elif self._acks and record.ack is not None:
+                    self._done_acks.append(record.ack)
 
 
 # Each batch in flight holds up to max_bytes twice (JSON and gzip); more than a few buys
@@ -240,7 +234,7 @@ class _BatchSink(beam.PTransform):
 class PostToMoesif(_BatchSink):
     """Post records to ``/v1/<kind>/batch`` in gzip batches; output the dead letters.
 
-    Input: ``(transaction_id, (time_ms, record_json, raw, source, ...))``. Batches hold at most
+    Input: ``(transaction_id, Record)``. Batches hold at most
     ``max_events`` records and ``max_bytes`` bytes of JSON (uncompressed, so Moesif's limit
     holds however the body compresses). Guarantees, per batch:
 

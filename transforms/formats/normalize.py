@@ -24,7 +24,8 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.errors import InvalidRecord
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
 from moesif_beam.transforms.formats import moesif_actions, segment, wso2
-from moesif_beam.transforms.schema.rule import NO_TIME, SCOPES, Signature, SignatureMemo
+from moesif_beam.transforms.records import Ack, FirstSeen, Line, Record
+from moesif_beam.transforms.schema.rule import NO_TIME, SCOPES, SignatureMemo
 from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
 
 __all__ = [
@@ -153,10 +154,10 @@ FORMATS: dict[str, dict[str, Format]] = {
 class Normalized(NamedTuple):
     """Outputs of :class:`NormalizeRecords`."""
 
-    # (transaction_id, (time_ms, record_json, raw, source, sig_id, ack or None))
+    # (transaction_id, Record)
     records: beam.PCollection
     dead_letters: beam.PCollection  # dead-letter dicts
-    signatures: beam.PCollection  # (sig_id, (time_ms, transaction_id, signature))
+    signatures: beam.PCollection  # (sig_id, FirstSeen)
 
 
 class _NormalizeFn(beam.DoFn):
@@ -189,15 +190,13 @@ class _NormalizeFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         # signature id -> (earliest (time, transaction_id) seen in this bundle, signature)
-        self._seen: dict[bytes, tuple[int, str, Signature]] = {}
+        self._seen: dict[bytes, FirstSeen] = {}
         # Counted per bundle, not per record: a counter update per record costs more than
         # the rest of the bookkeeping together.
         self._records_read = 0
 
-    def process(self, element: tuple) -> Iterator[Any]:
-        # (raw, source) from files; Kafka adds an acknowledgement token as a third item.
-        raw, source = element[0], element[1]
-        ack = element[2] if len(element) > 2 else None
+    def process(self, line: Line) -> Iterator[Any]:
+        raw, source, ack = line.raw, line.source, line.ack
         if len(raw) > self._max_line_bytes:
             # Files are cut at the reader (transforms/sources.py); this catches a Kafka
             # message or any other source's oversized value.
@@ -242,14 +241,14 @@ class _NormalizeFn(beam.DoFn):
         for index, (item, prefix) in enumerate(items):
             # One Kafka message, several records: the message is done when all of them
             # are. The commit stage counts parts (see transforms/offsets.py).
-            part_ack = None if ack is None else (*ack, len(items), index)
+            part_ack = None if ack is None else ack._replace(parts=len(items), part=index)
             try:
                 own = orjson.dumps(item)
             except (orjson.JSONEncodeError, RecursionError):
                 own = raw  # the element cannot be written alone; its letter keeps the line
             yield self._record(item, prefix, own, f"{source}{prefix}", part_ack)
 
-    def _record(self, item: Any, prefix: str, raw: bytes, source: str, ack: Any) -> Any:
+    def _record(self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None) -> Any:
         """One record's output: ``(transaction_id, value)`` or a dead letter.
 
         Nothing raised while mapping, encoding or signing one record escapes: what nobody
@@ -264,7 +263,7 @@ class _NormalizeFn(beam.DoFn):
                 "internal_error", "normalize", _unforeseen(exc), raw, source, ack=ack
             )
 
-    def _map(self, item: Any, prefix: str, raw: bytes, source: str, ack: Any) -> Any:
+    def _map(self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None) -> Any:
         try:
             transaction_id, time_ms, record = self._format.to_moesif(item, self._company_id_field)
             body = orjson.dumps(record)
@@ -303,13 +302,13 @@ class _NormalizeFn(beam.DoFn):
         when = NO_TIME if time_ms is None else time_ms
         sig, sig_id = self._signature(record.get("metadata"))
         if not sig:
-            return transaction_id, (when, body, raw, source, b"", ack)
+            return transaction_id, Record(when, body, raw, source, ack=ack)
         if self._inline:
-            return transaction_id, (when, body, raw, source, (sig_id, sig), ack)
+            return transaction_id, Record(when, body, raw, source, sig_id, sig, ack)
         first = self._seen.get(sig_id)
-        if first is None or (when, transaction_id) < first[:2]:
-            self._seen[sig_id] = (when, transaction_id, sig)
-        return transaction_id, (when, body, raw, source, sig_id, ack)
+        if first is None or (when, transaction_id) < (first.time_ms, first.transaction_id):
+            self._seen[sig_id] = FirstSeen(when, transaction_id, sig)
+        return transaction_id, Record(when, body, raw, source, sig_id, ack=ack)
 
     def finish_bundle(self) -> Iterator[Any]:
         if self._records_read:
@@ -352,7 +351,7 @@ class NormalizeRecords(beam.PTransform):
     A record from a line holding an array carries that element's own bytes (as orjson
     writes them), not the whole line. A third output carries the metadata
     signatures :class:`~moesif_beam.transforms.schema.rule.EnforceMetadataSchema` decides on; with
-    ``inline_signatures`` each record carries ``(signature_id, signature)`` in their place
+    ``inline_signatures`` each record carries its signature itself (``Record.signature``)
     instead, for a check in the same stage (see :class:`~moesif_beam.transforms.dedup.streaming.
     DedupAndCheckInProcess`).
     """

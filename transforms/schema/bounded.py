@@ -16,6 +16,7 @@ from apache_beam import pvalue
 
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
+from moesif_beam.transforms.records import FirstSeen, Keyed
 from moesif_beam.transforms.schema.rule import (
     Signature,
     _remember,
@@ -34,24 +35,33 @@ class SchemaChecked(NamedTuple):
     new_fields: beam.PCollection  # (key, type) pairs this run adds to the schema
 
 
-def _earliest(values: Iterable[tuple]) -> tuple:
+class _FirstType(NamedTuple):
+    """A key's type as one record carries it; the earliest ``(time_ms, transaction_id)`` wins."""
+
+    time_ms: int
+    transaction_id: str
+    kind: str
+
+
+def _earliest(values: Iterable[Any]) -> Any:
+    # FirstSeen and _FirstType both order by (time_ms, transaction_id) first.
     return min(values)
 
 
-def _explode(element: tuple[bytes, tuple[int, str, Signature]]) -> Iterator[tuple]:
-    _, (time_ms, transaction_id, sig) = element
-    for key, kind in sig:
-        yield key, (time_ms, transaction_id, kind)
+def _explode(element: tuple[bytes, FirstSeen]) -> Iterator[tuple[str, _FirstType]]:
+    _, first = element
+    for key, kind in first.signature:
+        yield key, _FirstType(first.time_ms, first.transaction_id, kind)
 
 
 def _verdict(
-    element: tuple[bytes, tuple[int, str, Signature]],
+    element: tuple[bytes, FirstSeen],
     stored: dict[str, str],
     winners: dict[str, str],
 ) -> Iterator[tuple[bytes, tuple[str, str, str]]]:
-    sig_id, (_, _, sig) = element
+    sig_id, first = element
     # The persisted type of a key wins over this run's first-seen one.
-    conflict = find_conflict(sig, ChainMap(stored, winners))
+    conflict = find_conflict(first.signature, ChainMap(stored, winners))
     if conflict is not None:
         yield sig_id, conflict
 
@@ -62,10 +72,10 @@ class _CheckFn(beam.DoFn):
         self._conflicts = counter("type_conflicts")
 
     def process(
-        self, element: tuple[str, tuple], conflicts: Mapping[bytes, tuple[str, str, str]]
+        self, element: Keyed, conflicts: Mapping[bytes, tuple[str, str, str]]
     ) -> Iterator[Any]:
-        value = element[1]
-        conflict = conflicts.get(value[4]) if conflicts else None
+        _, record = element
+        conflict = conflicts.get(record.sig_id) if conflicts else None
         if conflict is None:
             yield element
             return
@@ -74,7 +84,7 @@ class _CheckFn(beam.DoFn):
 
 
 def conflict_letter(
-    element: tuple[str, tuple], conflict: tuple[str, str, str], pipeline: str
+    element: Keyed, conflict: tuple[str, str, str], pipeline: str
 ) -> dict[str, Any]:
     """The ``type_conflict`` dead letter of a record, with its acknowledgement if any."""
     transaction_id, value = element
@@ -84,16 +94,16 @@ def conflict_letter(
         "type_conflict",
         "schema",
         detail,
-        value[2],
-        value[3],
+        value.raw,
+        value.source,
         pipeline,
         transaction_id=transaction_id,
         field=key,
         expected_type=expected,
         actual_type=actual,
     )
-    if len(value) > 5 and value[5] is not None:
-        letter[ACK_FIELD] = value[5]
+    if value.ack is not None:
+        letter[ACK_FIELD] = value.ack
     return letter
 
 
@@ -133,11 +143,10 @@ class InProcessSchema:
 class EnforceMetadataSchema(beam.PTransform):
     """Dead-letter records whose metadata contradicts the first type seen for a key.
 
-    Takes ``(records, signatures)``: records are ``(transaction_id, (time_ms, record_json,
-    raw, source, signature_id))`` and signatures ``(signature_id, (time_ms, transaction_id,
-    signature))`` as :class:`~moesif_beam.transforms.formats.normalize.NormalizeRecords` emits them.
-    Returns the
-    records that agree, ``type_conflict`` dead letters (counted in ``type_conflicts``), and
+    Takes ``(records, signatures)``: records are ``(transaction_id, Record)`` and signatures
+    ``(signature_id, FirstSeen)`` as
+    :class:`~moesif_beam.transforms.formats.normalize.NormalizeRecords` emits them. Returns
+    the records that agree, ``type_conflict`` dead letters (counted in ``type_conflicts``), and
     the ``(key, type)`` pairs this run adds to the persisted schema.
     """
 
@@ -153,7 +162,7 @@ class EnforceMetadataSchema(beam.PTransform):
             distinct
             | "KeyTypes" >> beam.FlatMap(_explode)
             | "FirstTypePerKey" >> beam.CombinePerKey(_earliest)
-            | "WinningType" >> beam.MapTuple(lambda key, first: (key, first[2]))
+            | "WinningType" >> beam.MapTuple(lambda key, first: (key, first.kind))
         )
         conflicts = distinct | "Verdicts" >> beam.FlatMap(
             _verdict, stored=self._stored, winners=beam.pvalue.AsDict(winners)

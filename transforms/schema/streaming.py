@@ -21,6 +21,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
+from moesif_beam.transforms.records import Keyed
 from moesif_beam.transforms.schema.bounded import SchemaChecked, _CheckFn
 from moesif_beam.transforms.schema.rule import Signature, _remember
 from moesif_beam.transforms.schema.store import _checked, save_schema
@@ -57,7 +58,7 @@ class _StageMemory:
         self.lock = threading.Lock()
         self.decided: dict[Any, Any] = {}  # key -> type, or signature -> verdict
         self.pending: dict[bytes, dict[str, tuple[str, str]]] = {}  # decisions so far
-        self.held: dict[tuple[bytes, int], list[tuple[str, tuple]]] = {}  # awaiting verdicts
+        self.held: dict[tuple[bytes, int], list[Keyed]] = {}  # awaiting verdicts
         self.checked: set[tuple[bytes, int]] = set()  # gate keys whose state was read
 
 
@@ -203,7 +204,7 @@ class _GateFn(beam.DoFn):
                         return
         yield from self._route(payload, verdict, sig_id)
 
-    def _route(self, record: tuple[str, tuple], verdict: tuple, sig_id: bytes) -> Iterator[Any]:
+    def _route(self, record: Keyed, verdict: tuple, sig_id: bytes) -> Iterator[Any]:
         conflicts = {} if verdict == _OK else {sig_id: verdict[1:]}
         yield from self._check.process(record, conflicts)
 
@@ -214,12 +215,12 @@ class _GateFn(beam.DoFn):
 _GateInput = tuple[tuple[bytes, int], tuple[str, Any]]
 
 
-def _to_gate(element: tuple[str, tuple], shards: int) -> _GateInput:
+def _to_gate(element: Keyed, shards: int) -> _GateInput:
     # Records without metadata pass through the gate too (it lets them straight on), so
     # that every record leaves from one stage and delivery fuses with it.
     transaction_id, value = element
     shard = zlib.crc32(transaction_id.encode("utf-8")) % shards
-    return (value[4], shard), ("record", element)
+    return (value.sig_id, shard), ("record", element)
 
 
 class EnforceMetadataSchemaInStream(beam.PTransform):

@@ -25,6 +25,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER, dead_letter
+from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.sources.drain import Ticks
 
 __all__ = [
@@ -257,7 +258,7 @@ class _ReadFn(beam.DoFn):
                 else:
                     lines += 1
                     last = source
-                    yield line, source
+                    yield Line(line, source)
         except Exception as exc:
             # Reached only for failures of the file itself: open, read, decompress.
             self._read.inc()
@@ -285,7 +286,7 @@ class _ReadFn(beam.DoFn):
 class Lines(NamedTuple):
     """Outputs of the file readers."""
 
-    lines: beam.PCollection  # (raw_bytes, "path:line")
+    lines: beam.PCollection  # Line(raw_bytes, "path:line")
     dead_letters: beam.PCollection  # unreadable files and over-long lines
 
 

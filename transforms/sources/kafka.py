@@ -2,10 +2,10 @@
 
 Each partition is an offset range. A backfill (``--kafka_stop``) resolves both ends to
 offsets before the run, so the read is bounded and finishes by itself; without a stop the
-range is open and the read is unbounded (streaming). Every record leaves as
-``(value_bytes, "topic/partition@offset", ack)``, where ``ack`` is
-``("topic/partition", offset, previous_offset)``: the offset of the record the reader
-emitted before it in the same partition. A commit stage can therefore advance a
+range is open and the read is unbounded (streaming). Every record leaves as a
+:class:`~moesif_beam.transforms.records.Line` whose ``ack`` is
+``Ack("topic/partition", offset, previous)``, ``previous`` being the offset of the record
+the reader emitted before it in the same partition. A commit stage can therefore advance a
 partition's committed offset over gaps (transaction markers, compacted offsets) without
 guessing: an offset is committed only once every record before it is done.
 
@@ -33,6 +33,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from moesif_beam.transforms.common.timefmt import parse_time_ms
 from moesif_beam.transforms.common.worker_memory import worker_memory
+from moesif_beam.transforms.records import Ack, Line
 from moesif_beam.transforms.sources.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
 
 __all__ = [
@@ -302,7 +303,7 @@ class _PartitionConsumers:
 
 
 class _ReadPartitionFn(beam.DoFn):
-    """Reads one partition's range; yields ``(value, source, ack)`` with Kafka's timestamp.
+    """Reads one partition's range; yields ``Line(value, source, Ack)`` with Kafka's timestamp.
 
     Each partition has one consumer per worker, shared by the stage's DoFn instances and
     kept assigned from one bundle to the next: a stream's read of a partition is a chain
@@ -381,7 +382,7 @@ class _ReadPartitionFn(beam.DoFn):
                     watermark.set_watermark(event_time)
                 value = message.value() or b""
                 yield TimestampedValue(
-                    (value, f"{name}@{offset}", (name, offset, previous)), seconds
+                    Line(value, f"{name}@{offset}", Ack(name, offset, previous)), seconds
                 )
                 previous = offset
                 if offset == restriction.stop - 1:
@@ -467,12 +468,12 @@ class _DiscoverFn(ConsumerFn):
 class KafkaRead(NamedTuple):
     """Outputs of :class:`ReadKafka`."""
 
-    records: beam.PCollection  # (value_bytes, "topic/partition@offset", ack)
+    records: beam.PCollection  # Line(value_bytes, "topic/partition@offset", Ack)
     partitions: beam.PCollection  # every KafkaPartition read, initial and discovered
 
 
 class ReadKafka(beam.PTransform):
-    """Read a topic's partitions as ``(value_bytes, "topic/partition@offset", ack)``.
+    """Read a topic's partitions as ``Line(value_bytes, "topic/partition@offset", Ack)``.
 
     Partitions are the unit of parallelism; each is read in offset order. Values are
     untouched bytes (a poison record is the parser's to dead-letter). Bounded when every

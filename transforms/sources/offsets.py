@@ -25,6 +25,7 @@ import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
+from moesif_beam.transforms.records import Ack, PartitionStart
 from moesif_beam.transforms.sources.kafka import (
     ConsumerFn,
     KafkaPartition,
@@ -53,37 +54,36 @@ class PartitionProgress:
     parts: dict[int, set[int]] = field(default_factory=dict)
 
 
-def advance(progress: PartitionProgress, acks: Iterable[tuple]) -> bool:
+def advance(progress: PartitionProgress, acks: Iterable[Ack | PartitionStart]) -> bool:
     """Apply acknowledgements and move the frontier as far as the chain allows.
 
-    An acknowledgement ``(offset, previous)`` says every record after ``previous`` up to
-    and including ``offset`` is done: one record (whose predecessor in the partition was
+    An :class:`Ack` says every record after ``previous`` up to and including ``offset`` is
+    done: one record (whose predecessor in the partition was
     ``previous``), or a run of them merged by :func:`compact_acks`. Stale and overlapping
     acknowledgements (a retried bundle's, or records re-read after a restart) are harmless.
 
     Args:
         progress: the partition's state, updated in place.
-        acks: ``("start", offset_before_first)`` markers and ``(offset, previous)`` or
-            ``(offset, previous, parts, index)`` acknowledgements.
+        acks: :class:`PartitionStart` markers and :class:`Ack` acknowledgements (of the
+            partition ``progress`` tracks; their ``partition`` is not looked at).
 
     Returns:
         True if the frontier moved.
     """
     before = progress.frontier
     for ack in acks:
-        if ack[0] == "start":
-            if progress.frontier is None or ack[1] > progress.frontier:
-                progress.frontier = ack[1]
+        if isinstance(ack, PartitionStart):
+            if progress.frontier is None or ack.before > progress.frontier:
+                progress.frontier = ack.before
                 _rebase(progress)
             continue
-        offset, previous = ack[0], ack[1]
-        if len(ack) > 2:
-            seen = progress.parts.setdefault(offset, set())
-            seen.add(ack[3])
-            if len(seen) < ack[2]:
+        if ack.parts > 1:
+            seen = progress.parts.setdefault(ack.offset, set())
+            seen.add(ack.part)
+            if len(seen) < ack.parts:
                 continue
-            del progress.parts[offset]
-        _add_done(progress, previous, offset)
+            del progress.parts[ack.offset]
+        _add_done(progress, ack.previous, ack.offset)
     if progress.frontier is not None:
         while progress.frontier in progress.done:
             progress.frontier = progress.done.pop(progress.frontier)
@@ -119,31 +119,30 @@ def _rebase(progress: PartitionProgress) -> None:
         _add_done(progress, previous, offset)
 
 
-def compact_acks(acks: Iterable[tuple]) -> list[tuple]:
+def compact_acks(acks: Iterable[Ack]) -> list[Ack]:
     """Merge acknowledgements that chain into runs, one per run and partition.
 
-    ``(p, 5, 4)`` and ``(p, 6, 5)`` become ``(p, 6, 4)``: "everything after 4 up to 6 is
-    done", which :func:`advance` applies exactly as it would the two. A stage that
+    ``Ack(p, 5, 4)`` and ``Ack(p, 6, 5)`` become ``Ack(p, 6, 4)``: "everything after 4 up
+    to 6 is done", which :func:`advance` applies exactly as it would the two. A stage that
     acknowledges a batch of records in partition order sends a handful of tokens instead
     of one per record. Parts of multi-record messages pass through unchanged.
     """
-    out: list[tuple] = []
+    out: list[Ack] = []
     chains: dict[str, dict[int, int]] = {}
     for ack in acks:
-        if len(ack) > 3:
+        if ack.parts > 1:
             out.append(ack)
             continue
-        name, offset, previous = ack
-        links = chains.setdefault(name, {})
-        if offset > links.get(previous, -1):
-            links[previous] = offset
+        links = chains.setdefault(ack.partition, {})
+        if ack.offset > links.get(ack.previous, -1):
+            links[ack.previous] = ack.offset
     for name, links in chains.items():
         targets = set(links.values())
         for head in sorted(p for p in links if p not in targets):
             end = links.pop(head)
             while end in links:
                 end = links.pop(end)
-            out.append((name, end, head))
+            out.append(Ack(name, end, head))
     return out
 
 
@@ -158,7 +157,9 @@ class _CommitFn(ConsumerFn):
             self._moved: dict[str, int] = {}
 
     def process(
-        self, element: tuple[str, tuple], state: Any = beam.DoFn.StateParam(PROGRESS)
+        self,
+        element: tuple[str, Ack | PartitionStart],
+        state: Any = beam.DoFn.StateParam(PROGRESS),
     ) -> Iterator[tuple[str, int]]:
         name, ack = element
         progress = state.read() or PartitionProgress()
@@ -192,12 +193,13 @@ class _CommitFn(ConsumerFn):
         self._moved = {}
 
 
-def _start_marker(partition: KafkaPartition) -> tuple[str, tuple]:
-    return f"{partition.topic}/{partition.partition}", ("start", partition.start - 1)
+def _start_marker(partition: KafkaPartition) -> tuple[str, PartitionStart]:
+    name = f"{partition.topic}/{partition.partition}"
+    return name, PartitionStart(name, partition.start - 1)
 
 
-def _key_ack(ack: tuple) -> tuple[str, tuple]:
-    return ack[0], ack[1:]
+def _key_ack(ack: Ack) -> tuple[str, Ack]:
+    return ack.partition, ack
 
 
 class CommitOffsets(beam.PTransform):
