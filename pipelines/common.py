@@ -1,7 +1,8 @@
 """The delivery pipeline both ``events`` and ``actions`` are made of.
 
 ``files or Kafka -> parse + normalize -> dedup by transaction_id -> metadata type schema -> batch ->
-Moesif (or batch files)``, every reject flowing to one dead-letter sink, and the keys this
+Moesif (or batch files)``, every reject flowing to one dead-letter sink (by construction:
+a pipeline with a stage whose rejects reach no sink fails to build), and the keys this
 run adds to the metadata schema written aside for the launcher to merge into the store.
 """
 
@@ -14,6 +15,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.transforms.deadletters.handler import DeadLetters, verify_dead_letters
 from moesif_beam.transforms.deadletters.letters import WriteDeadLetters
 from moesif_beam.transforms.deadletters.streaming import WriteDeadLettersInStream
 from moesif_beam.transforms.dedup.bounded import DedupByTransactionId
@@ -62,15 +64,16 @@ def build_delivery(
     if config.streaming:
         return _build_streaming(config, options, stored_schema)
     pipeline = beam.Pipeline(options=options)
+    rejects = DeadLetters()
     if config.kafka is not None:
         read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
         lines = read.records
-        unreadable: tuple[beam.PCollection, ...] = ()
     else:
         files = pipeline | "ReadFiles" >> ReadLines(
             config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes
         )
-        lines, unreadable = files.lines, (files.dead_letters,)
+        lines = files.lines
+        rejects.add(files.dead_letters)
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
@@ -78,25 +81,25 @@ def build_delivery(
         schema_scope=config.schema_scope,
         max_line_bytes=config.max_line_bytes,
     )
+    rejects.add(normalized.dead_letters)
     unique = normalized.records | "Dedup" >> DedupByTransactionId(
         config.spill_dir if config.dedup_spill else None
     )
     checked = (unique, normalized.signatures) | "MetadataSchema" >> EnforceMetadataSchema(
         stored_schema, config.pipeline
     )
-    rejected = checked.records | "Deliver" >> _sink(config)
-    _ = (
-        *unreadable,
-        normalized.dead_letters,
-        checked.dead_letters,
-        rejected,
-    ) | "DeadLetters" >> WriteDeadLetters(config.dead_letter_dir, config.pipeline, config.run_id)
+    rejects.add(checked.dead_letters)
+    rejects.add(checked.records | "Deliver" >> _sink(config))
+    rejects.write(
+        "DeadLetters", WriteDeadLetters(config.dead_letter_dir, config.pipeline, config.run_id)
+    )
     _ = (
         checked.new_fields
         | "SchemaLine" >> beam.MapTuple(lambda key, kind: json.dumps([key, kind]))
         | "PendingSchema"
         >> beam.io.WriteToText(f"{config.schema_pending_dir}/keys", file_name_suffix=".jsonl")
     )
+    verify_dead_letters(pipeline)
     return pipeline
 
 
@@ -109,10 +112,10 @@ def _build_streaming(
     every record before them is done.
     """
     pipeline = beam.Pipeline(options=options)
+    rejects = DeadLetters()
     if config.kafka is not None:
         read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
         lines = read.records
-        unreadable: tuple[beam.PCollection, ...] = ()
     else:
         files = pipeline | "FollowFiles" >> FollowFiles(
             config.input,
@@ -120,7 +123,8 @@ def _build_streaming(
             pipeline=config.pipeline,
             max_line_bytes=config.max_line_bytes,
         )
-        lines, unreadable = files.lines, (files.dead_letters,)
+        lines = files.lines
+        rejects.add(files.dead_letters)
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
@@ -129,6 +133,7 @@ def _build_streaming(
         inline_signatures=config.single_process,
         max_line_bytes=config.max_line_bytes,
     )
+    rejects.add(normalized.dead_letters)
     if config.single_process:
         # One process sees every record: no shuffle to dedup shards or schema gates, so
         # records go from the reader to delivery in one fused stage (measured: the
@@ -146,20 +151,19 @@ def _build_streaming(
     _ = checked.new_fields | "PersistSchema" >> PersistSchemaInStream(
         config.schema_store_path, config.schema_scope
     )
+    rejects.add(checked.dead_letters)
     delivered = checked.records | "Deliver" >> BatchAndDeliverInStream(
         _sink(config), config.batch_max_delay
     )
-    dead_acks = (
-        *unreadable,
-        normalized.dead_letters,
-        checked.dead_letters,
-        delivered.dead_letters,
-    ) | "DeadLetters" >> WriteDeadLettersInStream(
-        config.dead_letter_dir, config.pipeline, config.run_id
+    rejects.add(delivered.dead_letters)
+    dead_acks = rejects.write(
+        "DeadLetters",
+        WriteDeadLettersInStream(config.dead_letter_dir, config.pipeline, config.run_id),
     )
     if config.kafka is not None:
         acks = (duplicate_acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()
         _ = (acks, read.partitions) | "CommitOffsets" >> CommitOffsets(config.kafka)
+    verify_dead_letters(pipeline)
     return pipeline
 
 

@@ -21,6 +21,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.http import (
     _Counts,
     _Fates,
@@ -58,8 +59,8 @@ class _BatchingFn(beam.DoFn):
     A batch is cut when it is full, when its oldest record has waited ``max_delay``
     seconds (if set), and at the end of every bundle, so nothing waits on a timer: bounded
     runs get full batches from their large bundles, streams get batches within a bundle's
-    length. The main output is the dead letters; with ``acks``, delivered records'
-    acknowledgement tokens go to the ``acks`` output.
+    length. Dead letters go to the ``dead_letter`` output; with ``acks``, delivered
+    records' acknowledgement tokens go to the ``acks`` output. The main output is empty.
 
     Up to ``max_in_flight`` batches are compressed and delivered on background threads
     while this thread goes on batching (zlib and sockets release the GIL, so this uses a
@@ -174,7 +175,7 @@ class _BatchingFn(beam.DoFn):
                 self._counters[name].inc(n)
             for (_, record), letter in fates:
                 if letter is not None:
-                    yield letter
+                    yield pvalue.TaggedOutput(DEAD_LETTER, letter)
                 elif self._acks and record.ack is not None:
                     self._done_acks.append(record.ack)
 
@@ -228,7 +229,7 @@ class _BatchSink(beam.PTransform):
     def in_stream(self, max_delay: float) -> beam.ParDo:
         """The same delivery for a stream: dead letters, plus acks of delivered records."""
         fn = self._batching(max_delay, acks=True)
-        return beam.ParDo(fn).with_outputs(ACKS, main="dead_letters")
+        return beam.ParDo(fn).with_outputs(ACKS, DEAD_LETTER, main="sent")
 
 
 class PostToMoesif(_BatchSink):
@@ -299,7 +300,10 @@ class PostToMoesif(_BatchSink):
         self._max_in_flight = max_in_flight
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        return records | "PostBatches" >> beam.ParDo(self._batching())
+        out = records | "PostBatches" >> beam.ParDo(self._batching()).with_outputs(
+            DEAD_LETTER, main="sent"
+        )
+        return out[DEAD_LETTER]
 
 
 class WriteBatchFiles(_BatchSink):
@@ -331,4 +335,7 @@ class WriteBatchFiles(_BatchSink):
         self._max_in_flight = max_in_flight
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        return records | "WriteBatches" >> beam.ParDo(self._batching())
+        out = records | "WriteBatches" >> beam.ParDo(self._batching()).with_outputs(
+            DEAD_LETTER, main="sent"
+        )
+        return out[DEAD_LETTER]

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 
+from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.sinks import ACKS, PostToMoesif, WriteBatchFiles
 
 __all__ = ["BatchAndDeliverInStream", "Delivered"]
@@ -42,4 +43,4 @@ class BatchAndDeliverInStream(beam.PTransform):
 
     def expand(self, records: beam.PCollection) -> Delivered:
         out = records | "Batch" >> self._sink.in_stream(self._max_delay)
-        return Delivered(out.dead_letters, out[ACKS])
+        return Delivered(out[DEAD_LETTER], out[ACKS])
