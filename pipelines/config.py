@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.delivery import (
     BATCH_BYTE_LIMITS,
-    MAX_IN_FLIGHT,
     MIN_SECRET_LENGTH,
     RetryPolicy,
     Secret,
-    check_ca_bundle,
+)
+from moesif_beam.transforms.delivery.sinks import (
+    DEFAULT_GZIP_LEVEL,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_TIMEOUT,
+    validate_batching,
+    validate_collector,
 )
 from moesif_beam.transforms.formats.normalize import FORMATS
 from moesif_beam.transforms.schema import SCOPES
@@ -31,6 +41,16 @@ DEFAULT_BASE_URL = "https://api.moesif.net"
 def new_run_id() -> str:
     """A sortable, unique label for one run: UTC time plus a little randomness."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _as_flags(check: Callable[..., None], *args: Any) -> None:
+    """Run a transform's own check; name the setting as the command's flag."""
+    try:
+        check(*args)
+    except ValueError as exc:
+        text = str(exc)
+        msg = text if text.startswith("--") else f"--{text}"
+        raise ValueError(msg) from None
 
 
 @dataclass(frozen=True)
@@ -90,14 +110,14 @@ class PipelineConfig:
     output_dir: str = "./moesif-out"
     dead_letter: str = ""
     company_id_field: str | None = None
-    batch_max_events: int = 500
-    batch_max_bytes: int = 5_000_000
+    batch_max_events: int = DEFAULT_MAX_EVENTS
+    batch_max_bytes: int = DEFAULT_MAX_BYTES
     batch_max_delay: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    http_timeout: float = 30.0
+    http_timeout: float = DEFAULT_TIMEOUT
     ca_bundle: str | None = None
-    gzip_level: int = 6
-    max_in_flight: int = 2
+    gzip_level: int = DEFAULT_GZIP_LEVEL
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     metrics_out: str | None = None
     schema_store: str = ""
     schema_scope: str = "name"
@@ -128,25 +148,25 @@ class PipelineConfig:
         if self.schema_scope not in SCOPES:
             msg = f"--schema_scope must be one of {', '.join(SCOPES)}, got {self.schema_scope!r}"
             raise ValueError(msg)
-        if not self.base_url.startswith(("http://", "https://")):
-            msg = f"--moesif_base_url must start with http:// or https://, got {self.base_url!r}"
-            raise ValueError(msg)
-        if self.batch_max_events < 1:
-            msg = f"--batch_max_events must be at least 1, got {self.batch_max_events}"
-            raise ValueError(msg)
-        limit = BATCH_BYTE_LIMITS[self.pipeline]
-        if not 1024 <= self.batch_max_bytes <= limit:
-            msg = (
-                f"--batch_max_bytes must be between 1024 and {limit} "
-                f"(Moesif's {self.pipeline} batch limit), got {self.batch_max_bytes}"
-            )
-            raise ValueError(msg)
-        if self.batch_max_delay <= 0:
-            msg = f"--batch_max_delay must be positive, got {self.batch_max_delay}"
-            raise ValueError(msg)
-        if self.http_timeout <= 0:
-            msg = f"--http_timeout must be positive, got {self.http_timeout}"
-            raise ValueError(msg)
+        # The transforms' own checks, so each rule is written once; a message that starts
+        # with a setting's name gets the flag's dashes.
+        _as_flags(validate_collector, self.base_url, self.http_timeout, self.ca_bundle)
+        _as_flags(
+            validate_batching,
+            self.pipeline,
+            self.batch_max_events,
+            self.batch_max_bytes,
+            self.gzip_level,
+            self.max_in_flight,
+        )
+        for name in (
+            "batch_max_delay",
+            "dedup_ttl",
+            "drain_timeout",
+            "follow_interval",
+            "max_line_bytes",
+        ):
+            _as_flags(require_positive, name, getattr(self, name))
         if self.application_id is not None and (
             len(self.application_id.reveal()) < MIN_SECRET_LENGTH
         ):
@@ -156,25 +176,8 @@ class PipelineConfig:
                 "characters); check --moesif_application_id or MOESIF_APPLICATION_ID"
             )
             raise ValueError(msg)
-        if self.ca_bundle is not None:
-            check_ca_bundle(self.ca_bundle)
-        if not 0 <= self.gzip_level <= 9:
-            msg = f"--gzip_level must be between 0 and 9, got {self.gzip_level}"
-            raise ValueError(msg)
-        if not 1 <= self.max_in_flight <= MAX_IN_FLIGHT:
-            msg = f"--max_in_flight must be between 1 and {MAX_IN_FLIGHT}, got {self.max_in_flight}"
-            raise ValueError(msg)
-        if self.dedup_ttl <= 0:
-            msg = f"--dedup_ttl must be positive, got {self.dedup_ttl}"
-            raise ValueError(msg)
-        if self.drain_timeout <= 0:
-            msg = f"--drain_timeout must be positive, got {self.drain_timeout}"
-            raise ValueError(msg)
         if self.follow and self.kafka is not None:
             msg = "--follow watches files; it cannot be combined with --source kafka"
-            raise ValueError(msg)
-        if self.follow_interval <= 0:
-            msg = f"--follow_interval must be positive, got {self.follow_interval}"
             raise ValueError(msg)
         unbounded_kafka = self.kafka is not None and not self.kafka.bounded
         if self.streaming and not (unbounded_kafka or self.follow):
@@ -185,9 +188,6 @@ class PipelineConfig:
             raise ValueError(msg)
         if not self.output_dir:
             msg = "--output_dir must not be empty"
-            raise ValueError(msg)
-        if self.max_line_bytes < 1:
-            msg = f"--max_line_bytes must be positive, got {self.max_line_bytes}"
             raise ValueError(msg)
 
     @property

@@ -22,7 +22,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.engines.run_state import OWNER_FILE
 from moesif_beam.transforms.common.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
-from moesif_beam.transforms.common.errors import CollectorConfigError
+from moesif_beam.transforms.common.errors import (
+    REPORT_ENV,
+    CollectorConfigError,
+    reported_config_error,
+)
 from moesif_beam.transforms.schema import load_schema, save_schema
 from moesif_beam.transforms.sources.drain import drain_timed_out, start_drain
 
@@ -106,14 +110,33 @@ def execute(
     out: TextIO = sys.stdout,
     *,
     in_process_workers: bool = False,
+    report_file: str | None = None,
 ) -> int:
     """Build, run and report one pipeline run; return the process exit code.
 
     The persisted metadata schema is read before the run and updated after it completes;
     a failed run leaves it untouched. With ``in_process_workers`` (every worker runs in
     this process) the summary uses the exact in-process tally instead of the runner's
-    metrics.
+    metrics. With ``report_file``, workers on this machine report a refused collector
+    configuration there (see :data:`~moesif_beam.transforms.common.errors.REPORT_ENV`).
     """
+    if report_file is not None:
+        os.environ[REPORT_ENV] = report_file
+    try:
+        return _execute(build, config, options, out, in_process_workers, report_file)
+    finally:
+        if report_file is not None:
+            os.environ.pop(REPORT_ENV, None)
+
+
+def _execute(
+    build: Callable[[PipelineConfig, PipelineOptions, dict[str, str]], beam.Pipeline],
+    config: PipelineConfig,
+    options: PipelineOptions,
+    out: TextIO,
+    in_process_workers: bool,
+    report_file: str | None,
+) -> int:
     stored = load_schema(config.schema_store_path, config.schema_scope)
     pipeline = build(config, options, stored)
     started = time.monotonic()
@@ -125,7 +148,7 @@ def execute(
     except Exception as exc:  # the runner wraps worker errors; we explain them once
         if config.streaming and drain_timed_out():
             return _report_drain_timeout(config)
-        return _report_failure(exc, config)
+        return _report_failure(exc, config, report_file)
     finally:
         if restore is not None:
             restore()
@@ -328,10 +351,17 @@ def _write_metrics(config: PipelineConfig, counters: dict[str, int], seconds: fl
         handle.write(json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def _report_failure(exc: BaseException, config: PipelineConfig) -> int:
+def _report_failure(exc: BaseException, config: PipelineConfig, report_file: str | None) -> int:
+    reported = reported_config_error(report_file) if report_file else None
+    if reported is not None:
+        # A worker on this machine said why: the collector refused the configuration.
+        print(reported, file=sys.stderr, flush=True)
+        return EXIT_COLLECTOR
     text = "".join(traceback.format_exception(exc))
     if config.application_id is not None:
         text = config.application_id.scrub(text)
+    # Workers on other machines (Flink, Dataflow) reach us only through the runner's text
+    # of their exception.
     marker = text.find(CollectorConfigError.MARKER)
     if marker >= 0:
         message = text[marker:].splitlines()[0]

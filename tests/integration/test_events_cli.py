@@ -242,7 +242,7 @@ def test_metrics_out_has_every_contract_key(tmp_path):
 
 
 def test_large_local_inputs_run_on_worker_processes(tmp_path, monkeypatch):
-    from moesif_beam.runners import cli
+    from moesif_beam.runners import options as cli
 
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
     big = tmp_path / "big.jsonl"
@@ -251,14 +251,14 @@ def test_large_local_inputs_run_on_worker_processes(tmp_path, monkeypatch):
     small = tmp_path / "small.jsonl"
     small.write_bytes(b"{}\n")
     processes = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    assert cli._local_parallelism([], [str(big)]) == processes
-    assert cli._local_parallelism(["--runner=FnApiRunner"], [str(big)]) == processes
+    assert cli.local_parallelism([], [str(big)]) == processes
+    assert cli.local_parallelism(["--runner=FnApiRunner"], [str(big)]) == processes
     # Small inputs stay in one process; the user's own sizing and other runners are kept.
-    assert cli._local_parallelism([], [str(small)]) == []
-    assert cli._local_parallelism(["--direct_num_workers", "1"], [str(big)]) == []
-    assert cli._local_parallelism(["--runner=DataflowRunner"], [str(big)]) == []
+    assert cli.local_parallelism([], [str(small)]) == []
+    assert cli.local_parallelism(["--direct_num_workers", "1"], [str(big)]) == []
+    assert cli.local_parallelism(["--runner=DataflowRunner"], [str(big)]) == []
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 1)
-    assert cli._local_parallelism([], [str(big)]) == []
+    assert cli.local_parallelism([], [str(big)]) == []
 
 
 def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
@@ -309,8 +309,11 @@ def test_run_options_make_each_view_once_and_share_its_values():
     )
 
     from moesif_beam.runners import cli
+    from moesif_beam.runners import options as run_options
 
-    options = cli._beam_options(["--direct_num_workers=2"], streaming=False)
+    options = run_options.beam_options(
+        ["--direct_num_workers=2"], streaming=False, default_runner=cli.DEFAULT_BATCH_RUNNER
+    )
     direct = options.view_as(DirectOptions)
     assert options.view_as(DirectOptions) is direct
     assert direct.direct_num_workers == 2
@@ -323,6 +326,62 @@ def test_run_options_make_each_view_once_and_share_its_values():
     )
     assert options.get_all_options()["direct_running_mode"] == "multi_processing"
     # The flag check still knows every Beam flag and only those.
-    assert cli._unknown_beam_args(["--direct_num_workers=2", "--no_such_flag"]) == [
+    assert run_options._unknown_beam_args(["--direct_num_workers=2", "--no_such_flag"]) == [
         "--no_such_flag"
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--runner", "Bogus"], "unknown --runner 'Bogus'"),
+        (["--runner=no.such.module.Runner"], "--runner"),
+        (["--direct_num_workers=many"], "direct_num_workers"),
+        (["--runner", "DaskRunner", "--dask_client_address", "x"], "DaskRunner"),
+    ],
+)
+def test_a_bad_runner_or_runner_option_is_one_line_and_exit_2(tmp_path, args, message):
+    _write_input(tmp_path / "in.jsonl", 3)
+    run = run_cli(
+        [
+            "events",
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output_dir",
+            str(tmp_path / "o"),
+            *args,
+        ],
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_chosen_runners_own_options_are_accepted(tmp_path):
+    # The options class exists only in the runner's module: it is imported because the
+    # runner is chosen, so its flag is known.
+    _write_input(tmp_path / "in.jsonl", 5)
+    run = run_cli(
+        [
+            "events",
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--runner",
+            "tests.support.custom_runner.AuditedRunner",
+            "--audit_label",
+            "nightly",
+        ],
+        metrics=tmp_path / "metrics.json",
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.metrics["sent"] == 5
+    # Without the runner, the same flag is unknown.
+    again = run_cli(
+        ["events", "--input", str(tmp_path / "in.jsonl"), "--audit_label", "nightly"], timeout=60
+    )
+    assert again.returncode == 2
+    assert "unknown option(s): --audit_label" in again.stderr

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
-__all__ = ["CollectorConfigError", "InvalidRecord", "MoesifBeamError", "json_type"]
+import contextlib
+import os
+
+__all__ = [
+    "REPORT_ENV",
+    "CollectorConfigError",
+    "InvalidRecord",
+    "MoesifBeamError",
+    "json_type",
+    "report_config_error",
+    "reported_config_error",
+    "require_positive",
+]
+
+
+def require_positive(name: str, value: float) -> None:
+    """Refuse a setting that must be positive; the message starts with its flag's name.
+
+    Raises:
+        ValueError: ``value`` is not greater than zero.
+    """
+    if not value > 0:
+        msg = f"{name} must be positive, got {value}"
+        raise ValueError(msg)
 
 
 class MoesifBeamError(Exception):
@@ -36,12 +59,42 @@ class CollectorConfigError(MoesifBeamError):
     """The collector refused our configuration (401/403, unknown endpoint, ...).
 
     The run stops: retrying cannot help, and dead-lettering every record would only bury a
-    configuration mistake. The message never contains the application id.
+    configuration mistake. The message never contains the application id. Raised in a
+    worker, it also reports itself to the launcher (see :func:`report_config_error`).
     """
 
-    # Found in the text of whatever exception a runner wraps ours in, so the CLI can print
-    # our one clear line instead of a worker traceback.
+    # Starts every message. Runners pass only the text of a worker's exception to the
+    # launcher; where workers run on other machines (Flink, Dataflow) the text is the only
+    # channel there is, and this is how the launcher recognises it.
     MARKER = "moesif-beam: collector refused the configuration"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        report_config_error(message)
+
+
+# Set by the launcher for a run whose workers share its machine: a file where a worker
+# writes the refusal that stops the run, so the launcher reports it as what it is instead
+# of finding it in the runner's wrapped traceback.
+REPORT_ENV = "MOESIF_BEAM_REPORT_FILE"
+
+
+def report_config_error(message: str) -> None:
+    """Tell the launcher (when it listens, see :data:`REPORT_ENV`) why the run must stop."""
+    path = os.environ.get(REPORT_ENV)
+    if not path:
+        return
+    with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as handle:
+        handle.write(message.splitlines()[0] if message else "")
+
+
+def reported_config_error(path: str) -> str | None:
+    """The refusal a worker reported in ``path``, if any."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
 
 
 # Exact types first: this runs for every value of every record.

@@ -26,6 +26,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.sinks import ACKS
@@ -194,9 +195,7 @@ class DedupInStream(beam.PTransform):
 
     def __init__(self, ttl_seconds: float, shards: int = 16) -> None:
         super().__init__()
-        if ttl_seconds <= 0:
-            msg = f"dedup_ttl must be positive, got {ttl_seconds}"
-            raise ValueError(msg)
+        require_positive("dedup_ttl", ttl_seconds)
         if shards < 1:
             msg = f"shards must be >= 1, got {shards}"
             raise ValueError(msg)
@@ -296,9 +295,7 @@ class DedupAndCheckInProcess(beam.PTransform):
 
     def __init__(self, ttl_seconds: float, stored: Mapping[str, str], pipeline: str) -> None:
         super().__init__()
-        if ttl_seconds <= 0:
-            msg = f"dedup_ttl must be positive, got {ttl_seconds}"
-            raise ValueError(msg)
+        require_positive("dedup_ttl", ttl_seconds)
         InProcessSchema(stored)  # validates the stored types now, not in a worker
         self._fn = _DedupAndCheckFn(uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline)
 

@@ -21,6 +21,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.http import (
     _Counts,
@@ -38,9 +39,16 @@ from moesif_beam.transforms.sources.offsets import compact_acks
 __all__ = [
     "ACKS",
     "BATCH_BYTE_LIMITS",
+    "DEFAULT_GZIP_LEVEL",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_EVENTS",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_TIMEOUT",
     "MAX_IN_FLIGHT",
     "PostToMoesif",
     "WriteBatchFiles",
+    "validate_batching",
+    "validate_collector",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -185,27 +193,57 @@ class _BatchingFn(beam.DoFn):
 MAX_IN_FLIGHT = 8
 
 
-def _validate_batching(
+# The sinks' defaults; the command's flags and PipelineConfig take theirs from here.
+DEFAULT_MAX_EVENTS = 500
+DEFAULT_MAX_BYTES = 5_000_000
+DEFAULT_GZIP_LEVEL = 6
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_IN_FLIGHT = 2
+
+
+def validate_batching(
     kind: str, max_events: int, max_bytes: int, gzip_level: int, max_in_flight: int
 ) -> None:
+    """Check batch settings; each message starts with the flag's name.
+
+    Raises:
+        ValueError: a setting is out of range.
+    """
     if kind not in BATCH_BYTE_LIMITS:
         msg = f"kind must be one of {sorted(BATCH_BYTE_LIMITS)}, got {kind!r}"
         raise ValueError(msg)
     if max_events < 1:
-        msg = f"batch_max_events must be >= 1, got {max_events}"
+        msg = f"batch_max_events must be at least 1, got {max_events}"
         raise ValueError(msg)
     limit = BATCH_BYTE_LIMITS[kind]
     # A record larger than max_bytes still goes out, alone; the per-record limit upstream
     # keeps that within Moesif's batch limit.
     if not 1024 <= max_bytes <= limit:
-        msg = f"batch_max_bytes for {kind} must be in 1024..{limit}, got {max_bytes}"
+        msg = (
+            f"batch_max_bytes must be between 1024 and {limit} "
+            f"(Moesif's {kind} batch limit), got {max_bytes}"
+        )
         raise ValueError(msg)
     if not 0 <= gzip_level <= 9:
-        msg = f"gzip_level must be in 0..9, got {gzip_level}"
+        msg = f"gzip_level must be between 0 and 9, got {gzip_level}"
         raise ValueError(msg)
     if not 1 <= max_in_flight <= MAX_IN_FLIGHT:
-        msg = f"max_in_flight must be in 1..{MAX_IN_FLIGHT}, got {max_in_flight}"
+        msg = f"max_in_flight must be between 1 and {MAX_IN_FLIGHT}, got {max_in_flight}"
         raise ValueError(msg)
+
+
+def validate_collector(base_url: str, timeout: float, ca_bundle: str | None) -> None:
+    """Check where and how to reach the collector; each message starts with the flag's name.
+
+    Raises:
+        ValueError: a setting is unusable.
+    """
+    if not base_url.startswith(("http://", "https://")):
+        msg = f"moesif_base_url must start with http:// or https://, got {base_url!r}"
+        raise ValueError(msg)
+    require_positive("http_timeout", timeout)
+    if ca_bundle is not None:
+        check_ca_bundle(ca_bundle)
 
 
 class _BatchSink(beam.PTransform):
@@ -265,27 +303,20 @@ class PostToMoesif(_BatchSink):
         application_id: Secret,
         pipeline: str,
         *,
-        max_events: int = 500,
-        max_bytes: int = 5_000_000,
-        gzip_level: int = 6,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        gzip_level: int = DEFAULT_GZIP_LEVEL,
         policy: RetryPolicy | None = None,
-        timeout: float = 30.0,
-        max_in_flight: int = 2,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         ca_bundle: str | None = None,
     ) -> None:
         super().__init__()
-        _validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
-        if not base_url.startswith(("http://", "https://")):
-            msg = f"moesif_base_url must start with http:// or https://, got {base_url!r}"
-            raise ValueError(msg)
+        validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
+        validate_collector(base_url, timeout, ca_bundle)
         if not isinstance(application_id, Secret) or not application_id.reveal():
             msg = "a Moesif application id is required to post to the collector"
             raise ValueError(msg)
-        if timeout <= 0:
-            msg = f"timeout must be > 0, got {timeout}"
-            raise ValueError(msg)
-        if ca_bundle is not None:
-            check_ca_bundle(ca_bundle)
         self._writer: _Writer = _HttpWriter(
             batch_url(base_url, kind),
             application_id,
@@ -319,13 +350,13 @@ class WriteBatchFiles(_BatchSink):
         kind: str,
         directory: str,
         *,
-        max_events: int = 500,
-        max_bytes: int = 5_000_000,
-        gzip_level: int = 6,
-        max_in_flight: int = 2,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        gzip_level: int = DEFAULT_GZIP_LEVEL,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         super().__init__()
-        _validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
+        validate_batching(kind, max_events, max_bytes, gzip_level, max_in_flight)
         if not directory:
             msg = "an output directory is required"
             raise ValueError(msg)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 
+from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.sinks import ACKS, PostToMoesif, WriteBatchFiles
 
@@ -35,9 +36,7 @@ class BatchAndDeliverInStream(beam.PTransform):
 
     def __init__(self, sink: PostToMoesif | WriteBatchFiles, max_delay: float) -> None:
         super().__init__()
-        if max_delay <= 0:
-            msg = f"batch_max_delay must be positive, got {max_delay}"
-            raise ValueError(msg)
+        require_positive("batch_max_delay", max_delay)
         self._sink = sink
         self._max_delay = max_delay
 

@@ -1,0 +1,46 @@
+"""Errors reach the user as one line: a refused configuration is reported, not searched for."""
+
+from __future__ import annotations
+
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners import launch
+from moesif_beam.runners.options import DEFAULTS
+from moesif_beam.transforms.common.errors import (
+    REPORT_ENV,
+    CollectorConfigError,
+    reported_config_error,
+)
+from moesif_beam.transforms.delivery import RetryPolicy
+
+
+def test_a_refusal_raised_in_a_worker_is_reported_to_the_launcher(tmp_path, monkeypatch):
+    report = tmp_path / "collector-refused"
+    monkeypatch.setenv(REPORT_ENV, str(report))
+    CollectorConfigError(f"{CollectorConfigError.MARKER}: HTTP 401 from http://x/v1: refused")
+    assert reported_config_error(str(report)).endswith("HTTP 401 from http://x/v1: refused")
+
+
+def test_without_a_listener_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv(REPORT_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    CollectorConfigError("refused")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_launcher_prints_the_reported_refusal_whatever_the_runner_wrapped(tmp_path, capsys):
+    report = tmp_path / "collector-refused"
+    report.write_text("moesif-beam: collector refused the configuration: HTTP 403")
+    config = PipelineConfig(pipeline="events", input="x", input_format="wso2")
+    # The runner's own exception says nothing useful: the report does.
+    code = launch._report_failure(RuntimeError("Pipeline failed"), config, str(report))
+    assert code == launch.EXIT_COLLECTOR
+    assert capsys.readouterr().err.strip() == (
+        "moesif-beam: collector refused the configuration: HTTP 403"
+    )
+
+
+def test_flag_defaults_are_the_configs_own():
+    config = PipelineConfig(pipeline="events", input="x", input_format="wso2")
+    for name in ("batch_max_events", "batch_max_bytes", "gzip_level", "http_timeout"):
+        assert DEFAULTS[name] == getattr(config, name)
+    assert DEFAULTS["max_retry_seconds"] == RetryPolicy().max_retry_seconds
