@@ -351,7 +351,9 @@ def _write_metrics(config: PipelineConfig, counters: dict[str, int], seconds: fl
         handle.write(json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def _report_failure(exc: BaseException, config: PipelineConfig, report_file: str | None) -> int:
+def _report_failure(
+    exc: BaseException, config: PipelineConfig, report_file: str | None = None
+) -> int:
     reported = reported_config_error(report_file) if report_file else None
     if reported is not None:
         # A worker on this machine said why: the collector refused the configuration.
