@@ -311,3 +311,63 @@ def test_application_ids_shorter_than_8_characters_are_refused():
         PipelineConfig("events", "x", "wso2", application_id=Secret("k"))
     assert "'k'" not in str(caught.value)
     PipelineConfig("events", "x", "wso2", application_id=Secret("12345678"))
+
+
+# ---------------------------------------------------------------------------------------
+# Split (413) and bisect (400), without a server
+# ---------------------------------------------------------------------------------------
+
+
+def _posted_ids(post: dict[str, Any]) -> list[str]:
+    import gzip
+
+    return [item["transaction_id"] for item in json.loads(gzip.decompress(post["data"]))]
+
+
+def test_a_413_splits_the_batch_until_it_fits_and_a_lone_record_is_too_large():
+    clock = FakeClock()
+    # The collector takes at most two records per batch, and never the record "s-3".
+    posts: list[list[str]] = []
+
+    def answer() -> FakeResponse:
+        ids = _posted_ids(session.posts[-1])
+        posts.append(ids)
+        if len(ids) > 2 or "s-3" in ids:
+            return FakeResponse(413, text="payload too large")
+        return FakeResponse(201)
+
+    session = FakeSession(clock, answer)
+    letters, counts = _deliver(_writer(clock, session), _batch(6, "s"))
+    assert [letter and letter["reason"] for letter in letters] == [
+        None,
+        None,
+        None,
+        "too_large",
+        None,
+        None,
+    ]
+    assert counts["sent"] == 5 and counts["too_large"] == 1
+    # Halves, in order: [0..5] -> [0,1,2] [3,4,5] -> [0] [1,2] ... never a retry wait.
+    assert posts[0] == [f"s-{i}" for i in range(6)]
+    assert clock.sleeps == []
+
+
+def test_a_400_is_bisected_until_the_refused_record_is_isolated():
+    clock = FakeClock()
+
+    def answer() -> FakeResponse:
+        ids = _posted_ids(session.posts[-1])
+        if "b-5" in ids:
+            return FakeResponse(400, text='{"error":"bad field in item"}')
+        return FakeResponse(201)
+
+    session = FakeSession(clock, answer)
+    letters, counts = _deliver(_writer(clock, session), _batch(8, "b"))
+    rejected = [i for i, letter in enumerate(letters) if letter is not None]
+    assert rejected == [5]
+    assert letters[5]["reason"] == "collector_rejected"
+    assert "HTTP 400" in letters[5]["detail"]
+    assert counts["sent"] == 7 and counts["collector_rejected"] == 1
+    # log2(8) + 1 levels of halving, each a post: far fewer than one per record.
+    assert len(session.posts) <= 2 * 3 + 1
+    assert clock.sleeps == []
