@@ -20,6 +20,7 @@ from moesif_beam.transforms.common.errors import CollectorConfigError
 from moesif_beam.transforms.delivery.http import _HttpWriter
 from moesif_beam.transforms.delivery.policy import RetryPolicy
 from moesif_beam.transforms.delivery.transport import Secret, preflight
+from moesif_beam.transforms.records import Record
 from tests.conftest import run_cli
 from tests.fixtures import wso2_line
 from tests.helpers import assert_nothing_lost, read_dead_letters
@@ -163,7 +164,7 @@ def test_the_sink_posts_over_tls_with_a_ca_bundle_and_stops_without_one(start_co
         "response": {"time": "2099-01-01T00:00:00.100Z", "status": 200, "headers": {}},
         "transaction_id": "tls-1",
     }
-    batch = [(json.dumps(event).encode(), b"raw", "f:1", "tls-1", None)]
+    batch = [("tls-1", Record(0, json.dumps(event).encode(), b"raw", "f:1"))]
 
     waits: list[float] = []  # the writer's waits before retries
     untrusting = _HttpWriter(url, Secret(APP_ID), "events", 1, policy, 5.0, sleep=waits.append)
