@@ -53,12 +53,13 @@ EXIT_USAGE = 2
 # and started as our own job server (runners/engines/prism.py).
 # Bounded runs default to Beam's FnApiRunner, chosen rather than reached by accident: the
 # DirectRunner would first try to download Prism, and our batch pipelines use nothing
-# the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode; ours
-# (runners/engines/local_workers.py) only forks its multi_processing workers instead of starting
-# them, which saves each about 2 s of start-up.
-# Imported above, before any work starts a thread: forking is judged against the threads
-# that existed then.
-DEFAULT_BATCH_RUNNER = f"{LocalRunner.__module__}.{LocalRunner.__name__}"
+# the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode.
+DEFAULT_BATCH_RUNNER = "FnApiRunner"
+# With --fork_workers, the same runner forks its multi_processing workers instead of
+# starting them (runners/engines/local_workers.py): about 2 s of start-up saved per worker,
+# within run-to-run noise at a million events (README, Runners). Imported above, before
+# any work starts a thread: forking is judged against the threads that existed then.
+FORKING_BATCH_RUNNER = f"{LocalRunner.__module__}.{LocalRunner.__name__}"
 
 _DESCRIPTION = {
     "events": "Deliver API-gateway logs to Moesif's /v1/events/batch (--format wso2).",
@@ -184,7 +185,9 @@ def _deliver(
                 *beam_args,
             ]
         options = beam_options(
-            beam_args, streaming=config.streaming, default_runner=DEFAULT_BATCH_RUNNER
+            beam_args,
+            streaming=config.streaming,
+            default_runner=FORKING_BATCH_RUNNER if args.fork_workers else DEFAULT_BATCH_RUNNER,
         )
         if prism is not None:
             config = dataclasses.replace(config, single_process=True)

@@ -201,6 +201,12 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
         "by then are not committed, and are read again on restart (exit code 4)",
     )
     parser.add_argument(
+        "--fork_workers",
+        action="store_true",
+        help="bounded local runs with several worker processes fork them from this process "
+        "instead of starting each as a new Python (saves about 2 s per worker; Linux)",
+    )
+    parser.add_argument(
         "--log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 

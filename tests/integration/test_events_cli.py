@@ -261,11 +261,13 @@ def test_large_local_inputs_run_on_worker_processes(tmp_path, monkeypatch):
     assert cli.local_parallelism([], [str(big)]) == []
 
 
+@pytest.mark.parametrize("workers", [(), ("--fork_workers",)], ids=["started", "forked"])
 def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
-    tmp_path, start_collector
+    tmp_path, start_collector, workers
 ):
-    """Large files are read as line-aligned ranges by several (forked) worker processes:
-    every record is still sent once, and dead letters name their line in the whole file."""
+    """Large files are read as line-aligned ranges by several worker processes (started
+    as Beam starts them, or forked): every record is still sent once, and dead letters name
+    their line in the whole file."""
     from moesif_beam.transforms.sources.files import RANGE_BYTES
     from samples.generate_wso2 import generate
 
@@ -286,6 +288,7 @@ def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
         "2",
         "--direct_running_mode",
         "multi_processing",
+        *workers,
     )
     assert run.returncode == 0, run.stderr
     metrics = run.metrics

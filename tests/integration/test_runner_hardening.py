@@ -168,6 +168,7 @@ def test_a_killed_bounded_run_is_cleaned_up_by_the_next_run(tmp_path, private_tm
             str(out),
             "--direct_num_workers=2",
             "--direct_running_mode=multi_processing",
+            "--fork_workers",
         ],
         private_tmp,
     )
