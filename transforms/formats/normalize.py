@@ -21,7 +21,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
-from moesif_beam.transforms.common.errors import InvalidRecord
+from moesif_beam.transforms.common.errors import InvalidRecord, require_positive
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
 from moesif_beam.transforms.formats import moesif_actions, segment, wso2
 from moesif_beam.transforms.records import Ack, FirstSeen, Line, Record
@@ -368,9 +368,7 @@ class NormalizeRecords(beam.PTransform):
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         super().__init__()
-        if max_line_bytes < 1:
-            msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
-            raise ValueError(msg)
+        require_positive("max_line_bytes", max_line_bytes)
         if pipeline not in FORMATS:
             msg = f"pipeline must be one of {sorted(FORMATS)}, got {pipeline!r}"
             raise ValueError(msg)

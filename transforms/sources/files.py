@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import BeamIOError, FileSystems
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER, dead_letter
 from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.sources.drain import Ticks
@@ -240,6 +241,7 @@ class _ReadFn(beam.DoFn):
     """
 
     def __init__(self, pipeline: str, max_line_bytes: int) -> None:
+        require_positive("max_line_bytes", max_line_bytes)
         self._pipeline = pipeline
         self._max_line_bytes = max_line_bytes
         self._read = counter("read")
@@ -309,9 +311,6 @@ class ReadLines(beam.PTransform):
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         super().__init__()
-        if max_line_bytes < 1:
-            msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
-            raise ValueError(msg)
         self._fn = _ReadFn(pipeline, max_line_bytes)
         if not pattern:
             msg = "an input pattern is required"
@@ -388,9 +387,6 @@ class FollowFiles(beam.PTransform):
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         super().__init__()
-        if max_line_bytes < 1:
-            msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
-            raise ValueError(msg)
         self._fn = _ReadFn(pipeline, max_line_bytes)
         if not pattern:
             msg = "an input pattern is required"
