@@ -176,7 +176,8 @@ def _event_time(ms: int) -> Timestamp:
 
 
 def _to_shard(element: Keyed, shards: int) -> tuple[int, Keyed]:
-    return zlib.crc32(element[0].encode("utf-8")) % shards, element
+    transaction_id, _ = element
+    return zlib.crc32(transaction_id.encode("utf-8")) % shards, element
 
 
 class DedupInStream(beam.PTransform):

@@ -444,7 +444,7 @@ class _DiscoverFn(ConsumerFn):
     ) -> Iterator[KafkaPartition]:
         from confluent_kafka import KafkaException, TopicPartition  # noqa: PLC0415
 
-        topic = element[0]
+        topic, _tick = element
         known = known_state.read() or set(self._initial)
         try:
             metadata = self._consumer.list_topics(topic, timeout=10)
