@@ -19,6 +19,7 @@ from typing import Any
 
 from moesif_beam.pipelines import actions, events
 from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners.engines.flink import start_flink_job_server
 from moesif_beam.runners.engines.local_workers import LocalRunner
 from moesif_beam.runners.engines.loopback import loopback_grpc_servers
 from moesif_beam.runners.engines.prism import PrismServer, ensure_prism
@@ -174,7 +175,10 @@ def _deliver(
     # private temporary directory (Prism's log, Beam's temporary files), all removed after.
     run = start_run(config)
     prism = None
+    flink = None
     try:
+        # --runner FlinkRunner: our own Flink job server (runners/engines/flink.py).
+        flink, beam_args = start_flink_job_server(beam_args, run.path)
         if config.streaming and not has_runner(beam_args):
             prism = PrismServer(ensure_prism(), run.file("prism.log"))
             beam_args = [
@@ -205,6 +209,8 @@ def _deliver(
     finally:
         if prism is not None:
             prism.stop()
+        if flink is not None:
+            flink.stop()
         run.close()
 
 
