@@ -101,16 +101,20 @@ class WriteDeadLetters(beam.PTransform):
         self._prefix = f"{directory.rstrip('/')}/{pipeline}-{run_id}"
 
     def expand(self, pcolls: Any) -> Any:
+        # Each input is counted before the Flatten, by a step of its own: a step after a
+        # Flatten is fused into every stage that produces one of its inputs, and Beam's
+        # Flink runner (2.62.0) then reports one stage's count for the step, not their sum
+        # (measured: 3 dead letters counted of 4 written, from two stages).
         if isinstance(pcolls, tuple | list):
-            pcolls = tuple(pcolls) | "Flatten" >> beam.Flatten()
-        return (
-            pcolls
-            | "Count" >> beam.Map(_count)
-            | "WriteAvro"
-            >> WriteToAvro(
-                self._prefix,
-                schema=schema_json("dead_letter"),
-                file_name_suffix=".avro",
-                codec="deflate",
+            counted = tuple(
+                pcoll | f"Count{index}" >> beam.Map(_count) for index, pcoll in enumerate(pcolls)
             )
+            letters = counted | "Flatten" >> beam.Flatten()
+        else:
+            letters = pcolls | "Count" >> beam.Map(_count)
+        return letters | "WriteAvro" >> WriteToAvro(
+            self._prefix,
+            schema=schema_json("dead_letter"),
+            file_name_suffix=".avro",
+            codec="deflate",
         )
