@@ -19,6 +19,7 @@ from typing import Any
 
 from moesif_beam.pipelines import actions, events
 from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners.dataflow.job import dry_run_requested, run_dry
 from moesif_beam.runners.engines.flink import start_flink_job_server
 from moesif_beam.runners.engines.local_workers import LocalRunner
 from moesif_beam.runners.engines.loopback import loopback_grpc_servers
@@ -38,6 +39,8 @@ from moesif_beam.runners.options import (
     runs_locally,
     wants_streaming,
 )
+from moesif_beam.runners.paths import LAUNCHER_PATHS, WORKER_PATHS, place_paths
+from moesif_beam.runners.profiles import add_profile_flag, apply_profile
 from moesif_beam.transforms.common.errors import CollectorConfigError
 from moesif_beam.transforms.delivery import RetryPolicy, Secret, preflight
 from moesif_beam.transforms.schema import load_schema, save_schema, seed_pairs
@@ -114,7 +117,12 @@ def _deliver(
 ) -> int:
     _configure_logging(args.log_level)
     try:
+        beam_args = apply_profile(args.profile, beam_args)
         check_beam_args(beam_args)
+        # A dry run builds a Dataflow job offline: nothing below may touch the network
+        # or the input (no glob matching, no schema store read, no collector preflight).
+        dry_run, beam_args = dry_run_requested(beam_args)
+        args = _placed_paths(parser, args, beam_args)
     except UsageError as exc:
         parser.error(str(exc))
     app_id = args.moesif_application_id or os.environ.get("MOESIF_APPLICATION_ID") or None
@@ -151,16 +159,17 @@ def _deliver(
             dedup_spill=runs_locally(beam_args),
             max_line_bytes=args.max_line_bytes,
         )
-        load_schema(config.schema_store_path, config.schema_scope)
-        if kafka is not None:
+        if not dry_run:
+            load_schema(config.schema_store_path, config.schema_scope)
+        if kafka is not None and not dry_run:
             config = dataclasses.replace(config, kafka_partitions=tuple(resolve_partitions(kafka)))
-        elif not config.follow:
+        elif kafka is None and not config.follow and not dry_run:
             paths = match_inputs(config.input)
             if not config.streaming:
                 beam_args = [*local_parallelism(beam_args, paths), *beam_args]
     except ValueError as exc:
         parser.error(str(exc))
-    if config.application_id is not None:
+    if config.application_id is not None and not dry_run:
         try:
             preflight(
                 config.base_url,
@@ -195,6 +204,8 @@ def _deliver(
         )
         if prism is not None:
             config = dataclasses.replace(config, single_process=True)
+        if dry_run:
+            return run_dry(_BUILDERS[pipeline], config, options)
         with loopback_grpc_servers():  # Beam's worker endpoints listen on 127.0.0.1 only
             return execute(
                 _BUILDERS[pipeline],
@@ -203,6 +214,8 @@ def _deliver(
                 in_process_workers=prism is not None,
                 report_file=run.file("collector-refused"),
             )
+    except UsageError as exc:
+        parser.error(str(exc))
     except RuntimeError as exc:
         print(f"moesif-beam {pipeline}: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -212,6 +225,19 @@ def _deliver(
         if flink is not None:
             flink.stop()
         run.close()
+
+
+def _placed_paths(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, beam_args: list[str]
+) -> argparse.Namespace:
+    """``args`` with its path flags as the run's workers need them (runners/paths.py)."""
+    names = [*WORKER_PATHS, *LAUNCHER_PATHS]
+    placed = place_paths(
+        {name: getattr(args, name) for name in names},
+        beam_args,
+        defaults={name: parser.get_default(name) for name in names},
+    )
+    return argparse.Namespace(**{**vars(args), **placed})
 
 
 def _kafka_config(args: argparse.Namespace) -> KafkaSourceConfig | None:
@@ -283,6 +309,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 # Commands with a command line of their own, handed everything after their name.
 _SERVICES = {
+    "deadletters": "inspect (stats, show) and replay dead letters",
     "collector": "a local Moesif Collector API emulator, for tests and trials",
     "kafka-local": "a real single-node Apache Kafka broker (KRaft), for laptops and tests",
 }
@@ -305,6 +332,7 @@ def _parser() -> ArgumentParser:
             allow_abbrev=False,
         )
         add_delivery_flags(sub, pipeline)
+        add_profile_flag(sub)
         sub.set_defaults(parser=sub)
     _add_schema_command(commands)
     for name, text in _SERVICES.items():
@@ -317,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in _SERVICES:
         # Their own parsers, help and errors.
+        if args_list[0] == "deadletters":
+            from moesif_beam.runners import deadletters  # noqa: PLC0415
+
+            return deadletters.main(args_list[1:], main)
         if args_list[0] == "kafka-local":
             from moesif_beam.runners.emulators import kafka_local  # noqa: PLC0415
 
