@@ -388,3 +388,37 @@ def test_a_chosen_runners_own_options_are_accepted(tmp_path):
     )
     assert again.returncode == 2
     assert "unknown option(s): --audit_label" in again.stderr
+
+
+def test_clear_failures_at_start_are_one_line_and_exit_2(tmp_path):
+    # Issue 18's list: an unreachable broker, an input that cannot be read, a dead-letter
+    # path or output directory that cannot be written, a schema store that is not JSON.
+    sample = _write_input(tmp_path / "in.jsonl", 2)
+    bad_store = tmp_path / "schema.json"
+    bad_store.write_text("{not json")
+    cases = [
+        (
+            [
+                "--source",
+                "kafka",
+                "--kafka_bootstrap_servers",
+                "127.0.0.1:1",
+                "--kafka_topic",
+                "t",
+                "--kafka_group_id",
+                "g",
+                "--kafka_stop",
+                "now",
+            ],
+            "cannot read Kafka at 127.0.0.1:1",
+        ),
+        (["--input", "nosuchscheme://bucket/*.jsonl"], "nosuchscheme://bucket/*.jsonl"),
+        (["--input", str(sample), "--dead_letter", "/proc/none/dl"], "--dead_letter"),
+        (["--input", str(sample), "--output_dir", "/proc/none"], "--output_dir"),
+        (["--input", str(sample), "--schema_store", str(bad_store)], "not JSON"),
+    ]
+    for args, message in cases:
+        run = run_cli(["events", *args], timeout=120)
+        assert run.returncode == 2, (args, run.stderr)
+        assert message in run.stderr, (args, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)

@@ -50,6 +50,11 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
+# librdkafka's own log lines while partitions are resolved before a run. An unreachable
+# broker gives hundreds of them; the command reports the failure in one line, and shows
+# these only with --log_level DEBUG.
+CLIENT_LOG = logging.getLogger(f"{__name__}.client")
+
 
 @dataclass(frozen=True)
 class KafkaSourceConfig:
@@ -139,14 +144,19 @@ def resolve_partitions(config: KafkaSourceConfig, timeout: float = 30.0) -> list
     try:
         return _resolve(config, timeout)
     except KafkaException as exc:
-        msg = f"Kafka at {config.bootstrap_servers}: {exc.args[0] if exc.args else exc}"
-        raise ValueError(msg) from exc
+        error = exc.args[0] if exc.args else exc
+        reason = error.str() if hasattr(error, "str") else str(error)
+        msg = (
+            f"cannot read Kafka at {config.bootstrap_servers} ({reason}); check "
+            "--kafka_bootstrap_servers and that the broker is up"
+        )
+        raise ValueError(msg) from None
 
 
 def _resolve(config: KafkaSourceConfig, timeout: float) -> list[KafkaPartition]:
     from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
 
-    consumer = Consumer(config.consumer_settings())
+    consumer = Consumer(config.consumer_settings(), logger=CLIENT_LOG)
     try:
         metadata = consumer.list_topics(config.topic, timeout=timeout)
         topic = metadata.topics.get(config.topic)
