@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +48,11 @@ from moesif_beam.transforms.schema import load_schema, save_schema, seed_pairs
 from moesif_beam.transforms.sources.files import (
     match_inputs,
 )
-from moesif_beam.transforms.sources.kafka import KafkaSourceConfig, resolve_partitions
+from moesif_beam.transforms.sources.kafka import (
+    CLIENT_LOG,
+    KafkaSourceConfig,
+    resolve_partitions,
+)
 
 __all__ = ["main"]
 
@@ -93,6 +98,8 @@ def _configure_logging(level: str) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_OwnErrorsOnce())
+    if level != "DEBUG":
+        CLIENT_LOG.setLevel(logging.CRITICAL)
     if level == "DEBUG":
         # Records are data, not diagnostics: these Beam loggers print whole elements at
         # DEBUG, so they stay at INFO whatever --log_level asks for.
@@ -119,8 +126,9 @@ def _deliver(
     try:
         beam_args = apply_profile(args.profile, beam_args)
         check_beam_args(beam_args)
-        # A dry run builds a Dataflow job offline: nothing below may touch the network
-        # or the input (no glob matching, no schema store read, no collector preflight).
+        # A dry run builds a Dataflow job offline: nothing below touches the input, the
+        # schema store or the collector (no glob matching, no store read, no preflight).
+        # Only a Kafka read still asks its broker for the partitions the graph is made of.
         dry_run, beam_args = dry_run_requested(beam_args)
         args = _placed_paths(parser, args, beam_args)
     except UsageError as exc:
@@ -161,7 +169,9 @@ def _deliver(
         )
         if not dry_run:
             load_schema(config.schema_store_path, config.schema_scope)
-        if kafka is not None and not dry_run:
+        _check_writable(config.output_dir, "--output_dir")
+        _check_writable(config.dead_letter_dir, "--dead_letter")
+        if kafka is not None:
             config = dataclasses.replace(config, kafka_partitions=tuple(resolve_partitions(kafka)))
         elif kafka is None and not config.follow and not dry_run:
             paths = match_inputs(config.input)
@@ -240,6 +250,23 @@ def _placed_paths(
     return argparse.Namespace(**{**vars(args), **placed})
 
 
+def _check_writable(directory: str, flag: str) -> None:
+    """Refuse, before any record is read, a local directory the run could not write.
+
+    Other filesystems (gs://, s3://) are left to the run: checking them would need the
+    network and credentials before the job is even built.
+    """
+    if "://" in directory:
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".moesif-beam-probe-"):
+            pass
+    except OSError as exc:
+        msg = f"{flag} {directory} cannot be written: {exc.strerror or exc}"
+        raise ValueError(msg) from None
+
+
 def _kafka_config(args: argparse.Namespace) -> KafkaSourceConfig | None:
     kafka_flags = [
         name
@@ -312,6 +339,7 @@ _SERVICES = {
     "deadletters": "inspect (stats, show) and replay dead letters",
     "collector": "a local Moesif Collector API emulator, for tests and trials",
     "kafka-local": "a real single-node Apache Kafka broker (KRaft), for laptops and tests",
+    "flink-local": "a real single-machine Flink 1.19 cluster, with its Python workers",
 }
 
 
@@ -349,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moesif_beam.runners import deadletters  # noqa: PLC0415
 
             return deadletters.main(args_list[1:], main)
+        if args_list[0] == "flink-local":
+            from moesif_beam.runners.engines import flink_cluster  # noqa: PLC0415
+
+            return flink_cluster.main(args_list[1:])
         if args_list[0] == "kafka-local":
             from moesif_beam.runners.emulators import kafka_local  # noqa: PLC0415
 

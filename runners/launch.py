@@ -17,7 +17,7 @@ from typing import Any, TextIO, cast
 import apache_beam as beam
 from apache_beam.io.filesystems import BeamIOError, FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.engines.run_state import OWNER_FILE
@@ -143,6 +143,10 @@ def _execute(
     restore = _drain_on_signals(config.drain_timeout) if config.streaming else None
     try:
         result = pipeline.run()
+        template = options.view_as(GoogleCloudOptions).template_location
+        if template:  # Dataflow wrote the job as a template (a Flex Template's launch)
+            print(f"moesif-beam {config.pipeline}: Dataflow job written to {template}", file=out)
+            return 0
         with _drain_watchdog(result, config) if config.streaming else contextlib.nullcontext():
             result.wait_until_finish()
     except Exception as exc:  # the runner wraps worker errors; we explain them once

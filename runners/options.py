@@ -97,7 +97,7 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
         "--source", default="files", choices=["files", "kafka"], help="where records come from"
     )
     source.add_argument("--kafka_bootstrap_servers", help="host:port[,host:port]")
-    source.add_argument("--kafka_topic")
+    source.add_argument("--kafka_topic", help="the topic to read")
     source.add_argument(
         "--kafka_group_id",
         help="consumer group: where a read resumes, and where offsets are committed once "
@@ -157,7 +157,9 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
     sink.add_argument("--metrics_out", help="write the run's counters as JSON to this path")
     add_schema_flags(parser)
     batching = parser.add_argument_group("batching and retries")
-    batching.add_argument("--batch_max_events", type=int, default=d["batch_max_events"])
+    batching.add_argument(
+        "--batch_max_events", type=int, default=d["batch_max_events"], help="records per batch"
+    )
     batching.add_argument(
         "--batch_max_bytes",
         type=int,
@@ -180,7 +182,9 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
     batching.add_argument(
         "--http_timeout", type=float, default=d["http_timeout"], help="seconds per request"
     )
-    batching.add_argument("--gzip_level", type=int, default=d["gzip_level"])
+    batching.add_argument(
+        "--gzip_level", type=int, default=d["gzip_level"], help="batch compression, 0 to 9"
+    )
     batching.add_argument(
         "--max_in_flight",
         type=int,
@@ -262,10 +266,24 @@ def check_beam_args(beam_args: Sequence[str]) -> None:
         except ImportError as exc:
             msg = f"--runner {name} cannot be used here: {str(exc).splitlines()[0]}"
             raise UsageError(msg) from None
+        if name.rsplit(".", 1)[-1].lower() in ("dataflowrunner", "testdataflowrunner"):
+            _check_dataflow_extra(name)
     unknown = _unknown_beam_args(beam_args)
     if unknown:
         msg = f"unknown option(s): {' '.join(unknown)}"
         raise UsageError(msg)
+
+
+def _check_dataflow_extra(name: str) -> None:
+    """The Dataflow runner imports its client libraries only when it runs: check them now."""
+    try:
+        from apache_beam.runners.dataflow.internal import apiclient  # noqa: F401, PLC0415
+    except ImportError:
+        msg = (
+            f"--runner {name} cannot be used here: it needs Beam's Google Cloud libraries; "
+            "install them with: pip install 'moesif-beam[dataflow]'"
+        )
+        raise UsageError(msg) from None
 
 
 class _Refusal(Exception):
