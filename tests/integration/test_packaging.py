@@ -6,6 +6,8 @@ imported from outside the repository, as a user's ``pip install .`` would be.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,21 +23,36 @@ pytestmark = pytest.mark.integration
 FOLDERS = ("pipelines", "transforms", "schemas", "runners")
 
 
-def _modules(root: Path) -> set[str]:
-    """Every .py and .avsc file of the project's folders, relative to the repository."""
-    return {
-        str(path.relative_to(root))
-        for folder in FOLDERS
-        for path in (root / folder).rglob("*")
-        if path.suffix in (".py", ".avsc") and "__pycache__" not in path.parts
-    }
+def _tracked_modules() -> set[str]:
+    """The .py and .avsc files of the project's folders that a clone holds."""
+    tracked = subprocess.run(
+        ["git", "ls-files", *FOLDERS], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {name for name in tracked if name.endswith((".py", ".avsc"))}
+
+
+def _checkout(root: Path) -> Path:
+    """A copy of what a clone holds, so building leaves nothing (build/, egg-info) here."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, tracked):
+        source = REPO / name.decode()
+        target = root / name.decode()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, target)
+    return root
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    tree = _checkout(tmp_path_factory.mktemp("checkout"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(tree)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -49,7 +66,7 @@ def test_the_wheel_installs_one_namespace_with_its_schemas_and_types(wheel):
     tops = {name.split("/", 1)[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"moesif_beam"}
     installed = {name.removeprefix("moesif_beam/") for name in names}
-    assert _modules(REPO) <= installed
+    assert _tracked_modules() <= installed
     assert "moesif_beam/py.typed" in names
     assert "moesif_beam/schemas/dead_letter.avsc" in names
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
@@ -113,14 +130,14 @@ def test_installed_it_imports_as_moesif_beam_only(wheel, tmp_path):
 def test_setup_file_sdist_ships_every_module_and_schema(tmp_path):
     # Beam's --setup_file runs `python setup.py sdist` and installs the result on workers.
     subprocess.run(
-        [sys.executable, "setup.py", "sdist", "--dist-dir", str(tmp_path)],
-        cwd=REPO,
+        [sys.executable, "setup.py", "sdist", "--dist-dir", str(tmp_path / "dist")],
+        cwd=_checkout(tmp_path / "checkout"),
         check=True,
         capture_output=True,
         timeout=300,
     )
-    (sdist,) = tmp_path.glob("moesif[-_]beam-*.tar.gz")
+    (sdist,) = (tmp_path / "dist").glob("moesif[-_]beam-*.tar.gz")
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    assert _modules(REPO) <= names
+    assert _tracked_modules() <= names
     assert "moesif_beam/__init__.py" in names
