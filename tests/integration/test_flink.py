@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,31 @@ def flink_jobserver() -> str:
     from moesif_beam.runners.engines.flink import ensure_flink_jobserver
 
     return ensure_flink_jobserver()
+
+
+@pytest.fixture(scope="session")
+def flink_local(flink_jobserver, tmp_path_factory) -> Iterator[int]:
+    """``moesif-beam flink-local`` (Flink fetched from PyPI once), stopped by SIGTERM after."""
+    from moesif_beam.runners.engines.flink import free_port
+    from moesif_beam.runners.engines.flink_cluster import ensure_flink_home
+
+    ensure_flink_home()
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("flink-local")
+    command = [sys.executable, "-m", "moesif_beam.runners.cli", "flink-local"]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port), "--data_dir", str(data_dir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # printed once the REST API and the workers answer
+    assert line.startswith(f"flink listening on 127.0.0.1:{port} "), (line, proc.stderr.read())
+    yield port
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
 
 
 def _run(args: list[str], metrics: Path) -> tuple[CliRun, set[tuple[int, str, int]]]:
@@ -74,10 +101,16 @@ def _dead(out: Path) -> Counter[str]:
     return Counter(json.dumps(letter, sort_keys=True, default=str) for letter in letters)
 
 
-def _compare(tmp_path: Path, start_collector: Any, pipeline: str, sample: str) -> dict[str, Any]:
-    """Run ``pipeline`` on the default runner and on Flink [local]; both must agree."""
+def _compare(
+    tmp_path: Path,
+    start_collector: Any,
+    pipeline: str,
+    sample: str,
+    flink_flags: list[str] = FLINK_LOCAL,
+) -> dict[str, Any]:
+    """Run ``pipeline`` on the default runner and on Flink; both must agree."""
     results = {}
-    for name, runner_flags in (("default", []), ("flink", FLINK_LOCAL)):
+    for name, runner_flags in (("default", []), ("flink", flink_flags)):
         collector = start_collector(application_id=APP_ID)
         out = tmp_path / name
         args = [pipeline, "--input", str(SAMPLES / sample), "--output_dir", str(out)]
@@ -114,3 +147,14 @@ def test_actions_on_flink_local_match_the_default_runner(tmp_path, start_collect
     metrics = runs["flink"][0].metrics
     assert metrics["read"] > 0
     assert metrics["sent"] > 0
+
+
+def test_events_on_a_flink_local_cluster_match_the_default_runner(
+    tmp_path, start_collector, flink_local
+):
+    flags = ["--runner", "FlinkRunner", "--flink_master", f"127.0.0.1:{flink_local}"]
+    runs = _compare(
+        tmp_path, start_collector, "events", "wso2_sample.jsonl", [*flags, "--parallelism", "2"]
+    )
+    metrics = runs["flink"][0].metrics
+    assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (4012, 3927, 73)
