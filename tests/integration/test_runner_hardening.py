@@ -333,7 +333,10 @@ def test_sigterm_with_the_collector_failing_exits_within_the_drain_timeout_and_l
     assert "Traceback" not in err
     lines = err.splitlines()
     draining = next(i for i, line in enumerate(lines) if "SIGTERM: draining" in line)
-    assert [line for line in lines[draining + 1 :] if "collector:" not in line] == [
+    # Retry warnings ("collector: ...") may still be logged while the drain runs, and under
+    # load a blank line was seen among them: what is said after them is the one line.
+    said = [line for line in lines[draining + 1 :] if line.strip() and "collector:" not in line]
+    assert said == [
         f"moesif-beam events: {TIMEOUT_LINE} {drain_timeout}s: undelivered records were "
         "not committed and will be re-read on restart"
     ]
