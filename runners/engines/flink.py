@@ -18,7 +18,6 @@ classpath. Flink's own endpoints are bound to 127.0.0.1 by the configuration wri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -30,11 +29,11 @@ import tempfile
 import textwrap
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 from moesif_beam.runners.engines.children import child_options
+from moesif_beam.runners.locks import exclusive_lock
 
 __all__ = [
     "FLINK_JOBSERVER_VERSION",
@@ -151,19 +150,6 @@ def _classpath(directory: Path) -> str:
     # The patched class first: the JVM (and Flink's child-first user class loader, which
     # gets these jars in this order) loads it instead of Beam's.
     return f"{directory / _PATCH_JAR}{os.pathsep}{directory / 'libs'}{os.sep}*"
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An advisory lock on ``path``: two processes provisioning at once download once."""
-    import fcntl  # noqa: PLC0415 - POSIX only, like the rest of the local engines
-
-    with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def ensure_flink_jobserver(version: str = FLINK_JOBSERVER_VERSION) -> str:

@@ -31,7 +31,6 @@ from typing import Any, Final
 from moesif_beam.runners.engines.children import child_options
 from moesif_beam.runners.engines.flink import (
     FlinkError,
-    exclusive_lock,
     flink_cache_root,
     free_port,
     java_executable,
@@ -40,6 +39,7 @@ from moesif_beam.runners.engines.flink import (
     stop_process,
     wait_for_port,
 )
+from moesif_beam.runners.locks import exclusive_lock
 
 __all__ = ["FLINK_VERSION", "FlinkCluster", "ensure_flink_home", "main"]
 

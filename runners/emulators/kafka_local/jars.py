@@ -10,7 +10,6 @@ rename.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import hashlib
 import os
@@ -21,7 +20,7 @@ import sys
 import tempfile
 import textwrap
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -31,6 +30,7 @@ from moesif_beam.runners.emulators.kafka_local.config import (
     LocalKafkaError,
 )
 from moesif_beam.runners.engines.children import child_options
+from moesif_beam.runners.locks import exclusive_lock
 
 _SCALA_BINARY: Final = "2.13"
 # Kafka 4.x logs through slf4j 1.7 (slf4j-api 1.7.36) onto log4j2 but leaves the binding to the
@@ -171,25 +171,6 @@ def _libs_complete(libs: Path, version: str) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Holds an exclusive advisory lock on ``path`` (a no-op where ``fcntl`` is missing).
-
-    Two processes starting a broker at once (e.g. pytest-xdist workers) then download once.
-    """
-    try:
-        import fcntl  # noqa: PLC0415 - POSIX only; Windows simply goes without the lock
-    except ImportError:
-        yield
-        return
-    with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_kafka_libs(version: str = KAFKA_VERSION) -> Path:
     """Returns the directory holding every jar the broker of ``version`` needs, fetching once.
 
@@ -206,7 +187,7 @@ def ensure_kafka_libs(version: str = KAFKA_VERSION) -> Path:
     if _libs_complete(libs, version):
         return libs
     base.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(base / ".lock"):
+    with exclusive_lock(base / ".lock"):
         if _libs_complete(libs, version):  # another process finished while we waited
             return libs
         if libs.exists():
