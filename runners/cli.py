@@ -27,6 +27,7 @@ from moesif_beam.runners.engines.loopback import loopback_grpc_servers
 from moesif_beam.runners.engines.prism import PrismServer, ensure_prism
 from moesif_beam.runners.engines.run_state import start_run
 from moesif_beam.runners.launch import EXIT_COLLECTOR, execute
+from moesif_beam.runners.logs import make_formatter
 from moesif_beam.runners.options import (
     DEFAULTS,
     ArgumentParser,
@@ -90,13 +91,12 @@ class _OwnErrorsOnce(logging.Filter):
         return CollectorConfigError.MARKER not in text
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str = "text", secret: Secret | None = None) -> None:
     # force: importing Beam already configured the root logger (it logs a warning on
     # import), which would make basicConfig a no-op.
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logging.basicConfig(level=level, force=True)
     for handler in logging.getLogger().handlers:
+        handler.setFormatter(make_formatter(log_format, secret))  # never shows the id
         handler.addFilter(_OwnErrorsOnce())
     if level != "DEBUG":
         CLIENT_LOG.setLevel(logging.CRITICAL)
@@ -122,7 +122,8 @@ _BUILDERS = {"events": events.build, "actions": actions.build}
 def _deliver(
     pipeline: str, parser: argparse.ArgumentParser, args: argparse.Namespace, beam_args: list[str]
 ) -> int:
-    _configure_logging(args.log_level)
+    app_id = args.moesif_application_id or os.environ.get("MOESIF_APPLICATION_ID") or None
+    _configure_logging(args.log_level, args.log_format, Secret(app_id) if app_id else None)
     try:
         beam_args = apply_profile(args.profile, beam_args)
         check_beam_args(beam_args)
@@ -133,7 +134,6 @@ def _deliver(
         args = _placed_paths(parser, args, beam_args)
     except UsageError as exc:
         parser.error(str(exc))
-    app_id = args.moesif_application_id or os.environ.get("MOESIF_APPLICATION_ID") or None
     try:
         kafka = _kafka_config(args)
         config = PipelineConfig(

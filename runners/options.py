@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners.logs import LOG_FORMATS
 from moesif_beam.transforms.delivery import RetryPolicy
 from moesif_beam.transforms.formats.normalize import FORMATS
 from moesif_beam.transforms.schema import SCOPES
@@ -212,6 +213,29 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
     )
     parser.add_argument(
         "--log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument(
+        "--log_format",
+        default="text",
+        choices=list(LOG_FORMATS),
+        help="json: one JSON object per log line (time, level, logger, message, exception)",
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_const",
+        const=True,
+        default=None,
+        help="bounded runs: show a live progress line on stderr even when it is not a "
+        "terminal (by default, only on a terminal)",
+    )
+    progress.add_argument(
+        "--no_progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="never show the progress line",
     )
 
 
