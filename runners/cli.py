@@ -43,6 +43,7 @@ from moesif_beam.runners.options import (
 )
 from moesif_beam.runners.paths import LAUNCHER_PATHS, WORKER_PATHS, place_paths
 from moesif_beam.runners.profiles import add_profile_flag, apply_profile
+from moesif_beam.runners.progress import progress_line
 from moesif_beam.transforms.common.errors import CollectorConfigError
 from moesif_beam.transforms.delivery import RetryPolicy, Secret, preflight
 from moesif_beam.transforms.schema import load_schema, save_schema, seed_pairs
@@ -223,6 +224,7 @@ def _deliver(
                 options,
                 in_process_workers=prism is not None,
                 report_file=run.file("collector-refused"),
+                progress=progress_line(config, options, args.progress),
             )
     except UsageError as exc:
         parser.error(str(exc))

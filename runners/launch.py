@@ -21,7 +21,13 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.engines.run_state import OWNER_FILE
-from moesif_beam.transforms.common.counters import COUNTERS, EXTRA_COUNTERS, NAMESPACE, local_tally
+from moesif_beam.transforms.common.counters import (
+    COUNTERS,
+    EXTRA_COUNTERS,
+    NAMESPACE,
+    PROGRESS_COUNTERS,
+    local_tally,
+)
 from moesif_beam.transforms.common.errors import (
     REPORT_ENV,
     CollectorConfigError,
@@ -58,6 +64,8 @@ def collect_counters(result: Any) -> dict[str, int]:
     counters = dict.fromkeys((*COUNTERS, *EXTRA_COUNTERS), 0)
     query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     for metric in query["counters"]:
+        if metric.key.metric.name in PROGRESS_COUNTERS:
+            continue  # the progress line's, not the summary's
         value = metric.committed if metric.committed is not None else metric.attempted
         counters[metric.key.metric.name] = counters.get(metric.key.metric.name, 0) + int(value or 0)
     return counters
@@ -111,6 +119,7 @@ def execute(
     *,
     in_process_workers: bool = False,
     report_file: str | None = None,
+    progress: contextlib.AbstractContextManager[Any] | None = None,
 ) -> int:
     """Build, run and report one pipeline run; return the process exit code.
 
@@ -119,11 +128,13 @@ def execute(
     this process) the summary uses the exact in-process tally instead of the runner's
     metrics. With ``report_file``, workers on this machine report a refused collector
     configuration there (see :data:`~moesif_beam.transforms.common.errors.REPORT_ENV`).
+    ``progress`` (a :class:`~moesif_beam.runners.progress.ProgressLine`) is entered while
+    the pipeline runs, and left before the summary is printed.
     """
     if report_file is not None:
         os.environ[REPORT_ENV] = report_file
     try:
-        return _execute(build, config, options, out, in_process_workers, report_file)
+        return _execute(build, config, options, out, in_process_workers, report_file, progress)
     finally:
         if report_file is not None:
             os.environ.pop(REPORT_ENV, None)
@@ -136,19 +147,24 @@ def _execute(
     out: TextIO,
     in_process_workers: bool,
     report_file: str | None,
+    progress: contextlib.AbstractContextManager[Any] | None = None,
 ) -> int:
     stored = load_schema(config.schema_store_path, config.schema_scope)
     pipeline = build(config, options, stored)
     started = time.monotonic()
     restore = _drain_on_signals(config.drain_timeout) if config.streaming else None
     try:
-        result = pipeline.run()
-        template = options.view_as(GoogleCloudOptions).template_location
-        if template:  # Dataflow wrote the job as a template (a Flex Template's launch)
-            print(f"moesif-beam {config.pipeline}: Dataflow job written to {template}", file=out)
-            return 0
-        with _drain_watchdog(result, config) if config.streaming else contextlib.nullcontext():
-            result.wait_until_finish()
+        with progress or contextlib.nullcontext():
+            result = pipeline.run()
+            template = options.view_as(GoogleCloudOptions).template_location
+            if template:  # Dataflow wrote the job as a template (a Flex Template's launch)
+                print(
+                    f"moesif-beam {config.pipeline}: Dataflow job written to {template}", file=out
+                )
+                return 0
+            watchdog = _drain_watchdog(result, config) if config.streaming else None
+            with watchdog or contextlib.nullcontext():
+                result.wait_until_finish()
     except Exception as exc:  # the runner wraps worker errors; we explain them once
         if config.streaming and drain_timed_out():
             return _report_drain_timeout(config)

@@ -16,7 +16,14 @@ from collections import Counter
 
 from apache_beam.metrics import Metrics
 
-__all__ = ["COUNTERS", "EXTRA_COUNTERS", "NAMESPACE", "counter", "local_tally"]
+__all__ = [
+    "COUNTERS",
+    "EXTRA_COUNTERS",
+    "NAMESPACE",
+    "PROGRESS_COUNTERS",
+    "counter",
+    "local_tally",
+]
 
 NAMESPACE = "moesif_beam"
 
@@ -45,6 +52,9 @@ EXTRA_COUNTERS = (
     "timeouts",
 )
 
+# Counted for the progress line only: in neither the summary nor --metrics_out.
+PROGRESS_COUNTERS = ("bytes_read",)
+
 _TALLY: Counter[str] = Counter()
 _TALLY_LOCK = threading.Lock()
 
@@ -69,7 +79,7 @@ def counter(name: str) -> _Counter:
     return _Counter(name)
 
 
-def local_tally() -> dict[str, int]:
-    """What this process's workers counted, every counter present."""
+def local_tally(*extra: str) -> dict[str, int]:
+    """What this process's workers counted, every counter present (and ``extra`` ones)."""
     with _TALLY_LOCK:
-        return {name: _TALLY.get(name, 0) for name in (*COUNTERS, *EXTRA_COUNTERS)}
+        return {name: _TALLY.get(name, 0) for name in (*COUNTERS, *EXTRA_COUNTERS, *extra)}

@@ -35,6 +35,7 @@ __all__ = [
     "Lines",
     "Oversized",
     "ReadLines",
+    "input_bytes",
     "iter_lines",
     "iter_range",
     "match_inputs",
@@ -247,10 +248,18 @@ class _ReadFn(beam.DoFn):
         self._read = counter("read")
         self._too_large = counter("too_large")
         self._unreadable = counter("unreadable_inputs")
+        self._bytes_read = counter("bytes_read")
 
     def process(self, file_range: Any) -> Iterator[Any]:
         if isinstance(file_range, str):
             file_range = (file_range, 0, -1, 1)
+        try:
+            yield from self._read_range(file_range)
+        finally:
+            # Once per range, never per line: what the progress line measures input by.
+            self._bytes_read.inc(_range_bytes(file_range))
+
+    def _read_range(self, file_range: tuple[str, int, int, int]) -> Iterator[Any]:
         path = file_range[0]
         lines, last = 0, ""
         try:
@@ -283,6 +292,24 @@ class _ReadFn(beam.DoFn):
         )
         letter = dead_letter("too_large", "read", detail, line.head, source, self._pipeline)
         return pvalue.TaggedOutput(DEAD_LETTER, letter)
+
+
+def _range_bytes(file_range: tuple[str, int, int, int]) -> int:
+    """The bytes of input a range covers: as stored (compressed, for a ``.gz`` file)."""
+    path, start, end, _ = file_range
+    if end >= 0:
+        return end - start
+    try:
+        if "://" not in path:
+            return os.path.getsize(path)
+        return int(FileSystems.match([path])[0].metadata_list[0].size_in_bytes)
+    except (OSError, BeamIOError, IndexError):
+        return 0
+
+
+def input_bytes(pattern: str) -> int:
+    """The bytes of input a glob matches, as stored: what ``bytes_read`` counts up to."""
+    return sum(m.size_in_bytes for m in FileSystems.match([pattern])[0].metadata_list)
 
 
 class Lines(NamedTuple):

@@ -1,0 +1,201 @@
+"""The live progress line of a bounded run: counts, records/s, and an ETA.
+
+What the line shows depends on where the workers run:
+
+- In this process (the default FnApiRunner without ``multi_processing``): the counts of
+  the in-process tally (``read``, ``sent``, ``duplicates``, ``dead_letters``), records/s,
+  and a percentage with an ETA. Reading is measured by input bytes for files (the
+  ``bytes_read`` counter, added once per range read, so it moves in steps of at most one
+  range, 8 MiB) or by records read against the offsets to read for a Kafka backfill;
+  delivering by records accounted for (sent, duplicates and dead letters) against the
+  records read. The percentage is the mean of the two, since a bounded run reads, then
+  delivers.
+- Elsewhere (worker processes, a cluster): the counts are not visible while the run is
+  on, so the line shows the elapsed time only; the summary has the counts at the end.
+
+The line is redrawn every half second on stderr, with a carriage return; reading the
+tally is a copy of a few integers under a lock.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TextIO
+
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.transforms.common.counters import PROGRESS_COUNTERS, local_tally
+from moesif_beam.transforms.sources.files import input_bytes
+
+__all__ = [
+    "ProgressLine",
+    "done_fraction",
+    "eta_seconds",
+    "format_duration",
+    "format_progress",
+    "progress_line",
+]
+
+INTERVAL_S = 0.5
+# Runners whose workers run in this process unless told to use processes.
+_IN_PROCESS_RUNNERS = frozenset({"FnApiRunner", "LocalRunner", "BundleBasedDirectRunner"})
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def done_fraction(
+    counts: Mapping[str, int], *, total_bytes: int = 0, total_offsets: int = 0
+) -> float | None:
+    """How much of the run is done, 0 to 1; None when there is nothing to measure by.
+
+    Reading counts for half (bytes read of ``total_bytes``, or records read of
+    ``total_offsets``), delivering for the other half (records sent, duplicate or
+    dead-lettered, of the records there are: known for Kafka, estimated from the bytes
+    for files).
+    """
+    read = counts.get("read", 0)
+    if total_bytes > 0:
+        reading = min(1.0, counts.get("bytes_read", 0) / total_bytes)
+        records = read / reading if reading > 0 else 0.0
+    elif total_offsets > 0:
+        reading = min(1.0, read / total_offsets)
+        records = max(float(total_offsets), float(read))
+    else:
+        return None
+    accounted = counts.get("sent", 0) + counts.get("duplicates", 0) + counts.get("dead_letters", 0)
+    delivering = min(1.0, accounted / records) if records > 0 else 0.0
+    return (reading + delivering) / 2
+
+
+def eta_seconds(fraction: float | None, elapsed: float) -> float | None:
+    """Time left at the pace so far; None before anything is done."""
+    if fraction is None or fraction <= 0 or elapsed <= 0:
+        return None
+    return elapsed * (1 - fraction) / fraction
+
+
+def format_progress(
+    pipeline: str,
+    counts: Mapping[str, int] | None,
+    elapsed: float,
+    *,
+    total_bytes: int = 0,
+    total_offsets: int = 0,
+) -> str:
+    """The progress line's text; ``counts`` None when the workers' counts are not visible."""
+    head = f"moesif-beam {pipeline}:"
+    if counts is None:
+        return f"{head} running {format_duration(elapsed)} (counts at the end)"
+    rate = counts.get("read", 0) / elapsed if elapsed > 0 else 0.0
+    text = (
+        f"{head} read {counts.get('read', 0):,}  sent {counts.get('sent', 0):,}  "
+        f"duplicates {counts.get('duplicates', 0):,}  "
+        f"dead letters {counts.get('dead_letters', 0):,}  {rate:,.0f} records/s"
+    )
+    fraction = done_fraction(counts, total_bytes=total_bytes, total_offsets=total_offsets)
+    if fraction is not None:
+        text += f"  {fraction:.0%}"
+        eta = eta_seconds(fraction, elapsed)
+        if fraction < 1 and eta is not None:
+            text += f" ETA {format_duration(eta)}"
+    return f"{text}  elapsed {format_duration(elapsed)}"
+
+
+class ProgressLine:
+    """Redraws the progress line on ``stream`` while the run is on (a context manager).
+
+    The last state stays on screen, ended by a newline, when the run ends.
+    """
+
+    def __init__(
+        self,
+        pipeline: str,
+        *,
+        counts_visible: bool,
+        total_bytes: int = 0,
+        total_offsets: int = 0,
+        stream: TextIO | None = None,
+        interval: float = INTERVAL_S,
+    ) -> None:
+        self._pipeline = pipeline
+        self._visible = counts_visible
+        self._total_bytes = total_bytes
+        self._total_offsets = total_offsets
+        self._stream = stream
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+        self._width = 0
+
+    def _draw(self) -> None:
+        counts = local_tally(*PROGRESS_COUNTERS) if self._visible else None
+        text = format_progress(
+            self._pipeline,
+            counts,
+            time.monotonic() - self._started,
+            total_bytes=self._total_bytes,
+            total_offsets=self._total_offsets,
+        )
+        # Spaces, not a terminal escape, blank what a longer previous line left.
+        padding = " " * max(0, self._width - len(text))
+        self._width = len(text)
+        stream = self._stream or sys.stderr
+        stream.write(f"\r{text}{padding}")
+        stream.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._draw()
+
+    def __enter__(self) -> ProgressLine:
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="progress-line", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._draw()
+        (self._stream or sys.stderr).write("\n")
+        (self._stream or sys.stderr).flush()
+
+
+def progress_line(
+    config: PipelineConfig, options: PipelineOptions, requested: bool | None
+) -> ProgressLine | None:
+    """The run's progress line: for bounded runs, on a terminal unless ``requested`` says."""
+    show = sys.stderr.isatty() if requested is None else requested
+    if not show or config.streaming:
+        return None
+    runner = str(options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1]
+    mode = options.view_as(DirectOptions).direct_running_mode
+    visible = runner in _IN_PROCESS_RUNNERS and mode != "multi_processing"
+    if config.kafka is not None:
+        offsets = sum(p.stop - p.start for p in config.kafka_partitions if p.stop > p.start)
+        return ProgressLine(config.pipeline, counts_visible=visible, total_offsets=offsets)
+    return ProgressLine(
+        config.pipeline, counts_visible=visible, total_bytes=input_bytes(config.input)
+    )
