@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,19 +101,27 @@ def _dead(out: Path) -> Counter[str]:
     return Counter(json.dumps(letter, sort_keys=True, default=str) for letter in letters)
 
 
+def _files(sample: str) -> Callable[[str], list[str]]:
+    """The same input file for both runs."""
+    return lambda _name: ["--input", str(SAMPLES / sample)]
+
+
 def _compare(
     tmp_path: Path,
     start_collector: Any,
     pipeline: str,
-    sample: str,
+    source: Callable[[str], list[str]],
     flink_flags: list[str] = FLINK_LOCAL,
 ) -> dict[str, Any]:
-    """Run ``pipeline`` on the default runner and on Flink; both must agree."""
+    """Run ``pipeline`` on the default runner and on Flink; both must agree.
+
+    ``source`` gives each run (``"default"``, ``"flink"``) its input flags.
+    """
     results = {}
     for name, runner_flags in (("default", []), ("flink", flink_flags)):
         collector = start_collector(application_id=APP_ID)
         out = tmp_path / name
-        args = [pipeline, "--input", str(SAMPLES / sample), "--output_dir", str(out)]
+        args = [pipeline, *source(name), "--output_dir", str(out)]
         args += ["--moesif_base_url", collector.url, *runner_flags]
         run, listening = _run(args, tmp_path / f"{name}-metrics.json")
         assert run.returncode == 0, run.stderr[-3000:]
@@ -135,7 +143,7 @@ def _compare(
 
 @pytest.mark.usefixtures("flink_jobserver")
 def test_events_on_flink_local_match_the_default_runner(tmp_path, start_collector):
-    runs = _compare(tmp_path, start_collector, "events", "wso2_sample.jsonl")
+    runs = _compare(tmp_path, start_collector, "events", _files("wso2_sample.jsonl"))
     metrics = runs["flink"][0].metrics
     assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (4012, 3927, 73)
     assert metrics["dead_letters"] == 12
@@ -143,7 +151,7 @@ def test_events_on_flink_local_match_the_default_runner(tmp_path, start_collecto
 
 @pytest.mark.usefixtures("flink_jobserver")
 def test_actions_on_flink_local_match_the_default_runner(tmp_path, start_collector):
-    runs = _compare(tmp_path, start_collector, "actions", "actions_moesif.jsonl")
+    runs = _compare(tmp_path, start_collector, "actions", _files("actions_moesif.jsonl"))
     metrics = runs["flink"][0].metrics
     assert metrics["read"] > 0
     assert metrics["sent"] > 0
@@ -154,7 +162,86 @@ def test_events_on_a_flink_local_cluster_match_the_default_runner(
 ):
     flags = ["--runner", "FlinkRunner", "--flink_master", f"127.0.0.1:{flink_local}"]
     runs = _compare(
-        tmp_path, start_collector, "events", "wso2_sample.jsonl", [*flags, "--parallelism", "2"]
+        tmp_path,
+        start_collector,
+        "events",
+        _files("wso2_sample.jsonl"),
+        [*flags, "--parallelism", "2"],
     )
     metrics = runs["flink"][0].metrics
     assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (4012, 3927, 73)
+
+
+def test_actions_on_a_flink_local_cluster_match_the_default_runner(
+    tmp_path, start_collector, flink_local
+):
+    flags = ["--runner", "FlinkRunner", "--flink_master", f"127.0.0.1:{flink_local}"]
+    runs = _compare(
+        tmp_path,
+        start_collector,
+        "actions",
+        _files("actions_moesif.jsonl"),
+        [*flags, "--parallelism", "2"],
+    )
+    metrics = runs["flink"][0].metrics
+    assert metrics["read"] > 0
+    assert metrics["sent"] > 0
+
+
+# Truncated JSON and bytes that are not UTF-8: each dead-lettered with its topic/partition@offset.
+_POISON = [b'{"truncated": ', b"\xff\xfe not utf-8 at all"]
+
+
+def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return [tp.offset for tp in consumer.committed(tps, timeout=15)]
+    finally:
+        consumer.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.usefixtures("flink_jobserver")
+def test_a_kafka_backfill_on_flink_local_matches_the_default_runner(
+    tmp_path, start_collector, kafka_broker, kafka_topic
+):
+    from confluent_kafka import Producer
+
+    lines = (SAMPLES / "wso2_sample.jsonl").read_bytes().splitlines()
+    values = [line for line in lines if line.strip()] + _POISON
+    topic = kafka_topic(partitions=2)
+    bootstrap = kafka_broker.bootstrap_servers
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for i, value in enumerate(values):
+        producer.produce(topic, value=value, partition=i % 2)
+    assert producer.flush(30) == 0
+
+    def source(name: str) -> list[str]:
+        return [
+            "--source",
+            "kafka",
+            "--kafka_bootstrap_servers",
+            bootstrap,
+            "--kafka_topic",
+            topic,
+            "--kafka_group_id",
+            f"flink-backfill-{name}",
+            "--kafka_stop",
+            "now",
+        ]
+
+    runs = _compare(tmp_path, start_collector, "events", source)
+    metrics = runs["flink"][0].metrics
+    assert metrics["read"] == len(values)
+    assert metrics["dead_letters"] == 12 + len(_POISON)
+    letters = read_dead_letters(str(tmp_path / "flink" / "dead_letter"))
+    assert {bytes(d["payload"]) for d in letters} >= set(_POISON)
+    assert all(d["source"].startswith(f"{topic}/") and "@" in d["source"] for d in letters)
+    # Both runs committed each partition's end to their own group, and only that.
+    half = (len(values) + 1) // 2
+    expected = [half, len(values) - half]
+    assert _committed(bootstrap, "flink-backfill-default", topic, 2) == expected
+    assert _committed(bootstrap, "flink-backfill-flink", topic, 2) == expected
