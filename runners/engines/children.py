@@ -1,16 +1,23 @@
-"""Options for child processes (brokers, runners) that must never outlive moesif-beam."""
+"""Child processes (brokers, runners, job servers) that must never outlive moesif-beam.
+
+Options that tie them to us, a free loopback port to give them, the end of their log for
+an error message, and a stop that always ends them.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["child_options"]
+__all__ = ["child_options", "free_port", "log_tail", "stop_process"]
 
 _PR_SET_PDEATHSIG: Final = 1
 
@@ -59,3 +66,31 @@ def child_options() -> dict[str, Any]:
         "start_new_session": True,
         "preexec_fn": preexec,
     }
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (the usual race: the caller binds it right away)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    """The end of a log, for an error message."""
+    try:
+        text = Path(path).read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return ":\n" + "\n".join(text.splitlines()[-lines:]) if text else ""
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -32,7 +32,12 @@ import zipfile
 from pathlib import Path
 from typing import Final
 
-from moesif_beam.runners.engines.children import child_options
+from moesif_beam.runners.engines.children import (
+    child_options,
+    free_port,
+    log_tail,
+    stop_process,
+)
 from moesif_beam.runners.locks import exclusive_lock
 
 __all__ = [
@@ -43,7 +48,6 @@ __all__ = [
     "FlinkJobServer",
     "ensure_flink_jobserver",
     "flink_cache_root",
-    "free_port",
     "java_executable",
     "local_cluster_file",
     "local_worker_pool",
@@ -309,13 +313,6 @@ def _build_patch(mvn: str, work: Path, staging: Path) -> None:
             raise FlinkError(msg)
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (the usual race: the caller binds it right away)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float, what: str) -> None:
     """Wait until ``port`` accepts on 127.0.0.1; raise if ``process`` exits or time runs out."""
     deadline = time.monotonic() + timeout
@@ -329,27 +326,6 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float, w
         time.sleep(0.2)
     msg = f"{what} did not listen on port {port} within {timeout:.0f}s"
     raise FlinkError(msg)
-
-
-def log_tail(path: str, lines: int = 15) -> str:
-    """The end of a log, for an error message."""
-    try:
-        text = Path(path).read_text(errors="replace").strip()
-    except OSError:
-        return ""
-    return ":\n" + "\n".join(text.splitlines()[-lines:]) if text else ""
-
-
-def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # The embedded Flink's endpoints on loopback, its memory sized for a small machine.

@@ -28,15 +28,12 @@ import zipfile
 from pathlib import Path
 from typing import Any, Final
 
-from moesif_beam.runners.engines.children import child_options
+from moesif_beam.runners.engines.children import child_options, free_port, log_tail, stop_process
 from moesif_beam.runners.engines.flink import (
     FlinkError,
     flink_cache_root,
-    free_port,
     java_executable,
     local_cluster_file,
-    log_tail,
-    stop_process,
     wait_for_port,
 )
 from moesif_beam.runners.locks import exclusive_lock

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from apache_beam.version import __version__ as BEAM_VERSION
 
-from moesif_beam.runners.engines.children import child_options
+from moesif_beam.runners.engines.children import child_options, free_port, log_tail, stop_process
 
 __all__ = ["BEAM_VERSION", "PrismServer", "ensure_prism", "loopback_only", "prism_path"]
 
@@ -142,7 +142,7 @@ class PrismServer:
 
     def start(self, timeout: float = 30.0) -> str:
         """Start Prism and return its job endpoint (``localhost:port``) once it listens."""
-        port = _free_port()
+        port = free_port()
         log = open(self._log_path, "ab")  # noqa: SIM115 - handed to the child process
         self._process = subprocess.Popen(
             [self._binary, "--job_port", str(port), "--log_level", "warn", "--serve_http=false"],
@@ -154,7 +154,8 @@ class PrismServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                msg = f"Prism exited at start (code {self._process.returncode}){self._log_tail()}"
+                code = self._process.returncode
+                msg = f"Prism exited at start (code {code}){log_tail(self._log_path, 10)}"
                 raise RuntimeError(msg)
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -162,31 +163,11 @@ class PrismServer:
                     return self.endpoint
             time.sleep(0.1)
         self.stop()
-        msg = f"Prism did not listen on port {port} within {timeout:.0f}s{self._log_tail()}"
+        tail = log_tail(self._log_path, 10)
+        msg = f"Prism did not listen on port {port} within {timeout:.0f}s{tail}"
         raise RuntimeError(msg)
-
-    def _log_tail(self, lines: int = 10) -> str:
-        """The end of Prism's log, for an error message (the log goes with the run)."""
-        try:
-            text = Path(self._log_path).read_text(errors="replace").strip()
-        except OSError:
-            return ""
-        return ":\n" + "\n".join(text.splitlines()[-lines:]) if text else ""
 
     def stop(self) -> None:
         """Stop Prism (SIGTERM, then SIGKILL after 10 s)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        stop_process(process, timeout=10)
