@@ -216,3 +216,29 @@ def kafka_topic(
         delete_topics(kafka_broker.bootstrap_servers, created, timeout=15)
     except LocalKafkaError as exc:
         warnings.warn(f"could not delete test topics {created}: {exc}", stacklevel=1)
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1) -> None:
+    """Write ``values`` to ``topic``, round-robin over its first ``partitions`` partitions."""
+    from confluent_kafka import Producer
+
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 2_000_000}
+    )
+    for i, value in enumerate(values):
+        producer.produce(topic, value=value, partition=i % partitions)
+        if i % 500 == 499:
+            producer.flush()
+    assert producer.flush(30) == 0
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
+    """The offsets ``group`` has committed on ``topic``'s partitions, in partition order."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return [tp.offset for tp in consumer.committed(tps, timeout=15)]
+    finally:
+        consumer.close()

@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import REPO, CliRun
 from tests.helpers import assert_nothing_lost, read_dead_letters
+from tests.kafka_support import committed, produce
 from tests.processes import ListeningSampler, is_loopback
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink]
@@ -45,7 +46,7 @@ def flink_jobserver() -> str:
 @pytest.fixture(scope="session")
 def flink_local(flink_jobserver, tmp_path_factory) -> Iterator[int]:
     """``moesif-beam flink-local`` (Flink fetched from PyPI once), stopped by SIGTERM after."""
-    from moesif_beam.runners.engines.flink import free_port
+    from moesif_beam.runners.engines.children import free_port
     from moesif_beam.runners.engines.flink_cluster import ensure_flink_home
 
     ensure_flink_home()
@@ -192,32 +193,16 @@ def test_actions_on_a_flink_local_cluster_match_the_default_runner(
 _POISON = [b'{"truncated": ', b"\xff\xfe not utf-8 at all"]
 
 
-def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        return [tp.offset for tp in consumer.committed(tps, timeout=15)]
-    finally:
-        consumer.close()
-
-
 @pytest.mark.kafka
 @pytest.mark.usefixtures("flink_jobserver")
 def test_a_kafka_backfill_on_flink_local_matches_the_default_runner(
     tmp_path, start_collector, kafka_broker, kafka_topic
 ):
-    from confluent_kafka import Producer
-
     lines = (SAMPLES / "wso2_sample.jsonl").read_bytes().splitlines()
     values = [line for line in lines if line.strip()] + _POISON
     topic = kafka_topic(partitions=2)
     bootstrap = kafka_broker.bootstrap_servers
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    for i, value in enumerate(values):
-        producer.produce(topic, value=value, partition=i % 2)
-    assert producer.flush(30) == 0
+    produce(bootstrap, topic, values, partitions=2)
 
     def source(name: str) -> list[str]:
         return [
@@ -243,5 +228,5 @@ def test_a_kafka_backfill_on_flink_local_matches_the_default_runner(
     # Both runs committed each partition's end to their own group, and only that.
     half = (len(values) + 1) // 2
     expected = [half, len(values) - half]
-    assert _committed(bootstrap, "flink-backfill-default", topic, 2) == expected
-    assert _committed(bootstrap, "flink-backfill-flink", topic, 2) == expected
+    assert committed(bootstrap, "flink-backfill-default", topic, 2) == expected
+    assert committed(bootstrap, "flink-backfill-flink", topic, 2) == expected

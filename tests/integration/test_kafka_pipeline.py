@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from tests.conftest import REPO, run_cli
 from tests.helpers import assert_nothing_lost, read_batches, read_dead_letters
-from tests.kafka_support import local_broker_or_skip
+from tests.kafka_support import committed, local_broker_or_skip, produce
 
 pytestmark = [
     pytest.mark.integration,
@@ -27,26 +27,6 @@ pytestmark = [
 
 SAMPLE = REPO / "samples" / "wso2_sample.jsonl"
 APP_ID = "kafka-test-app"
-
-
-def _produce(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1) -> None:
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 2_000_000}
-    )
-    for i, value in enumerate(values):
-        producer.produce(topic, value=value, partition=i % partitions)
-        if i % 500 == 499:
-            producer.flush()
-    assert producer.flush(30) == 0
-
-
-def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        return [tp.offset for tp in consumer.committed(tps, timeout=15)]
-    finally:
-        consumer.close()
 
 
 def _kafka_args(bootstrap: str, topic: str, group: str, *extra: str) -> list[str]:
@@ -73,7 +53,7 @@ def test_a_backfill_gives_exactly_the_result_of_the_files(tmp_path, kafka_broker
     lines = [line for line in SAMPLE.read_bytes().splitlines() if line.strip()]
     topic = kafka_topic(partitions=2)
     bootstrap = kafka_broker.bootstrap_servers
-    _produce(bootstrap, topic, lines, partitions=2)
+    produce(bootstrap, topic, lines, partitions=2)
 
     files = run_cli(
         ["events", "--input", str(SAMPLE), "--output_dir", str(tmp_path / "f")],
@@ -115,7 +95,7 @@ def test_a_backfill_gives_exactly_the_result_of_the_files(tmp_path, kafka_broker
 
     # Offsets were committed only once the run completed, to the end of each partition...
     half = (len(lines) + 1) // 2
-    assert _committed(bootstrap, "backfill", topic, 2) == [half, len(lines) - half]
+    assert committed(bootstrap, "backfill", topic, 2) == [half, len(lines) - half]
     # ...so the same group's next backfill has nothing left to read.
     again = run_cli(
         [
@@ -210,18 +190,18 @@ def test_a_quiet_stream_delivers_each_record_and_poison_does_not_stop_it(
         ],
     )
     try:
-        _produce(bootstrap, topic, [_event("warm-up")])
+        produce(bootstrap, topic, [_event("warm-up")])
         _wait_for(lambda: "warm-up" in _stored_ids(collector), 120, "the pipeline to run")
 
         # A lone record is delivered without more records behind it to fill its batch (the
         # partial batch is flushed by --batch_max_delay). How fast is the benchmark's
         # business: benchmarks/streaming_latency.py measures produce-to-2xx latency.
-        _produce(bootstrap, topic, [_event("timed")])
+        produce(bootstrap, topic, [_event("timed")])
         _wait_for(lambda: "timed" in _stored_ids(collector), 30, "a quiet stream's record")
 
         huge = _event("huge", properties={"apiContext": "/a", "blob": "x" * 1_005_000})
         poison = [b'{"apiMethod": "GET", "\xff": 1}', b"not json at all", huge]
-        _produce(bootstrap, topic, [*poison, _event("after-poison")])
+        produce(bootstrap, topic, [*poison, _event("after-poison")])
         _wait_for(lambda: "after-poison" in _stored_ids(collector), 30, "the stream to flow")
     finally:
         metrics = stream.drain()
@@ -232,7 +212,7 @@ def test_a_quiet_stream_delivers_each_record_and_poison_does_not_stop_it(
     assert sorted(d["source"] for d in dead) == [f"{topic}/0@{o}" for o in (2, 3, 4)]
     assert {d["payload"] for d in dead} == set(poison)
     # Drained: everything is done, so the group's offset is at the end of the partition.
-    assert _committed(bootstrap, "streaming", topic, 1) == [6]
+    assert committed(bootstrap, "streaming", topic, 1) == [6]
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing(
@@ -241,7 +221,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=2)
     ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(600)]
-    _produce(bootstrap, topic, [_event(tid) for tid in ids], partitions=2)
+    produce(bootstrap, topic, [_event(tid) for tid in ids], partitions=2)
     # A slow collector keeps most records in flight when the pipeline is killed.
     collector = start_collector(application_id=APP_ID, latency_ms=150)
     args = [
@@ -264,7 +244,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     finally:
         second.drain()
     assert _stored_ids(collector) == set(ids)  # zero loss; re-sent duplicates were absorbed
-    assert sum(_committed(bootstrap, "crashing", topic, 2)) == len(ids)
+    assert sum(committed(bootstrap, "crashing", topic, 2)) == len(ids)
 
 
 def test_a_broker_restart_mid_stream_loses_nothing(
@@ -276,7 +256,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(
     collector = start_collector(application_id=APP_ID)
     before = [f"before-{i:04d}" for i in range(200)]
     after = [f"after-{i:04d}" for i in range(200)]
-    _produce(bootstrap, topic, [_event(t) for t in before], partitions=2)
+    produce(bootstrap, topic, [_event(t) for t in before], partitions=2)
     stream = _Stream(
         tmp_path,
         "stream",
@@ -288,7 +268,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(
     try:
         _wait_for(lambda: set(before) <= _stored_ids(collector), 120, "the first records")
         broker.restart()
-        _produce(bootstrap, topic, [_event(t) for t in after], partitions=2)
+        produce(bootstrap, topic, [_event(t) for t in after], partitions=2)
         _wait_for(lambda: set(after) <= _stored_ids(collector), 120, "records after restart")
     finally:
         metrics = stream.drain(timeout=120)
@@ -313,7 +293,7 @@ def test_partitions_added_during_a_stream_are_discovered(
         ],
     )
     try:
-        _produce(bootstrap, topic, [_event("p0-first")])
+        produce(bootstrap, topic, [_event("p0-first")])
         _wait_for(lambda: "p0-first" in _stored_ids(collector), 120, "the pipeline to run")
         admin = AdminClient({"bootstrap.servers": bootstrap})
         admin.create_partitions([NewPartitions(topic, 2)])[topic].result(30)
@@ -324,7 +304,7 @@ def test_partitions_added_during_a_stream_are_discovered(
     finally:
         metrics = stream.drain()
     assert_nothing_lost(metrics)
-    assert _committed(bootstrap, "growing", topic, 2) == [1, 1]
+    assert committed(bootstrap, "growing", topic, 2) == [1, 1]
 
 
 def test_dedup_ids_expire_while_a_partition_stays_idle(

@@ -107,15 +107,14 @@ def test_a_kafka_stream_with_poison_records_delivers_the_rest_and_commits_past_t
     from tests.helpers import assert_nothing_lost, read_dead_letters
     from tests.integration.test_kafka_pipeline import (
         APP_ID,
-        _committed,
         _delivery_args,
         _event,
         _kafka_args,
-        _produce,
         _stored_ids,
         _Stream,
         _wait_for,
     )
+    from tests.kafka_support import committed, produce
 
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=1)
@@ -128,7 +127,7 @@ def test_a_kafka_stream_with_poison_records_delivers_the_rest_and_commits_past_t
     ]
     good = [_event(f"good-{i}") for i in range(200)]
     # Poison first, then the good records: a stuck partition would deliver none of them.
-    _produce(bootstrap, topic, [*poison, *good])
+    produce(bootstrap, topic, [*poison, *good])
     stream = _Stream(
         tmp_path,
         "poison",
@@ -144,4 +143,4 @@ def test_a_kafka_stream_with_poison_records_delivers_the_rest_and_commits_past_t
     dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
     assert sorted(d["source"] for d in dead) == [f"{topic}/0@{o}" for o in range(4)]
     assert {d["payload"] for d in dead} == set(poison)
-    assert _committed(bootstrap, "poison", topic, 1) == [204]
+    assert committed(bootstrap, "poison", topic, 1) == [204]

@@ -28,6 +28,7 @@ from moesif_beam.transforms.records import Ack, Record
 from moesif_beam.transforms.sources.drain import DrainTimedOut, start_drain
 from tests.conftest import REPO
 from tests.fixtures import wso2_line
+from tests.kafka_support import committed, produce
 from tests.processes import (
     ListeningSampler,
     dead_owner,
@@ -267,25 +268,6 @@ def test_a_stream_on_prism_listens_on_loopback_only_and_leaves_no_temp_files(tmp
 # --- a drain that cannot finish, on a real broker ----------------------------------------
 
 
-def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    from confluent_kafka import Producer
-
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    for value in values:
-        producer.produce(topic, value=value)
-    assert producer.flush(30) == 0
-
-
-def _committed(bootstrap: str, group: str, topic: str) -> int:
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        return int(consumer.committed([TopicPartition(topic, 0)], timeout=15)[0].offset)
-    finally:
-        consumer.close()
-
-
 @pytest.mark.integration
 @pytest.mark.kafka
 @pytest.mark.usefixtures("prism_runner")
@@ -295,7 +277,7 @@ def test_sigterm_with_the_collector_failing_exits_within_the_drain_timeout_and_l
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=1)
     ids = [f"drain-{i:04d}" for i in range(40)]
-    _produce(bootstrap, topic, [wso2_line(tid) for tid in ids])
+    produce(bootstrap, topic, [wso2_line(tid) for tid in ids])
     failing = start_collector(application_id=APP_ID, fail_rate=1.0, fail_status=503)
     drain_timeout = 8
 
@@ -341,7 +323,7 @@ def test_sigterm_with_the_collector_failing_exits_within_the_drain_timeout_and_l
         "not committed and will be re-read on restart"
     ]
     assert failing.records("events") == []
-    assert _committed(bootstrap, "draining", topic) < 1  # nothing acknowledged, nothing committed
+    assert committed(bootstrap, "draining", topic)[0] < 1  # nothing acknowledged, nothing committed
     assert not list((tmp_path / "out").glob("dead_letter/*.avro"))
 
     healthy = start_collector(application_id=APP_ID)
@@ -353,6 +335,6 @@ def test_sigterm_with_the_collector_failing_exits_within_the_drain_timeout_and_l
         second.send_signal(signal.SIGTERM)
         code, _, err = _finish(second, timeout=drain_timeout + 60)
     assert code == 0, err
-    assert _committed(bootstrap, "draining", topic) == len(ids)
+    assert committed(bootstrap, "draining", topic)[0] == len(ids)
     assert json.dumps(sorted(stored())) == json.dumps(sorted(ids))
     assert list(private_tmp.iterdir()) == []
