@@ -44,6 +44,8 @@ setup(
         # Parses and writes every record: several times faster than the standard library,
         # and strict where Moesif is (no NaN, no Infinity, no overflowing numbers).
         "orjson==3.13.0",
+        # --metrics_port: the Prometheus endpoint (the standard client library).
+        "prometheus_client==0.26.0",
     ],
     extras_require={
         "test": [
