@@ -28,6 +28,7 @@ from moesif_beam.runners.engines.prism import PrismServer, ensure_prism
 from moesif_beam.runners.engines.run_state import start_run
 from moesif_beam.runners.launch import EXIT_COLLECTOR, execute
 from moesif_beam.runners.logs import make_formatter
+from moesif_beam.runners.metrics import RunMetrics
 from moesif_beam.runners.options import (
     DEFAULTS,
     ArgumentParser,
@@ -43,7 +44,7 @@ from moesif_beam.runners.options import (
 )
 from moesif_beam.runners.paths import LAUNCHER_PATHS, WORKER_PATHS, place_paths
 from moesif_beam.runners.profiles import add_profile_flag, apply_profile
-from moesif_beam.runners.progress import progress_line
+from moesif_beam.runners.progress import counts_visible, progress_line
 from moesif_beam.transforms.common.errors import CollectorConfigError
 from moesif_beam.transforms.delivery import RetryPolicy, Secret, preflight
 from moesif_beam.transforms.schema import load_schema, save_schema, seed_pairs
@@ -191,6 +192,8 @@ def _deliver(
         except CollectorConfigError as exc:
             print(str(exc), file=sys.stderr, flush=True)
             return EXIT_COLLECTOR
+    # Bound before anything starts, so a port that cannot be had is one line and exit 2.
+    metrics = _start_metrics(parser, args, config) if not dry_run else None
     # Removes what killed runs left, claims this run's directories, and gives the run a
     # private temporary directory (Prism's log, Beam's temporary files), all removed after.
     run = start_run(config)
@@ -215,6 +218,8 @@ def _deliver(
         )
         if prism is not None:
             config = dataclasses.replace(config, single_process=True)
+        if metrics is not None:
+            metrics.workers_here(counts_visible(options))
         if dry_run:
             return run_dry(_BUILDERS[pipeline], config, options)
         with loopback_grpc_servers():  # Beam's worker endpoints listen on 127.0.0.1 only
@@ -225,6 +230,7 @@ def _deliver(
                 in_process_workers=prism is not None,
                 report_file=run.file("collector-refused"),
                 progress=progress_line(config, options, args.progress),
+                on_run=metrics.watch if metrics is not None else None,
             )
     except UsageError as exc:
         parser.error(str(exc))
@@ -236,7 +242,29 @@ def _deliver(
             prism.stop()
         if flink is not None:
             flink.stop()
+        if metrics is not None:
+            metrics.stop()
         run.close()
+
+
+def _start_metrics(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, config: PipelineConfig
+) -> RunMetrics | None:
+    """The ``--metrics_port`` endpoint, serving; None without the flag."""
+    if args.metrics_port is None:
+        return None
+    try:
+        metrics = RunMetrics.for_run(config, host=args.metrics_host, port=args.metrics_port)
+        metrics.start()
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(
+        f"moesif-beam {config.pipeline}: metrics on {metrics.url}/metrics, liveness on "
+        f"{metrics.url}/healthz",
+        file=sys.stderr,
+        flush=True,
+    )
+    return metrics
 
 
 def _placed_paths(

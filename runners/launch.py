@@ -43,6 +43,7 @@ __all__ = [
     "collect_counters",
     "execute",
     "format_summary",
+    "sum_counters",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -61,8 +62,17 @@ def collect_counters(result: Any) -> dict[str, int]:
 
     Committed values where the runner reports them, attempted values otherwise.
     """
+    return sum_counters(result.metrics())
+
+
+def sum_counters(metrics: Any) -> dict[str, int]:
+    """Sum the moesif-beam counters of Beam's ``MetricResults`` over all steps.
+
+    Committed values where the runner reports them, attempted values otherwise; every
+    counter of the summary is present, zero or not.
+    """
     counters = dict.fromkeys((*COUNTERS, *EXTRA_COUNTERS), 0)
-    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    query = metrics.query(MetricsFilter().with_namespace(NAMESPACE))
     for metric in query["counters"]:
         if metric.key.metric.name in PROGRESS_COUNTERS:
             continue  # the progress line's, not the summary's
@@ -120,6 +130,7 @@ def execute(
     in_process_workers: bool = False,
     report_file: str | None = None,
     progress: contextlib.AbstractContextManager[Any] | None = None,
+    on_run: Callable[[Any], None] | None = None,
 ) -> int:
     """Build, run and report one pipeline run; return the process exit code.
 
@@ -129,12 +140,16 @@ def execute(
     metrics. With ``report_file``, workers on this machine report a refused collector
     configuration there (see :data:`~moesif_beam.transforms.common.errors.REPORT_ENV`).
     ``progress`` (a :class:`~moesif_beam.runners.progress.ProgressLine`) is entered while
-    the pipeline runs, and left before the summary is printed.
+    the pipeline runs, and left before the summary is printed. ``on_run`` is handed the
+    runner's result as soon as the runner returns it (the ``--metrics_port`` endpoint
+    follows the run through it).
     """
     if report_file is not None:
         os.environ[REPORT_ENV] = report_file
     try:
-        return _execute(build, config, options, out, in_process_workers, report_file, progress)
+        return _execute(
+            build, config, options, out, in_process_workers, report_file, progress, on_run
+        )
     finally:
         if report_file is not None:
             os.environ.pop(REPORT_ENV, None)
@@ -148,6 +163,7 @@ def _execute(
     in_process_workers: bool,
     report_file: str | None,
     progress: contextlib.AbstractContextManager[Any] | None = None,
+    on_run: Callable[[Any], None] | None = None,
 ) -> int:
     stored = load_schema(config.schema_store_path, config.schema_scope)
     pipeline = build(config, options, stored)
@@ -156,6 +172,8 @@ def _execute(
     try:
         with progress or contextlib.nullcontext():
             result = pipeline.run()
+            if on_run is not None:
+                on_run(result)
             template = options.view_as(GoogleCloudOptions).template_location
             if template:  # Dataflow wrote the job as a template (a Flex Template's launch)
                 print(

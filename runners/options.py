@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import (
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.logs import LOG_FORMATS
+from moesif_beam.runners.metrics import DEFAULT_METRICS_HOST
 from moesif_beam.transforms.delivery import RetryPolicy
 from moesif_beam.transforms.formats.normalize import FORMATS
 from moesif_beam.transforms.schema import SCOPES
@@ -156,6 +157,20 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
     sink.add_argument("--output_dir", default=d["output_dir"], help="batch files and dead letters")
     sink.add_argument("--dead_letter", default=d["dead_letter"], help="dead-letter directory")
     sink.add_argument("--metrics_out", help="write the run's counters as JSON to this path")
+    metrics = parser.add_argument_group("metrics endpoint")
+    metrics.add_argument(
+        "--metrics_port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while the run is on: /metrics (every "
+        "counter, Kafka consumer lag, post latency, batches in flight) and /healthz",
+    )
+    metrics.add_argument(
+        "--metrics_host",
+        default=DEFAULT_METRICS_HOST,
+        help=f"address the metrics endpoint listens on (default {DEFAULT_METRICS_HOST}, "
+        "this machine only; 0.0.0.0 for every interface)",
+    )
     add_schema_flags(parser)
     batching = parser.add_argument_group("batching and retries")
     batching.add_argument(

@@ -26,7 +26,12 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TextIO
 
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+)
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.common.counters import PROGRESS_COUNTERS, local_tally
@@ -34,6 +39,7 @@ from moesif_beam.transforms.sources.files import input_bytes
 
 __all__ = [
     "ProgressLine",
+    "counts_visible",
     "done_fraction",
     "eta_seconds",
     "format_duration",
@@ -183,6 +189,22 @@ class ProgressLine:
         (self._stream or sys.stderr).flush()
 
 
+def counts_visible(options: PipelineOptions) -> bool:
+    """Whether the workers' counts reach this process's tally while the run is on.
+
+    True when every worker runs in this process: the local runners without
+    ``multi_processing``, and portable runs with ``--environment_type LOOPBACK`` (the
+    default streaming runner, Prism, is started so). Used by the progress line and the
+    ``--metrics_port`` endpoint alike.
+    """
+    runner = str(options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1]
+    if runner in _IN_PROCESS_RUNNERS:
+        return options.view_as(DirectOptions).direct_running_mode != "multi_processing"
+    return runner == "PortableRunner" and (
+        str(options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
+    )
+
+
 def progress_line(
     config: PipelineConfig, options: PipelineOptions, requested: bool | None
 ) -> ProgressLine | None:
@@ -190,9 +212,7 @@ def progress_line(
     show = sys.stderr.isatty() if requested is None else requested
     if not show or config.streaming:
         return None
-    runner = str(options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1]
-    mode = options.view_as(DirectOptions).direct_running_mode
-    visible = runner in _IN_PROCESS_RUNNERS and mode != "multi_processing"
+    visible = counts_visible(options)
     if config.kafka is not None:
         offsets = sum(p.stop - p.start for p in config.kafka_partitions if p.stop > p.start)
         return ProgressLine(config.pipeline, counts_visible=visible, total_offsets=offsets)

@@ -25,6 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from moesif_beam.transforms.common.errors import CollectorConfigError
+from moesif_beam.transforms.common.live import observe_post
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, dead_letter
 from moesif_beam.transforms.delivery.policy import (
     Action,
@@ -296,6 +297,7 @@ class _HttpWriter(_Writer):
             status: int | None = None
             retry_after = None
             response: Any = None
+            posted = time.perf_counter()
             try:
                 response = session.post(
                     self._url,
@@ -318,6 +320,7 @@ class _HttpWriter(_Writer):
                     counts["timeouts"] += 1
                 unknown = unknown or delivery_unknown(exc)
                 detail = self._scrub(f"{type(exc).__name__}: {exc}"[:500])
+            observe_post(time.perf_counter() - posted, status)
             now = self._clock()
             if classify(status) is Action.RETRY:
                 failing_for = self._breaker.failed(now)

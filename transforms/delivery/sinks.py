@@ -22,6 +22,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.errors import require_positive
+from moesif_beam.transforms.common.live import delivering
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.http import (
     _Counts,
@@ -163,7 +164,8 @@ class _BatchingFn(beam.DoFn):
 
     def _deliver(self, batch: list[_Item]) -> tuple[_Fates, _Counts]:
         counts: _Counts = collections.Counter()
-        return list(self._writer.deliver(batch, counts)), counts
+        with delivering():  # the batches-in-flight gauge of --metrics_port
+            return list(self._writer.deliver(batch, counts)), counts
 
     def _collect(self, limit: int) -> Iterator[Any]:
         """Emit the outcomes of finished batches, oldest first; wait while over ``limit``."""
