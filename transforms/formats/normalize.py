@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.errors import InvalidRecord, require_positive
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
-from moesif_beam.transforms.formats import moesif_actions, segment, wso2
+from moesif_beam.transforms.formats import moesif_actions, segment, segment_identify, wso2
 from moesif_beam.transforms.records import Ack, FirstSeen, Line, Record
 from moesif_beam.transforms.schema.rule import NO_TIME, SCOPES, SignatureMemo
 from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
@@ -148,6 +148,14 @@ FORMATS: dict[str, dict[str, Format]] = {
         "moesif": Format(parse_json, moesif_actions.split, moesif_actions.to_moesif_action),
         "segment": Format(parse_json, segment.split, segment.to_moesif_action),
     },
+}
+# profiles reads what events and actions read (every gateway format, Moesif actions), and
+# Segment identify/group calls, which become user and company upserts. Keep this after
+# every addition to FORMATS["events"]: it copies that table.
+FORMATS["profiles"] = {
+    **FORMATS["events"],
+    "moesif": FORMATS["actions"]["moesif"],
+    "segment": Format(parse_json, segment.split, segment_identify.to_profile_upserts),
 }
 
 
