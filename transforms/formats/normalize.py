@@ -24,6 +24,11 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.errors import InvalidRecord, require_positive
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
 from moesif_beam.transforms.formats import moesif_actions, segment, segment_identify, wso2
+from moesif_beam.transforms.formats.auto import EVENT_MAPPINGS, EVENT_SPLITS
+from moesif_beam.transforms.formats.auto import split as split_any
+from moesif_beam.transforms.formats.auto import to_moesif_event as any_event
+from moesif_beam.transforms.formats.aws import decode_line
+from moesif_beam.transforms.formats.gateway import MappingOptions, NoRecords
 from moesif_beam.transforms.records import Ack, FirstSeen, Line, Record
 from moesif_beam.transforms.schema.rule import NO_TIME, SCOPES, SignatureMemo
 from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
@@ -108,6 +113,33 @@ def _parse_wso2(raw: bytes) -> Any:
     return parse_json(wso2.extract_json(raw))
 
 
+def _parse_aws(raw: bytes) -> Any:
+    try:
+        return parse_json(raw)
+    except ValueError as exc:
+        refused = exc
+    # Not one JSON value: a wrapper's base64 (CloudWatch Logs, gzip inside) or JSON values
+    # written back to back (Firehose to S3).
+    try:
+        decoded = decode_line(raw)
+    except ValueError as exc:
+        msg = f"{refused}; nor base64 of JSON or gzip ({exc})"
+        raise ValueError(msg) from exc
+    if decoded is None:
+        raise refused
+    return decoded
+
+
+def _parse_auto(raw: bytes) -> Any:
+    try:
+        return _parse_aws(raw)
+    except ValueError:
+        extracted = wso2.extract_json(raw)
+        if extracted is raw:
+            raise
+        return parse_json(extracted)  # a WSO2 gateway log line with a prefix
+
+
 def _one(value: Any) -> list[tuple[Any, str]]:
     return [(value, "")]
 
@@ -132,18 +164,30 @@ class Format:
     Attributes:
         parse: bytes of one line to a JSON value; raises ValueError when it is not JSON.
         split: a parsed line to its records, each with a field-path prefix for errors.
-        to_moesif: one record to ``(transaction_id, time_ms or None, moesif_record)``;
-            raises :class:`InvalidRecord`.
+        to_moesif: one record and either the ``company_id_field`` or, with
+            ``takes_options``, the :class:`MappingOptions` to ``(transaction_id, time_ms or
+            None, moesif_record)``; raises :class:`InvalidRecord`.
+        takes_options: ``to_moesif`` takes every identity and masking option.
     """
 
     parse: Callable[[bytes], Any]
     split: Callable[[Any], list[tuple[Any, str]]]
-    to_moesif: Callable[[Any, str | None], tuple[str, int | None, dict]]
+    to_moesif: Callable[[Any, Any], tuple[str, int | None, dict]]
+    takes_options: bool = False
+
+
+def _gateway(name: str) -> Format:
+    parse = _parse_aws if name == "aws" else parse_json
+    return Format(parse, EVENT_SPLITS.get(name, _one), EVENT_MAPPINGS[name], takes_options=True)
 
 
 # pipeline -> format name -> Format
 FORMATS: dict[str, dict[str, Format]] = {
-    "events": {"wso2": Format(_parse_wso2, _one, wso2.to_moesif_event)},
+    "events": {
+        "wso2": Format(_parse_wso2, _one, EVENT_MAPPINGS["wso2"], takes_options=True),
+        **{name: _gateway(name) for name in EVENT_MAPPINGS if name != "wso2"},
+        "auto": Format(_parse_auto, split_any, any_event, takes_options=True),
+    },
     "actions": {
         "moesif": Format(parse_json, moesif_actions.split, moesif_actions.to_moesif_action),
         "segment": Format(parse_json, segment.split, segment.to_moesif_action),
@@ -173,7 +217,7 @@ class _NormalizeFn(beam.DoFn):
         self,
         pipeline: str,
         fmt: str,
-        company_id_field: str | None,
+        options: MappingOptions,
         max_record_bytes: int,
         scope: str,
         inline_signatures: bool = False,
@@ -183,7 +227,7 @@ class _NormalizeFn(beam.DoFn):
         self._max_line_bytes = max_line_bytes or MAX_LINE_BYTES
         self._inline = inline_signatures
         self._fmt = fmt
-        self._company_id_field = company_id_field
+        self._options = options
         self._max_record_bytes = max_record_bytes
         self._scope = scope
         self._read = counter("read")
@@ -191,6 +235,7 @@ class _NormalizeFn(beam.DoFn):
         self._invalid = counter("invalid")
         self._too_large = counter("too_large")
         self._internal = counter("internal_errors")
+        self._skipped = counter("skipped")
 
     def setup(self) -> None:
         self._format = FORMATS[self._pipeline][self._fmt]
@@ -216,6 +261,18 @@ class _NormalizeFn(beam.DoFn):
         try:
             value = self._format.parse(raw)
             items = self._format.split(value)
+        except NoRecords as exc:
+            # Nothing to deliver and nothing wrong (a CloudWatch Logs control message):
+            # skipped like a blank line. A Kafka message must still be acknowledged, and
+            # a dead letter is how a message without records is.
+            if ack is None:
+                self._skipped.inc()
+                return
+            self._read.inc()
+            self._invalid.inc()
+            detail = f"{exc}: nothing to deliver"
+            yield self._reject("invalid_record", "parse", detail, raw, source, ack=ack)
+            return
         except UnicodeDecodeError as exc:
             self._read.inc()
             self._parse_errors.inc()
@@ -273,7 +330,9 @@ class _NormalizeFn(beam.DoFn):
 
     def _map(self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None) -> Any:
         try:
-            transaction_id, time_ms, record = self._format.to_moesif(item, self._company_id_field)
+            options = self._options
+            setting = options if self._format.takes_options else options.company_id_field
+            transaction_id, time_ms, record = self._format.to_moesif(item, setting)
             body = orjson.dumps(record)
         except InvalidRecord as exc:
             self._invalid.inc()
@@ -361,7 +420,11 @@ class NormalizeRecords(beam.PTransform):
     signatures :class:`~moesif_beam.transforms.schema.rule.EnforceMetadataSchema` decides on; with
     ``inline_signatures`` each record carries its signature itself (``Record.signature``)
     instead, for a check in the same stage (see :class:`~moesif_beam.transforms.dedup.streaming.
-    DedupAndCheckInProcess`).
+    DedupAndCheckInProcess`). ``mapping`` carries the identity and header-masking options
+    of the events formats (``company_id_field`` alone is enough for the others). A line
+    holding nothing to deliver (a CloudWatch Logs control message) is skipped, counted in
+    ``skipped`` and not in ``read``; from Kafka it is an ``invalid_record`` dead letter,
+    so its offset is committed.
     """
 
     def __init__(
@@ -374,9 +437,14 @@ class NormalizeRecords(beam.PTransform):
         *,
         inline_signatures: bool = False,
         max_line_bytes: int = MAX_LINE_BYTES,
+        mapping: MappingOptions | None = None,
     ) -> None:
         super().__init__()
         require_positive("max_line_bytes", max_line_bytes)
+        if mapping is not None and company_id_field is not None:
+            msg = "give company_id_field inside mapping, not beside it"
+            raise ValueError(msg)
+        options = mapping or MappingOptions(company_id_field=company_id_field)
         if pipeline not in FORMATS:
             msg = f"pipeline must be one of {sorted(FORMATS)}, got {pipeline!r}"
             raise ValueError(msg)
@@ -393,7 +461,7 @@ class NormalizeRecords(beam.PTransform):
         self._fn = _NormalizeFn(
             pipeline,
             fmt,
-            company_id_field,
+            options,
             max_record_bytes,
             schema_scope,
             inline_signatures,
