@@ -33,9 +33,11 @@ from moesif_beam.transforms.schema import SCOPES
 from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
 from moesif_beam.transforms.sources.kafka import KafkaPartition, KafkaSourceConfig
 
-__all__ = ["DEFAULT_BASE_URL", "PipelineConfig", "new_run_id"]
+__all__ = ["DEFAULT_BASE_URL", "DEFAULT_SEGMENT_URL", "PipelineConfig", "new_run_id"]
 
 DEFAULT_BASE_URL = "https://api.moesif.net"
+# Segment's HTTP Tracking API, US region (the Moesif source is US-only too).
+DEFAULT_SEGMENT_URL = "https://api.segment.io"
 
 
 def new_run_id() -> str:
@@ -98,6 +100,11 @@ class PipelineConfig:
         max_line_bytes: the longest input line (or Kafka message) read; a longer one is a
             ``too_large`` dead letter.
         run_id: labels this run's dead-letter files.
+        as_of_ms: profiles, bounded: the time profiles are computed as of (epoch ms); None
+            means the newest request time in the input.
+        profile_interval: profiles, streaming: seconds of event time between updates.
+        segment_write_key: profiles: send identify/group calls to Segment with this key.
+        segment_base_url: Segment's Tracking API base URL.
     """
 
     pipeline: str
@@ -130,9 +137,13 @@ class PipelineConfig:
     single_process: bool = False
     max_line_bytes: int = MAX_LINE_BYTES
     run_id: str = field(default_factory=new_run_id)
+    as_of_ms: int | None = None
+    profile_interval: float = 3600.0
+    segment_write_key: Secret | None = None
+    segment_base_url: str = DEFAULT_SEGMENT_URL
 
     def __post_init__(self) -> None:
-        if self.pipeline not in BATCH_BYTE_LIMITS:
+        if self.pipeline not in (*BATCH_BYTE_LIMITS, "profiles"):
             msg = f"pipeline must be one of {sorted(BATCH_BYTE_LIMITS)}, got {self.pipeline!r}"
             raise ValueError(msg)
         if not self.input and self.kafka is None:
@@ -153,7 +164,8 @@ class PipelineConfig:
         _as_flags(validate_collector, self.base_url, self.http_timeout, self.ca_bundle)
         _as_flags(
             validate_batching,
-            self.pipeline,
+            # profiles posts users and companies, whose batches are held to the events limit
+            "events" if self.pipeline == "profiles" else self.pipeline,
             self.batch_max_events,
             self.batch_max_bytes,
             self.gzip_level,
@@ -164,6 +176,7 @@ class PipelineConfig:
             "dedup_ttl",
             "drain_timeout",
             "follow_interval",
+            "profile_interval",
             "max_line_bytes",
         ):
             _as_flags(require_positive, name, getattr(self, name))
@@ -189,6 +202,36 @@ class PipelineConfig:
         if not self.output_dir:
             msg = "--output_dir must not be empty"
             raise ValueError(msg)
+        self._check_profiles()
+
+    def _check_profiles(self) -> None:
+        """The profiles settings: only for ``profiles``, and coherent (issue 16)."""
+        if self.pipeline != "profiles":
+            if self.segment_write_key is not None or self.as_of_ms is not None:
+                msg = "--segment_write_key and --as_of are options of moesif-beam profiles"
+                raise ValueError(msg)
+            return
+        if self.as_of_ms is not None and self.streaming:
+            msg = "--as_of fixes a bounded run's time; a stream's profiles follow event time"
+            raise ValueError(msg)
+        if self.segment_write_key is not None:
+            if self.input_format == "segment":
+                msg = (
+                    "--format segment reads Segment calls; sending them back to Segment is refused"
+                )
+                raise ValueError(msg)
+            if len(self.segment_write_key.reveal()) < MIN_SECRET_LENGTH:
+                msg = (
+                    f"the Segment write key is too short (under {MIN_SECRET_LENGTH} characters);"
+                    " check --segment_write_key or SEGMENT_WRITE_KEY"
+                )
+                raise ValueError(msg)
+            if not self.segment_base_url.startswith(("http://", "https://")):
+                msg = (
+                    "--segment_base_url must start with http:// or https://, "
+                    f"got {self.segment_base_url!r}"
+                )
+                raise ValueError(msg)
 
     @property
     def dead_letter_dir(self) -> str:

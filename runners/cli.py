@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from moesif_beam.pipelines import actions, events
+from moesif_beam.pipelines import actions, events, profiles
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.dataflow.job import dry_run_requested, run_dry
 from moesif_beam.runners.engines.flink import start_flink_job_server
@@ -43,6 +43,12 @@ from moesif_beam.runners.options import (
     wants_streaming,
 )
 from moesif_beam.runners.paths import LAUNCHER_PATHS, WORKER_PATHS, place_paths
+from moesif_beam.runners.profile_options import (
+    Secrets,
+    add_profiles_flags,
+    profiles_settings,
+    write_key,
+)
 from moesif_beam.runners.profiles import add_profile_flag, apply_profile
 from moesif_beam.runners.progress import counts_visible, progress_line
 from moesif_beam.transforms.common.errors import CollectorConfigError
@@ -76,6 +82,9 @@ FORKING_BATCH_RUNNER = f"{LocalRunner.__module__}.{LocalRunner.__name__}"
 _DESCRIPTION = {
     "events": "Deliver API-gateway logs to Moesif's /v1/events/batch (--format wso2).",
     "actions": "Deliver action streams to Moesif's /v1/actions/batch (--format moesif|segment).",
+    "profiles": "Upsert Moesif users and companies computed from the traffic (first/last "
+    "seen, latest IP and user agent, ttfhw_s, last24HourAggResults) to /v1/users/batch and "
+    "/v1/companies/batch, and send them to Segment as identify/group calls.",
 }
 
 
@@ -118,14 +127,18 @@ _ELEMENT_LOGGERS = (
 )
 
 
-_BUILDERS = {"events": events.build, "actions": actions.build}
+_BUILDERS = {"events": events.build, "actions": actions.build, "profiles": profiles.build}
 
 
 def _deliver(
     pipeline: str, parser: argparse.ArgumentParser, args: argparse.Namespace, beam_args: list[str]
 ) -> int:
     app_id = args.moesif_application_id or os.environ.get("MOESIF_APPLICATION_ID") or None
-    _configure_logging(args.log_level, args.log_format, Secret(app_id) if app_id else None)
+    _configure_logging(
+        args.log_level,
+        args.log_format,
+        Secrets(Secret(app_id) if app_id else None, write_key(args)),
+    )
     try:
         beam_args = apply_profile(args.profile, beam_args)
         check_beam_args(beam_args)
@@ -168,6 +181,7 @@ def _deliver(
             drain_timeout=args.drain_timeout,
             dedup_spill=runs_locally(beam_args),
             max_line_bytes=args.max_line_bytes,
+            **(profiles_settings(args) if pipeline == "profiles" else {}),
         )
         if not dry_run:
             load_schema(config.schema_store_path, config.schema_scope)
@@ -390,6 +404,8 @@ def _parser() -> ArgumentParser:
             allow_abbrev=False,
         )
         add_delivery_flags(sub, pipeline)
+        if pipeline == "profiles":
+            add_profiles_flags(sub)
         add_profile_flag(sub)
         sub.set_defaults(parser=sub)
     _add_schema_command(commands)

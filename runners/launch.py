@@ -33,6 +33,7 @@ from moesif_beam.transforms.common.errors import (
     CollectorConfigError,
     reported_config_error,
 )
+from moesif_beam.transforms.profiles.compute import PROFILE_COUNTERS, profiles_summary
 from moesif_beam.transforms.schema import load_schema, save_schema
 from moesif_beam.transforms.sources.drain import drain_timed_out, start_drain
 
@@ -193,11 +194,14 @@ def _execute(
         if config.dedup_spill:
             _remove_spill(config.spill_dir)
     seconds = time.monotonic() - started
-    counters = local_tally() if in_process_workers else collect_counters(result)
+    extra = PROFILE_COUNTERS if config.pipeline == "profiles" else ()
+    counters = local_tally(*extra) if in_process_workers else collect_counters(result)
     added = merge_pending_schema(config)
     if config.kafka is not None and not config.streaming and invariant_holds(counters):
         commit_offsets(config)
     print(format_summary(config, counters, seconds), file=out, flush=True)
+    if config.pipeline == "profiles":
+        print(profiles_summary(counters), file=out, flush=True)
     print(
         f"  metadata schema: {added} new keys -> {config.schema_store_path}", file=out, flush=True
     )
@@ -400,6 +404,8 @@ def _report_failure(
     text = "".join(traceback.format_exception(exc))
     if config.application_id is not None:
         text = config.application_id.scrub(text)
+    if config.segment_write_key is not None:
+        text = config.segment_write_key.scrub(text)
     # Workers on other machines (Flink, Dataflow) reach us only through the runner's text
     # of their exception.
     marker = text.find(CollectorConfigError.MARKER)

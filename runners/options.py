@@ -71,11 +71,13 @@ def _defaults() -> dict[str, Any]:
 # Every flag's default, by the config field it sets.
 DEFAULTS = _defaults()
 
-_DEFAULT_FORMAT = {"events": "wso2", "actions": "moesif"}
+_DEFAULT_FORMAT = {"events": "wso2", "actions": "moesif", "profiles": "wso2"}
 _FORMAT_HELP = {
     "events": "input format (default wso2: WSO2 API Manager analytics events)",
     "actions": "input format (default moesif: Collector API action JSON, one action or an "
     "array per line; segment: Segment track calls)",
+    "profiles": "input format: any events format (default wso2), moesif (actions), or "
+    "segment (Segment identify and group calls, upserted as they are)",
 }
 
 

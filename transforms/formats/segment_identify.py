@@ -92,7 +92,7 @@ def to_profile_upserts(
         if user_id is None:
             msg = "an identify call without userId (Moesif users need a user_id)"
             raise InvalidRecord(msg, "userId")
-        user = {"user_id": user_id}
+        user: dict[str, Any] = {"user_id": user_id}
         company_id = _company_of(traits, context, company_id_field)
         if company_id is not None:
             user["company_id"] = company_id
