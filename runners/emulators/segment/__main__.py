@@ -1,0 +1,5 @@
+"""``python -m moesif_beam.runners.emulators.segment``."""
+
+from moesif_beam.runners.emulators.segment import main
+
+raise SystemExit(main())
