@@ -77,8 +77,8 @@ def build_delivery(
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
-        config.company_id_field,
         schema_scope=config.schema_scope,
+        mapping=config.mapping,
         max_line_bytes=config.max_line_bytes,
     )
     rejects.add(normalized.dead_letters)
@@ -128,8 +128,8 @@ def _build_streaming(
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
-        config.company_id_field,
         schema_scope=config.schema_scope,
+        mapping=config.mapping,
         inline_signatures=config.single_process,
         max_line_bytes=config.max_line_bytes,
     )

@@ -28,6 +28,7 @@ from moesif_beam.transforms.delivery.sinks import (
     validate_batching,
     validate_collector,
 )
+from moesif_beam.transforms.formats.gateway import DEFAULT_MASKED_HEADERS, MappingOptions
 from moesif_beam.transforms.formats.normalize import FORMATS
 from moesif_beam.transforms.schema import SCOPES
 from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
@@ -70,7 +71,12 @@ class PipelineConfig:
         output_dir: where batch files (without an application id) and, by default,
             dead letters go.
         dead_letter: the dead-letter directory; empty means ``<output_dir>/dead_letter``.
-        company_id_field: an input field whose value becomes ``company_id``.
+        company_id_field: an input field (or ``header:NAME``) whose value becomes
+            ``company_id``.
+        user_id_field: an input field or ``header:NAME`` for ``user_id`` (events).
+        session_token_field: an input field or ``header:NAME`` for ``session_token``.
+        user_id_jwt_claim: the Bearer JWT claim that becomes ``user_id`` (events).
+        mask_headers: headers whose values are masked (events).
         batch_max_events / batch_max_bytes: batch limits (bytes of uncompressed JSON).
         batch_max_delay: how long a partial batch may wait in streaming runs, in seconds.
         retry: the HTTP retry policy.
@@ -117,6 +123,10 @@ class PipelineConfig:
     output_dir: str = "./moesif-out"
     dead_letter: str = ""
     company_id_field: str | None = None
+    user_id_field: str | None = None
+    session_token_field: str | None = None
+    user_id_jwt_claim: str | None = None
+    mask_headers: tuple[str, ...] = DEFAULT_MASKED_HEADERS
     batch_max_events: int = DEFAULT_MAX_EVENTS
     batch_max_bytes: int = DEFAULT_MAX_BYTES
     batch_max_delay: float = 2.0
@@ -156,6 +166,7 @@ class PipelineConfig:
             known = ", ".join(sorted(FORMATS[self.pipeline]))
             msg = f"--format {self.input_format!r} is not a {self.pipeline} format; known: {known}"
             raise ValueError(msg)
+        _ = self.mapping  # the identity options' own checks, named by their flags
         if self.schema_scope not in SCOPES:
             msg = f"--schema_scope must be one of {', '.join(SCOPES)}, got {self.schema_scope!r}"
             raise ValueError(msg)
@@ -232,6 +243,17 @@ class PipelineConfig:
                     f"got {self.segment_base_url!r}"
                 )
                 raise ValueError(msg)
+
+    @property
+    def mapping(self) -> MappingOptions:
+        """The identity and header-masking options the input formats take."""
+        return MappingOptions(
+            user_id_field=self.user_id_field,
+            company_id_field=self.company_id_field,
+            session_token_field=self.session_token_field,
+            user_id_jwt_claim=self.user_id_jwt_claim,
+            mask_headers=self.mask_headers,
+        )
 
     @property
     def dead_letter_dir(self) -> str:

@@ -80,7 +80,8 @@ DEFAULT_BATCH_RUNNER = "FnApiRunner"
 FORKING_BATCH_RUNNER = f"{LocalRunner.__module__}.{LocalRunner.__name__}"
 
 _DESCRIPTION = {
-    "events": "Deliver API-gateway logs to Moesif's /v1/events/batch (--format wso2).",
+    "events": "Deliver API-gateway logs to Moesif's /v1/events/batch (--format wso2|kong|aws|"
+    "tyk|azure|apigee|envoy|nginx|auto).",
     "actions": "Deliver action streams to Moesif's /v1/actions/batch (--format moesif|segment).",
     "profiles": "Upsert Moesif users and companies computed from the traffic (first/last "
     "seen, latest IP and user agent, ttfhw_s, last24HourAggResults) to /v1/users/batch and "
@@ -161,6 +162,11 @@ def _deliver(
             output_dir=args.output_dir,
             dead_letter=args.dead_letter,
             company_id_field=args.company_id_field,
+            # events only: the other commands do not have these flags
+            user_id_field=getattr(args, "user_id_field", None),
+            session_token_field=getattr(args, "session_token_field", None),
+            user_id_jwt_claim=getattr(args, "user_id_jwt_claim", None),
+            mask_headers=getattr(args, "mask_headers", DEFAULTS["mask_headers"]),
             batch_max_events=args.batch_max_events,
             batch_max_bytes=args.batch_max_bytes,
             batch_max_delay=args.batch_max_delay,

@@ -73,12 +73,46 @@ DEFAULTS = _defaults()
 
 _DEFAULT_FORMAT = {"events": "wso2", "actions": "moesif", "profiles": "wso2"}
 _FORMAT_HELP = {
-    "events": "input format (default wso2: WSO2 API Manager analytics events)",
+    "events": "input format (default wso2: WSO2 API Manager analytics events; kong, aws, "
+    "tyk, azure, apigee, envoy, nginx: those gateways' logs; auto: decided per record)",
     "actions": "input format (default moesif: Collector API action JSON, one action or an "
     "array per line; segment: Segment track calls)",
     "profiles": "input format: any events format (default wso2), moesif (actions), or "
     "segment (Segment identify and group calls, upserted as they are)",
 }
+
+
+def _header_names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def add_identity_flags(group: Any) -> None:
+    """The flags that choose identities and masked headers, for every events format."""
+    d = DEFAULTS
+    group.add_argument(
+        "--user_id_field",
+        help="field (a dotted path) or header:NAME whose value becomes user_id, instead of "
+        "the format's own (see the README's tables)",
+    )
+    group.add_argument(
+        "--session_token_field",
+        help="field (a dotted path) or header:NAME whose value becomes session_token",
+    )
+    group.add_argument(
+        "--user_id_jwt_claim",
+        metavar="CLAIM",
+        help="take user_id from this claim (such as sub) of a Bearer JWT in the "
+        "Authorization header when --user_id_field gives none; decoded, never verified "
+        "or logged",
+    )
+    group.add_argument(
+        "--mask_headers",
+        type=_header_names,
+        default=d["mask_headers"],
+        metavar="NAMES",
+        help="comma-separated request and response headers whose values are masked "
+        f"(default {','.join(d['mask_headers'])}); an empty string masks none",
+    )
 
 
 def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
@@ -140,9 +174,12 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
     )
     source.add_argument(
         "--company_id_field",
-        help="field whose value becomes company_id when a record has none (events: top "
-        "level, then properties; actions: metadata)",
+        help="field whose value becomes company_id (events: a dotted path, looked up at the "
+        "top level, then in properties for wso2, or header:NAME for a request header; "
+        "actions: metadata, when the action has none)",
     )
+    if pipeline == "events":
+        add_identity_flags(source)
     sink = parser.add_argument_group("sink")
     sink.add_argument(
         "--moesif_application_id",

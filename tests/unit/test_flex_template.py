@@ -32,7 +32,9 @@ def test_every_flag_of_both_pipelines_is_a_documented_parameter():
                 assert name in parameters, name
                 assert parameters[name]["helpText"], name
     assert parameters["pipeline"]["isOptional"] is False
-    assert parameters["format"]["regexes"] == ["^(moesif|segment|wso2)$"]
+    assert parameters["format"]["regexes"] == [
+        "^(apigee|auto|aws|azure|envoy|kong|moesif|nginx|segment|tyk|wso2)$"
+    ]
     assert parameters["follow"]["regexes"] == ["^(true|false)$"]
 
 
