@@ -19,7 +19,6 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.transforms.window import FixedWindows
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.common.timefmt import parse_time_ms
@@ -31,7 +30,7 @@ from moesif_beam.transforms.dedup.streaming import DedupInStream
 from moesif_beam.transforms.formats.normalize import NormalizeRecords
 from moesif_beam.transforms.profiles.compute import ComputeProfiles, Touches
 from moesif_beam.transforms.profiles.delivery import DeliverProfiles, WriteUpsertDeadLetters
-from moesif_beam.transforms.profiles.stream import UpdateProfilesInStream
+from moesif_beam.transforms.profiles.stream import SegmentCallsInStream, UpdateProfilesInStream
 from moesif_beam.transforms.profiles.traits import (
     Profile,
     company_upsert,
@@ -146,19 +145,18 @@ def _traffic(
     ]
     if config.segment_write_key is not None:
         if config.streaming:
-            # Users meet their company's update of the same boundary: one window per interval.
-            window = FixedWindows(config.profile_interval)
-            users = users | "UserWindows" >> beam.WindowInto(window)
-            companies = companies | "CompanyWindows" >> beam.WindowInto(window)
-        calls = (
-            {
-                "users": users | "ByCompany" >> beam.Map(_by_company),
-                "companies": companies | "ById" >> beam.Map(lambda p: (p.id, p)),
-            }
-            | "Join" >> beam.CoGroupByKey()
-            | "Calls" >> beam.FlatMap(_calls)
-        )
-        letters.append(calls | "ToSegment" >> _deliver(config, "segment"))
+            calls = profiles | "SegmentCalls" >> SegmentCallsInStream()
+        else:
+            calls = (
+                {
+                    "users": users | "ByCompany" >> beam.Map(_by_company),
+                    "companies": companies | "ById" >> beam.Map(lambda p: (p.id, p)),
+                }
+                | "Join" >> beam.CoGroupByKey()
+                | "Calls" >> beam.FlatMap(_calls)
+            )
+        keyed = calls | "CallItems" >> beam.Map(lambda c: (c["messageId"], c, _as_of(c)))
+        letters.append(keyed | "ToSegment" >> _deliver(config, "segment"))
     return tuple(letters)
 
 
@@ -168,14 +166,14 @@ def _by_company(profile: Profile) -> tuple[str, Profile]:
     return ("" if company is None else company[2]), profile
 
 
-def _calls(item: tuple[str, dict[str, Iterable[Profile]]]) -> list[tuple[str, Any, int]]:
-    """One identify per user, one group per company, each with its messageId as the key."""
+def _calls(item: tuple[str, dict[str, Iterable[Profile]]]) -> list[dict[str, Any]]:
+    """One identify per user (with its company's traits), one group per company."""
     key, joined = item
     companies = sorted(joined["companies"], key=lambda p: p.as_of_ms)
     company = companies[-1] if key and companies else None
     calls = [group_call(c) for c in companies]
     calls += [identify_call(user, company) for user in joined["users"]]
-    return [(call["messageId"], call, _as_of(call)) for call in calls]
+    return calls
 
 
 def _as_of(call: dict[str, Any]) -> int:

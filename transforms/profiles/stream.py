@@ -33,9 +33,15 @@ from moesif_beam.transforms.profiles.rollup import (
     fold,
     merge_rollups,
 )
-from moesif_beam.transforms.profiles.traits import Profile
+from moesif_beam.transforms.profiles.traits import Profile, group_call, identify_call
 
-__all__ = ["UpdateProfilesInStream", "next_boundary", "update_at"]
+__all__ = [
+    "SegmentCallsInStream",
+    "UpdateProfilesInStream",
+    "next_boundary",
+    "split_due",
+    "update_at",
+]
 
 
 def next_boundary(time_ms: int, interval_ms: int) -> int:
@@ -157,4 +163,48 @@ class UpdateProfilesInStream(beam.PTransform):
             touches
             | "ByProfile" >> beam.Map(_key)
             | "Update" >> beam.ParDo(_UpdateFn(self._interval_ms))
+        )
+
+
+class _SegmentCallsFn(beam.DoFn):
+    """Keyed by company id: group calls for its updates, identify calls for its users'."""
+
+    COMPANY = ReadModifyWriteStateSpec("company", PickleCoder())
+
+    def process(
+        self,
+        element: tuple[str, tuple[str, Profile]],
+        company: Any = beam.DoFn.StateParam(COMPANY),
+    ) -> Iterator[dict[str, Any]]:
+        _, (role, profile) = element
+        if role == "company":
+            latest = company.read()
+            if latest is None or profile.as_of_ms >= latest.as_of_ms:
+                company.write(profile)
+            yield group_call(profile)
+        else:
+            yield identify_call(profile, company.read())
+
+
+def _by_company(profile: Profile) -> tuple[str, tuple[str, Profile]]:
+    if profile.kind == "companies":
+        return profile.id, ("company", profile)
+    company = profile.rollup.company_id
+    return ("" if company is None else company[2]), ("user", profile)
+
+
+class SegmentCallsInStream(beam.PTransform):
+    """Profile updates to Segment calls: a group per company update, an identify per user's.
+
+    A user's ``traits.company`` is the latest update of its company this stage has seen:
+    when the user's update of a boundary arrives before its company's, the company traits
+    are those of the company's previous update (the group call of the same boundary carries
+    the new ones). Users without a company get no ``traits.company``.
+    """
+
+    def expand(self, profiles: beam.PCollection) -> beam.PCollection:
+        return (
+            profiles
+            | "ByCompany" >> beam.Map(_by_company)
+            | "Calls" >> beam.ParDo(_SegmentCallsFn())
         )
