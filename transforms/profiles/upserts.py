@@ -48,10 +48,15 @@ def recursive_merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str,
 def merge_upserts(stamped: list[_Stamped]) -> dict[str, Any]:
     """Merge one id's upserts in time order (ties by transaction id), oldest first.
 
-    Calls without a time come first, as the oldest: nothing says they are recent.
+    Calls without a time come first, as the oldest: nothing says they are recent. Equal
+    times and ids (not expected after dedup) are ordered by content, so the result is
+    still a function of the set.
     """
     result: dict[str, Any] = {}
-    for _, _, upsert in sorted(stamped, key=lambda s: (s[0], s[1])):
+    ordered = sorted(
+        stamped, key=lambda s: (s[0], s[1], orjson.dumps(s[2], option=orjson.OPT_SORT_KEYS))
+    )
+    for _, _, upsert in ordered:
         result = recursive_merge(result, upsert)
     return result
 
