@@ -196,6 +196,8 @@ def _execute(
     seconds = time.monotonic() - started
     extra = PROFILE_COUNTERS if config.pipeline == "profiles" else ()
     counters = local_tally(*extra) if in_process_workers else collect_counters(result)
+    for name in extra:  # the profiles' counters appear in --metrics_out, zero or not
+        counters.setdefault(name, 0)
     added = merge_pending_schema(config)
     if config.kafka is not None and not config.streaming and invariant_holds(counters):
         commit_offsets(config)

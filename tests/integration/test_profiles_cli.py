@@ -1,0 +1,278 @@
+"""`moesif-beam profiles` end to end: the real command, over real HTTP, against both emulators."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from moesif_beam.runners.emulators.segment import RunningSegment, SegmentConfig, start_in_thread
+from moesif_beam.transforms.profiles.traits import METADATA_KEY
+from tests.conftest import CliRun, run_cli
+from tests.fixtures import wso2_line
+from tests.helpers import assert_nothing_lost, read_batches, read_dead_letters
+
+pytestmark = pytest.mark.integration
+
+APP_ID = "profiles-app-id-5d1e"
+WRITE_KEY = "segment-wk-8c2f4a9b"  # a recognisable secret: it must never show up in outputs
+
+
+@pytest.fixture
+def start_segment() -> Iterator[Callable[..., RunningSegment]]:
+    """Start Segment emulators on free loopback ports; stopped after the test."""
+    running: list[RunningSegment] = []
+
+    def start(**settings: Any) -> RunningSegment:
+        emulator = start_in_thread(SegmentConfig(**settings))
+        running.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in running:
+        emulator.stop()
+
+
+def _call(tid: str, minute: int, user: str, app: str, status: int, latency: int, **extra: Any):
+    """One WSO2 call ``minute`` minutes after 2026-11-01T10:00Z."""
+    return wso2_line(
+        tid,
+        userName=f"{user}@carbon.super",
+        applicationName=app,
+        requestTimestamp=f"2026-11-01T{10 + minute // 60:02d}:{minute % 60:02d}:00.000Z",
+        proxyResponseCode=status,
+        responseLatency=latency,
+        userIp=f"10.0.0.{minute % 250}",
+        **extra,
+    )
+
+
+def _traffic(path: Path) -> Path:
+    """Two users of one company, a third alone, a replayed call and a poison line."""
+    lines = [
+        _call("00000000-0000-4000-8000-000000000001", 0, "ana", "acme", 401, 10),
+        _call("00000000-0000-4000-8000-000000000002", 5, "ana", "acme", 500, 20),
+        _call("00000000-0000-4000-8000-000000000003", 30, "ana", "acme", 200, 30),
+        _call("00000000-0000-4000-8000-000000000004", 45, "bob", "acme", 200, 40),
+        _call("00000000-0000-4000-8000-000000000005", 50, "cy", "solo", 201, 50),
+    ]
+    replayed = lines[2]  # the same correlationId again: it must count once
+    path.write_bytes(b"\n".join([*lines, replayed, b"not json"]) + b"\n")
+    return path
+
+
+def _profiles(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> CliRun:
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        return run_cli(
+            [
+                "profiles",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--company_id_field",
+                "applicationName",
+                *args,
+            ],
+            app_id=APP_ID if "--moesif_base_url" in args else None,
+            metrics=tmp_path / "metrics.json",
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _derived(record: dict[str, Any]) -> dict[str, Any]:
+    return record["metadata"][METADATA_KEY]
+
+
+def _assert_no_secrets(run: CliRun, tmp_path: Path) -> None:
+    for secret in (APP_ID, WRITE_KEY):
+        assert secret not in run.stdout
+        assert secret not in run.stderr
+        for path in (tmp_path / "out").rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+
+
+def test_users_companies_and_segment_calls_from_the_traffic(
+    tmp_path, start_collector, start_segment
+):
+    collector = start_collector(application_id=APP_ID)
+    segment = start_segment(write_key=WRITE_KEY)
+    # A customer's own metadata on a user: Moesif's recursive merge must keep it.
+    requests.post(
+        f"{collector.url}/v1/users",
+        json={"user_id": "ana", "metadata": {"plan": "growth"}},
+        headers={"X-Moesif-Application-Id": APP_ID},
+        timeout=10,
+    ).raise_for_status()
+    source = _traffic(tmp_path / "in.jsonl")
+    args = (
+        "--input",
+        str(source),
+        "--moesif_base_url",
+        collector.url,
+        "--segment_base_url",
+        segment.url,
+    )
+    run = _profiles(tmp_path, *args, env={"SEGMENT_WRITE_KEY": WRITE_KEY})
+    assert run.returncode == 0, run.stderr
+    metrics = run.metrics
+    assert_nothing_lost(metrics)
+    assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (7, 5, 1)
+    assert (metrics["dead_letters"], metrics["parse_errors"]) == (1, 1)
+    assert (metrics["users_sent"], metrics["companies_sent"], metrics["segment_sent"]) == (3, 2, 5)
+    assert metrics["upsert_dead_letters"] == 0
+
+    users = {u["user_id"]: u for u in collector.records("users")}
+    companies = {c["company_id"]: c for c in collector.records("companies")}
+    assert set(users) == {"ana", "bob", "cy"} and set(companies) == {"acme", "solo"}
+    ana = users["ana"]
+    assert ana["metadata"]["plan"] == "growth"  # the customer's key survived the upsert
+    assert ana["company_id"] == "acme"
+    assert ana["ip_address"] == "10.0.0.30"
+    assert ana["modified_time"] == "2026-11-01T10:50:00.000Z"  # as of the newest call
+    traits = _derived(ana)
+    assert traits["firstSeenTime"] == "2026-11-01T10:00:00.000Z"
+    assert traits["lastSeenTime"] == "2026-11-01T10:30:00.000Z"
+    # The replayed call counted once: three calls, two errors.
+    assert traits["last24HourAggResults"] == {
+        "calls": 3,
+        "errors": 2,
+        "latency_p50_ms": 20,
+        "latency_p90_ms": 30,
+        "top_routes": [{"route": "GET /api1/2.0.0/*", "calls": 3}],
+    }
+    acme = _derived(companies["acme"])
+    assert acme["ttfhw_s"] == 30 * 60  # first call 10:00, first 2xx 10:30
+    assert acme["last24HourAggResults"]["calls"] == 4
+    assert _derived(companies["solo"])["ttfhw_s"] == 0
+
+    identify = {m["userId"]: m for m in segment.messages("identify")}
+    groups = {m["groupId"]: m for m in segment.messages("group")}
+    assert set(identify) == {"ana", "bob", "cy"} and set(groups) == {"acme", "solo"}
+    company = identify["ana"]["traits"]["company"]
+    assert company["id"] == "acme"
+    assert company["ttfhw_s"] == 30 * 60
+    assert company["firstSeenTime"] == "2026-11-01T10:00:00.000Z"
+    assert identify["ana"]["traits"]["last24HourAggResults"] == traits["last24HourAggResults"]
+    assert groups["acme"]["userId"] == "bob"  # the company's latest user
+    assert segment.stats()["requests"] == {"/v1/batch 200": 1}
+    _assert_no_secrets(run, tmp_path)
+
+    # A re-run sends the same messageIds: Segment's dedup collapses every call.
+    again = _profiles(tmp_path, *args, env={"SEGMENT_WRITE_KEY": WRITE_KEY})
+    assert again.returncode == 0, again.stderr
+    assert segment.stats()["duplicates"] == 5
+    assert len(segment.messages()) == 5
+
+
+def test_segment_outages_are_retried_and_a_refused_key_stops_the_run(
+    tmp_path, start_collector, start_segment
+):
+    collector = start_collector(application_id=APP_ID)
+    segment = start_segment(write_key=WRITE_KEY, fail_first=2, fail_status=503)
+    source = _traffic(tmp_path / "in.jsonl")
+    base = ("--input", str(source), "--moesif_base_url", collector.url)
+    run = _profiles(
+        tmp_path,
+        *base,
+        "--segment_base_url",
+        segment.url,
+        "--segment_write_key",
+        WRITE_KEY,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.metrics["segment_retries"] == 2
+    assert run.metrics["segment_sent"] == 5
+    _assert_no_secrets(run, tmp_path)
+
+    wrong = start_segment(write_key="another-key-123456")
+    refused = _profiles(
+        tmp_path, *base, "--segment_base_url", wrong.url, env={"SEGMENT_WRITE_KEY": WRITE_KEY}
+    )
+    assert refused.returncode == 3, refused.stderr
+    assert "Segment write key was refused" in refused.stderr
+    assert WRITE_KEY not in refused.stderr + refused.stdout
+
+
+def test_without_an_application_id_profiles_go_to_batch_files(tmp_path):
+    source = _traffic(tmp_path / "in.jsonl")
+    run = _profiles(tmp_path, "--input", str(source), "--as_of", "2026-11-02T10:40:00Z")
+    assert run.returncode == 0, run.stderr
+    assert_nothing_lost(run.metrics)
+    users = {u["user_id"]: u for b in read_batches(str(tmp_path / "out" / "users")) for u in b}
+    companies = [c for b in read_batches(str(tmp_path / "out" / "companies")) for c in b]
+    assert set(users) == {"ana", "bob", "cy"} and len(companies) == 2
+    # As of a day later, 10:40: only the calls after 10:40 on the 1st are in the window.
+    assert _derived(users["ana"])["last24HourAggResults"]["calls"] == 0
+    assert _derived(users["bob"])["last24HourAggResults"]["calls"] == 1
+    assert users["ana"]["modified_time"] == "2026-11-02T10:40:00.000Z"
+
+
+def _segment_line(**call: Any) -> bytes:
+    return json.dumps(call).encode()
+
+
+def test_segment_identify_and_group_calls_become_upserts(tmp_path, start_collector):
+    collector = start_collector(application_id=APP_ID)
+    lines = [
+        # Out of time order: the later identify must win, whatever the file's order.
+        _segment_line(
+            type="identify",
+            userId="u1",
+            messageId="m-2",
+            timestamp="2026-11-01T12:00:00Z",
+            traits={"email": "new@acme.io", "company": {"id": "acme"}},
+        ),
+        _segment_line(
+            type="identify",
+            userId="u1",
+            messageId="m-1",
+            timestamp="2026-11-01T11:00:00Z",
+            traits={"email": "old@acme.io", "firstName": "Ana"},
+            context={"ip": "203.0.113.9", "campaign": {"source": "google"}},
+        ),
+        _segment_line(
+            type="group",
+            userId="u1",
+            groupId="acme",
+            messageId="m-3",
+            timestamp="2026-11-01T11:30:00Z",
+            traits={"name": "Acme", "website": "acme.io", "plan": "growth"},
+        ),
+        _segment_line(type="track", event="Signed Up", userId="u1", messageId="m-4"),
+        _segment_line(
+            type="identify", userId="u1", messageId="m-1", timestamp="2026-11-01T11:00:00Z"
+        ),
+    ]
+    source = tmp_path / "segment.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    run = _profiles(
+        tmp_path, "--input", str(source), "--format", "segment", "--moesif_base_url", collector.url
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = run.metrics
+    assert_nothing_lost(metrics)
+    assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (5, 3, 1)
+    assert (metrics["dead_letters"], metrics["invalid"]) == (1, 1)
+    (letter,) = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    assert "track calls go to moesif-beam actions" in letter["detail"]
+    (user,) = collector.records("users")
+    assert user["metadata"]["email"] == "new@acme.io"  # the later call wins
+    assert user["metadata"]["first_name"] == "Ana"  # merged from the earlier one
+    assert user["company_id"] == "acme"
+    assert user["campaign"] == {"utm_source": "google"}
+    assert user["modified_time"] == "2026-11-01T12:00:00.000Z"
+    (company,) = collector.records("companies")
+    assert company["company_domain"] == "acme.io"
+    assert company["metadata"]["plan"] == "growth"
