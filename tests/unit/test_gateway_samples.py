@@ -1,0 +1,132 @@
+"""The gateway sample files: made by their generator, and mapped as the counts say.
+
+Each sample is mapped with the pure functions NormalizeRecords uses, so these tests say
+what an ``events --format <gateway>`` run over the file must count, without a pipeline.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from moesif_beam.transforms.common.errors import InvalidRecord
+from moesif_beam.transforms.formats.gateway import MappingOptions, NoRecords
+from moesif_beam.transforms.formats.normalize import FORMATS
+from samples.generate_gateways import FORMATS as GATEWAYS
+from samples.generate_gateways import Summary, generate, mixed
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+# The command in samples/README.md: --out_dir samples --count 120 --seed 7
+COUNT, SEED = 120, 7
+# What must never reach Moesif: API keys and bearer tokens, wherever the log had them.
+SECRET = re.compile(rb"key_[0-9a-f]{16}|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+class Outcome:
+    """What mapping a file gives: events, and the counts a run reports."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.bad = 0
+        self.skipped = 0
+        self.secrets: set[bytes] = set()
+
+    @property
+    def ids(self) -> set[str]:
+        return {event["transaction_id"] for event in self.events}
+
+    def agrees_with(self, summary: Summary) -> None:
+        assert len(self.events) == summary.records
+        assert len(self.ids) == summary.unique
+        assert len(self.events) - len(self.ids) == summary.duplicates
+        assert (self.bad, self.skipped) == (summary.bad, summary.skipped)
+
+
+def _haystack(item: Any) -> bytes:
+    text = orjson.dumps(item)
+    if isinstance(item, dict):  # Tyk's raw HTTP messages hide headers in base64
+        for key in ("raw_request", "raw_response"):
+            if isinstance(item.get(key), str):
+                text += base64.b64decode(item[key])
+    return text.replace(b"\\n", b"\n")
+
+
+def run(fmt: str, data: bytes, options: MappingOptions | None = None) -> Outcome:
+    spec = FORMATS["events"][fmt]
+    options = options or MappingOptions()
+    out = Outcome()
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            items = spec.split(spec.parse(line))
+        except NoRecords:
+            out.skipped += 1
+            continue
+        except ValueError:
+            out.bad += 1
+            continue
+        for item, _ in items:
+            out.secrets.update(SECRET.findall(_haystack(item)))
+            try:
+                out.events.append(spec.to_moesif(item, options)[2])
+            except InvalidRecord:
+                out.bad += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def generated() -> dict[str, tuple[bytes, Summary]]:
+    return {fmt: generate(fmt, COUNT, SEED) for fmt in GATEWAYS}
+
+
+@pytest.mark.parametrize("fmt", GATEWAYS)
+def test_sample_file_is_what_the_generator_makes(fmt, generated):
+    kept = (SAMPLES / f"{fmt}_sample.jsonl").read_bytes()
+    assert kept == generated[fmt][0], (
+        f"samples/{fmt}_sample.jsonl is stale: run "
+        "python samples/generate_gateways.py --out_dir samples --count 120 --seed 7"
+    )
+
+
+@pytest.mark.parametrize("fmt", GATEWAYS)
+def test_sample_maps_as_counted_with_no_secret_left(fmt, generated):
+    data, summary = generated[fmt]
+    assert summary.duplicates > 0 and summary.bad == 4
+    outcome = run(fmt, data)
+    outcome.agrees_with(summary)
+    for event in outcome.events:
+        uuid.UUID(event["transaction_id"])
+        assert event["request"]["time"].endswith("Z")
+        assert isinstance(event["response"]["status"], int)
+    delivered = b"\n".join(orjson.dumps(event) for event in outcome.events)
+    if fmt not in ("envoy", "apigee"):  # their logs carry no credentials
+        assert outcome.secrets, "the sample should hold secrets for masking to remove"
+    assert not SECRET.findall(delivered)
+
+
+def test_jwt_claim_names_users_nginx_logs_leave_anonymous(generated):
+    data, _ = generated["nginx"]
+    assert not [e for e in run("nginx", data).events if "user_id" in e]  # remote_user is "-"
+    claimed = run("nginx", data, MappingOptions(user_id_jwt_claim="sub")).events
+    users = [e["user_id"] for e in claimed if "user_id" in e]
+    assert users
+    assert all(re.fullmatch(r"u_\d{4}", user) for user in users)
+
+
+def test_auto_over_every_format_mixed(generated):
+    files = {fmt: data for fmt, (data, _) in generated.items()}
+    outcome = run("auto", mixed(files, SEED))
+    total = Summary()
+    for _, summary in generated.values():
+        for key in ("records", "unique", "duplicates", "bad", "skipped"):
+            setattr(total, key, getattr(total, key) + getattr(summary, key))
+    outcome.agrees_with(total)
+    each = set().union(*(run(fmt, data).ids for fmt, data in files.items()))
+    assert outcome.ids == each  # auto gives every record its own format's id
