@@ -82,8 +82,8 @@ def build(
     normalized = lines | "Normalize" >> NormalizeRecords(
         config.pipeline,
         config.input_format,
-        config.company_id_field,
         schema_scope=config.schema_scope,
+        mapping=config.mapping,
         max_line_bytes=config.max_line_bytes,
     )
     rejects.add(normalized.dead_letters)

@@ -178,7 +178,7 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
         "top level, then in properties for wso2, or header:NAME for a request header; "
         "actions: metadata, when the action has none)",
     )
-    if pipeline == "events":
+    if pipeline in ("events", "profiles"):
         add_identity_flags(source)
     sink = parser.add_argument_group("sink")
     sink.add_argument(

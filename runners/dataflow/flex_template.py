@@ -1,6 +1,7 @@
 """The Dataflow Flex Template: its metadata, made from the command's own flags, and its launcher.
 
-``metadata.json`` beside this file documents every parameter of ``events`` and ``actions``,
+``metadata.json`` beside this file documents every parameter of ``events``, ``actions`` and
+``profiles``,
 generated from the argparse parser (``python -m moesif_beam.runners.dataflow.flex_template
 --write``); a unit test keeps it in sync. A template takes parameters only as
 ``--name=value``, so one more parameter, ``pipeline``, chooses the command, and switches
@@ -20,7 +21,7 @@ from typing import Any
 __all__ = ["METADATA_FILE", "main", "metadata", "template_argv"]
 
 METADATA_FILE = Path(__file__).resolve().parent / "metadata.json"
-_PIPELINES = ("events", "actions")
+_PIPELINES = ("events", "actions", "profiles")
 _NUMBER = {int: r"^[0-9]+$", float: r"^[0-9]+(\.[0-9]+)?$"}
 
 
@@ -85,7 +86,7 @@ def _parameter(name: str, actions: dict[str, argparse.Action]) -> dict[str, Any]
 
 
 def metadata() -> dict[str, Any]:
-    """The Flex Template metadata: every parameter of ``events`` and ``actions``."""
+    """The Flex Template metadata: every parameter of ``events``, ``actions`` and ``profiles``."""
     by_name: dict[str, dict[str, argparse.Action]] = {}
     for pipeline, parser in _subparsers().items():
         for action in _flags(parser):
@@ -95,7 +96,8 @@ def metadata() -> dict[str, Any]:
             "name": "pipeline",
             "label": "Pipeline",
             "helpText": "events: API-gateway logs to /v1/events/batch; actions: action "
-            "streams to /v1/actions/batch",
+            "streams to /v1/actions/batch; profiles: users and companies computed from the "
+            "traffic to /v1/users/batch and /v1/companies/batch (and Segment)",
             "isOptional": False,
             "regexes": [f"^({'|'.join(_PIPELINES)})$"],
         },
@@ -105,7 +107,8 @@ def metadata() -> dict[str, Any]:
         "name": "moesif-beam",
         "description": "Deliver API-gateway logs (events) or action streams (actions) to "
         "Moesif's Collector API, with deduplication, Moesif's metadata rules and dead "
-        "letters. Every parameter is a flag of `moesif-beam events|actions`; Dataflow's "
+        "letters, or the users and companies computed from them (profiles). Every parameter "
+        "is a flag of `moesif-beam events|actions|profiles`; Dataflow's "
         "own options (project, region, temp location, workers) are the launcher's.",
         "parameters": parameters,
     }
