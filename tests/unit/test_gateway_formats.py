@@ -88,8 +88,10 @@ def test_kong_example():
     assert metadata["route"] == {"id": "0f1a", "name": "orders"}
     assert metadata["service"]["name"] == "orders-svc"
     assert metadata["workspace_name"] == "default"
-    assert metadata["latencies"]["proxy"] == 88
-    assert metadata["request"] == {"uri": "/v1/orders?x=1", "querystring": {"x": "1"}, "size": 412}
+    assert metadata["latencies_proxy"] == 88
+    assert metadata["request_querystring"] == {"x": "1"}
+    assert (metadata["request_size"], metadata["response_size"]) == (412, 310)
+    assert "request" not in metadata  # latencies.request is a number: one type per key name
     assert "consumer" not in metadata and "started_at" not in metadata
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from moesif_beam.transforms.common.errors import InvalidRecord
+from moesif_beam.transforms.common.errors import InvalidRecord, json_type
 from moesif_beam.transforms.formats.gateway import MappingOptions, NoRecords
 from moesif_beam.transforms.formats.normalize import FORMATS
 from samples.generate_gateways import FORMATS as GATEWAYS
@@ -118,6 +118,27 @@ def test_jwt_claim_names_users_nginx_logs_leave_anonymous(generated):
     users = [e["user_id"] for e in claimed if "user_id" in e]
     assert users
     assert all(re.fullmatch(r"u_\d{4}", user) for user in users)
+
+
+def _types(value: Any, seen: dict[str, set[str]]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if item is not None:
+                seen.setdefault(key, set()).add(json_type(item))
+            _types(item, seen)
+    elif isinstance(value, list):
+        for item in value:
+            _types(item, seen)
+
+
+def test_metadata_keys_keep_one_type_across_every_gateway(generated):
+    # Moesif types a metadata key by its name at any depth, and the schema is shared by
+    # every run: the formats must not contradict themselves or each other.
+    seen: dict[str, set[str]] = {}
+    for fmt, (data, _) in generated.items():
+        for event in run(fmt, data).events:
+            _types(event["metadata"], seen)
+    assert {key: kinds for key, kinds in seen.items() if len(kinds) > 1} == {}
 
 
 def test_auto_over_every_format_mixed(generated):

@@ -11,8 +11,10 @@ or (http-log and kafka-log with ``max_batch_size > 1``) a JSON array of them. Th
   the key itself);
 * ``transaction_id`` from ``request.id`` (Kong 3.x; older Kong has none and the record's
   content is hashed);
-* everything else (route, service, workspace, latencies, tries, upstream fields, the rest
-  of ``request``) is metadata.
+* everything else (route, service, workspace, tries, upstream fields) is metadata;
+  ``latencies`` and what is left of ``request`` and ``response`` go in flattened, as
+  ``latencies_proxy``, ``request_querystring``, ``response_size``: Moesif types a
+  metadata key by its name at any depth, and ``latencies.request`` is a number.
 
 Pure functions of one parsed record; no Beam, no I/O.
 """
@@ -72,6 +74,18 @@ def _part(record: dict, key: str) -> dict:
     return part
 
 
+def _metadata(record: dict[str, Any]) -> dict[str, Any]:
+    metadata = leftovers(record, _CONSUMED)
+    # Flattened to request_size, latencies_proxy...: Moesif types a metadata key by its
+    # name at any depth, and latencies.request (a number) would contradict the request
+    # object, latencies.proxy Apigee's proxy name.
+    for part in ("request", "response", "latencies"):
+        rest = metadata.pop(part, None)
+        if isinstance(rest, dict):
+            metadata.update({f"{part}_{key}": value for key, value in rest.items()})
+    return metadata
+
+
 def to_moesif_event(
     value: Any, options: MappingOptions = DEFAULT_OPTIONS
 ) -> tuple[str, int, dict[str, Any]]:
@@ -129,7 +143,7 @@ def to_moesif_event(
         request=request,
         response=response,
         request_ms=request_ms,
-        metadata=leftovers(record, _CONSUMED),
+        metadata=_metadata(record),
         roots=[record],
         options=options,
         user_id=user_id,
