@@ -32,7 +32,10 @@ __all__ = ["main", "matching", "read_dead_letters"]
 EXIT_USAGE = 2
 
 # The input format a replay uses when none is given, per pipeline (the commands' defaults).
-_FORMATS = {"events": "wso2", "actions": "moesif"}
+_FORMATS = {"events": "wso2", "actions": "moesif", "profiles": "wso2"}
+# Dead letters of deliveries that are not input records: a profile upsert or a Segment call
+# is recomputed by re-running profiles (upserts and messageIds make that harmless).
+_NOT_REPLAYED = {"profile-upserts": "re-run moesif-beam profiles over the same input instead"}
 
 
 def read_dead_letters(location: str) -> Iterator[dict[str, Any]]:
@@ -117,6 +120,7 @@ def _replay(
     deliver: Callable[[Sequence[str]], int],
 ) -> int:
     by_pipeline: dict[str, list[bytes]] = collections.defaultdict(list)
+    not_replayed: collections.Counter[str] = collections.Counter()
     skipped = 0
     for record in records:
         payload = record["payload"]
@@ -125,7 +129,16 @@ def _replay(
         if not payload or b"\n" in payload:
             skipped += 1
             continue
+        if record["pipeline"] in _NOT_REPLAYED:
+            not_replayed[record["pipeline"]] += 1
+            continue
         by_pipeline[record["pipeline"]].append(payload)
+    for pipeline, count in sorted(not_replayed.items()):
+        print(
+            f"moesif-beam deadletters: {count:,} {pipeline} dead letters are not replayed: "
+            f"{_NOT_REPLAYED[pipeline]}",
+            file=sys.stderr,
+        )
     if skipped:
         print(
             f"moesif-beam deadletters: {skipped:,} dead letters have no replayable payload "

@@ -276,3 +276,43 @@ def test_segment_identify_and_group_calls_become_upserts(tmp_path, start_collect
     (company,) = collector.records("companies")
     assert company["company_domain"] == "acme.io"
     assert company["metadata"]["plan"] == "growth"
+
+
+def test_undeliverable_profiles_are_dead_letters_of_their_own(tmp_path, start_collector):
+    collector = start_collector(application_id=APP_ID, fail_rate=1.0, fail_status=503)
+    source = _traffic(tmp_path / "in.jsonl")
+    run = _profiles(
+        tmp_path,
+        "--input",
+        str(source),
+        "--moesif_base_url",
+        collector.url,
+        "--max_retry_seconds",
+        "0.5",
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = run.metrics
+    # The input records are all accounted for; the profiles that could not be delivered
+    # are counted apart, and kept as dead letters holding the upsert.
+    assert_nothing_lost(metrics)
+    assert (metrics["users_retries_exhausted"], metrics["companies_retries_exhausted"]) == (3, 2)
+    assert metrics["upsert_dead_letters"] == 5
+    letters = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    upserts = [d for d in letters if d["pipeline"] == "profile-upserts"]
+    assert {json.loads(d["payload"]).get("user_id") for d in upserts} == {"ana", "bob", "cy", None}
+    assert all(d["reason"] == "retries_exhausted" for d in upserts)
+    replay = run_cli(
+        [
+            "deadletters",
+            "replay",
+            "--dead_letter",
+            str(tmp_path / "out" / "dead_letter"),
+            "--reason",
+            "retries_exhausted",
+            "--output_dir",
+            str(tmp_path / "replay"),
+        ]
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "5 profile-upserts dead letters are not replayed" in replay.stderr
+    _assert_no_secrets(run, tmp_path)

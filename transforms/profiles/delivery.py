@@ -12,7 +12,8 @@ run-wide retry budget, no redirects, dead letters. Two things differ:
   a :class:`~moesif_beam.transforms.delivery.Secret`, scrubbed from every detail.
 
 Dead letters of deliveries (``too_large``, ``collector_rejected``, ``retries_exhausted``)
-carry the upsert or call as their payload and go to ``profiles-upserts-<run>-*.avro``,
+carry the upsert or call as their payload, ``pipeline`` ``profile-upserts``, and go to
+``profile-upserts-<run>-*.avro``,
 counted in ``upsert_dead_letters``, never in the input records' ``dead_letters``.
 """
 
@@ -41,10 +42,15 @@ __all__ = [
     "LIMITS",
     "SEGMENT_BATCH_BYTES",
     "SEGMENT_CALL_BYTES",
+    "UPSERT_PIPELINE",
     "DeliverProfiles",
     "WriteUpsertDeadLetters",
     "segment_url",
 ]
+
+# The ``pipeline`` of deliveries' dead letters: they hold upserts and calls, not input
+# records, so ``deadletters replay`` leaves them to a re-run of profiles.
+UPSERT_PIPELINE = "profile-upserts"
 
 # Segment's limits ("32 KB per call, 500 KB per batch"), read as 1,000-byte kilobytes.
 SEGMENT_CALL_BYTES = 32_000
@@ -131,7 +137,8 @@ class _EncodeFn(beam.DoFn):
             self._too_large.inc()
             detail = f"{self._output} item is {len(body):,} bytes; the limit is {self._max:,}"
             yield pvalue.TaggedOutput(
-                DEAD_LETTER, dead_letter("too_large", "send", detail, body, source, "profiles")
+                DEAD_LETTER,
+                dead_letter("too_large", "send", detail, body, source, UPSERT_PIPELINE),
             )
             return
         yield key, Record(time_ms, body, body, source)
@@ -184,7 +191,7 @@ class DeliverProfiles(beam.PTransform):
             writer = _SegmentWriter(
                 segment_url(base_url),
                 secret,
-                "profiles",
+                UPSERT_PIPELINE,
                 gzip_level,
                 policy or RetryPolicy(),
                 timeout,
@@ -194,7 +201,7 @@ class DeliverProfiles(beam.PTransform):
             writer = _HttpWriter(
                 batch_url(base_url, output),
                 secret,
-                "profiles",
+                UPSERT_PIPELINE,
                 gzip_level,
                 policy or RetryPolicy(),
                 timeout,
@@ -204,7 +211,7 @@ class DeliverProfiles(beam.PTransform):
             if not directory:
                 msg = "a directory is required to write batch files"
                 raise ValueError(msg)
-            writer = _FileWriter(directory, "profiles", gzip_level)
+            writer = _FileWriter(directory, UPSERT_PIPELINE, gzip_level)
         self._fn = _CountingBatchingFn(
             output, writer, max_events, max_bytes, None, max_in_flight=max_in_flight
         )
@@ -223,12 +230,12 @@ class _UpsertLettersFn(_WriteDeadLettersFn):
     """The stream's dead-letter writer, counting in ``upsert_dead_letters``."""
 
     def __init__(self, directory: str, run_id: str) -> None:
-        super().__init__(directory, "profiles-upserts", run_id)
+        super().__init__(directory, UPSERT_PIPELINE, run_id)
         self._dead_letters = counter("upsert_dead_letters")
 
 
 class WriteUpsertDeadLetters(beam.PTransform):
-    """Write the deliveries' dead letters as Avro, ``profiles-upserts-<run_id>-*.avro``.
+    """Write the deliveries' dead letters as Avro, ``profile-upserts-<run_id>-*.avro``.
 
     One file per bundle with any (bounded and streaming alike), counted in
     ``upsert_dead_letters`` once written.

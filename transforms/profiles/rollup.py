@@ -67,7 +67,7 @@ class Touch(NamedTuple):
     route: str | None = None
 
 
-# (time_ms, transaction_id, value): the latest wins, ties by transaction id.
+# (time_ms, transaction_id, value): the latest wins, ties by transaction id, then value.
 _Stamped = tuple[int, str, str]
 
 
@@ -76,7 +76,9 @@ def _later(a: _Stamped | None, b: _Stamped | None) -> _Stamped | None:
         return b
     if b is None:
         return a
-    return a if (a[0], a[1]) >= (b[0], b[1]) else b
+    # The whole tuple: equal times and ids (not expected after dedup) fall to the value, so
+    # the winner is a function of the set, never of the order.
+    return a if a >= b else b
 
 
 def _min(a: int | None, b: int | None) -> int | None:
