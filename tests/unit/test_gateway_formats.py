@@ -260,6 +260,22 @@ def test_azure_example_in_its_envelope():
     assert "properties" not in event["metadata"]
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer t", "Accept": "*/*"},
+        '{"Authorization": "Bearer t", "Accept": "*/*"}',
+        "Authorization:Bearer t;;Accept:*/*",
+        "Authorization: Bearer t\r\nAccept: */*",
+    ],
+)
+def test_azure_headers_as_object_json_or_text(headers):
+    envelope = json.loads(AZURE)
+    envelope["records"][0]["properties"]["requestHeaders"] = headers
+    event = one("azure", json.dumps(envelope).encode())
+    assert event["request"]["headers"] == {"Authorization": MASK, "Accept": "*/*"}
+
+
 def test_azure_pascal_case_properties_map_alike():
     envelope = json.loads(AZURE)
     record = envelope["records"][0]

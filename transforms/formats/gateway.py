@@ -292,8 +292,8 @@ def finish_identity(
 def header_map(value: Any, field: str) -> dict[str, str]:
     """Headers as Moesif wants them: string to string; repeats (lists) joined with commas.
 
-    A JSON string holding an object is read as that object (Azure writes headers either
-    way). None or ``"-"`` is no headers.
+    A string is read as a JSON object, else as ``name:value;;name:value`` (Moesif's APIM
+    policy) or one ``name: value`` per line. None or ``"-"`` is no headers.
 
     Raises:
         InvalidRecord: ``value`` is neither an object nor such a string.
@@ -304,7 +304,7 @@ def header_map(value: Any, field: str) -> dict[str, str]:
         try:
             value = orjson.loads(value)
         except orjson.JSONDecodeError:
-            value = None
+            value = _header_lines(value)
     if not isinstance(value, dict):
         msg = f"{field} must be an object of headers"
         raise InvalidRecord(msg, field, "object", json_type(value))
@@ -317,6 +317,15 @@ def header_map(value: Any, field: str) -> dict[str, str]:
         elif item is not None:
             out[str(key)] = orjson.dumps(item).decode()
     return out
+
+
+def _header_lines(text: str) -> dict[str, str] | None:
+    """``name:value;;name:value`` (Moesif's APIM policy) or one header per line."""
+    parts = text.split(";;") if ";;" in text else text.splitlines()
+    pairs = [part.partition(":") for part in parts if part.strip()]
+    if not pairs or not all(colon and name.strip() for name, colon, _ in pairs):
+        return None
+    return {name.strip(): value.strip() for name, _, value in pairs}
 
 
 def attach_body(target: dict[str, Any], body: Any, *, base64_encoded: bool = False) -> None:
