@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,55 @@ def test_undeliverable_profiles_are_dead_letters_of_their_own(tmp_path, start_co
     assert replay.returncode == 0, replay.stderr
     assert "5 profile-upserts dead letters are not replayed" in replay.stderr
     _assert_no_secrets(run, tmp_path)
+
+
+def _upserts(out: Path) -> dict[str, list[str]]:
+    return {
+        kind: sorted(
+            json.dumps(item, sort_keys=True)
+            for batch in read_batches(str(out / kind))
+            for item in batch
+        )
+        for kind in ("users", "companies")
+    }
+
+
+def test_profiles_depend_on_neither_input_order_nor_parallelism(tmp_path):
+    sample = Path(__file__).resolve().parents[2] / "samples" / "wso2_sample.jsonl"
+    lines = sample.read_bytes().splitlines()
+    random.Random(7).shuffle(lines)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_bytes(b"\n".join(lines) + b"\n")
+    runs = {
+        "one": run_cli(
+            [
+                "profiles",
+                "--input",
+                str(sample),
+                "--output_dir",
+                str(tmp_path / "one"),
+                "--company_id_field",
+                "applicationName",
+            ]
+        ),
+        "two": run_cli(
+            [
+                "profiles",
+                "--input",
+                str(shuffled),
+                "--output_dir",
+                str(tmp_path / "two"),
+                "--company_id_field",
+                "applicationName",
+                "--direct_num_workers",
+                "2",
+                "--direct_running_mode",
+                "multi_processing",
+            ]
+        ),
+    }
+    for run in runs.values():
+        assert run.returncode == 0, run.stderr
+    one, two = _upserts(tmp_path / "one"), _upserts(tmp_path / "two")
+    assert len(one["users"]) > 100 and len(one["companies"]) > 10
+    assert one == two
