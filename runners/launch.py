@@ -95,7 +95,10 @@ def format_summary(config: PipelineConfig, counters: dict[str, int], seconds: fl
         f"moesif-beam {config.pipeline}: finished in {seconds:.1f}s ({rate:,.0f} records/s)",
         f"  read          {counters['read']:>10,}",
         f"  sent          {counters['sent']:>10,}   in {counters['batches']:,} batches, "
-        f"{counters['bytes_sent']:,} bytes -> {where}",
+        f"{counters['bytes_sent']:,} bytes -> {where}"
+        if config.pipeline != "profiles"
+        # profiles: records the rollups took in; what was delivered follows, per output
+        else f"  sent          {counters['sent']:>10,}   taken in by the rollups",
         f"  duplicates    {counters['duplicates']:>10,}",
         f"  dead letters  {counters['dead_letters']:>10,}   parse_errors {counters['parse_errors']}"
         f", invalid {counters['invalid']}, type_conflicts {counters['type_conflicts']}"
