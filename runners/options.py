@@ -346,6 +346,9 @@ def check_beam_args(beam_args: Sequence[str]) -> None:
             raise UsageError(msg) from None
         if name.rsplit(".", 1)[-1].lower() in ("dataflowrunner", "testdataflowrunner"):
             _check_dataflow_extra(name)
+        if name.rsplit(".", 1)[-1].lower() == "flinkrunner":
+            # Declares the Java runner's options (checkpointing, state, savepoints).
+            from moesif_beam.runners.engines import flink_options  # noqa: F401, PLC0415
     unknown = _unknown_beam_args(beam_args)
     if unknown:
         msg = f"unknown option(s): {' '.join(unknown)}"

@@ -101,3 +101,123 @@ def test_seen_ids_schedule_and_expire_track_the_oldest_due_bucket():
     assert set(seen.ids) == {"b"}
     assert seen.expire(70_000, 60_000) is None
     assert seen.ids == {}
+
+
+# -- Keys that move: the shard's state is the truth, the worker's memory only mirrors it --
+
+
+class _Runner:
+    """A runner's view of one shard's state: bundles see committed state plus their own
+    writes, and a failed bundle's writes are dropped (as Flink and Dataflow do)."""
+
+    def __init__(self) -> None:
+        self.committed: dict[str, object] = {"ids": [], "generation": None}
+
+    def bundle(self) -> _Bundle:
+        return _Bundle(self)
+
+
+class _Bundle:
+    def __init__(self, runner: _Runner) -> None:
+        self._runner = runner
+        self.ids = list(runner.committed["ids"])
+        self.generation_value = runner.committed["generation"]
+        self.timer_at = None
+
+    def commit(self) -> None:
+        self._runner.committed = {"ids": self.ids, "generation": self.generation_value}
+
+
+class _Bag:
+    def __init__(self, bundle: _Bundle) -> None:
+        self._b = bundle
+
+    def read(self):
+        return list(self._b.ids)
+
+    def add(self, value) -> None:
+        self._b.ids.append(value)
+
+    def clear(self) -> None:
+        self._b.ids = []
+
+
+class _Cell:
+    def __init__(self, bundle: _Bundle) -> None:
+        self._b = bundle
+
+    def read(self):
+        return self._b.generation_value
+
+    def write(self, value) -> None:
+        self._b.generation_value = value
+
+
+class _Timer:
+    def __init__(self, bundle: _Bundle) -> None:
+        self._b = bundle
+
+    def set(self, at) -> None:
+        self._b.timer_at = at
+
+
+def _worker():
+    """A DoFn with a memory of its own, as on another worker process."""
+    import uuid as _uuid
+
+    from moesif_beam.transforms.dedup.streaming import _DedupFn
+
+    return _DedupFn(_uuid.uuid4().hex, TTL)
+
+
+def _process(fn, runner: _Runner, tids: list[str], commit: bool = True) -> list[str]:
+    """One bundle of shard 0 on ``fn``'s worker; the ids it lets through."""
+    from apache_beam.utils.timestamp import Timestamp
+
+    bundle = runner.bundle()
+    fn.start_bundle()
+    passed = []
+    for tid in tids:
+        value = Record(1_000, b"{}", b"raw", f"src:{tid}")
+        for out in fn.process(
+            (0, (tid, value)),
+            timestamp=Timestamp(1),
+            ids=_Bag(bundle),
+            generation=_Cell(bundle),
+            expire=_Timer(bundle),
+        ):
+            if isinstance(out, tuple):
+                passed.append(out[0])
+    if commit:
+        bundle.commit()
+    return passed
+
+
+def test_a_shard_that_moves_between_workers_keeps_its_ids():
+    runner = _Runner()
+    a, b = _worker(), _worker()
+    assert _process(a, runner, ["x"]) == ["x"]
+    # The shard moves to worker b, which has never seen it: its ids come from state.
+    assert _process(b, runner, ["x", "y"]) == ["y"]
+    # And back to a, whose memory missed y: the generation tells it to reload.
+    assert _process(a, runner, ["y", "z"]) == ["z"]
+
+
+def test_a_failed_bundle_forgets_what_it_saw():
+    runner = _Runner()
+    a = _worker()
+    assert _process(a, runner, ["x"]) == ["x"]
+    # The bundle that saw y failed: the runner drops its state, and y was never
+    # delivered. Its retry (on the same worker) must deliver y, not drop it as a copy.
+    assert _process(a, runner, ["y"], commit=False) == ["y"]
+    assert _process(a, runner, ["y", "x"]) == ["y"]
+
+
+def test_a_restored_checkpoint_rolls_the_ids_back_with_it():
+    runner = _Runner()
+    a = _worker()
+    _process(a, runner, ["x"])
+    checkpoint = dict(runner.committed)
+    _process(a, runner, ["y"])
+    runner.committed = checkpoint  # the job restarts from the checkpoint, y re-read
+    assert _process(a, runner, ["y", "x"]) == ["y"]

@@ -1,8 +1,9 @@
 """Dedup in an unbounded run: transaction ids remembered for a TTL of event time.
 
 Bounded runs use :mod:`moesif_beam.transforms.dedup.bounded`; a stream remembers ids for a
-TTL instead, in keyed shards (:class:`DedupInStream`) or, when all workers are one
-process, together with the metadata type rule in that process's memory
+TTL instead, in keyed shards whose ids are Beam state (:class:`DedupInStream`, for runners
+that move keys between workers: Flink, Dataflow) or, when all workers are one process,
+together with the metadata type rule in that process's memory
 (:class:`DedupAndCheckInProcess`). A dropped duplicate's acknowledgement token is output
 at once (see :mod:`moesif_beam.transforms.sources.offsets`): its fate is final.
 """
@@ -12,13 +13,16 @@ from __future__ import annotations
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.coders import BytesCoder, StrUtf8Coder, TupleCoder, VarIntCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    ReadModifyWriteStateSpec,
     TimerSpec,
     on_timer,
 )
@@ -66,6 +70,21 @@ class _SeenIds:
         self.buckets: dict[int, list[str]] = {}
         self.timer_at: int | None = None  # when the oldest bucket falls due (end + TTL), ms
         self.lock = threading.Lock()
+        # For DedupInStream: the generation of the shard's Beam state this memory mirrors
+        # (None: none yet), and how many entries that state's bag holds, forgotten ones
+        # included until the bag is compacted.
+        self.generation: bytes | None = None
+        self.stored = 0
+
+    def load(self, entries: Iterable[tuple[str, int]]) -> None:
+        """Forget everything, then remember ``entries`` ((transaction id, time ms) pairs)."""
+        self.ids = {}
+        self.buckets = {}
+        self.timer_at = None
+        self.stored = 0
+        for transaction_id, time_ms in entries:
+            self.add(transaction_id, time_ms)
+            self.stored += 1
 
     def add(self, transaction_id: str, time_ms: int) -> bool:
         """Remember ``transaction_id``; False if it was already remembered."""
@@ -121,10 +140,20 @@ def _seen_ids(dedup_id: str, shard: int, ttl_ms: int) -> _SeenIds:
 class _DedupFn(beam.DoFn):
     """Keyed by shard: drops ids its shard has seen; forgets them a TTL of event time later.
 
-    The ids live in this worker's memory (see :class:`DedupInStream` for why), in
-    event-time buckets; one watermark timer per shard forgets the buckets a TTL old.
+    The shard's ids are Beam state (a bag of ``(id, time ms)``), so they move, restart and
+    roll back with the key, as the runner's state does. Looking an id up in state would
+    cost a blocking round trip to the runner per record, so each worker mirrors a shard's
+    bag in memory (event-time buckets, as :class:`_SeenIds`) and checks the mirror is
+    current once per shard per bundle: a generation token in state, rewritten by every
+    bundle that touches the shard. A mirror whose generation is not the state's (the
+    key moved here from another worker, the job restarted or restored a checkpoint, a
+    bundle failed after changing the mirror) is rebuilt from the bag before any lookup.
+    One watermark timer per shard forgets the buckets a TTL old and compacts the bag
+    once forgotten entries are the majority.
     """
 
+    IDS = BagStateSpec("ids", TupleCoder((StrUtf8Coder(), VarIntCoder())))
+    GENERATION = ReadModifyWriteStateSpec("generation", BytesCoder())
     EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
 
     def __init__(self, dedup_id: str, ttl_seconds: float) -> None:
@@ -132,10 +161,32 @@ class _DedupFn(beam.DoFn):
         self._ttl_ms = int(ttl_seconds * 1000)
         self._duplicates = counter("duplicates")
 
+    def start_bundle(self) -> None:
+        self._synced: set[Any] = set()  # shards whose mirror was checked in this bundle
+
+    def _sync(self, shard: Any, seen: _SeenIds, ids: Any, generation: Any, expire: Any) -> None:
+        """Make ``seen`` mirror the shard's state, once per bundle; hold ``seen.lock``."""
+        if shard in self._synced:
+            return
+        stored = generation.read()
+        if stored != seen.generation:
+            seen.load(ids.read())
+            oldest = seen.oldest_bucket_end()
+            if oldest is not None:
+                seen.timer_at = oldest + self._ttl_ms
+                expire.set(_event_time(seen.timer_at))
+        # A new token for what this bundle writes: if the bundle fails, the runner drops
+        # its state writes and the next bundle finds the old token, so rebuilds the mirror.
+        seen.generation = uuid.uuid4().bytes
+        generation.write(seen.generation)
+        self._synced.add(shard)
+
     def process(
         self,
         element: tuple[int, Keyed],
         timestamp: Any = beam.DoFn.TimestampParam,
+        ids: Any = beam.DoFn.StateParam(IDS),
+        generation: Any = beam.DoFn.StateParam(GENERATION),
         expire: Any = beam.DoFn.TimerParam(EXPIRE),
     ) -> Iterator[Any]:
         shard, record = element
@@ -146,8 +197,13 @@ class _DedupFn(beam.DoFn):
         # everything at once.
         time_ms = timestamp.micros // 1000
         with seen.lock:
+            self._sync(shard, seen, ids, generation, expire)
             new = seen.add(transaction_id, time_ms)
-            fire_at = seen.schedule(time_ms, self._ttl_ms) if new else None
+            fire_at = None
+            if new:
+                ids.add((transaction_id, time_ms))
+                seen.stored += 1
+                fire_at = seen.schedule(time_ms, self._ttl_ms)
         if fire_at is not None:
             expire.set(_event_time(fire_at))
         if new:
@@ -162,13 +218,27 @@ class _DedupFn(beam.DoFn):
         self,
         key: Any = beam.DoFn.KeyParam,
         fired: Any = beam.DoFn.TimestampParam,
+        ids: Any = beam.DoFn.StateParam(IDS),
+        generation: Any = beam.DoFn.StateParam(GENERATION),
         expire: Any = beam.DoFn.TimerParam(EXPIRE),
     ) -> None:
         seen = _seen_ids(self._dedup_id, key, self._ttl_ms)
         with seen.lock:
+            self._sync(key, seen, ids, generation, expire)
             fire_at = seen.expire(fired.micros // 1000, self._ttl_ms)
+            if seen.stored > 2 * len(seen.ids) + _COMPACT_SLACK:
+                # Rewriting the bag costs one write per live id; doing it only when most
+                # entries are forgotten keeps that at most one extra write per id.
+                ids.clear()
+                for entry in seen.ids.items():
+                    ids.add(entry)
+                seen.stored = len(seen.ids)
         if fire_at is not None:
             expire.set(_event_time(fire_at))
+
+
+# Forgotten entries a shard's bag may hold beyond its live ones before it is compacted.
+_COMPACT_SLACK = 1_000
 
 
 def _event_time(ms: int) -> Timestamp:
@@ -184,14 +254,13 @@ class DedupInStream(beam.PTransform):
     """Drop records whose transaction id was seen within ``ttl_seconds`` (of event time).
 
     Ids are keyed into ``shards`` shards, so every copy of an id meets the same shard, and
-    each shard remembers its ids in the memory of the worker that runs it, for the TTL
-    (then a watermark timer forgets them): memory is bounded by one TTL's ids. Keyed Beam
-    state per id would be the textbook form, but it costs one blocking state read per
-    record (a round trip to the runner, measured at about 5 ms on Prism), which capped a
-    stream at a few hundred records per second. The price of memory: ids are forgotten
-    when a worker restarts or a runner moves a shard to another worker, so a copy sent
-    after that passes; delivery is at least once anyway, and Moesif deduplicates by
-    ``transaction_id`` itself. Duplicates are counted in ``duplicates`` and acknowledged.
+    each shard keeps its ids in Beam state for the TTL (then a watermark timer forgets
+    them), mirrored in the memory of the worker that runs it so a lookup costs no round
+    trip to the runner (see :class:`_DedupFn`). Because the state is the truth, the
+    guarantee holds when a runner moves a shard to another worker, restarts a worker or
+    the job, or restores a checkpoint: a copy within the TTL is dropped, and an id whose
+    first copy was rolled back with the state is not mistaken for a duplicate. Duplicates
+    are counted in ``duplicates`` and acknowledged.
     """
 
     def __init__(self, ttl_seconds: float, shards: int = 16) -> None:
