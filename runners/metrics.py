@@ -54,7 +54,13 @@ from prometheus_client.core import (
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.kafka_lag import KafkaLag
 from moesif_beam.runners.launch import sum_counters
-from moesif_beam.transforms.common.counters import COUNTERS, EXTRA_COUNTERS, local_tally
+from moesif_beam.transforms.common.counters import (
+    COUNTERS,
+    EXTRA_COUNTERS,
+    PROGRESS_COUNTERS,
+    local_tally,
+    tally_names,
+)
 from moesif_beam.transforms.common.live import LatencySnapshot, in_flight, post_latency
 from moesif_beam.transforms.sources.drain import DRAIN
 
@@ -159,7 +165,9 @@ class _Sources:
         if self.workers_here is None:
             return dict.fromkeys((*COUNTERS, *EXTRA_COUNTERS), 0)
         if self.workers_here:
-            now = local_tally()
+            # Every counter counted, the summary's and any a pipeline adds (profiles').
+            extra = [name for name in tally_names() if name not in PROGRESS_COUNTERS]
+            now = local_tally(*extra)
             return {name: now[name] - self._tally_base.get(name, 0) for name in now}
         with self._lock:
             result = self._result

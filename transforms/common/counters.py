@@ -23,6 +23,7 @@ __all__ = [
     "PROGRESS_COUNTERS",
     "counter",
     "local_tally",
+    "tally_names",
 ]
 
 NAMESPACE = "moesif_beam"
@@ -83,3 +84,9 @@ def local_tally(*extra: str) -> dict[str, int]:
     """What this process's workers counted, every counter present (and ``extra`` ones)."""
     with _TALLY_LOCK:
         return {name: _TALLY.get(name, 0) for name in (*COUNTERS, *EXTRA_COUNTERS, *extra)}
+
+
+def tally_names() -> tuple[str, ...]:
+    """Every counter this process's workers have counted so far, sorted."""
+    with _TALLY_LOCK:
+        return tuple(sorted(_TALLY))
