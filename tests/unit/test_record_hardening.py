@@ -30,6 +30,7 @@ from moesif_beam.transforms.formats.normalize import (
 from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.schema import signature
 from moesif_beam.transforms.schema.keys import MAX_DEPTH, sanitize_keys
+from tests.unit.gateway_examples import EXAMPLES
 
 REPO = Path(__file__).resolve().parents[2]
 WSO2_LINE = (REPO / "samples" / "wso2_sample.jsonl").read_bytes().splitlines()[0]
@@ -249,7 +250,8 @@ _FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthC
 
 def _object_like(pipeline: str, fmt: str) -> st.SearchStrategy[dict]:
     """Records close to valid, so the property reaches the mapping, not only its guard."""
-    base = json.loads({"wso2": WSO2_LINE, "moesif": ACTION_LINE, "segment": SEGMENT_LINE}[fmt])
+    lines = {"wso2": WSO2_LINE, "moesif": ACTION_LINE, "segment": SEGMENT_LINE, **EXAMPLES}
+    base = json.loads(lines.get(fmt, EXAMPLES["kong"]))  # auto: any format's record
     return st.dictionaries(st.sampled_from(sorted(base)), json_values, max_size=6).map(
         lambda changes: {**base, **changes}
     )

@@ -217,7 +217,7 @@ class _NormalizeFn(beam.DoFn):
         self,
         pipeline: str,
         fmt: str,
-        options: MappingOptions,
+        options: MappingOptions | str | None,
         max_record_bytes: int,
         scope: str,
         inline_signatures: bool = False,
@@ -227,6 +227,9 @@ class _NormalizeFn(beam.DoFn):
         self._max_line_bytes = max_line_bytes or MAX_LINE_BYTES
         self._inline = inline_signatures
         self._fmt = fmt
+        # A company_id_field (or None) alone is still accepted, as before options existed.
+        if not isinstance(options, MappingOptions):
+            options = MappingOptions(company_id_field=options)
         self._options = options
         self._max_record_bytes = max_record_bytes
         self._scope = scope
