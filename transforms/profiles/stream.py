@@ -161,7 +161,8 @@ class UpdateProfilesInStream(beam.PTransform):
     def expand(self, touches: beam.PCollection) -> beam.PCollection:
         return (
             touches
-            | "ByProfile" >> beam.Map(_key)
+            # A str key, declared: Beam then encodes it deterministically for the state.
+            | "ByProfile" >> beam.Map(_key).with_output_types(tuple[str, Any])
             | "Update" >> beam.ParDo(_UpdateFn(self._interval_ms))
         )
 
@@ -205,6 +206,6 @@ class SegmentCallsInStream(beam.PTransform):
     def expand(self, profiles: beam.PCollection) -> beam.PCollection:
         return (
             profiles
-            | "ByCompany" >> beam.Map(_by_company)
+            | "ByCompany" >> beam.Map(_by_company).with_output_types(tuple[str, Any])
             | "Calls" >> beam.ParDo(_SegmentCallsFn())
         )
