@@ -388,6 +388,7 @@ def _schema(args: argparse.Namespace) -> int:
 _SERVICES = {
     "deadletters": "inspect (stats, show) and replay dead letters",
     "collector": "a local Moesif Collector API emulator, for tests and trials",
+    "segment-emulator": "a local Segment Tracking API emulator, for profiles' Segment output",
     "kafka-local": "a real single-node Apache Kafka broker (KRaft), for laptops and tests",
     "flink-local": "a real single-machine Flink 1.19 cluster, with its Python workers",
 }
@@ -433,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moesif_beam.runners.engines import flink_cluster  # noqa: PLC0415
 
             return flink_cluster.main(args_list[1:])
+        if args_list[0] == "segment-emulator":
+            from moesif_beam.runners.emulators import segment  # noqa: PLC0415
+
+            return segment.main(args_list[1:])
         if args_list[0] == "kafka-local":
             from moesif_beam.runners.emulators import kafka_local  # noqa: PLC0415
 

@@ -11,7 +11,8 @@ Typical use in a test::
         run_profiles(segment.url)
         assert segment.messages("identify")
 
-From the command line: ``python -m moesif_beam.runners.emulators.segment --port 9600``.
+From the command line: ``moesif-beam segment-emulator --port 9600`` (or
+``python -m moesif_beam.runners.emulators.segment``).
 """
 
 from moesif_beam.runners.emulators.segment.server import (
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
-        prog="python -m moesif_beam.runners.emulators.segment",
+        prog="moesif-beam segment-emulator",
         description="A local Segment Tracking API emulator.",
     )
     parser.add_argument("--host", default="127.0.0.1")
