@@ -206,7 +206,7 @@ def test_without_an_application_id_batches_go_to_files(tmp_path):
         (["events"], "--input is required"),
         (["events", "--input", "/nonexistent/*.jsonl"], "matches no files"),
         (["events", "--input", "x", "--batch_max_bytes", "60000000"], "--batch_max_bytes"),
-        (["events", "--input", "x", "--format", "kong"], "invalid choice"),
+        (["events", "--input", "x", "--format", "mulesoft"], "invalid choice"),
         (["nonsense"], "unknown command"),
     ],
 )
