@@ -143,11 +143,14 @@ def decode_line(raw: bytes) -> Any:
     inside) and a line of JSON values written back to back (Firehose to S3).
 
     Raises:
-        ValueError: the line looks like one of these but does not decode.
+        ValueError: the line looks like base64 but does not decode to JSON.
     """
     stripped = raw.strip()
     if stripped[:1] in (b"{", b"["):
-        values = _json_values(stripped)
+        try:
+            values = _json_values(stripped)
+        except ValueError:
+            return None  # broken JSON: the JSON parser's own complaint says it best
         return values if len(values) > 1 else None
     if stripped and _BASE64.fullmatch(stripped):
         values = _decode_data(stripped.decode("ascii"))
