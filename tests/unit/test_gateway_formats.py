@@ -104,6 +104,20 @@ def test_kong_user_falls_back_from_custom_id_to_username_to_id(consumer, expecte
     assert event.get("user_id") == expected
 
 
+def test_kong_without_request_id_uses_moesif_header_else_content():
+    record = json.loads(KONG)
+    del record["request"]["id"]
+    assert one("kong", json.dumps(record).encode())["transaction_id"] == str(
+        uuid.uuid5(
+            GATEWAY_NAMESPACE,
+            "kong:content:" + orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode(),
+        )
+    )
+    record["request"]["headers"]["X-Moesif-Transaction-Id"] = "0f3c5a2e-1111-4222-8333-444455556666"
+    event = one("kong", json.dumps(record).encode())
+    assert event["transaction_id"] == "0f3c5a2e-1111-4222-8333-444455556666"
+
+
 def test_kong_batch_array_is_one_record_per_element():
     events = mapped("kong", b"[" + KONG + b"," + edited(KONG, started_at=1751284900000) + b"]")
     assert [e["request"]["time"] for e in events] == [

@@ -9,8 +9,8 @@ or (http-log and kafka-log with ``max_batch_size > 1``) a JSON array of them. Th
 * ``user_id`` = ``consumer.custom_id``, else ``consumer.username``, else ``consumer.id``;
   ``session_token`` = ``authenticated_entity.id`` (the credential's id; Kong never logs
   the key itself);
-* ``transaction_id`` from ``request.id`` (Kong 3.x; older Kong has none and the record's
-  content is hashed);
+* ``transaction_id`` from ``request.id`` (Kong 3.x), else the ``X-Moesif-Transaction-Id``
+  request header (Moesif's plugin sets it), else the record's content;
 * everything else (route, service, workspace, tries, upstream fields) is metadata;
   ``latencies`` and what is left of ``request`` and ``response`` go in flattened, as
   ``latencies_proxy``, ``request_querystring``, ``response_size``: Moesif types a
@@ -72,6 +72,10 @@ def _part(record: dict, key: str) -> dict:
         msg = f"{key} must be an object" if key in record else f"missing {key}"
         raise InvalidRecord(msg, key, "object", None if part is None else json_type(part))
     return part
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    return next((value for key, value in headers.items() if key.lower() == name), None)
 
 
 def _metadata(record: dict[str, Any]) -> dict[str, Any]:
@@ -136,9 +140,13 @@ def to_moesif_event(
         )
     entity = record.get("authenticated_entity")
     session = entity.get("id") if isinstance(entity, dict) else None
+    gateway_id = request_part.get("id")
+    if identity(gateway_id) is None:
+        # Before 3.x Kong logs no id; Moesif's plugin, where it ran, left its own header.
+        gateway_id = _header(request["headers"], "x-moesif-transaction-id")
     return build_event(
         FORMAT,
-        request_part.get("id"),
+        gateway_id,
         record,
         request=request,
         response=response,
