@@ -93,7 +93,12 @@ def format_summary(config: PipelineConfig, counters: dict[str, int], seconds: fl
     where = config.batch_dir if config.application_id is None else config.base_url
     lines = [
         f"moesif-beam {config.pipeline}: finished in {seconds:.1f}s ({rate:,.0f} records/s)",
-        f"  read          {counters['read']:>10,}",
+        f"  read          {counters['read']:>10,}"
+        + (
+            f"   skipped {counters['skipped']:,} (no records: CloudWatch Logs control messages)"
+            if counters.get("skipped")
+            else ""
+        ),
         f"  sent          {counters['sent']:>10,}   in {counters['batches']:,} batches, "
         f"{counters['bytes_sent']:,} bytes -> {where}"
         if config.pipeline != "profiles"

@@ -97,6 +97,7 @@ _HELP = {
     "internal_errors": "Records a stage failed on unexpectedly (dead-lettered).",
     "unreadable_inputs": "Input files that could not be read (dead-lettered).",
     "timeouts": "Posts that got no answer within --http_timeout (re-posted).",
+    "skipped": "Input lines holding no records (CloudWatch Logs control messages), not read.",
 }
 # Job states past which the run is not alive (Beam's PipelineState names).
 _DEAD_STATES = frozenset({"FAILED", "CANCELLED", "CANCELLING", "UNRECOGNIZED"})

@@ -42,15 +42,17 @@ COUNTERS = (
     "collector_rejected",
     "dead_letters",
 )
-# Break-downs of dead_letters that have no contract counter of their own, and
+# Break-downs of dead_letters that have no contract counter of their own,
 # ``timeouts``: requests that got no answer within --http_timeout after their body was sent
-# (delivery unknown; re-posted with the same transaction ids).
+# (delivery unknown; re-posted with the same transaction ids), and ``skipped``: lines that
+# hold no records and are no error (CloudWatch Logs control messages), not in ``read``.
 EXTRA_COUNTERS = (
     "too_large",
     "retries_exhausted",
     "internal_errors",
     "unreadable_inputs",
     "timeouts",
+    "skipped",
 )
 
 # Counted for the progress line only: in neither the summary nor --metrics_out.
