@@ -28,6 +28,7 @@ from typing import TextIO
 
 from apache_beam.options.pipeline_options import (
     DirectOptions,
+    FlinkRunnerOptions,
     PipelineOptions,
     PortableOptions,
     StandardOptions,
@@ -50,6 +51,8 @@ __all__ = [
 INTERVAL_S = 0.5
 # Runners whose workers run in this process unless told to use processes.
 _IN_PROCESS_RUNNERS = frozenset({"FnApiRunner", "LocalRunner", "BundleBasedDirectRunner"})
+# Beam's Flink runner runs these embedded, with LOOPBACK workers unless told otherwise.
+_EMBEDDED_FLINK = frozenset({"[local]", "[auto]"})
 
 
 def format_duration(seconds: float) -> str:
@@ -194,15 +197,18 @@ def counts_visible(options: PipelineOptions) -> bool:
 
     True when every worker runs in this process: the local runners without
     ``multi_processing``, and portable runs with ``--environment_type LOOPBACK`` (the
-    default streaming runner, Prism, is started so). Used by the progress line and the
-    ``--metrics_port`` endpoint alike.
+    default streaming runner, Prism, is started so), which is also what Beam's Flink
+    runner picks for an embedded Flink (``--flink_master [local]`` or ``[auto]``) when no
+    environment is given. Used by the progress line and the ``--metrics_port`` endpoint.
     """
     runner = str(options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1]
     if runner in _IN_PROCESS_RUNNERS:
         return options.view_as(DirectOptions).direct_running_mode != "multi_processing"
-    return runner == "PortableRunner" and (
-        str(options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
-    )
+    environment = str(options.view_as(PortableOptions).environment_type or "").upper()
+    if runner == "FlinkRunner" and not environment:
+        master = options.view_as(FlinkRunnerOptions).flink_master
+        return master in _EMBEDDED_FLINK
+    return runner in ("PortableRunner", "FlinkRunner") and environment == "LOOPBACK"
 
 
 def progress_line(

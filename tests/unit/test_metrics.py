@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from apache_beam.metrics.execution import MetricKey, MetricResult
 from apache_beam.metrics.metricbase import MetricName
+from apache_beam.options.pipeline_options import PipelineOptions
 from prometheus_client.parser import text_string_to_metric_families
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.kafka_lag import KafkaLag, consumer_lag
 from moesif_beam.runners.metrics import RunMetrics, liveness
+from moesif_beam.runners.progress import counts_visible
 from moesif_beam.transforms.common import live
 from moesif_beam.transforms.common.counters import NAMESPACE, counter
 from moesif_beam.transforms.sources.kafka import KafkaSourceConfig
@@ -220,3 +222,20 @@ def test_an_unresolvable_host_is_one_line():
         ValueError, match=r"--metrics_host 'no-such-host\.invalid' cannot be resolved"
     ):
         RunMetrics(_config(), host="no-such-host.invalid", port=0).start()
+
+
+@pytest.mark.parametrize(
+    ("flags", "visible"),
+    [
+        (["--runner=FnApiRunner"], True),
+        (["--runner=FnApiRunner", "--direct_running_mode=multi_processing"], False),
+        (["--runner=PortableRunner", "--environment_type=LOOPBACK"], True),  # Prism's way
+        (["--runner=PortableRunner", "--environment_type=EXTERNAL"], False),
+        (["--runner=FlinkRunner"], True),  # embedded [auto]: Beam picks LOOPBACK
+        (["--runner=FlinkRunner", "--flink_master=[local]"], True),
+        (["--runner=FlinkRunner", "--flink_master=127.0.0.1:8081"], False),
+        (["--runner=DataflowRunner"], False),
+    ],
+)
+def test_counts_are_read_here_only_where_every_worker_runs_here(flags, visible):
+    assert counts_visible(PipelineOptions(flags)) is visible
