@@ -139,14 +139,21 @@ def _build_streaming(
         # records go from the reader to delivery in one fused stage (measured: the
         # shuffles' encoding was a third of a 2,000 events/s stream's CPU).
         checked = normalized.records | "DedupAndCheck" >> DedupAndCheckInProcess(
-            config.dedup_ttl, stored_schema, config.pipeline
+            config.dedup_ttl,
+            stored_schema,
+            config.pipeline,
+            store=(config.schema_store_path, config.schema_scope),
         )
         duplicate_acks = checked.acks
     else:
         unique = normalized.records | "Dedup" >> DedupInStream(config.dedup_ttl)
         duplicate_acks = unique.acks
         checked = (unique.records, normalized.signatures) | "MetadataSchema" >> (
-            EnforceMetadataSchemaInStream(stored_schema, config.pipeline)
+            EnforceMetadataSchemaInStream(
+                stored_schema,
+                config.pipeline,
+                store=(config.schema_store_path, config.schema_scope),
+            )
         )
     _ = checked.new_fields | "PersistSchema" >> PersistSchemaInStream(
         config.schema_store_path, config.schema_scope

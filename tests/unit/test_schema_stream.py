@@ -152,3 +152,80 @@ def test_in_process_schema_decides_each_key_once_across_threads():
     conflict, fields = InProcessSchema({}).check(b"twice", twice)
     assert conflict == ("x", "number", "string")
     assert fields == [("x", "number")]
+
+
+# -- The store decides once for every run, restart and worker --------------------------------
+
+
+def test_concurrent_writers_of_a_local_store_lose_no_key_and_agree_on_each(tmp_path):
+    import threading
+
+    from moesif_beam.transforms.schema.store import decide_in_store, load_schema, save_schema
+
+    path = str(tmp_path / "store" / "schema.json")
+    answers: dict[str, set[str]] = {}
+    lock = threading.Lock()
+
+    def writer(n: int) -> None:
+        for i in range(15):
+            # Every writer decides the shared keys with its own type, and adds its own.
+            kind = "number" if n % 2 else "string"
+            got, _ = decide_in_store(path, "name", f"shared{i}", kind)
+            with lock:
+                answers.setdefault(f"shared{i}", set()).add(got)
+            save_schema(path, "name", [(f"own{n}_{i}", "boolean")])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = load_schema(path, "name")
+    assert all(len(types) == 1 for types in answers.values()), answers
+    assert {k: stored[k] for k in answers} == {k: next(iter(v)) for k, v in answers.items()}
+    assert {k for k in stored if k.startswith("own")} == {
+        f"own{n}_{i}" for n in range(6) for i in range(15)
+    }
+
+
+class _NoState:
+    def __init__(self) -> None:
+        self.value = None
+
+    def read(self):
+        return self.value
+
+    def write(self, value) -> None:
+        self.value = value
+
+
+def test_a_restarted_job_decides_a_key_as_the_store_says_not_as_its_first_record(tmp_path):
+    import uuid
+
+    from moesif_beam.transforms.schema.streaming import _DecideKeyTypeFn
+
+    store = (str(tmp_path / "schema.json"), "name")
+    first_job = _DecideKeyTypeFn({}, uuid.uuid4().hex, store)
+    first_job.setup()
+    out = list(first_job.process(("plan", (b"sig1", "string", 1)), _NoState()))
+    assert out[-1] == (b"sig1", ("plan", "string", "string", 1))
+    # A new job: fresh memory and fresh Beam state, started from the same stored snapshot
+    # (empty: the key was decided after it was read). Its first record says number.
+    second_job = _DecideKeyTypeFn({}, uuid.uuid4().hex, store)
+    second_job.setup()
+    out = list(second_job.process(("plan", (b"sig2", "number", 1)), _NoState()))
+    assert out[-1] == (b"sig2", ("plan", "string", "number", 1))  # a conflict, not a new type
+
+
+def test_the_in_process_rule_stores_a_decision_before_using_it_and_reads_others(tmp_path):
+    from moesif_beam.transforms.schema.store import load_schema, save_schema
+
+    store = (str(tmp_path / "schema.json"), "name")
+    run_a = InProcessSchema({}, store)
+    run_b = InProcessSchema({}, store)  # started with the same (empty) snapshot
+    assert run_a.check(b"s1", (("plan", "string"),)) == (None, [("plan", "string")])
+    assert load_schema(*store) == {"plan": "string"}  # durable before the verdict is used
+    save_schema(*store, [("seats", "number")])  # a third run decided seats meanwhile
+    conflict, new = run_b.check(b"s2", (("plan", "number"), ("seats", "string")))
+    assert conflict == ("plan", "string", "number")
+    assert new == []  # nothing b decided was new to the store

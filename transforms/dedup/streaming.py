@@ -300,8 +300,16 @@ NEW_FIELDS = "new_fields"
 class _DedupAndCheckFn(beam.DoFn):
     """Dedup by transaction id and the metadata type rule, in this process's memory."""
 
-    def __init__(self, stage_id: str, ttl_seconds: float, stored: dict, pipeline: str) -> None:
+    def __init__(
+        self,
+        stage_id: str,
+        ttl_seconds: float,
+        stored: dict,
+        pipeline: str,
+        store: tuple[str, str] | None = None,
+    ) -> None:
         self._stage_id = stage_id
+        self._store = store
         self._ttl_ms = int(ttl_seconds * 1000)
         self._stored = stored
         self._pipeline = pipeline
@@ -311,7 +319,7 @@ class _DedupAndCheckFn(beam.DoFn):
     def setup(self) -> None:
         self._seen = worker_memory(f"{self._stage_id}/seen", lambda: _SeenIds.for_ttl(self._ttl_ms))
         self._schema = worker_memory(
-            f"{self._stage_id}/schema", lambda: InProcessSchema(self._stored)
+            f"{self._stage_id}/schema", lambda: InProcessSchema(self._stored, self._store)
         )
 
     def process(self, element: Keyed, timestamp: Any = beam.DoFn.TimestampParam) -> Iterator[Any]:
@@ -355,7 +363,8 @@ class DedupAndCheckInProcess(beam.PTransform):
     record. Then no record needs to be shuffled to a shard or a gate: records flow from
     the reader to delivery in one fused stage, with the same guarantees: a transaction id
     seen within ``ttl_seconds`` of event time is a duplicate (counted and acknowledged),
-    the first type to arrive for a metadata key wins (or the stored one), a record that
+    the first type to arrive for a metadata key wins (or the stored one; with ``store``,
+    written to the schema store before it is used), a record that
     contradicts it is a ``type_conflict`` dead letter, and each newly decided key is
     output once. Input: records from
     :class:`~moesif_beam.transforms.formats.normalize.NormalizeRecords` with ``inline_signatures``.
@@ -363,11 +372,17 @@ class DedupAndCheckInProcess(beam.PTransform):
     :class:`~moesif_beam.transforms.schema.rule.EnforceMetadataSchemaInStream`.
     """
 
-    def __init__(self, ttl_seconds: float, stored: Mapping[str, str], pipeline: str) -> None:
+    def __init__(
+        self,
+        ttl_seconds: float,
+        stored: Mapping[str, str],
+        pipeline: str,
+        store: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__()
         require_positive("dedup_ttl", ttl_seconds)
         InProcessSchema(stored)  # validates the stored types now, not in a worker
-        self._fn = _DedupAndCheckFn(uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline)
+        self._fn = _DedupAndCheckFn(uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline, store)
 
     def expand(self, records: beam.PCollection) -> CheckedInProcess:
         out = records | "DedupAndCheck" >> beam.ParDo(self._fn).with_outputs(

@@ -22,7 +22,7 @@ from moesif_beam.transforms.schema.rule import (
     _remember,
     find_conflict,
 )
-from moesif_beam.transforms.schema.store import _checked
+from moesif_beam.transforms.schema.store import _checked, decide_in_store
 
 __all__ = ["EnforceMetadataSchema", "InProcessSchema", "SchemaChecked", "conflict_letter"]
 
@@ -111,13 +111,17 @@ class InProcessSchema:
     """The metadata type rule for a stream whose workers are all one process.
 
     The first type to arrive for a key wins (or the stored one), decided under one lock,
-    so concurrent bundles agree. A signature's verdict is computed once and remembered
-    (bounded, like every memo here). Only valid where one process sees every record: on
-    runners with several worker processes use :class:`EnforceMetadataSchemaInStream`.
+    so concurrent bundles agree. With ``store`` (the schema store's path and scope), a
+    key's first decision is written to the store before it is used, and a key the store
+    already has (from a run that stored it after this one started) takes that type. A
+    signature's verdict is computed once and remembered (bounded, like every memo here).
+    Only valid where one process sees every record: on runners with several worker
+    processes use :class:`EnforceMetadataSchemaInStream`.
     """
 
-    def __init__(self, stored: Mapping[str, str]) -> None:
+    def __init__(self, stored: Mapping[str, str], store: tuple[str, str] | None = None) -> None:
         self._decided = dict(_checked(stored))
+        self._store = store
         self._verdicts: dict[bytes, tuple[str, str, str] | None] = {}
         self._lock = threading.Lock()
 
@@ -132,8 +136,16 @@ class InProcessSchema:
             decided = self._decided
             new = []
             for key, kind in sig:
-                if key not in decided:  # a key twice in one signature: its first type wins
+                if key in decided:  # a key twice in one signature: its first type wins
+                    continue
+                if self._store is None:
                     decided[key] = kind
+                    new.append((key, kind))
+                    continue
+                # Stored before any record carrying it is delivered: a restarted run (whose
+                # memory is gone) or a concurrent one then reads the same type.
+                decided[key], added = decide_in_store(*self._store, key, kind)
+                if added:
                     new.append((key, kind))
             verdict = find_conflict(sig, decided)
             _remember(verdicts, sig_id, verdict)

@@ -6,16 +6,19 @@ know, so two runs sharing a store never overwrite each other's decisions.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from apache_beam.io.filesystems import FileSystems
 
 from moesif_beam.transforms.schema.keys import sanitize_keys
 from moesif_beam.transforms.schema.rule import merge_schema, types_of
 
-__all__ = ["load_schema", "save_schema", "seed_pairs"]
+__all__ = ["decide_in_store", "load_schema", "save_schema", "seed_pairs"]
 
 
 _STORE_VERSION = 1
@@ -66,6 +69,56 @@ def save_schema(path: str, scope: str, new: Iterable[tuple[str, str]]) -> dict[s
     Returns:
         The schema as written.
     """
+    with _writing(path):
+        return _merge_and_write(path, scope, new)
+
+
+def decide_in_store(path: str, scope: str, key: str, kind: str) -> tuple[str, bool]:
+    """``(type, added)``: the type ``key`` has in the store, storing ``kind`` if it had none.
+
+    The decision is durable before it is returned: a record that carries it can be
+    delivered knowing that every later decision for ``key``, in this run after a restart
+    or in another run, reads the same type.
+    """
+    with _writing(path):
+        stored = load_schema(path, scope)
+        if key in stored:
+            return stored[key], False
+        return _merge_and_write(path, scope, [(key, kind)])[key], True
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Serialize writers of a local store (processes and threads alike) with a lock file.
+
+    Without it, two writers that read the store at once each write back only their own
+    keys, and the first one's are lost. Remote filesystems offer no lock through Beam:
+    there, concurrent writers of one store can still lose each other's new keys.
+    """
+    if "://" in path:
+        yield
+        return
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only; elsewhere there is no lock
+    except ImportError:
+        yield
+        return
+    with _THREADS, open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# flock is per open file description: threads of one process need a lock of their own.
+_THREADS = threading.RLock()
+
+
+def _merge_and_write(path: str, scope: str, new: Iterable[tuple[str, str]]) -> dict[str, str]:
     merged = merge_schema(load_schema(path, scope), new)
     document = {
         "version": _STORE_VERSION,
@@ -74,12 +127,13 @@ def save_schema(path: str, scope: str, new: Iterable[tuple[str, str]]) -> dict[s
         "fields": dict(sorted(merged.items())),
     }
     data = json.dumps(document, indent=2).encode("utf-8") + b"\n"
-    temporary = f"{path}.tmp-{time.time_ns()}"
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent and "://" not in path and not FileSystems.exists(parent):
-        FileSystems.mkdirs(parent)
+    temporary = f"{path}.tmp-{time.time_ns()}-{threading.get_ident()}"
     with FileSystems.create(temporary, mime_type="application/json") as handle:
         handle.write(data)
+    if "://" not in path:
+        # Atomic on one filesystem: a reader sees the old store or the new, never none.
+        os.replace(temporary, path)
+        return merged
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])

@@ -23,8 +23,8 @@ from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.records import Keyed
 from moesif_beam.transforms.schema.bounded import SchemaChecked, _CheckFn
-from moesif_beam.transforms.schema.rule import Signature, _remember
-from moesif_beam.transforms.schema.store import _checked, save_schema
+from moesif_beam.transforms.schema.rule import SCOPES, Signature, _remember
+from moesif_beam.transforms.schema.store import _checked, decide_in_store, save_schema
 
 __all__ = ["EnforceMetadataSchemaInStream", "PersistSchemaInStream"]
 
@@ -76,9 +76,12 @@ class _DecideKeyTypeFn(beam.DoFn):
 
     TYPE = ReadModifyWriteStateSpec("type", StrUtf8Coder())
 
-    def __init__(self, stored: Mapping[str, str], stage_id: str) -> None:
+    def __init__(
+        self, stored: Mapping[str, str], stage_id: str, store: tuple[str, str] | None = None
+    ) -> None:
         self._stored = dict(stored)
         self._stage_id = stage_id
+        self._store = store
 
     def setup(self) -> None:
         self._memory = _stage_memory(self._stage_id)
@@ -98,13 +101,22 @@ class _DecideKeyTypeFn(beam.DoFn):
                 if decided is None:
                     decided = decided_state.read()
                     if decided is None:
-                        decided = self._stored.get(key) or kind
+                        decided = self._stored.get(key) or self._decide(key, kind)
                         decided_state.write(decided)
                         first = key not in self._stored
                     _remember(memory.decided, key, decided)
         if first:
             yield pvalue.TaggedOutput("new", (key, decided))
         yield sig_id, (key, decided, kind, size)
+
+    def _decide(self, key: str, kind: str) -> str:
+        # With a store, the decision is written there before any record carrying it moves
+        # on: state can be lost (a new job) or rolled back (a restored checkpoint), the
+        # store cannot, so a later decision for this key reads the same type.
+        if self._store is None:
+            return kind
+        path, scope = self._store
+        return decide_in_store(path, scope, key, kind)[0]
 
 
 class _AssembleVerdictFn(beam.DoFn):
@@ -233,13 +245,29 @@ class EnforceMetadataSchemaInStream(beam.PTransform):
     every key of their signature is decided; ``shards`` spreads a popular signature over
     that many keys, so heavy traffic of one shape does not funnel through one worker.
     ``new_fields`` carries each newly decided key once, for periodic persistence.
+
+    With ``store`` (the schema store's path and scope), a key's first decision is written
+    to the store, under a lock for local paths, before any record carrying it moves on,
+    and a key another run already stored takes that run's type. Beam state is lost when
+    a job is started anew and rolled back when a checkpoint is restored; the store is
+    neither, so a key never gets two types across restarts, rescales or concurrent runs.
     """
 
-    def __init__(self, stored: Mapping[str, str], pipeline: str, shards: int = 16) -> None:
+    def __init__(
+        self,
+        stored: Mapping[str, str],
+        pipeline: str,
+        shards: int = 16,
+        store: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__()
         if shards < 1:
             msg = f"shards must be >= 1, got {shards}"
             raise ValueError(msg)
+        if store is not None and (not store[0] or store[1] not in SCOPES):
+            msg = f"store must be (path, scope) with scope in {sorted(SCOPES)}, got {store!r}"
+            raise ValueError(msg)
+        self._store = store
         self._stored = _checked(stored)
         self._pipeline = pipeline
         self._shards = shards
@@ -253,9 +281,9 @@ class EnforceMetadataSchemaInStream(beam.PTransform):
             | "FanOutKeys"
             >> beam.FlatMap(_fan_out).with_output_types(tuple[str, tuple[bytes, str, int]])
             | "DecideKeyType"
-            >> beam.ParDo(_DecideKeyTypeFn(self._stored, f"{self._stage_id}/decide")).with_outputs(
-                "new", main="decided"
-            )
+            >> beam.ParDo(
+                _DecideKeyTypeFn(self._stored, f"{self._stage_id}/decide", self._store)
+            ).with_outputs("new", main="decided")
         )
         verdicts = decided.decided | "AssembleVerdict" >> beam.ParDo(
             _AssembleVerdictFn(self._shards, f"{self._stage_id}/assemble")
