@@ -79,6 +79,7 @@ PREFIX = "moesif_beam_"
 # Asking a runner for its metrics is an RPC to its job service (or Dataflow's API): at
 # most once a second, however often the endpoint is scraped.
 RUNNER_POLL_S = 1.0
+RUNNER_TIMEOUT_S = 5.0
 
 _HELP = {
     "read": "Records read from the source.",
@@ -137,7 +138,8 @@ def runner_metrics(result: Any) -> Any:
     from apache_beam.runners.portability.portable_runner import PortableMetrics  # noqa: PLC0415
 
     request = beam_job_api_pb2.GetJobMetricsRequest(job_id=job_id)
-    return PortableMetrics(service.GetJobMetrics(request))
+    # Bounded, so a job service that hangs cannot hold a scrape (or the next) for long.
+    return PortableMetrics(service.GetJobMetrics(request, timeout=RUNNER_TIMEOUT_S))
 
 
 class _Sources:
