@@ -207,6 +207,10 @@ def _execute(
     for name in extra:  # the profiles' counters appear in --metrics_out, zero or not
         counters.setdefault(name, 0)
     added = merge_pending_schema(config)
+    if config.streaming:
+        # A stream stores each key as it decides it, so the merge finds them stored: count
+        # the keys the store gained since this run read it.
+        added = len(load_schema(config.schema_store_path, config.schema_scope)) - len(stored)
     if config.kafka is not None and not config.streaming and invariant_holds(counters):
         commit_offsets(config)
     print(format_summary(config, counters, seconds), file=out, flush=True)

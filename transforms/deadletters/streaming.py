@@ -64,6 +64,10 @@ class WriteDeadLettersInStream(beam.PTransform):
         self._fn = _WriteDeadLettersFn(directory, pipeline, run_id)
 
     def expand(self, pcolls: Any) -> beam.PCollection:
-        if isinstance(pcolls, tuple | list):
-            pcolls = tuple(pcolls) | "Flatten" >> beam.Flatten()
-        return pcolls | "WriteAvro" >> beam.ParDo(self._fn)
+        if not isinstance(pcolls, tuple | list):
+            return pcolls | "WriteAvro" >> beam.ParDo(self._fn)
+        # One writer per input, and only their acks flattened: a counter in a step after
+        # a Flatten runs in every stage feeding it, and Flink (2.62) then reports one
+        # stage's value instead of the sum (measured: 2 dead letters counted of 3 written).
+        acks = [pcoll | f"WriteAvro{i}" >> beam.ParDo(self._fn) for i, pcoll in enumerate(pcolls)]
+        return tuple(acks) | "Flatten" >> beam.Flatten()

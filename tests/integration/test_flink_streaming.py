@@ -1,0 +1,200 @@
+"""A Kafka stream on Flink: delivered, committed after delivery, dead letters, drain and crash.
+
+The stream runs through the real command with ``--streaming --runner FlinkRunner
+--flink_master [local] --parallelism 2``: moesif-beam's own Flink job server (Beam's runner
+2.62.0 with the 2.77.0 SDK) and a real broker (``kafka-local``). On Flink the stream takes
+the keyed shape: dedup shards and metadata-type decisions in Beam state, the decisions also
+in the schema store, which is what keeps a key's type across a new job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import assert_nothing_lost, read_dead_letters
+from tests.kafka_support import committed, produce
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.flink,
+    pytest.mark.kafka,
+    pytest.mark.usefixtures("flink_jobserver"),
+]
+
+APP_ID = "flink-stream-app-7c1d"
+SAMPLE = REPO / "samples" / "wso2_sample.jsonl"
+FLINK = ["--runner", "FlinkRunner", "--flink_master", "[local]", "--parallelism", "2"]
+
+
+class _Stream:
+    """``moesif-beam events --streaming`` on Flink, stopped by SIGTERM (drain) or SIGKILL."""
+
+    def __init__(self, tmp_path: Path, name: str, args: list[str]) -> None:
+        self.log = tmp_path / f"{name}.log"
+        self.metrics = tmp_path / f"{name}-metrics.json"
+        env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
+        command = [sys.executable, "-m", "moesif_beam.runners.cli", "events", *args]
+        self.proc = subprocess.Popen(
+            [*command, *FLINK, "--streaming", "--metrics_out", str(self.metrics)],
+            cwd=REPO,
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def drain(self, timeout: float = 120) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout) == 0, self.log.read_text()[-3000:]
+        return json.loads(self.metrics.read_text())
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str, stream: _Stream) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert stream.proc.poll() is None, stream.log.read_text()[-3000:]
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _event(tid: str, **extra: object) -> bytes:
+    event = json.loads(SAMPLE.read_bytes().splitlines()[1])
+    event["correlationId"] = tid
+    event.update(extra)
+    return json.dumps(event).encode()
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    return [f"00000000-0000-4000-{prefix}-{i:012d}" for i in range(n)]
+
+
+def _stored(collector: Any) -> dict[str, dict]:
+    return {e["transaction_id"]: e for e in collector.records("events")}
+
+
+def _args(bootstrap: str, topic: str, group: str, collector: Any, out: Path) -> list[str]:
+    return [
+        "--source",
+        "kafka",
+        "--kafka_bootstrap_servers",
+        bootstrap,
+        "--kafka_topic",
+        topic,
+        "--kafka_group_id",
+        group,
+        "--moesif_base_url",
+        collector.url,
+        "--output_dir",
+        str(out),
+        "--batch_max_delay",
+        "1",
+    ]
+
+
+_POISON = [b'{"truncated": ', b"\xff\xfe not utf-8"]
+
+
+def test_a_stream_on_flink_delivers_dedups_dead_letters_commits_and_drains(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=2)
+    collector = start_collector(application_id=APP_ID)
+    first = _ids("8000", 200)
+    values = [_event(t, tier="gold") for t in first] + _POISON
+    produce(bootstrap, topic, values, partitions=2)
+    stream = _Stream(tmp_path, "stream", _args(bootstrap, topic, "fs", collector, tmp_path / "o"))
+    try:
+        _wait_for(lambda: set(first) <= _stored(collector).keys(), 240, "the backlog", stream)
+        # Offsets are committed after delivery, as the stream goes, not only at the end.
+        _wait_for(
+            lambda: sum(committed(bootstrap, "fs", topic, 2)) == len(values),
+            60,
+            "the backlog's offsets to be committed",
+            stream,
+        )
+        # Copies of delivered records, a new one, and one whose `tier` contradicts the type
+        # the stream decided (a string): dropped, delivered and dead-lettered.
+        later = [_event(t, tier="gold") for t in first[:50]]
+        later += [_event("00000000-0000-4000-9000-000000000001", tier="gold")]
+        later += [_event("00000000-0000-4000-9000-000000000002", tier=3)]
+        produce(bootstrap, topic, later, partitions=2)
+        _wait_for(
+            lambda: "00000000-0000-4000-9000-000000000001" in _stored(collector),
+            60,
+            "a record sent while the stream runs",
+            stream,
+        )
+    finally:
+        metrics = stream.drain()
+    assert_nothing_lost(metrics)
+    total = len(values) + len(later)
+    assert metrics["read"] == total
+    assert (metrics["sent"], metrics["duplicates"]) == (201, 50)
+    assert (metrics["parse_errors"], metrics["type_conflicts"]) == (2, 1)
+    stored = _stored(collector)
+    assert len(stored) == 201
+    assert "00000000-0000-4000-9000-000000000002" not in stored
+    letters = read_dead_letters(str(tmp_path / "o" / "dead_letter"))
+    assert sorted(d["reason"] for d in letters) == ["parse_error", "parse_error", "type_conflict"]
+    assert {bytes(d["payload"]) for d in letters} >= set(_POISON)
+    # Drained: everything read is done, so each partition is committed to its end.
+    assert sum(committed(bootstrap, "fs", topic, 2)) == total
+
+
+def test_a_flink_stream_killed_mid_stream_loses_nothing_and_keeps_types_on_restart(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=2)
+    ids = _ids("a000", 400)
+    produce(bootstrap, topic, [_event(t, seats=5) for t in ids], partitions=2)
+    # A slow collector keeps records in flight when the job is killed.
+    collector = start_collector(application_id=APP_ID, latency_ms=150)
+    args = [
+        *_args(bootstrap, topic, "crash", collector, tmp_path / "o"),
+        "--batch_max_events",
+        "20",
+    ]
+    first = _Stream(tmp_path, "first", args)
+    try:
+        _wait_for(lambda: len(_stored(collector)) >= 40, 240, "some deliveries", first)
+    finally:
+        first.kill()
+    assert len(_stored(collector)) < len(ids), "the kill came too late to test anything"
+
+    # A new job: new Beam state. `seats` was decided (a number) by the first job and is in
+    # the schema store, so a string `seats` is a conflict here too.
+    produce(bootstrap, topic, [_event("00000000-0000-4000-b000-000000000001", seats="five")])
+    second = _Stream(tmp_path, "second", args)
+    try:
+        _wait_for(lambda: set(ids) <= _stored(collector).keys(), 240, "every record", second)
+        _wait_for(
+            lambda: sum(committed(bootstrap, "crash", topic, 2)) == len(ids) + 1,
+            60,
+            "every offset to be committed",
+            second,
+        )
+    finally:
+        metrics = second.drain()
+    assert_nothing_lost(metrics)
+    assert metrics["type_conflicts"] == 1
+    assert set(_stored(collector)) == set(ids)  # nothing lost; re-sent copies absorbed
+    schema = json.loads((tmp_path / "o" / "metadata_schema.json").read_text())
+    assert schema["fields"]["seats"] == "number"
