@@ -1,11 +1,13 @@
-"""What the benchmarks share: the collector emulator as a process of its own, and its stats."""
+"""What the benchmarks share: the collector emulator, its stats, a process tree's CPU and memory."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -57,3 +59,79 @@ def reset_collector(url: str) -> None:
     request = urllib.request.Request(f"{url}/_emulator/reset", data=b"", method="POST")
     with urllib.request.urlopen(request, timeout=30):
         pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a live process has used so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """``(rss, pss)`` bytes of a process and all its descendants, from /proc (Linux).
+
+    RSS counts a page shared by several processes (forked workers share their parent's
+    pages until they write to them) once per process; PSS splits it between them, so the
+    tree's PSS is the memory the run really holds.
+    """
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: the parent pid
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # fields[21]: rss pages
+    total_rss = total_pss = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        total_rss += rss.get(pid, 0)
+        total_pss += _pss(pid)
+        todo.extend(children.get(pid, []))
+    return total_rss, total_pss
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # gone meanwhile, or no smaps_rollup (kernels before 4.14)
+    return 0
+
+
+class PeakMemory:
+    """Samples a process tree's RSS and PSS every ``interval`` seconds; keeps the peaks.
+
+    With worker processes, the largest single process (``ru_maxrss``) would understate what
+    the run holds, so the whole tree is summed at each sample.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.rss = self.pss = 0
+        self._pid = pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            rss, pss = tree_memory(self._pid)
+            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)

@@ -1,27 +1,35 @@
 """Events throughput: the moesif-beam pipeline against a plain loop and Moesif's client.
 
 Run by hand (``make bench`` or ``python benchmarks/events_throughput.py --events 100000``).
-Every side gets the same generated WSO2 input (about 1 KB per event, 2% repeated
-correlationIds, 5% faults) and posts to the same collector emulator, started as its own
-process in count-only mode so it costs every side the same. Each side runs in its own
-process, so peak memory (RSS and PSS of the side's whole process tree) is its own. The sides:
+Every side gets the same generated WSO2 input (about 1.2 KB per event, 2% repeated
+correlationIds, 5% faults) and posts to the same collector emulator, started afresh for
+each side as its own process in count-only mode. Each side runs in its own process, so
+its peak memory (RSS and PSS of its whole process tree) and CPU time are its own. The sides:
 
-* reference: a plain single-process loop: read, parse, map (the pipeline's own mapping
-  function), drop repeated ids, batch 500, gzip, POST;
-* client (``--client``): the same loop handing batches of 100 ``EventModel`` objects to
+* reference: the fastest single-core loop we could write, on purpose, so that the ratio
+  does not flatter the pipeline: read in large blocks, parse with orjson, map with the
+  pipeline's own mapping function, drop repeated ids with a set, serialize with orjson,
+  batches of 500, gzip with the pipeline's compressor at ``--ref_gzip_level`` (default: the
+  pipeline's default level), POST over one keep-alive ``http.client`` connection, from a
+  second thread so the loop need not wait for the collector;
+* client (``--client``): the same work handing batches of 100 ``EventModel`` objects to
   Moesif's Python client (``moesifapi``, ``create_events_batch``), installed into its own
   virtualenv under ``~/.cache/moesif-beam/bench-client`` on first use;
 * pipeline: ``moesif-beam events`` with its defaults (plus any flags given after ``--``).
 
-It prints events/s, the ratios, peak memory, and every side's counts, which must agree.
+It prints events/s, the ratios, CPU seconds (the side's and the collector's), peak memory,
+and every side's counts and the collector's, which must all agree. ``--runs 3`` repeats the
+whole comparison, for the "3 of 3 consecutive runs" targets.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import http.client
 import json
 import os
+import queue
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,26 +37,34 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import requests  # noqa: E402
-
-from benchmarks._support import APP_ID, start_collector  # noqa: E402
+from benchmarks._support import (  # noqa: E402
+    APP_ID,
+    PeakMemory,
+    collector_stats,
+    cpu_seconds,
+    start_collector,
+)
 from moesif_beam.transforms.common.errors import InvalidRecord  # noqa: E402
 from moesif_beam.transforms.formats.normalize import parse_json  # noqa: E402
 from moesif_beam.transforms.formats.wso2 import extract_json, to_moesif_event  # noqa: E402
 from samples.generate_wso2 import generate  # noqa: E402
 
+KEYS = ("read", "sent", "duplicates", "dead_letters")
+
 
 def unique_events(input_path: str, counts: dict) -> Iterator[tuple[str, dict]]:
     """The work every side shares: read, parse, map, drop repeated ids; counts as it goes."""
     seen: set[str] = set()
-    with open(input_path, "rb") as handle:
-        for text in handle:
-            line = text.rstrip(b"\r\n")
-            if not line.strip():
+    with open(input_path, "rb", buffering=1 << 20) as handle:
+        for line in handle:
+            if line.isspace():
                 continue
             counts["read"] += 1
             try:
@@ -63,38 +79,89 @@ def unique_events(input_path: str, counts: dict) -> Iterator[tuple[str, dict]]:
             yield tid, event
 
 
-def reference(input_path: str, url: str, batch_size: int) -> dict:
-    """The plain loop: read, parse, map, drop repeated ids, batch 500, gzip, POST.
+class _Poster:
+    """POSTs gzip batches over one keep-alive connection, without a client library."""
 
-    It uses the same mapping function as the pipeline, so the comparison measures what
-    the pipeline adds around the work, not a different mapping.
-    """
-    session = requests.Session()
-    session.headers.update(
-        {
+    def __init__(self, url: str, gzip_level: int, *, thread: bool) -> None:
+        parts = urlsplit(url)
+        self._failed = ""
+        self._queue: queue.Queue | None = queue.Queue(maxsize=1) if thread else None
+        if thread:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        self._connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self._level = gzip_level
+        # The pipeline's own compressor (igzip at levels 1 to 3, zlib otherwise), imported
+        # here: the client's virtualenv runs this file too, without it.
+        from moesif_beam.transforms.delivery.http import gzip_body
+        from moesif_beam.transforms.delivery.sinks import DEFAULT_GZIP_LEVEL
+
+        self._compress = gzip_body
+        if gzip_level < 0:
+            self._level = DEFAULT_GZIP_LEVEL
+        self._headers = {
             "Content-Type": "application/json",
             "Content-Encoding": "gzip",
             "X-Moesif-Application-Id": APP_ID,
         }
-    )
-    endpoint = f"{url}/v1/events/batch"
+
+    def post(self, records: list[bytes]) -> None:
+        """Compress and POST one batch; with a poster thread, the POST overlaps the next batch."""
+        body = self._compress(b"[" + b",".join(records) + b"]", self._level)
+        if self._queue is None:
+            self._send(body)
+            return
+        self._queue.put(body)  # waits while one POST is still on its way: one in flight
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            if self._failed:
+                sys.exit(self._failed)
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (body := self._queue.get()) is not None:
+            try:
+                self._send(body)
+            except BaseException as exc:  # reported by close()
+                self._failed = f"reference: {exc}"
+
+    def _send(self, body: bytes) -> None:
+        self._connection.request("POST", "/v1/events/batch", body, self._headers)
+        response = self._connection.getresponse()
+        response.read()
+        if response.status >= 300:
+            msg = f"the collector answered {response.status}"
+            raise RuntimeError(msg)
+
+
+def reference(
+    input_path: str, url: str, batch_size: int, gzip_level: int, *, post_thread: bool = True
+) -> dict:
+    """The plain loop: read, parse, map, drop repeated ids, batch, gzip, POST, on one core.
+
+    It uses the same parse and mapping functions as the pipeline, so the comparison
+    measures what the pipeline adds around the work (and what it gains from a second
+    core), not a different mapping. Everything else is as lean as we could make it; with
+    ``post_thread`` (the default, measured faster) one batch's POST waits for the collector
+    on a second thread while the loop goes on with the next batch: still one core of work.
+    """
+    poster = _Poster(url, gzip_level, thread=post_thread)
+    dumps = orjson.dumps
+    counts = dict.fromkeys(KEYS, 0)
     batch: list[bytes] = []
-    counts = {"read": 0, "sent": 0, "duplicates": 0, "dead_letters": 0}
-    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-    def flush() -> None:
-        body = gzip.compress(b"[" + b",".join(batch) + b"]", compresslevel=6, mtime=0)
-        response = session.post(endpoint, data=body, timeout=60)
-        response.raise_for_status()
-        counts["sent"] += len(batch)
-        batch.clear()
-
     for _, event in unique_events(input_path, counts):
-        batch.append(encoder.encode(event).encode("utf-8"))
+        batch.append(dumps(event))
         if len(batch) >= batch_size:
-            flush()
+            poster.post(batch)
+            counts["sent"] += len(batch)
+            batch = []
     if batch:
-        flush()
+        poster.post(batch)
+        counts["sent"] += len(batch)
+    poster.close()
     return counts
 
 
@@ -112,7 +179,7 @@ def client_loop(input_path: str, url: str) -> dict:
     Configuration.BASE_URI = url
     api = MoesifAPIClient(APP_ID).api
     batch: list = []
-    counts = {"read": 0, "sent": 0, "duplicates": 0, "dead_letters": 0}
+    counts = dict.fromkeys(KEYS, 0)
 
     def flush() -> None:
         api.create_events_batch(batch)
@@ -174,96 +241,156 @@ def _client_python() -> str:
     return str(python)
 
 
-def _tree_memory(root: int) -> tuple[int, int]:
-    """``(rss, pss)`` bytes of a process and all its descendants, from /proc (Linux).
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
-    RSS counts a page shared by several processes (forked workers share their parent's
-    pages until they write to them) once per process; PSS splits it between them, so the
-    tree's PSS is the memory the run really holds.
+
+def _timed(cmd: list[str], env: dict) -> dict:
+    """Run one side; its wall seconds, CPU seconds, peak (RSS, PSS) and stdout.
+
+    CPU is the side's whole process tree (every descendant its parent waited for).
     """
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        pid = int(entry)
-        children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: the parent pid
-        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # fields[21]: rss pages
-    total_rss = total_pss = 0
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        total_rss += rss.get(pid, 0)
-        total_pss += _pss(pid)
-        todo.extend(children.get(pid, []))
-    return total_rss, total_pss
-
-
-def _pss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass  # gone meanwhile, or no smaps_rollup (kernels before 4.14)
-    return 0
-
-
-def _timed(cmd: list[str], env: dict) -> tuple[float, tuple[int, int], subprocess.CompletedProcess]:
-    """Run one side; returns seconds, the peak (RSS, PSS) of its process tree, the result.
-
-    The tree is sampled every 0.1 s: with worker processes, the largest single process
-    (``ru_maxrss``) would understate what the run holds.
-    """
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    peak_rss = peak_pss = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_rss, peak_pss
-        while not stop.wait(0.1):
-            rss, pss = _tree_memory(proc.pid)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = proc.communicate()
+    with PeakMemory(proc.pid) as peak:
+        stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - started
-    stop.set()
-    sampler.join()
     if proc.returncode != 0:
         sys.exit(f"{cmd[2:4]} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return seconds, (peak_rss, peak_pss), subprocess.CompletedProcess(cmd, 0, stdout, stderr)
+    return {
+        "seconds": seconds,
+        "cpu": _children_cpu() - cpu_before,
+        "memory": (peak.rss, peak.pss),
+        "stdout": stdout,
+    }
+
+
+def _command(side: str, args: argparse.Namespace, input_path: str, url: str, work: Path) -> list:
+    if side == "reference":
+        return [
+            sys.executable,
+            __file__,
+            "--reference_only",
+            "--input",
+            input_path,
+            "--url",
+            url,
+            "--batch_size",
+            str(args.batch_size),
+            "--ref_gzip_level",
+            str(args.ref_gzip_level),
+            *(["--ref_no_post_thread"] if args.ref_no_post_thread else []),
+        ]
+    if side == "client":
+        return [_client_python(), __file__, "--client_only", "--input", input_path, "--url", url]
+    return [
+        sys.executable,
+        "-m",
+        "moesif_beam.runners.cli",
+        "events",
+        "--input",
+        input_path,
+        "--moesif_base_url",
+        url,
+        "--output_dir",
+        str(work / "out"),
+        "--batch_max_events",
+        str(args.batch_size),
+        "--metrics_out",
+        str(work / "metrics.json"),
+        *args.pipeline_args,
+    ]
+
+
+def run_side(side: str, args: argparse.Namespace, input_path: str, work: Path) -> dict:
+    """One side against a fresh collector: timings, counts, and what the collector stored."""
+    env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
+    collector, url = start_collector(str(work / f"collector-{side}"))
+    try:
+        collector_before = cpu_seconds(collector.pid)
+        result = _timed(_command(side, args, input_path, url, work), env)
+        result["collector_cpu"] = cpu_seconds(collector.pid) - collector_before
+        result["stored"] = collector_stats(url)["items_stored"]["events"]
+    finally:
+        collector.terminate()
+        collector.wait()
+    if side == "pipeline":
+        result["counts"] = json.loads((work / "metrics.json").read_text())
+    else:
+        result["counts"] = json.loads(result["stdout"].strip().splitlines()[-1])
+    return result
+
+
+def report(results: dict[str, dict]) -> bool:
+    """Print one comparison; True when every side's counts (and the collector's) agree."""
+    ref = results["reference"]
+    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(
+        f"{'':<10}{'events/s':>10}{'seconds':>9}{'CPU s':>8}{'coll. CPU':>10}"
+        f"{'peak RSS':>10}{'peak PSS':>10}   counts (collector stored)"
+    )
+    agree = True
+    for side, r in results.items():
+        rate = r["counts"]["read"] / r["seconds"]
+        counts = ", ".join(f"{k} {r['counts'][k]:,}" for k in KEYS)
+        rss, pss = (f"{b / 2**20:>7.0f}MiB" for b in r["memory"])
+        print(
+            f"{side:<10}{rate:>10,.0f}{r['seconds']:>9.1f}{r['cpu']:>8.1f}"
+            f"{r['collector_cpu']:>10.1f}{rss}{pss}   {counts} ({r['stored']:,})"
+        )
+        agree = agree and r["stored"] == r["counts"]["sent"]
+        agree = agree and all(r["counts"][k] == ref["counts"][k] for k in KEYS)
+    if "pipeline" in results:
+        pipe = results["pipeline"]["seconds"]
+        print(f"\npipeline / reference throughput: {ref['seconds'] / pipe:.2f}x")
+        if "client" in results:
+            print(f"pipeline / client throughput: {results['client']['seconds'] / pipe:.2f}x")
+    print(f"counts agree: {agree}")
+    return agree
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument(
+        "--ref_gzip_level",
+        type=int,
+        default=-1,
+        help="the reference's gzip level (default: the pipeline's)",
+    )
+    parser.add_argument(
+        "--ref_no_post_thread", action="store_true", help="the reference waits for each POST"
+    )
     parser.add_argument("--input", help="reuse this input file instead of generating one")
     parser.add_argument("--client", action="store_true", help="also time moesifapi's client")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the comparison N times")
+    parser.add_argument(
+        "--sides", default="", help="only these sides, comma-separated (reference always runs)"
+    )
     parser.add_argument("--reference_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument(
         "pipeline_args",
         nargs="*",
-        help="extra flags for moesif-beam (after --), e.g. "
-        "--direct_num_workers 2 --direct_running_mode multi_processing",
+        help="extra flags for moesif-beam (after --), e.g. --fork_workers",
     )
     args = parser.parse_args()
 
     if args.reference_only:  # the child process that runs the reference loop
-        print(json.dumps(reference(args.input, args.url, args.batch_size)))
+        counts = reference(
+            args.input,
+            args.url,
+            args.batch_size,
+            args.ref_gzip_level,
+            post_thread=not args.ref_no_post_thread,
+        )
+        print(json.dumps(counts))
         return 0
     if args.client_only:  # the child process that runs the client loop
         print(json.dumps(client_loop(args.input, args.url)))
@@ -280,85 +407,16 @@ def main() -> int:
             f"generated {args.events:,} events ({os.path.getsize(input_path) / 1e6:.0f} MB) "
             f"in {time.perf_counter() - started:.1f}s"
         )
-    env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
-
-    results = {}
-    sides = ("reference", "client", "pipeline") if args.client else ("reference", "pipeline")
-    for side in sides:
-        collector, url = start_collector(str(work / f"collector-{side}"))
-        try:
-            if side == "reference":
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--reference_only",
-                    "--input",
-                    input_path,
-                    "--url",
-                    url,
-                    "--batch_size",
-                    str(args.batch_size),
-                ]
-                seconds, memory, proc = _timed(cmd, env)
-                counts = json.loads(proc.stdout)
-            elif side == "client":
-                cmd = [
-                    _client_python(),
-                    __file__,
-                    "--client_only",
-                    "--input",
-                    input_path,
-                    "--url",
-                    url,
-                ]
-                seconds, memory, proc = _timed(cmd, env)
-                counts = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                metrics = work / "metrics.json"
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "moesif_beam.runners.cli",
-                    "events",
-                    "--input",
-                    input_path,
-                    "--moesif_base_url",
-                    url,
-                    "--output_dir",
-                    str(work / "out"),
-                    "--batch_max_events",
-                    str(args.batch_size),
-                    "--metrics_out",
-                    str(metrics),
-                    *args.pipeline_args,
-                ]
-                seconds, memory, proc = _timed(cmd, env)
-                counts = json.loads(metrics.read_text())
-        finally:
-            collector.terminate()
-            collector.wait()
-        results[side] = {"seconds": seconds, "memory": memory, "counts": counts}
-
-    ref, pipe = results["reference"], results["pipeline"]
-    keys = ("read", "sent", "duplicates", "dead_letters")
-    agree = all(ref["counts"][k] == pipe["counts"][k] for k in keys)
-    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    print(f"{'':<12}{'events/s':>12}{'seconds':>10}{'peak RSS':>12}{'peak PSS':>12}   counts")
-    for side in sides:
-        r = results[side]
-        rate = r["counts"]["read"] / r["seconds"]
-        counts = ", ".join(f"{k} {r['counts'][k]:,}" for k in keys)
-        rss, pss = (f"{b / 2**20:>9.0f}MiB" for b in r["memory"])
-        print(f"{side:<12}{rate:>12,.0f}{r['seconds']:>10.1f}{rss}{pss}   {counts}")
-    agree = agree and all(
-        results[side]["counts"][k] == ref["counts"][k] for side in sides for k in keys
-    )
-    ratio = ref["seconds"] / pipe["seconds"]
-    print(f"\npipeline / reference throughput: {ratio:.2f}x   counts agree: {agree}")
-    if "client" in results:
-        print(
-            f"pipeline / client throughput: {results['client']['seconds'] / pipe['seconds']:.2f}x"
-        )
+    sides = ["reference", "client", "pipeline"] if args.client else ["reference", "pipeline"]
+    if args.sides:
+        wanted = set(args.sides.split(",")) | {"reference"}
+        sides = [side for side in ("reference", "client", "pipeline") if side in wanted]
+    agree = True
+    for run in range(1, args.runs + 1):
+        if args.runs > 1:
+            print(f"\n=== run {run} of {args.runs}, {time.strftime('%H:%M:%S')} UTC ===")
+        results = {side: run_side(side, args, input_path, work) for side in sides}
+        agree = report(results) and agree
     return 0 if agree else 1
 
 

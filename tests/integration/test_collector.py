@@ -939,6 +939,27 @@ def test_fast_count_mode_counts_without_checking_fields():
         assert stats["duplicates"]["events"] == 1
 
 
+def test_fast_count_mode_parses_as_strictly_as_the_others():
+    """orjson reads this mode's bodies; what it refuses gets the standard library's answer."""
+    config = CollectorConfig(
+        application_id=APP_ID, store="count", metadata_types="off", validation="off"
+    )
+    with start_in_thread(config) as c:
+        bom = b"\xef\xbb\xbf" + json.dumps([event("bom")]).encode()
+        assert post(c, "/v1/events/batch", bom).status_code == 201
+        big = b'[{"transaction_id": "big", "metadata": {"n": 123456789012345678901234567890}}]'
+        assert post(c, "/v1/events/batch", big).status_code == 201
+        for body, words in (
+            (b'[{"transaction_id": "x", "metadata": {"v": NaN}}]', "NaN is not valid JSON"),
+            (b'[{"transaction_id": "\\ud800"}]', "unpaired UTF-16 surrogate"),
+            (b"[\xff]", "not UTF-8"),
+        ):
+            answer = post(c, "/v1/events/batch", body)
+            assert answer.status_code == 400
+            assert words in answer.json()["error"]
+        assert c.stats()["records"]["events"] == 2
+
+
 def test_inspection_routes_and_reset(collector):
     post(collector, "/v1/events/batch", [event(str(i)) for i in range(5)])
     page = requests.get(

@@ -23,6 +23,7 @@ from typing import Any
 import requests
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from isal import igzip
 
 from moesif_beam.transforms.common.errors import CollectorConfigError
 from moesif_beam.transforms.common.live import observe_post
@@ -45,7 +46,7 @@ from moesif_beam.transforms.delivery.transport import (
 from moesif_beam.transforms.records import Keyed
 from moesif_beam.transforms.sources.drain import check_drain_deadline, drain_sleep
 
-__all__ = ["encode_batch"]
+__all__ = ["encode_batch", "gzip_body"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -58,6 +59,23 @@ _Item = Keyed
 def encode_batch(records: Sequence[bytes]) -> bytes:
     """Join serialized records into the JSON array a batch endpoint takes."""
     return b"[" + b",".join(records) + b"]"
+
+
+# Levels compressed by ISA-L's igzip (its levels 1 to 3); 0 and 4 to 9 by zlib.
+_ISAL_LEVELS = range(1, 4)
+
+
+def gzip_body(plain: bytes, level: int) -> bytes:
+    """``plain`` as one gzip member, a function of the content alone (mtime 0).
+
+    Levels 1 to 3 use ISA-L's igzip (the ``isal`` package) at that level; 0 (stored) and 4
+    to 9 use zlib. Any gzip reader reads both. Measured on batches of 500 WSO2 events (1.4 KB
+    of JSON each), CPU per event and bytes sent per event: igzip 2 1.5 µs and 182 bytes,
+    zlib 3 7.3 µs and 171 bytes, zlib 6 13.8 µs and 134 bytes (docs/performance.md).
+    """
+    if level in _ISAL_LEVELS:
+        return igzip.compress(plain, level, mtime=0)
+    return gzip.compress(plain, compresslevel=level, mtime=0)
 
 
 # What one delivered batch reports back: every record's fate, and the counts to add.
@@ -91,8 +109,7 @@ class _Writer:
 
     def _body(self, batch: Sequence[_Item]) -> tuple[bytes, bytes]:
         plain = encode_batch([record.body for _, record in batch])
-        # mtime=0 makes the gzip bytes a function of the content alone.
-        return plain, gzip.compress(plain, compresslevel=self._gzip_level, mtime=0)
+        return plain, gzip_body(plain, self._gzip_level)
 
     def _delivered(
         self, batch: Sequence[_Item], body: bytes, counts: _Counts

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Final
 
+import orjson
+
 from moesif_beam.runners.emulators.collector.body import _decode_body, _HttpError, _parse_json
 from moesif_beam.runners.emulators.collector.config import (
     ACTIONS_BATCH_LIMIT_BYTES,
@@ -35,6 +37,7 @@ from moesif_beam.runners.emulators.collector.validation import (
 )
 
 if TYPE_CHECKING:
+    from moesif_beam.runners.emulators.collector.config import CollectorConfig
     from moesif_beam.runners.emulators.collector.server import _CollectorServer
 
 # One logger for the whole emulator, named after its package.
@@ -79,6 +82,26 @@ _GET_ROUTES: Final = frozenset(
     {"/v1/config", "/v1/rules", "/_emulator/stats", "/_emulator/records"}
 )
 _EMULATOR_POST_ROUTES: Final = frozenset({"/_emulator/reset", "/_emulator/schema"})
+
+
+def _count_only(config: CollectorConfig) -> bool:
+    """The fast count-only mode of the benchmarks: no bodies kept, no fields or types checked."""
+    return config.store == "count" and config.validation == "off" and config.metadata_types == "off"
+
+
+def _parse_fast(body: bytes) -> Any:
+    """Parse a body with orjson (about 3x the standard library's speed), as strictly.
+
+    Only for the count-only mode: orjson reads integers beyond 64 bits as doubles, which
+    matters only where values are kept. What orjson refuses (a byte-order mark, an escaped
+    lone surrogate, anything invalid) goes to :func:`_parse_json`, which accepts it or
+    answers in its own words, as every other mode does. Measured per 1.4 KB event in
+    batches of 500: 31 µs with the standard library, 10.5 µs with orjson.
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _parse_json(body)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -347,7 +370,7 @@ class _Handler(BaseHTTPRequestHandler):
             msg = f"Content-Type must be application/json, got {content_type[:80]!r}"
             raise _HttpError(400, msg)
         body = _decode_body(raw, self.headers.get("Content-Encoding"), route.limit)
-        payload = _parse_json(body)
+        payload = _parse_fast(body) if _count_only(config) else _parse_json(body)
         try:
             items = _as_items(payload, batch=route.batch)
         except ValidationError as exc:
