@@ -68,15 +68,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_memory(root: int) -> tuple[int, int]:
+def tree_memory(root: int, cpu: dict[int, float] | None = None) -> tuple[int, int]:
     """``(rss, pss)`` bytes of a process and all its descendants, from /proc (Linux).
 
     RSS counts a page shared by several processes (forked workers share their parent's
     pages until they write to them) once per process; PSS splits it between them, so the
-    tree's PSS is the memory the run really holds.
+    tree's PSS is the memory the run really holds. With ``cpu``, each process's CPU
+    seconds so far are recorded in it by pid.
     """
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
+    ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -88,12 +90,15 @@ def tree_memory(root: int) -> tuple[int, int]:
         pid = int(entry)
         children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: the parent pid
         rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # fields[21]: rss pages
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
     total_rss = total_pss = 0
     todo = [root]
     while todo:
         pid = todo.pop()
         total_rss += rss.get(pid, 0)
         total_pss += _pss(pid)
+        if cpu is not None and pid in ticks:
+            cpu[pid] = ticks[pid] / os.sysconf("SC_CLK_TCK")
         todo.extend(children.get(pid, []))
     return total_rss, total_pss
 
@@ -113,11 +118,15 @@ class PeakMemory:
     """Samples a process tree's RSS and PSS every ``interval`` seconds; keeps the peaks.
 
     With worker processes, the largest single process (``ru_maxrss``) would understate what
-    the run holds, so the whole tree is summed at each sample.
+    the run holds, so the whole tree is summed at each sample. ``cpu`` is the CPU seconds
+    of every process seen in the tree, as last sampled: it misses at most the last
+    ``interval`` of each process, but counts processes nobody waits for (forked workers),
+    which ``RUSAGE_CHILDREN`` would not.
     """
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.rss = self.pss = 0
+        self.cpu_by_pid: dict[int, float] = {}
         self._pid = pid
         self._interval = interval
         self._stop = threading.Event()
@@ -131,7 +140,11 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def cpu(self) -> float:
+        return sum(self.cpu_by_pid.values())
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            rss, pss = tree_memory(self._pid)
+            rss, pss = tree_memory(self._pid, self.cpu_by_pid)
             self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 import re
 import uuid
@@ -142,6 +143,11 @@ class MappingOptions:
         names = tuple(sorted({n.strip().lower() for n in self.mask_headers if n.strip()}))
         object.__setattr__(self, "mask_headers", names)
 
+    @functools.cached_property
+    def masked(self) -> frozenset[str]:
+        """``mask_headers`` as a set, made once rather than per record."""
+        return frozenset(self.mask_headers)
+
 
 DEFAULT_OPTIONS = MappingOptions()
 
@@ -245,9 +251,15 @@ def jwt_claim(headers: Mapping[str, str], claim: str) -> str | None:
     return identity(lookup([claims], claim))
 
 
-def mask_headers(headers: Mapping[str, str], names: Iterable[str]) -> dict[str, str]:
-    """``headers`` with the value of every header named in ``names`` (any case) masked."""
-    masked = frozenset(names)
+def mask_headers(headers: Mapping[str, str], names: Iterable[str]) -> Mapping[str, str]:
+    """``headers`` with the value of every header named in ``names`` (lower case) masked.
+
+    Headers with nothing to mask come back as they are, not copied (most records: the
+    copy was a fifth of the identity step's time).
+    """
+    masked = names if isinstance(names, frozenset) else frozenset(names)
+    if masked.isdisjoint(map(str.lower, headers)):
+        return headers
     return {k: (MASK if k.lower() in masked else v) for k, v in headers.items()}
 
 
@@ -280,9 +292,10 @@ def finish_identity(
         if value is not None:
             event[key] = value
     if options.mask_headers:
+        masked = options.masked
         for part in (request, event.get("response") or {}):
             if part.get("headers"):
-                part["headers"] = mask_headers(part["headers"], options.mask_headers)
+                part["headers"] = mask_headers(part["headers"], masked)
     return event
 
 

@@ -369,8 +369,9 @@ class _Handler(BaseHTTPRequestHandler):
         if content_type.split(";", 1)[0].strip().lower() != "application/json":
             msg = f"Content-Type must be application/json, got {content_type[:80]!r}"
             raise _HttpError(400, msg)
-        body = _decode_body(raw, self.headers.get("Content-Encoding"), route.limit)
-        payload = _parse_fast(body) if _count_only(config) else _parse_json(body)
+        fast = _count_only(config)
+        body = _decode_body(raw, self.headers.get("Content-Encoding"), route.limit, fast=fast)
+        payload = _parse_fast(body) if fast else _parse_json(body)
         try:
             items = _as_items(payload, batch=route.batch)
         except ValidationError as exc:

@@ -124,7 +124,8 @@ class _Collector:
 
     def _insert_events(self, kind: str, items: list[dict[str, Any]], *, batch: bool) -> int:
         if self.config.metadata_types == "off":
-            _apply_metadata_rules(items, {}, None, None, batch=batch)
+            if self.config.store != "count":  # nothing to convert where nothing is kept
+                _apply_metadata_rules(items, {}, None, None, batch=batch)
             return self.store.insert_unique(kind, items)
         # First pass without the lock. Schema entries never change once made, so a verdict
         # of "conflict" or "all known" stays true; only the new keys need a second look.
