@@ -335,6 +335,41 @@ def run_side(side: str, args: argparse.Namespace, input_path: str, work: Path) -
     return result
 
 
+def first_record(work: Path) -> None:
+    """Time to first record: a 10-line input, from the command's start to the first 2xx.
+
+    The collector is polled every 10 ms for its first stored event; the run's own wall
+    time is printed beside it.
+    """
+    path = work / "ten.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in generate(10, seed=7, fault_rate=0.0)))
+    env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
+    collector, url = start_collector(str(work / "collector-first"))
+    try:
+        started = time.perf_counter()
+        args = argparse.Namespace(batch_size=500, pipeline_args=[])
+        proc = subprocess.Popen(
+            _command("pipeline", args, str(path), url, work),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        first = None
+        while first is None and proc.poll() is None:
+            if collector_stats(url)["items_stored"]["events"]:
+                first = time.perf_counter() - started
+            time.sleep(0.01)
+        proc.wait()
+        total = time.perf_counter() - started
+        stored = collector_stats(url)["items_stored"]["events"]
+    finally:
+        collector.terminate()
+        collector.wait()
+    shown = "never" if first is None else f"{first:.2f}s"
+    print(f"first record at the collector: {shown}; the run took {total:.2f}s; stored {stored}")
+
+
 def report(results: dict[str, dict]) -> bool:
     """Print one comparison; True when every side's counts (and the collector's) agree."""
     ref = results["reference"]
@@ -382,6 +417,9 @@ def main() -> int:
     parser.add_argument(
         "--sides", default="", help="only these sides, comma-separated (reference always runs)"
     )
+    parser.add_argument(
+        "--first_record", action="store_true", help="only time the first record of 10 lines"
+    )
     parser.add_argument("--reference_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -407,6 +445,10 @@ def main() -> int:
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="moesif-bench-"))
+    if args.first_record:
+        for _ in range(args.runs):
+            first_record(work)
+        return 0
     input_path = args.input or str(work / "wso2.jsonl")
     if not args.input:
         started = time.perf_counter()

@@ -151,6 +151,7 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
         code = stop_pipeline(proc)
     return {
         "events": len(events),
+        "seconds_10_to_90": t_high - t_low,
         "events_per_s": (high - low) / (t_high - t_low),
         "delivered": stored(url),
         "exit": code,
@@ -220,7 +221,8 @@ def main() -> int:
             result = sustained(bootstrap, url, work, args.backlog, args)
             print(
                 f"sustained: {result['events_per_s']:,.0f} events/s over a backlog of "
-                f"{result['events']:,} (delivered {result['delivered']:,}, exit {result['exit']})"
+                f"{result['events']:,} ({result['seconds_10_to_90']:.1f}s from 10% to 90%; "
+                f"delivered {result['delivered']:,}, exit {result['exit']})"
             )
         if not args.seconds:
             return 0
@@ -233,13 +235,13 @@ def main() -> int:
             f"(delivered {result['delivered']:,} of {result['events']:,}, exit {result['exit']}, "
             f"responses {result['batches']})"
         )
-        ok = lag["p99"] < 3000 and result["delivered"] >= result["events"]
+        ok = lag["p99"] < 2000 and result["delivered"] >= result["events"]
     finally:
         collector.terminate()
         collector.wait()
         if broker is not None:
             broker.stop()
-    print(f"p99 under 3 s: {ok}")
+    print(f"p99 under 2 s (issue 15's target): {ok}")
     return 0 if ok else 1
 
 

@@ -73,10 +73,11 @@ EXIT_USAGE = 2
 # DirectRunner would first try to download Prism, and our batch pipelines use nothing
 # the FnApiRunner lacks. It honours --direct_num_workers and --direct_running_mode.
 DEFAULT_BATCH_RUNNER = "FnApiRunner"
-# With --fork_workers, the same runner forks its multi_processing workers instead of
-# starting them (runners/engines/local_workers.py): about 2 s of start-up saved per worker,
-# within run-to-run noise at a million events (README, Runners). Imported above, before
-# any work starts a thread: forking is judged against the threads that existed then.
+# By default (and with --fork_workers) the same runner forks its multi_processing workers
+# instead of starting them (runners/engines/local_workers.py): about 2 s of CPU saved per
+# worker, measured 4% to 13% faster at a million events (docs/performance.md);
+# --start_workers starts them as Beam does. Imported above, before any work starts a
+# thread: forking is judged against the threads that existed then.
 FORKING_BATCH_RUNNER = f"{LocalRunner.__module__}.{LocalRunner.__name__}"
 
 _DESCRIPTION = {
@@ -234,7 +235,7 @@ def _deliver(
         options = beam_options(
             beam_args,
             streaming=config.streaming,
-            default_runner=FORKING_BATCH_RUNNER if args.fork_workers else DEFAULT_BATCH_RUNNER,
+            default_runner=DEFAULT_BATCH_RUNNER if args.start_workers else FORKING_BATCH_RUNNER,
         )
         if prism is not None:
             config = dataclasses.replace(config, single_process=True)

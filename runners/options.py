@@ -262,8 +262,15 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
     parser.add_argument(
         "--fork_workers",
         action="store_true",
-        help="bounded local runs with several worker processes fork them from this process "
-        "instead of starting each as a new Python (saves about 2 s per worker; Linux)",
+        help="the default: bounded local runs with several worker processes fork them from "
+        "this process instead of starting each as a new Python (saves about 2 s of CPU per "
+        "worker; Linux, else they are started)",
+    )
+    parser.add_argument(
+        "--start_workers",
+        action="store_true",
+        help="bounded local runs start their worker processes as Beam does (a new Python "
+        "each) instead of forking them",
     )
     parser.add_argument(
         "--log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]

@@ -261,7 +261,7 @@ def test_large_local_inputs_run_on_worker_processes(tmp_path, monkeypatch):
     assert cli.local_parallelism([], [str(big)]) == []
 
 
-@pytest.mark.parametrize("workers", [(), ("--fork_workers",)], ids=["started", "forked"])
+@pytest.mark.parametrize("workers", [("--start_workers",), ()], ids=["started", "forked"])
 def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
     tmp_path, start_collector, workers
 ):
