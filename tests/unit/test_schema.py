@@ -86,7 +86,15 @@ def test_signature_is_sorted_distinct_and_ignores_nulls():
 
 def test_signature_memo_agrees_with_signature_for_every_shape():
     rng = random.Random(7)
-    values = [None, True, 0, 1.5, "s", {"x": 1}, {"x": "a"}, [1], [{"y": True}], []]
+    values = [
+        *(None, True, 0, 1.5, "s", {"x": 1}, {"x": "a"}, [1], [{"y": True}], []),
+        # Nested shapes, which the memo keys by shape too.
+        [{"y": True}, {"y": "s"}],
+        [{"y": "s"}, {"y": True}, {"y": "s"}],
+        [[{"z": 1}], 2],
+        {"x": {"w": [1, {"v": None}]}},
+        {"x": {"w": [{"v": 1.5}]}},
+    ]
     memos = {scope: SignatureMemo(scope, size=8) for scope in SCOPES}
     for _ in range(2000):
         keys = rng.sample(["a", "b", "c", "d", "x", "y"], rng.randint(0, 4))
@@ -100,6 +108,13 @@ def test_signature_memo_agrees_with_signature_for_every_shape():
     assert memo({"a": {"x": 1}})[0] == (("a", "object"), ("x", "number"))
     assert memo({"a": {"x": "s"}})[0] == (("a", "object"), ("x", "string"))
     assert memo("not an object") == ((), b"")
+
+    class Tagged(dict):  # a dict subclass has no plain shape; it is signed, not memoized
+        pass
+
+    assert memo({"a": Tagged(x=1)})[0] == (("a", "object"), ("x", "number"))
+    assert memo({"a": Tagged(x="s")})[0] == (("a", "object"), ("x", "string"))
+    assert memo({"a": [Tagged(x=True)]})[0] == (("a", "array"), ("x", "boolean"))
     with pytest.raises(ValueError, match="scope"):
         SignatureMemo("depth")
 

@@ -105,14 +105,57 @@ def _remember(memo: dict[Any, Any], key: Any, value: Any, size: int = _VERDICT_M
     return value
 
 
+# The value types whose JSON type is their Python type alone (as orjson makes them).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _shape(obj: Any) -> tuple | None:
+    """A hashable shape of a dict or list that decides its signature, in either scope.
+
+    Keys in order and the exact type of each value, nested objects and arrays by their own
+    shapes (an array's by the distinct shapes of the objects and arrays in it: scalars in
+    arrays carry no key). None when a value's type is not one of the plain JSON types
+    (a dict or list subclass, say): such metadata is not memoized.
+    """
+    if type(obj) is dict:
+        types = tuple(map(type, obj.values()))
+        if _SCALARS.issuperset(types):
+            return (tuple(obj), types)
+        parts: list[Any] = []
+        for value, kind in zip(obj.values(), types, strict=True):
+            if kind in _SCALARS:
+                parts.append(kind)
+            elif kind is dict or kind is list:
+                sub = _shape(value)
+                if sub is None:
+                    return None
+                parts.append(sub)
+            else:
+                return None
+        return (tuple(obj), tuple(parts))
+    items: list[Any] = []
+    for item in obj:
+        kind = type(item)
+        if kind is dict or kind is list:
+            sub = _shape(item)
+            if sub is None:
+                return None
+            items.append(sub)
+        elif isinstance(item, dict | list):
+            return None
+    # A signature is a set: how often and in which order an element's shape occurs does
+    # not change it, and a long array of alike objects stays one small key.
+    return ("[]", tuple(dict.fromkeys(items)))
+
+
 class SignatureMemo:
     """:func:`signature` and :func:`signature_id` of metadata, remembered by shape.
 
     Records of one source mostly share a metadata shape: the same keys, in the same order,
-    with values of the same types. For metadata without nested objects or arrays that
-    shape decides the signature, so it is computed once per shape instead of once per
-    record. At most ``size`` shapes are kept; the memo starts over when full, so an
-    endless variety of shapes costs time, never unbounded memory.
+    with values of the same types, nested objects and arrays by their own shapes (see
+    :func:`_shape`). That shape decides the signature, so it is computed once per shape
+    instead of once per record. At most ``size`` shapes are kept; the memo starts over
+    when full, so an endless variety of shapes costs time, never unbounded memory.
     """
 
     def __init__(self, scope: str, size: int = 50_000) -> None:
@@ -129,10 +172,9 @@ class SignatureMemo:
         if type(metadata) is not dict or not metadata:
             return (), b""
         types = tuple(map(type, metadata.values()))
-        nested = dict in types or list in types
-        if nested:
+        shape = (tuple(metadata), types) if _SCALARS.issuperset(types) else _shape(metadata)
+        if shape is None:
             return self._of_signature(signature(metadata, self._scope))
-        shape = (tuple(metadata), types)
         known = self._by_shape.get(shape)
         if known is None:
             of_shape = self._of_signature(signature(metadata, self._scope))
