@@ -31,6 +31,7 @@ import json
 import os
 import queue
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -445,6 +446,13 @@ def main() -> int:
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="moesif-bench-"))
+    try:
+        return _compare(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # 12 GB of input at 10M events
+
+
+def _compare(args: argparse.Namespace, work: Path) -> int:
     if args.first_record:
         for _ in range(args.runs):
             first_record(work)
