@@ -77,6 +77,11 @@ class FlinkJavaOptions(PipelineOptions):
             nargs="?",
             const=True,
         )
+        parser.add_argument(
+            "--execution_mode_for_batch",
+            choices=["PIPELINED", "PIPELINED_FORCED", "BATCH", "BATCH_FORCED"],
+            help="how a bounded job's stages exchange data; moesif-beam sets BATCH_FORCED",
+        )
         parser.add_argument("--max_bundle_size", type=int)
         parser.add_argument("--max_bundle_time_mills", type=int)
         parser.add_argument("--number_of_execution_retries", type=int)
