@@ -106,7 +106,9 @@ def _writing(path: str) -> Iterator[None]:
     except ImportError:
         yield
         return
-    with _THREADS, open(f"{path}.lock", "a") as handle:
+    # A hidden file beside the store: users list their output directory.
+    lock = os.path.join(parent, f".{os.path.basename(path)}.lock")
+    with _THREADS, open(lock, "a") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
