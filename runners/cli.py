@@ -91,17 +91,25 @@ _DESCRIPTION = {
 
 
 class _OwnErrorsOnce(logging.Filter):
-    """Drop log records about a refused collector configuration.
+    """Drop log records about a refused collector configuration, and Beam's start-up noise.
 
     The CLI reports that error itself, in one line; Beam would otherwise also log the
-    worker's traceback for it.
+    worker's traceback for it. Beam's warning about a missing semi-persistent directory
+    (see ``_BEAM_NOISE``) says nothing a user can act on.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if record.exc_info:
             text += "".join(traceback.format_exception(*record.exc_info))
+        if record.levelno < logging.ERROR and _BEAM_NOISE in text:
+            return False
         return CollectorConfigError.MARKER not in text
+
+
+# Beam's workers warn at start that they have no semi-persistent directory (a Dataflow
+# notion); the local runner forwards it once per worker process, about nothing.
+_BEAM_NOISE = "No semi_persistent_directory found"
 
 
 def _configure_logging(level: str, log_format: str = "text", secret: Secret | None = None) -> None:

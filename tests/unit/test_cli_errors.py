@@ -44,3 +44,17 @@ def test_flag_defaults_are_the_configs_own():
     for name in ("batch_max_events", "batch_max_bytes", "gzip_level", "http_timeout"):
         assert DEFAULTS[name] == getattr(config, name)
     assert DEFAULTS["max_retry_seconds"] == RetryPolicy().max_retry_seconds
+
+
+def test_the_log_filter_drops_beams_worker_start_noise_but_not_other_warnings():
+    import logging
+
+    from moesif_beam.runners.cli import _OwnErrorsOnce
+
+    def record(message: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("apache_beam.x", level, __file__, 1, message, (), None)
+
+    keep = _OwnErrorsOnce().filter
+    assert not keep(record('Worker: message: "No semi_persistent_directory found:  User ..."'))
+    assert keep(record("No semi_persistent_directory found", logging.ERROR))
+    assert keep(record("a retry of batch 3"))
