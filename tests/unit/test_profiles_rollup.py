@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesif_beam.transforms.common.timefmt import parse_time_ms
+from moesif_beam.transforms.formats import aws
 from moesif_beam.transforms.formats.segment_identify import to_profile_upserts
 from moesif_beam.transforms.profiles.rollup import (
     DAY_MS,
@@ -315,3 +316,25 @@ def test_merged_upserts_do_not_depend_on_input_order(items, rnd):
     shuffled = list(stamped)
     rnd.shuffle(shuffled)
     assert merge_upserts(shuffled) == merge_upserts(stamped)
+
+
+def test_an_aws_route_is_its_resource_template_not_the_concrete_path():
+    # API Gateway logs the route template (resourcePath); the mapping leaves it in
+    # metadata. Without it every order id would be a route of its own in top_routes.
+    record = {
+        "apiId": "a1b2c3d4e5",
+        "requestId": "7d3f9c1e-2b4a-4c8e-9f10-3a5b6c7d8e9f",
+        "requestTimeEpoch": "1782820800000",
+        "httpMethod": "GET",
+        "resourcePath": "/orders/{id}",
+        "path": "/prod/orders/42",
+        "requestHostHeader": "api.acme.io",
+        "status": "200",
+        "durationMs": "87",
+    }
+    _, time_ms, event = aws.to_moesif_event(record)
+    assert route_of(event) == "GET /orders/{id}"
+    assert touches_of("t1", time_ms, event).route == "GET /orders/{id}"
+    del record["resourcePath"]
+    _, _, event = aws.to_moesif_event(record)
+    assert route_of(event) == "GET /prod/orders/42"

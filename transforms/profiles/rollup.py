@@ -252,7 +252,8 @@ def route_of(record: dict[str, Any]) -> str | None:
 
     The path is the gateway's resource template where the record names one (WSO2's
     ``apiContext`` + ``apiResourceTemplate`` in metadata, so ``/items/{itemId}`` is one
-    route), else the request URI's path without host or query.
+    route; API Gateway's ``resourcePath``, ``/orders/{id}``), else the request URI's path
+    without host or query.
     """
     request = record.get("request")
     if not isinstance(request, dict):
@@ -265,6 +266,9 @@ def route_of(record: dict[str, Any]) -> str | None:
         template = metadata.get("apiResourceTemplate")
         if isinstance(context, str) and isinstance(template, str) and context and template:
             path = context.rstrip("/") + "/" + template.lstrip("/")
+        resource = metadata.get("resourcePath")
+        if path is None and isinstance(resource, str) and resource.startswith("/"):
+            path = resource
     if path is None:
         uri = request.get("uri")
         if not isinstance(uri, str) or not uri:
