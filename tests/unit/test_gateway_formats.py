@@ -6,6 +6,7 @@ import base64
 import gzip
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -524,3 +525,15 @@ def test_wso2_gets_the_same_options():
 def test_options_refuse_an_empty_header_name(flag):
     with pytest.raises(ValueError, match=f"--{flag}"):
         MappingOptions(**{flag: "header:"})
+
+
+def test_auto_reads_a_wso2_record_without_its_time_as_wso2():
+    # WSO2 events carry correlationId and properties too; one missing its time must still
+    # be judged as WSO2 (and say what WSO2 lacks), not as an Azure record missing "time".
+    sample = Path(__file__).parents[2] / "samples" / "wso2_sample.jsonl"
+    record = json.loads(sample.read_bytes().splitlines()[0])
+    assert auto.detect(record) == "wso2"
+    record.pop("requestTimestamp")
+    assert auto.detect(record) == "wso2"
+    with pytest.raises(InvalidRecord, match="as wso2: missing requestTimestamp"):
+        FORMATS["events"]["auto"].to_moesif(record, DEFAULT)

@@ -100,7 +100,13 @@ def detect(record: Any) -> str | None:
     if isinstance(record.get("message"), str) and ("id" in record or "timestamp" in record):
         return "aws"
     checks: tuple[tuple[str, bool], ...] = (
-        ("wso2", "apiMethod" in record and "requestTimestamp" in record),
+        # WSO2 events also carry correlationId and properties (Azure's marks): one missing
+        # its time is still WSO2's, known by its API's resource template.
+        (
+            "wso2",
+            "apiMethod" in record
+            and ("requestTimestamp" in record or "apiResourceTemplate" in record),
+        ),
         ("kong", "started_at" in record and isinstance(record.get("request"), dict)),
         (
             "aws",
