@@ -100,10 +100,12 @@ def add_identity_flags(group: Any) -> None:
     )
     group.add_argument(
         "--user_id_jwt_claim",
+        nargs="?",
+        const="sub",
         metavar="CLAIM",
-        help="take user_id from this claim (such as sub) of a Bearer JWT in the "
-        "Authorization header when --user_id_field gives none; decoded, never verified "
-        "or logged",
+        help="take user_id from this claim (sub when the flag is given alone) of a Bearer "
+        "JWT in the Authorization header when --user_id_field gives none; decoded, never "
+        "verified or logged",
     )
     group.add_argument(
         "--mask_headers",

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from moesif_beam.runners import cli
 from moesif_beam.transforms.common.errors import InvalidRecord
 from moesif_beam.transforms.formats import auto
 from moesif_beam.transforms.formats.gateway import (
@@ -537,3 +538,13 @@ def test_auto_reads_a_wso2_record_without_its_time_as_wso2():
     assert auto.detect(record) == "wso2"
     with pytest.raises(InvalidRecord, match="as wso2: missing requestTimestamp"):
         FORMATS["events"]["auto"].to_moesif(record, DEFAULT)
+
+
+@pytest.mark.parametrize("pipeline", ["events", "profiles"])
+def test_the_jwt_claim_flag_alone_takes_sub(pipeline):
+    parser = cli._parser()
+    assert parser.parse_args([pipeline, "--input", "x"]).user_id_jwt_claim is None
+    alone = parser.parse_args([pipeline, "--input", "x", "--user_id_jwt_claim"])
+    assert alone.user_id_jwt_claim == "sub"
+    named = parser.parse_args([pipeline, "--input", "x", "--user_id_jwt_claim", "org.id"])
+    assert named.user_id_jwt_claim == "org.id"
