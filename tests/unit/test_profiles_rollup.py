@@ -30,6 +30,7 @@ from moesif_beam.transforms.profiles.traits import (
     company_upsert,
     group_call,
     identify_call,
+    message_id,
     user_upsert,
 )
 from moesif_beam.transforms.profiles.upserts import merge_upserts, recursive_merge
@@ -338,3 +339,14 @@ def test_an_aws_route_is_its_resource_template_not_the_concrete_path():
     del record["resourcePath"]
     _, _, event = aws.to_moesif_event(record)
     assert route_of(event) == "GET /prod/orders/42"
+
+
+def test_a_new_moesif_beam_version_sends_the_same_message_ids():
+    # A re-run after an upgrade must still collapse in Segment's dedup: the library's
+    # version in context is not part of what the id stands for.
+    call = identify_call(_profile("users", "u1"), None)
+    upgraded = json.loads(json.dumps(call))
+    upgraded["context"]["library"]["version"] = "99.0.0"
+    assert message_id(upgraded) == call["messageId"]
+    upgraded["traits"]["lastSeenTime"] = "2026-11-02T00:00:00.000Z"
+    assert message_id(upgraded) != call["messageId"]

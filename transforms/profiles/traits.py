@@ -138,11 +138,14 @@ def message_id(call: dict[str, Any]) -> str:
     """A deterministic messageId: the uuid5 of the call's canonical JSON (without one).
 
     The same profile as of the same time gives the same id, so a re-run or a retried
-    bundle collapses in Segment's dedup; a changed profile gets a new id.
+    bundle collapses in Segment's dedup; a changed profile gets a new id. The library's
+    name and version in ``context`` are left out: a re-run after an upgrade is a re-run.
     """
-    canonical = orjson.dumps(
-        {k: v for k, v in call.items() if k != "messageId"}, option=orjson.OPT_SORT_KEYS
-    )
+    kept = {k: v for k, v in call.items() if k != "messageId"}
+    context = kept.get("context")
+    if isinstance(context, dict) and "library" in context:
+        kept["context"] = {k: v for k, v in context.items() if k != "library"}
+    canonical = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
     return str(uuid.uuid5(MESSAGE_NAMESPACE, canonical.decode("utf-8")))
 
 
