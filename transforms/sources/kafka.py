@@ -39,7 +39,6 @@ from moesif_beam.transforms.sources.drain import DRAIN, OPEN_END, CheckpointOnly
 __all__ = [
     "DRAIN",
     "OPEN_END",
-    "ConsumerFn",
     "KafkaPartition",
     "KafkaRead",
     "KafkaSourceConfig",
@@ -257,7 +256,7 @@ _RANGES = _PartitionRanges()
 _WATERMARKS = ManualWatermarkEstimator.default_provider()
 
 
-class ConsumerFn(beam.DoFn):
+class _ConsumerFn(beam.DoFn):
     """A DoFn that owns one Kafka consumer (of ``config``'s group), opened in ``setup``."""
 
     def __init__(self, config: KafkaSourceConfig) -> None:
@@ -440,7 +439,7 @@ class _UnboundedReadFn(_ReadPartitionFn):
         yield from self._read(element, tracker, watermark)
 
 
-class _DiscoverFn(ConsumerFn):
+class _DiscoverFn(_ConsumerFn):
     """Keyed by topic: lists its partitions on every tick and emits each new one once."""
 
     KNOWN = ReadModifyWriteStateSpec("known", PickleCoder())

@@ -27,9 +27,9 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from moesif_beam.transforms.records import Ack, PartitionStart
 from moesif_beam.transforms.sources.kafka import (
-    ConsumerFn,
     KafkaPartition,
     KafkaSourceConfig,
+    _ConsumerFn,
     retry_transient,
 )
 
@@ -146,7 +146,7 @@ def compact_acks(acks: Iterable[Ack]) -> list[Ack]:
     return out
 
 
-class _CommitFn(ConsumerFn):
+class _CommitFn(_ConsumerFn):
     """Keyed by ``topic/partition``: tracks progress in state, commits at bundle end."""
 
     PROGRESS = ReadModifyWriteStateSpec("progress", PickleCoder())
