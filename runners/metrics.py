@@ -100,12 +100,20 @@ _HELP = {
     "timeouts": "Posts that got no answer within --http_timeout (re-posted).",
     "skipped": "Input lines holding no records (CloudWatch Logs control messages), not read.",
 }
+# Where profiles count something else under the same name: its "sent" is the records its
+# rollups took in; what was delivered is users_sent, companies_sent and segment_sent.
+_PROFILES_HELP = {
+    "sent": "Records the profile rollups took in (deliveries: users_sent, companies_sent, "
+    "segment_sent).",
+}
 # Job states past which the run is not alive (Beam's PipelineState names).
 _DEAD_STATES = frozenset({"FAILED", "CANCELLED", "CANCELLING", "UNRECOGNIZED"})
 
 
-def counter_help(name: str) -> str:
-    """The HELP text of counter ``name``."""
+def counter_help(name: str, pipeline: str = "") -> str:
+    """The HELP text of counter ``name`` in ``pipeline``'s run."""
+    if pipeline == "profiles" and name in _PROFILES_HELP:
+        return _PROFILES_HELP[name]
     return _HELP.get(name, f"The {name} counter of the summary.")
 
 
@@ -199,7 +207,9 @@ class _RunCollector:
     def collect(self) -> Iterator[Metric]:
         names = ["pipeline", "source"]
         for name, value in self._sources.counts().items():
-            family = CounterMetricFamily(PREFIX + name, counter_help(name), labels=names)
+            family = CounterMetricFamily(
+                PREFIX + name, counter_help(name, self._labels[0]), labels=names
+            )
             family.add_metric(self._labels, value)
             yield family
         if self._sources.workers_here:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners.kafka_lag import KafkaLag, consumer_lag
-from moesif_beam.runners.metrics import RunMetrics, liveness
+from moesif_beam.runners.metrics import RunMetrics, counter_help, liveness
 from moesif_beam.runners.progress import counts_visible
 from moesif_beam.transforms.common import live
 from moesif_beam.transforms.common.counters import NAMESPACE, counter
@@ -239,3 +239,11 @@ def test_an_unresolvable_host_is_one_line():
 )
 def test_counts_are_read_here_only_where_every_worker_runs_here(flags, visible):
     assert counts_visible(PipelineOptions(flags)) is visible
+
+
+def test_help_says_what_sent_counts_in_each_pipeline():
+    # profiles' "sent" is the records its rollups took in, not anything a collector took.
+    assert "collector accepted" in counter_help("sent", "events")
+    assert "rollups" in counter_help("sent", "profiles")
+    assert "collector" not in counter_help("sent", "profiles")
+    assert counter_help("read", "profiles") == counter_help("read", "events")
