@@ -258,7 +258,8 @@ def _children_cpu() -> float:
 def _timed(cmd: list[str], env: dict) -> dict:
     """Run one side; its wall seconds, CPU seconds, peak (RSS, PSS) and stdout.
 
-    CPU is the side's whole process tree (every descendant its parent waited for).
+    CPU is the side's whole process tree (every descendant its parent waited for, or as
+    sampled from /proc where that is more).
     """
     cpu_before = _children_cpu()
     started = time.perf_counter()

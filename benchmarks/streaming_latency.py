@@ -137,9 +137,15 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     events = templates(backlog)
     for template in events:
-        producer.produce(topic, stamp(template))
+        value = stamp(template)
+        while True:
+            try:
+                producer.produce(topic, value)
+                break
+            except BufferError:  # the client's queue (100k messages) is full: let it drain
+                producer.poll(0.5)
         producer.poll(0)
-    producer.flush(120)
+    producer.flush(300)
     reset_collector(url)
     proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
     try:
