@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -22,7 +23,7 @@ from moesif_beam.transforms.dedup.bounded import DedupByTransactionId
 from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess, DedupInStream
 from moesif_beam.transforms.delivery import PostToMoesif, WriteBatchFiles
 from moesif_beam.transforms.delivery.streaming import BatchAndDeliverInStream
-from moesif_beam.transforms.formats.normalize import NormalizeRecords
+from moesif_beam.transforms.formats.normalize import Normalized, NormalizeRecords
 from moesif_beam.transforms.schema import (
     EnforceMetadataSchema,
     EnforceMetadataSchemaInStream,
@@ -65,23 +66,7 @@ def build_delivery(
         return _build_streaming(config, options, stored_schema)
     pipeline = beam.Pipeline(options=options)
     rejects = DeadLetters()
-    if config.kafka is not None:
-        read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
-        lines = read.records
-    else:
-        files = pipeline | "ReadFiles" >> ReadLines(
-            config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes
-        )
-        lines = files.lines
-        rejects.add(files.dead_letters)
-    normalized = lines | "Normalize" >> NormalizeRecords(
-        config.pipeline,
-        config.input_format,
-        schema_scope=config.schema_scope,
-        mapping=config.mapping,
-        max_line_bytes=config.max_line_bytes,
-    )
-    rejects.add(normalized.dead_letters)
+    normalized, _ = read_and_normalize(pipeline, config, rejects)
     unique = normalized.records | "Dedup" >> DedupByTransactionId(
         config.spill_dir if config.dedup_spill else None
     )
@@ -103,6 +88,49 @@ def build_delivery(
     return pipeline
 
 
+def read_and_normalize(
+    pipeline: beam.Pipeline,
+    config: PipelineConfig,
+    rejects: DeadLetters,
+    inline_signatures: bool = False,
+) -> tuple[Normalized, Any]:
+    """Read the configured source and normalize its lines; ``(normalized, kafka read)``.
+
+    The source is Kafka (bounded or not, per its config), followed files in a stream, or
+    files read once. Every reject of the read and of normalizing is added to ``rejects``.
+    The Kafka read's outputs (with its partitions, for committing) are returned, or None.
+    """
+    read = None
+    if config.kafka is not None:
+        read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+        lines = read.records
+    elif config.streaming:
+        followed = pipeline | "FollowFiles" >> FollowFiles(
+            config.input,
+            config.follow_interval,
+            pipeline=config.pipeline,
+            max_line_bytes=config.max_line_bytes,
+        )
+        lines = followed.lines
+        rejects.add(followed.dead_letters)
+    else:
+        files = pipeline | "ReadFiles" >> ReadLines(
+            config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes
+        )
+        lines = files.lines
+        rejects.add(files.dead_letters)
+    normalized = lines | "Normalize" >> NormalizeRecords(
+        config.pipeline,
+        config.input_format,
+        schema_scope=config.schema_scope,
+        mapping=config.mapping,
+        inline_signatures=inline_signatures,
+        max_line_bytes=config.max_line_bytes,
+    )
+    rejects.add(normalized.dead_letters)
+    return normalized, read
+
+
 def _build_streaming(
     config: PipelineConfig, options: PipelineOptions, stored_schema: Mapping[str, str]
 ) -> beam.Pipeline:
@@ -113,27 +141,9 @@ def _build_streaming(
     """
     pipeline = beam.Pipeline(options=options)
     rejects = DeadLetters()
-    if config.kafka is not None:
-        read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
-        lines = read.records
-    else:
-        files = pipeline | "FollowFiles" >> FollowFiles(
-            config.input,
-            config.follow_interval,
-            pipeline=config.pipeline,
-            max_line_bytes=config.max_line_bytes,
-        )
-        lines = files.lines
-        rejects.add(files.dead_letters)
-    normalized = lines | "Normalize" >> NormalizeRecords(
-        config.pipeline,
-        config.input_format,
-        schema_scope=config.schema_scope,
-        mapping=config.mapping,
-        inline_signatures=config.single_process,
-        max_line_bytes=config.max_line_bytes,
+    normalized, read = read_and_normalize(
+        pipeline, config, rejects, inline_signatures=config.single_process
     )
-    rejects.add(normalized.dead_letters)
     if config.single_process:
         # One process sees every record: no shuffle to dedup shards or schema gates, so
         # records go from the reader to delivery in one fused stage (measured: the

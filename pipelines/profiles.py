@@ -20,6 +20,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from moesif_beam.pipelines.common import read_and_normalize
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.common.timefmt import parse_time_ms
 from moesif_beam.transforms.deadletters.handler import DeadLetters, verify_dead_letters
@@ -27,7 +28,6 @@ from moesif_beam.transforms.deadletters.letters import WriteDeadLetters
 from moesif_beam.transforms.deadletters.streaming import WriteDeadLettersInStream
 from moesif_beam.transforms.dedup.bounded import DedupByTransactionId
 from moesif_beam.transforms.dedup.streaming import DedupInStream
-from moesif_beam.transforms.formats.normalize import NormalizeRecords
 from moesif_beam.transforms.profiles.compute import ComputeProfiles, Touches
 from moesif_beam.transforms.profiles.delivery import DeliverProfiles, WriteUpsertDeadLetters
 from moesif_beam.transforms.profiles.stream import SegmentCallsInStream, UpdateProfilesInStream
@@ -39,8 +39,6 @@ from moesif_beam.transforms.profiles.traits import (
     user_upsert,
 )
 from moesif_beam.transforms.profiles.upserts import MergeUpserts, SplitUpserts
-from moesif_beam.transforms.sources.files import FollowFiles, ReadLines
-from moesif_beam.transforms.sources.kafka import ReadKafka
 from moesif_beam.transforms.sources.offsets import CommitOffsets
 
 __all__ = ["build"]
@@ -60,33 +58,7 @@ def build(
         raise ValueError(msg)
     pipeline = beam.Pipeline(options=options)
     rejects = DeadLetters()
-    read: Any = None
-    if config.kafka is not None:
-        read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
-        lines = read.records
-    elif config.streaming:
-        files = pipeline | "FollowFiles" >> FollowFiles(
-            config.input,
-            config.follow_interval,
-            pipeline=config.pipeline,
-            max_line_bytes=config.max_line_bytes,
-        )
-        lines = files.lines
-        rejects.add(files.dead_letters)
-    else:
-        files = pipeline | "ReadFiles" >> ReadLines(
-            config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes
-        )
-        lines = files.lines
-        rejects.add(files.dead_letters)
-    normalized = lines | "Normalize" >> NormalizeRecords(
-        config.pipeline,
-        config.input_format,
-        schema_scope=config.schema_scope,
-        mapping=config.mapping,
-        max_line_bytes=config.max_line_bytes,
-    )
-    rejects.add(normalized.dead_letters)
+    normalized, read = read_and_normalize(pipeline, config, rejects)
     acks: list[beam.PCollection] = []
     if config.streaming:
         unique_out = normalized.records | "Dedup" >> DedupInStream(config.dedup_ttl)
