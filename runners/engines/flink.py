@@ -53,6 +53,7 @@ __all__ = [
     "local_worker_pool",
     "loopback_bind",
     "start_flink_job_server",
+    "unbounded_sdk_send_queues",
 ]
 
 FLINK_JOBSERVER_VERSION: Final = "2.62.0"
@@ -471,6 +472,31 @@ def start_flink_job_server(
             )
             raise FlinkError(msg)
         extra = ["--environment_type=EXTERNAL", f"--environment_config={pool}"]
+    if master in LOCAL_MASTERS:
+        unbounded_sdk_send_queues()  # the LOOPBACK workers run in this process
     server = FlinkJobServer(ensure_flink_jobserver(), master, work_dir)
     endpoint = server.start()
     return server, [*beam_args, f"--job_endpoint={endpoint}", *extra]
+
+
+def unbounded_sdk_send_queues() -> bool:
+    """Let this process's SDK workers queue a bundle's outputs without bound; True if done.
+
+    Beam's Python SDK bounds its outbound data queues since 2.7x (100 MB, 10,000 messages;
+    apache/beam#38407), and blocks a bundle's processing when they are full. The Flink
+    runner 2.62 takes a bundle's outputs off the wire only as fast as its operator drains
+    them, and its operator waits for the bundle's end before draining the rest (fixed in
+    the runner only later, apache/beam#38581). A bundle with more output than both queues
+    hold therefore never ends: measured, a bounded 1M-event job on Flink stalled with both
+    sides idle (a Flink batch bundle is a whole partition), and ran to the end in 202 s
+    with the queues unbounded, as SDKs before 2.7x had them. The price is memory: the
+    worker may hold a bundle's undelivered outputs (about 2 GB at 1M events, p=2).
+    """
+    from apache_beam.runners.worker import data_plane  # noqa: PLC0415
+
+    names = ("_DEFAULT_SEND_QUEUE_MAX_ELEMENTS", "_DEFAULT_SEND_QUEUE_MAX_BYTES")
+    if not all(hasattr(data_plane, name) for name in names):
+        return False  # another SDK: nothing of the kind to undo
+    for name in names:
+        setattr(data_plane, name, 0)  # 0: no limit (ByteLimitedQueue, queue.Queue)
+    return True

@@ -202,6 +202,7 @@ class FlinkCluster:
                 "-m",
                 "moesif_beam.runners.engines.flink_worker_pool",
                 str(pool_port),
+                str(self.data_dir / "tmp"),  # where its workers' launcher script goes
             ],
         }
         for name, command in commands.items():

@@ -189,3 +189,25 @@ def test_a_dry_run_on_another_runner_is_refused(capsys):
         cli.main(["events", "--input", "x.jsonl", "--dry_run=True"])
     assert exited.value.code == 2
     assert "--dry_run=True builds a Dataflow job" in capsys.readouterr().err
+
+
+def test_flink_runs_give_sdk_workers_unbounded_send_queues():
+    # Runner 2.62 drains a bundle's outputs only after the bundle ends; SDK 2.77's bounded
+    # send queues then stall any bundle with more output than they hold (measured at 1M
+    # events). A data channel made after the call has no limit.
+    from apache_beam.runners.worker import data_plane
+
+    from moesif_beam.runners.engines.flink import unbounded_sdk_send_queues
+
+    saved = data_plane._DEFAULT_SEND_QUEUE_MAX_ELEMENTS, data_plane._DEFAULT_SEND_QUEUE_MAX_BYTES
+    try:
+        assert unbounded_sdk_send_queues()
+        channel = data_plane.GrpcClientDataChannel.__new__(data_plane.GrpcClientDataChannel)
+        data_plane._GrpcDataChannel.__init__(channel)
+        assert (channel._to_send.max_elements, channel._to_send.max_bytes) == (0, 0)
+        channel.close()
+    finally:
+        (
+            data_plane._DEFAULT_SEND_QUEUE_MAX_ELEMENTS,
+            data_plane._DEFAULT_SEND_QUEUE_MAX_BYTES,
+        ) = saved
