@@ -10,20 +10,14 @@ in the schema store, which is what keeps a key's type across a new job.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
 from tests.helpers import assert_nothing_lost, read_dead_letters
 from tests.kafka_support import committed, produce
+from tests.streams import StreamingRun, wait_for, wso2_event
 
 pytestmark = [
     pytest.mark.integration,
@@ -33,51 +27,12 @@ pytestmark = [
 ]
 
 APP_ID = "flink-stream-app-7c1d"
-SAMPLE = REPO / "samples" / "wso2_sample.jsonl"
 FLINK = ["--runner", "FlinkRunner", "--flink_master", "[local]", "--parallelism", "2"]
 
 
-class _Stream:
-    """``moesif-beam events --streaming`` on Flink, stopped by SIGTERM (drain) or SIGKILL."""
-
-    def __init__(self, tmp_path: Path, name: str, args: list[str]) -> None:
-        self.log = tmp_path / f"{name}.log"
-        self.metrics = tmp_path / f"{name}-metrics.json"
-        env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
-        command = [sys.executable, "-m", "moesif_beam.runners.cli", "events", *args]
-        self.proc = subprocess.Popen(
-            [*command, *FLINK, "--streaming", "--metrics_out", str(self.metrics)],
-            cwd=REPO,
-            env=env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def drain(self, timeout: float = 120) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout) == 0, self.log.read_text()[-3000:]
-        return json.loads(self.metrics.read_text())
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(30)
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str, stream: _Stream) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert stream.proc.poll() is None, stream.log.read_text()[-3000:]
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _event(tid: str, **extra: object) -> bytes:
-    event = json.loads(SAMPLE.read_bytes().splitlines()[1])
-    event["correlationId"] = tid
-    event.update(extra)
-    return json.dumps(event).encode()
+def _stream(tmp_path: Path, name: str, args: list[str]) -> StreamingRun:
+    """``moesif-beam events ARGS`` streaming on embedded Flink."""
+    return StreamingRun(tmp_path, name, [*args, *FLINK, "--streaming"], app_id=APP_ID)
 
 
 def _ids(prefix: str, n: int) -> list[str]:
@@ -117,13 +72,13 @@ def test_a_stream_on_flink_delivers_dedups_dead_letters_commits_and_drains(
     topic = kafka_topic(partitions=2)
     collector = start_collector(application_id=APP_ID)
     first = _ids("8000", 200)
-    values = [_event(t, tier="gold") for t in first] + _POISON
+    values = [wso2_event(t, tier="gold") for t in first] + _POISON
     produce(bootstrap, topic, values, partitions=2)
-    stream = _Stream(tmp_path, "stream", _args(bootstrap, topic, "fs", collector, tmp_path / "o"))
+    stream = _stream(tmp_path, "stream", _args(bootstrap, topic, "fs", collector, tmp_path / "o"))
     try:
-        _wait_for(lambda: set(first) <= _stored(collector).keys(), 240, "the backlog", stream)
+        wait_for(lambda: set(first) <= _stored(collector).keys(), 240, "the backlog", stream)
         # Offsets are committed after delivery, as the stream goes, not only at the end.
-        _wait_for(
+        wait_for(
             lambda: sum(committed(bootstrap, "fs", topic, 2)) == len(values),
             60,
             "the backlog's offsets to be committed",
@@ -131,18 +86,18 @@ def test_a_stream_on_flink_delivers_dedups_dead_letters_commits_and_drains(
         )
         # Copies of delivered records, a new one, and one whose `tier` contradicts the type
         # the stream decided (a string): dropped, delivered and dead-lettered.
-        later = [_event(t, tier="gold") for t in first[:50]]
-        later += [_event("00000000-0000-4000-9000-000000000001", tier="gold")]
-        later += [_event("00000000-0000-4000-9000-000000000002", tier=3)]
+        later = [wso2_event(t, tier="gold") for t in first[:50]]
+        later += [wso2_event("00000000-0000-4000-9000-000000000001", tier="gold")]
+        later += [wso2_event("00000000-0000-4000-9000-000000000002", tier=3)]
         produce(bootstrap, topic, later, partitions=2)
-        _wait_for(
+        wait_for(
             lambda: "00000000-0000-4000-9000-000000000001" in _stored(collector),
             60,
             "a record sent while the stream runs",
             stream,
         )
     finally:
-        metrics = stream.drain()
+        metrics = stream.drain(120)
     assert_nothing_lost(metrics)
     total = len(values) + len(later)
     assert metrics["read"] == total
@@ -164,7 +119,7 @@ def test_a_flink_stream_killed_mid_stream_loses_nothing_and_keeps_types_on_resta
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=2)
     ids = _ids("a000", 400)
-    produce(bootstrap, topic, [_event(t, seats=5) for t in ids], partitions=2)
+    produce(bootstrap, topic, [wso2_event(t, seats=5) for t in ids], partitions=2)
     # A slow collector keeps records in flight when the job is killed.
     collector = start_collector(application_id=APP_ID, latency_ms=150)
     args = [
@@ -172,27 +127,27 @@ def test_a_flink_stream_killed_mid_stream_loses_nothing_and_keeps_types_on_resta
         "--batch_max_events",
         "20",
     ]
-    first = _Stream(tmp_path, "first", args)
+    first = _stream(tmp_path, "first", args)
     try:
-        _wait_for(lambda: len(_stored(collector)) >= 40, 240, "some deliveries", first)
+        wait_for(lambda: len(_stored(collector)) >= 40, 240, "some deliveries", first)
     finally:
         first.kill()
     assert len(_stored(collector)) < len(ids), "the kill came too late to test anything"
 
     # A new job: new Beam state. `seats` was decided (a number) by the first job and is in
     # the schema store, so a string `seats` is a conflict here too.
-    produce(bootstrap, topic, [_event("00000000-0000-4000-b000-000000000001", seats="five")])
-    second = _Stream(tmp_path, "second", args)
+    produce(bootstrap, topic, [wso2_event("00000000-0000-4000-b000-000000000001", seats="five")])
+    second = _stream(tmp_path, "second", args)
     try:
-        _wait_for(lambda: set(ids) <= _stored(collector).keys(), 240, "every record", second)
-        _wait_for(
+        wait_for(lambda: set(ids) <= _stored(collector).keys(), 240, "every record", second)
+        wait_for(
             lambda: sum(committed(bootstrap, "crash", topic, 2)) == len(ids) + 1,
             60,
             "every offset to be committed",
             second,
         )
     finally:
-        metrics = second.drain()
+        metrics = second.drain(120)
     assert_nothing_lost(metrics)
     assert metrics["type_conflicts"] == 1
     assert set(_stored(collector)) == set(ids)  # nothing lost; re-sent copies absorbed

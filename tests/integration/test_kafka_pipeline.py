@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +12,7 @@ from confluent_kafka import Producer
 from tests.conftest import REPO, run_cli
 from tests.helpers import assert_nothing_lost, read_batches, read_dead_letters
 from tests.kafka_support import committed, local_broker_or_skip, produce
+from tests.streams import StreamingRun, wait_for, wso2_event
 
 pytestmark = [
     pytest.mark.integration,
@@ -122,55 +117,6 @@ def _delivery_args(collector: Any, tmp_path: Path) -> list[str]:
     ]
 
 
-class _Stream:
-    """A streaming `moesif-beam events` process, stopped by SIGTERM (drain) or SIGKILL."""
-
-    def __init__(self, tmp_path: Path, name: str, args: list[str]) -> None:
-        self.log = tmp_path / f"{name}.log"
-        self.metrics = tmp_path / f"{name}-metrics.json"
-        env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "moesif_beam.runners.cli",
-                "events",
-                *args,
-                "--metrics_out",
-                str(self.metrics),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def drain(self, timeout: float = 90) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout) == 0, self.log.read_text()[-3000:]
-        return json.loads(self.metrics.read_text())
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(30)
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _event(tid: str, **extra: object) -> bytes:
-    event = json.loads(SAMPLE.read_bytes().splitlines()[1])
-    event["correlationId"] = tid
-    event.update(extra)
-    return json.dumps(event).encode()
-
-
 def _stored_ids(collector) -> set[str]:
     return {e["transaction_id"] for e in collector.records("events")}
 
@@ -181,28 +127,29 @@ def test_a_quiet_stream_delivers_each_record_and_poison_does_not_stop_it(
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=1)
     collector = start_collector(application_id=APP_ID)
-    stream = _Stream(
+    stream = StreamingRun(
         tmp_path,
         "stream",
         [
             *_kafka_args(bootstrap, topic, "streaming"),
             *_delivery_args(collector, tmp_path),
         ],
+        app_id=APP_ID,
     )
     try:
-        produce(bootstrap, topic, [_event("warm-up")])
-        _wait_for(lambda: "warm-up" in _stored_ids(collector), 120, "the pipeline to run")
+        produce(bootstrap, topic, [wso2_event("warm-up")])
+        wait_for(lambda: "warm-up" in _stored_ids(collector), 120, "the pipeline to run")
 
         # A lone record is delivered without more records behind it to fill its batch (the
         # partial batch is flushed by --batch_max_delay). How fast is the benchmark's
         # business: benchmarks/streaming_latency.py measures produce-to-2xx latency.
-        produce(bootstrap, topic, [_event("timed")])
-        _wait_for(lambda: "timed" in _stored_ids(collector), 30, "a quiet stream's record")
+        produce(bootstrap, topic, [wso2_event("timed")])
+        wait_for(lambda: "timed" in _stored_ids(collector), 30, "a quiet stream's record")
 
-        huge = _event("huge", properties={"apiContext": "/a", "blob": "x" * 1_005_000})
+        huge = wso2_event("huge", properties={"apiContext": "/a", "blob": "x" * 1_005_000})
         poison = [b'{"apiMethod": "GET", "\xff": 1}', b"not json at all", huge]
-        produce(bootstrap, topic, [*poison, _event("after-poison")])
-        _wait_for(lambda: "after-poison" in _stored_ids(collector), 30, "the stream to flow")
+        produce(bootstrap, topic, [*poison, wso2_event("after-poison")])
+        wait_for(lambda: "after-poison" in _stored_ids(collector), 30, "the stream to flow")
     finally:
         metrics = stream.drain()
     assert_nothing_lost(metrics)
@@ -221,7 +168,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=2)
     ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(600)]
-    produce(bootstrap, topic, [_event(tid) for tid in ids], partitions=2)
+    produce(bootstrap, topic, [wso2_event(tid) for tid in ids], partitions=2)
     # A slow collector keeps most records in flight when the pipeline is killed.
     collector = start_collector(application_id=APP_ID, latency_ms=150)
     args = [
@@ -230,17 +177,17 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
         "--batch_max_events",
         "20",
     ]
-    first = _Stream(tmp_path, "first", args)
+    first = StreamingRun(tmp_path, "first", args, app_id=APP_ID)
     try:
-        _wait_for(lambda: len(_stored_ids(collector)) >= 60, 120, "some deliveries")
+        wait_for(lambda: len(_stored_ids(collector)) >= 60, 120, "some deliveries")
     finally:
         first.kill()
     delivered_before_crash = len(_stored_ids(collector))
     assert delivered_before_crash < len(ids), "the crash came too late to test anything"
 
-    second = _Stream(tmp_path, "second", args)
+    second = StreamingRun(tmp_path, "second", args, app_id=APP_ID)
     try:
-        _wait_for(lambda: len(_stored_ids(collector)) == len(ids), 180, "every record")
+        wait_for(lambda: len(_stored_ids(collector)) == len(ids), 180, "every record")
     finally:
         second.drain()
     assert _stored_ids(collector) == set(ids)  # zero loss; re-sent duplicates were absorbed
@@ -256,20 +203,21 @@ def test_a_broker_restart_mid_stream_loses_nothing(
     collector = start_collector(application_id=APP_ID)
     before = [f"before-{i:04d}" for i in range(200)]
     after = [f"after-{i:04d}" for i in range(200)]
-    produce(bootstrap, topic, [_event(t) for t in before], partitions=2)
-    stream = _Stream(
+    produce(bootstrap, topic, [wso2_event(t) for t in before], partitions=2)
+    stream = StreamingRun(
         tmp_path,
         "stream",
         [
             *_kafka_args(bootstrap, topic, "restarting"),
             *_delivery_args(collector, tmp_path),
         ],
+        app_id=APP_ID,
     )
     try:
-        _wait_for(lambda: set(before) <= _stored_ids(collector), 120, "the first records")
+        wait_for(lambda: set(before) <= _stored_ids(collector), 120, "the first records")
         broker.restart()
-        produce(bootstrap, topic, [_event(t) for t in after], partitions=2)
-        _wait_for(lambda: set(after) <= _stored_ids(collector), 120, "records after restart")
+        produce(bootstrap, topic, [wso2_event(t) for t in after], partitions=2)
+        wait_for(lambda: set(after) <= _stored_ids(collector), 120, "records after restart")
     finally:
         metrics = stream.drain(timeout=120)
     assert _stored_ids(collector) == set(before) | set(after)
@@ -284,23 +232,24 @@ def test_partitions_added_during_a_stream_are_discovered(
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=1)
     collector = start_collector(application_id=APP_ID)
-    stream = _Stream(
+    stream = StreamingRun(
         tmp_path,
         "stream",
         [
             *_kafka_args(bootstrap, topic, "growing", "--kafka_discovery_interval", "1"),
             *_delivery_args(collector, tmp_path),
         ],
+        app_id=APP_ID,
     )
     try:
-        produce(bootstrap, topic, [_event("p0-first")])
-        _wait_for(lambda: "p0-first" in _stored_ids(collector), 120, "the pipeline to run")
+        produce(bootstrap, topic, [wso2_event("p0-first")])
+        wait_for(lambda: "p0-first" in _stored_ids(collector), 120, "the pipeline to run")
         admin = AdminClient({"bootstrap.servers": bootstrap})
         admin.create_partitions([NewPartitions(topic, 2)])[topic].result(30)
         producer = Producer({"bootstrap.servers": bootstrap})
-        producer.produce(topic, value=_event("p1-new"), partition=1)
+        producer.produce(topic, value=wso2_event("p1-new"), partition=1)
         assert producer.flush(30) == 0
-        _wait_for(lambda: "p1-new" in _stored_ids(collector), 60, "the new partition's record")
+        wait_for(lambda: "p1-new" in _stored_ids(collector), 60, "the new partition's record")
     finally:
         metrics = stream.drain()
     assert_nothing_lost(metrics)
@@ -319,7 +268,7 @@ def test_dedup_ids_expire_while_a_partition_stays_idle(
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=2)
     collector = start_collector(application_id=APP_ID)
-    stream = _Stream(
+    stream = StreamingRun(
         tmp_path,
         "stream",
         [
@@ -328,6 +277,7 @@ def test_dedup_ids_expire_while_a_partition_stays_idle(
             "--dedup_ttl",
             "2",
         ],
+        app_id=APP_ID,
     )
     try:
         producer = Producer({"bootstrap.servers": bootstrap})
@@ -337,9 +287,9 @@ def test_dedup_ids_expire_while_a_partition_stays_idle(
             assert err is None, err
             stamps.append(message.timestamp()[1])
 
-        producer.produce(topic, value=_event("again"), partition=0, on_delivery=stamped)
+        producer.produce(topic, value=wso2_event("again"), partition=0, on_delivery=stamped)
         assert producer.flush(30) == 0
-        _wait_for(lambda: "again" in _stored_ids(collector), 120, "the first copy")
+        wait_for(lambda: "again" in _stored_ids(collector), 120, "the first copy")
         # Not a pause but a point in event time. The id is forgotten once event time passes
         # its own time + TTL (+ at most a quarter TTL: ids are filed in buckets). On the
         # default runner the records' own times are that clock, so the second copy must be
@@ -348,12 +298,12 @@ def test_dedup_ids_expire_while_a_partition_stays_idle(
         # from outside the stream, so wait for the wall clock, where a record produced now
         # takes its event time, to pass the later of the two.
         forgotten_ms = stamps[0] + 2_000 + 500 + 2_000
-        _wait_for(lambda: time.time() * 1000 > forgotten_ms, 30, "event time past the TTL")
-        producer.produce(topic, value=_event("again"), partition=0, on_delivery=stamped)
-        producer.produce(topic, value=_event("marker"), partition=0)
+        wait_for(lambda: time.time() * 1000 > forgotten_ms, 30, "event time past the TTL")
+        producer.produce(topic, value=wso2_event("again"), partition=0, on_delivery=stamped)
+        producer.produce(topic, value=wso2_event("marker"), partition=0)
         assert producer.flush(30) == 0
         assert stamps[1] > forgotten_ms  # the second copy's event time is past the TTL
-        _wait_for(lambda: "marker" in _stored_ids(collector), 60, "the marker")
+        wait_for(lambda: "marker" in _stored_ids(collector), 60, "the marker")
     finally:
         metrics = stream.drain()
     assert (metrics["sent"], metrics["duplicates"]) == (3, 0)
