@@ -108,33 +108,32 @@ def test_a_kafka_stream_with_poison_records_delivers_the_rest_and_commits_past_t
     from tests.integration.test_kafka_pipeline import (
         APP_ID,
         _delivery_args,
-        _event,
         _kafka_args,
         _stored_ids,
-        _Stream,
-        _wait_for,
     )
     from tests.kafka_support import committed, produce
+    from tests.streams import StreamingRun, wait_for, wso2_event
 
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=1)
     collector = start_collector(application_id=APP_ID)
     poison = [
-        _replace_field(_event("p1"), "responseLatency", "1e400"),
-        _replace_field(_event("p2"), "responseLatency", str(2**70)),
-        _replace_field(_event("p3"), "requestTimestamp", str(2**70)),
-        _replace_field(_event("p4"), "deep", _nested_arrays(900)),
+        _replace_field(wso2_event("p1"), "responseLatency", "1e400"),
+        _replace_field(wso2_event("p2"), "responseLatency", str(2**70)),
+        _replace_field(wso2_event("p3"), "requestTimestamp", str(2**70)),
+        _replace_field(wso2_event("p4"), "deep", _nested_arrays(900)),
     ]
-    good = [_event(f"good-{i}") for i in range(200)]
+    good = [wso2_event(f"good-{i}") for i in range(200)]
     # Poison first, then the good records: a stuck partition would deliver none of them.
     produce(bootstrap, topic, [*poison, *good])
-    stream = _Stream(
+    stream = StreamingRun(
         tmp_path,
         "poison",
         [*_kafka_args(bootstrap, topic, "poison"), *_delivery_args(collector, tmp_path)],
+        APP_ID,
     )
     try:
-        _wait_for(lambda: len(_stored_ids(collector)) >= 200, 180, "the good records")
+        wait_for(lambda: len(_stored_ids(collector)) >= 200, 180, "the good records")
     finally:
         metrics = stream.drain()
     assert _stored_ids(collector) == {f"good-{i}" for i in range(200)}

@@ -11,11 +11,9 @@ from tests.helpers import assert_nothing_lost
 from tests.integration.test_kafka_pipeline import (
     APP_ID,
     _delivery_args,
-    _event,
     _stored_ids,
-    _Stream,
-    _wait_for,
 )
+from tests.streams import StreamingRun, wait_for, wso2_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prism_runner")]
 
@@ -28,13 +26,13 @@ def test_follow_picks_up_new_files_and_drains(tmp_path, start_collector):
     def ship(name: str, tids: list[str]) -> None:
         # Write elsewhere, then rename: a file appears whole, as log shippers do it.
         staged = tmp_path / f"{name}.partial"
-        staged.write_bytes(b"\n".join(_event(t) for t in tids) + b"\n")
+        staged.write_bytes(b"\n".join(wso2_event(t) for t in tids) + b"\n")
         old = time.time() - 10
         os.utime(staged, (old, old))
         staged.rename(incoming / f"{name}.jsonl")
 
     ship("first", ["f-1", "f-2"])
-    stream = _Stream(
+    stream = StreamingRun(
         tmp_path,
         "follow",
         [
@@ -45,11 +43,12 @@ def test_follow_picks_up_new_files_and_drains(tmp_path, start_collector):
             "1",
             *_delivery_args(collector, tmp_path),
         ],
+        APP_ID,
     )
     try:
-        _wait_for(lambda: {"f-1", "f-2"} <= _stored_ids(collector), 120, "the first file")
+        wait_for(lambda: {"f-1", "f-2"} <= _stored_ids(collector), 120, "the first file")
         ship("second", ["s-1", "s-2", "s-3"])
-        _wait_for(lambda: {"s-1", "s-2", "s-3"} <= _stored_ids(collector), 60, "a new file")
+        wait_for(lambda: {"s-1", "s-2", "s-3"} <= _stored_ids(collector), 60, "a new file")
     finally:
         metrics = stream.drain()
     assert_nothing_lost(metrics)
