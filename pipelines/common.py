@@ -153,10 +153,13 @@ def _build_streaming(
             stored_schema,
             config.pipeline,
             store=(config.schema_store_path, config.schema_scope),
+            journal=config.dedup_journal_dir,
         )
         duplicate_acks = checked.acks
     else:
-        unique = normalized.records | "Dedup" >> DedupInStream(config.dedup_ttl)
+        unique = normalized.records | "Dedup" >> DedupInStream(
+            config.dedup_ttl, journal=config.dedup_journal_dir
+        )
         duplicate_acks = unique.acks
         checked = (unique.records, normalized.signatures) | "MetadataSchema" >> (
             EnforceMetadataSchemaInStream(
@@ -170,7 +173,9 @@ def _build_streaming(
     )
     rejects.add(checked.dead_letters)
     delivered = checked.records | "Deliver" >> BatchAndDeliverInStream(
-        _sink(config), config.batch_max_delay
+        _sink(config),
+        config.batch_max_delay,
+        journal=(config.dedup_journal_dir, int(config.dedup_ttl * 1000)),
     )
     rejects.add(delivered.dead_letters)
     dead_acks = rejects.write(

@@ -94,6 +94,9 @@ class PipelineConfig:
         follow: keep watching the ``input`` glob for new files (streaming).
         follow_interval: seconds between looks for new files.
         dedup_ttl: in streaming, how long a transaction id is remembered, in seconds.
+        dedup_journal: in streaming, where delivered transaction ids are journaled so a
+            restarted stream still drops their copies (any Beam filesystem the workers
+            share); empty means ``<output_dir>/.delivered-ids/<pipeline>``.
         drain_timeout: in streaming, how long a drain (SIGTERM, Ctrl-C) may take, in
             seconds; what is undelivered then is not committed and is read again.
         dedup_spill: bounded runs deduplicate through files partitioned by id under
@@ -142,6 +145,7 @@ class PipelineConfig:
     follow: bool = False
     follow_interval: float = 5.0
     dedup_ttl: float = 3600.0
+    dedup_journal: str = ""
     drain_timeout: float = 30.0
     dedup_spill: bool = False
     single_process: bool = False
@@ -264,6 +268,12 @@ class PipelineConfig:
     def schema_store_path(self) -> str:
         """Where the metadata type schema is persisted."""
         return self.schema_store or f"{self.output_dir.rstrip('/')}/metadata_schema.json"
+
+    @property
+    def dedup_journal_dir(self) -> str:
+        """Where a stream journals its delivered ids (``dedup_journal`` or its default)."""
+        default = f"{self.output_dir.rstrip('/')}/.delivered-ids/{self.pipeline}"
+        return self.dedup_journal or default
 
     @property
     def spill_dir(self) -> str:

@@ -193,6 +193,7 @@ def _deliver(
             follow=args.follow,
             follow_interval=args.follow_interval,
             dedup_ttl=args.dedup_ttl,
+            dedup_journal=args.dedup_journal,
             drain_timeout=args.drain_timeout,
             dedup_spill=runs_locally(beam_args),
             max_line_bytes=args.max_line_bytes,

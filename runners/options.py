@@ -255,6 +255,13 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
         help="streaming: seconds (of event time) a transaction id is remembered",
     )
     batching.add_argument(
+        "--dedup_journal",
+        default=d["dedup_journal"],
+        help="streaming: where delivered transaction ids are journaled, so a restarted "
+        "stream still drops their copies within --dedup_ttl; any Beam filesystem the "
+        "workers share (default <output_dir>/.delivered-ids/<pipeline>)",
+    )
+    batching.add_argument(
         "--drain_timeout",
         type=float,
         default=d["drain_timeout"],

@@ -35,6 +35,7 @@ WORKER_PATHS = {
     "output_dir": "write",
     "dead_letter": "write",
     "schema_store": "read and write",
+    "dedup_journal": "read and write",
 }
 # Made absolute where workers need it, never refused (see the module docstring).
 LAUNCHER_PATHS = ("metrics_out", "ca_bundle")

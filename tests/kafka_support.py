@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -232,13 +233,41 @@ def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1
     assert producer.flush(30) == 0
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
-    """The offsets ``group`` has committed on ``topic``'s partitions, in partition order."""
-    from confluent_kafka import Consumer, TopicPartition
+def _coordinator_not_ready() -> frozenset[int]:
+    from confluent_kafka import KafkaError
 
+    return frozenset(
+        {
+            KafkaError.NOT_COORDINATOR,
+            KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+            KafkaError.COORDINATOR_NOT_AVAILABLE,
+        }
+    )
+
+
+_COORDINATOR_NOT_READY = _coordinator_not_ready()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
+    """The offsets ``group`` has committed on ``topic``'s partitions, in partition order.
+
+    A group the broker is still placing on a coordinator answers with a retriable error
+    (``NOT_COORDINATOR``, ``COORDINATOR_LOAD_IN_PROGRESS``): asked again, for up to 15 s.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    deadline = time.monotonic() + 15
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
-        return [tp.offset for tp in consumer.committed(tps, timeout=15)]
+        while True:
+            try:
+                return [tp.offset for tp in consumer.committed(tps, timeout=15)]
+            except KafkaException as exc:
+                error = exc.args[0]
+                waiting = error.retriable() or error.code() in _COORDINATOR_NOT_READY
+                if not waiting or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()

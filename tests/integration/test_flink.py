@@ -161,9 +161,15 @@ _POISON = [b'{"truncated": ', b"\xff\xfe not utf-8 at all"]
 
 @pytest.mark.kafka
 @pytest.mark.usefixtures("flink_jobserver")
-def test_a_kafka_backfill_on_flink_local_matches_the_default_runner(
-    tmp_path, start_collector, kafka_broker, kafka_topic
+@pytest.mark.parametrize("engine", ["[local]", "flink-local"])
+def test_a_kafka_backfill_on_flink_matches_the_default_runner(
+    request, engine, tmp_path, start_collector, kafka_broker, kafka_topic
 ):
+    flink_flags = FLINK_LOCAL
+    if engine == "flink-local":
+        port = request.getfixturevalue("flink_local")
+        flink_flags = ["--runner", "FlinkRunner", "--flink_master", f"127.0.0.1:{port}"]
+        flink_flags += ["--parallelism", "2"]
     lines = (SAMPLES / "wso2_sample.jsonl").read_bytes().splitlines()
     values = [line for line in lines if line.strip()] + _POISON
     topic = kafka_topic(partitions=2)
@@ -184,7 +190,7 @@ def test_a_kafka_backfill_on_flink_local_matches_the_default_runner(
             "now",
         ]
 
-    runs = _compare(tmp_path, start_collector, "events", source)
+    runs = _compare(tmp_path, start_collector, "events", source, flink_flags)
     metrics = runs["flink"][0].metrics
     assert metrics["read"] == len(values)
     assert metrics["dead_letters"] == 12 + len(_POISON)

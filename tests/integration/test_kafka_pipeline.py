@@ -194,6 +194,46 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     assert sum(committed(bootstrap, "crashing", topic, 2)) == len(ids)
 
 
+def test_a_restarted_stream_drops_copies_of_what_the_killed_one_delivered(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    # The fused stream keeps its ids in the process's memory; the delivered-ids journal
+    # is what a new process learns them from.
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=2)
+    collector = start_collector(application_id=APP_ID)
+    delivered = [f"00000000-0000-4000-8100-{i:012d}" for i in range(100)]
+    produce(bootstrap, topic, [wso2_event(t, tier="first") for t in delivered], partitions=2)
+    args = [*_kafka_args(bootstrap, topic, "restarted"), *_delivery_args(collector, tmp_path)]
+    first = StreamingRun(tmp_path, "first", args, app_id=APP_ID)
+    try:
+        wait_for(
+            lambda: sum(committed(bootstrap, "restarted", topic, 2)) == len(delivered),
+            120,
+            "the first run to deliver and commit",
+            first,
+        )
+    finally:
+        first.kill()  # a crash: no drain
+    new = [f"00000000-0000-4000-8200-{i:012d}" for i in range(20)]
+    copies = [wso2_event(t, tier="copy") for t in delivered]
+    produce(bootstrap, topic, [*copies, *[wso2_event(t) for t in new]], partitions=2)
+    second = StreamingRun(tmp_path, "second", args, app_id=APP_ID)
+    try:
+        wait_for(
+            lambda: sum(committed(bootstrap, "restarted", topic, 2)) == 2 * len(delivered) + 20,
+            120,
+            "every offset to be committed",
+            second,
+        )
+    finally:
+        metrics = second.drain()
+    assert_nothing_lost(metrics)
+    assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (120, 20, 100)
+    assert collector.stats()["duplicates"]["events"] == 0  # no id reached Moesif twice
+    assert _stored_ids(collector) == {*delivered, *new}
+
+
 def test_a_broker_restart_mid_stream_loses_nothing(
     tmp_path, kafka_broker, kafka_topic, start_collector
 ):

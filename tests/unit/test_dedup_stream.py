@@ -161,13 +161,15 @@ class _Timer:
         self._b.timer_at = at
 
 
-def _worker():
+def _worker(journal: str | None = None):
     """A DoFn with a memory of its own, as on another worker process."""
     import uuid as _uuid
 
     from moesif_beam.transforms.dedup.streaming import _DedupFn
 
-    return _DedupFn(_uuid.uuid4().hex, TTL)
+    fn = _DedupFn(_uuid.uuid4().hex, TTL, 1, journal)
+    fn.setup()
+    return fn
 
 
 def _process(fn, runner: _Runner, tids: list[str], commit: bool = True) -> list[str]:
@@ -221,3 +223,55 @@ def test_a_restored_checkpoint_rolls_the_ids_back_with_it():
     _process(a, runner, ["y"])
     runner.committed = checkpoint  # the job restarts from the checkpoint, y re-read
     assert _process(a, runner, ["y", "x"]) == ["y"]
+
+
+# -- A new job: the state is gone, the journal of delivered ids is not --
+
+
+def test_a_new_job_drops_copies_of_ids_the_journal_says_were_delivered(tmp_path):
+    from moesif_beam.transforms.delivery.journal import DeliveredIds
+
+    journal = str(tmp_path / "delivered")
+    first_job = _Runner()
+    assert _process(_worker(journal), first_job, ["x", "y"]) == ["x", "y"]
+    DeliveredIds(journal, TTL * 1000).write([("x", 1), ("y", 1)])  # what delivery wrote
+    # A restart without a checkpoint: a new job, empty state, a fresh worker.
+    assert _process(_worker(journal), _Runner(), ["x", "z", "y"]) == ["z"]
+    # Without the journal, that job delivers both copies again (the old behaviour).
+    assert _process(_worker(), _Runner(), ["x", "z", "y"]) == ["x", "z", "y"]
+
+
+def test_a_moved_shard_also_learns_what_was_delivered_after_its_state_rolled_back(tmp_path):
+    from moesif_beam.transforms.delivery.journal import DeliveredIds
+
+    journal = str(tmp_path / "delivered")
+    runner = _Runner()
+    a = _worker(journal)
+    _process(a, runner, ["x"])
+    checkpoint = dict(runner.committed)
+    _process(a, runner, ["y"])
+    DeliveredIds(journal, TTL * 1000).write([("y", 1)])
+    # y was delivered before the job went back to the checkpoint: its copy is dropped.
+    runner.committed = checkpoint
+    assert _process(_worker(journal), runner, ["y", "w"]) == ["w"]
+
+
+def test_the_single_process_stream_starts_from_the_journal(tmp_path):
+    import uuid as _uuid
+
+    from apache_beam.utils.timestamp import Timestamp
+
+    from moesif_beam.transforms.dedup.streaming import _DedupAndCheckFn
+    from moesif_beam.transforms.delivery.journal import DeliveredIds
+
+    journal = str(tmp_path / "delivered")
+    DeliveredIds(journal, TTL * 1000).write([("x", 1_000)])
+    fn = _DedupAndCheckFn(_uuid.uuid4().hex, TTL, {}, "events", journal=journal)
+    fn.setup()
+    passed = [
+        out[0]
+        for tid in ("x", "y")
+        for out in fn.process((tid, Record(1_000, b"{}", b"raw", "s")), Timestamp(2))
+        if isinstance(out, tuple)
+    ]
+    assert passed == ["y"]

@@ -211,3 +211,11 @@ def test_flink_runs_give_sdk_workers_unbounded_send_queues():
             data_plane._DEFAULT_SEND_QUEUE_MAX_ELEMENTS,
             data_plane._DEFAULT_SEND_QUEUE_MAX_BYTES,
         ) = saved
+
+
+def test_the_dedup_journal_is_a_worker_path():
+    on_this_machine = ["--runner=FlinkRunner", "--flink_master=[local]"]
+    placed = place_paths({"dedup_journal": "ids"}, on_this_machine)
+    assert placed == {"dedup_journal": f"{os.getcwd()}/ids"}
+    with pytest.raises(UsageError, match=r"^--dedup_journal ids is a local path; Dataflow"):
+        place_paths({"dedup_journal": "ids"}, ["--runner=DataflowRunner"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -33,6 +32,7 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
+from moesif_beam.transforms.delivery.journal import DeliveredIds, shard_of
 from moesif_beam.transforms.delivery.sinks import ACKS
 from moesif_beam.transforms.records import Keyed
 from moesif_beam.transforms.schema.bounded import InProcessSchema, conflict_letter
@@ -85,6 +85,12 @@ class _SeenIds:
         for transaction_id, time_ms in entries:
             self.add(transaction_id, time_ms)
             self.stored += 1
+
+    def absorb(self, delivered: Mapping[str, int], ttl_ms: int) -> None:
+        """Remember ids a journal says were delivered (see ``delivery.journal``)."""
+        for transaction_id, time_ms in delivered.items():
+            if self.add(transaction_id, time_ms):
+                self.schedule(time_ms, ttl_ms)
 
     def add(self, transaction_id: str, time_ms: int) -> bool:
         """Remember ``transaction_id``; False if it was already remembered."""
@@ -156,10 +162,22 @@ class _DedupFn(beam.DoFn):
     GENERATION = ReadModifyWriteStateSpec("generation", BytesCoder())
     EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
 
-    def __init__(self, dedup_id: str, ttl_seconds: float) -> None:
+    def __init__(
+        self, dedup_id: str, ttl_seconds: float, shards: int, journal: str | None = None
+    ) -> None:
         self._dedup_id = dedup_id
         self._ttl_ms = int(ttl_seconds * 1000)
+        self._shards = shards
+        self._journal_dir = journal
         self._duplicates = counter("duplicates")
+
+    def setup(self) -> None:
+        self._journal: DeliveredIds | None = None
+        if self._journal_dir is not None:
+            directory, ttl_ms = self._journal_dir, self._ttl_ms
+            self._journal = worker_memory(
+                f"{self._dedup_id}/journal", lambda: DeliveredIds(directory, ttl_ms)
+            )
 
     def start_bundle(self) -> None:
         self._synced: set[Any] = set()  # shards whose mirror was checked in this bundle
@@ -169,8 +187,16 @@ class _DedupFn(beam.DoFn):
         if shard in self._synced:
             return
         stored = generation.read()
-        if stored != seen.generation:
+        # A mirror never built in this process is built even when the state is empty too
+        # (a new job): the journal may know ids that no state does.
+        if seen.generation is None or stored != seen.generation:
             seen.load(ids.read())
+            if self._journal is not None:
+                delivered = self._journal.read()
+                seen.absorb(
+                    {t: ms for t, ms in delivered.items() if shard_of(t, self._shards) == shard},
+                    self._ttl_ms,
+                )
             oldest = seen.oldest_bucket_end()
             if oldest is not None:
                 seen.timer_at = oldest + self._ttl_ms
@@ -246,8 +272,7 @@ def _event_time(ms: int) -> Timestamp:
 
 
 def _to_shard(element: Keyed, shards: int) -> tuple[int, Keyed]:
-    transaction_id, _ = element
-    return zlib.crc32(transaction_id.encode("utf-8")) % shards, element
+    return shard_of(element[0], shards), element
 
 
 class DedupInStream(beam.PTransform):
@@ -263,14 +288,18 @@ class DedupInStream(beam.PTransform):
     are counted in ``duplicates`` and acknowledged.
     """
 
-    def __init__(self, ttl_seconds: float, shards: int = 16) -> None:
+    def __init__(self, ttl_seconds: float, shards: int = 16, journal: str | None = None) -> None:
         super().__init__()
         require_positive("dedup_ttl", ttl_seconds)
         if shards < 1:
             msg = f"shards must be >= 1, got {shards}"
             raise ValueError(msg)
+        if journal is not None and not journal:
+            msg = "the delivered-ids journal directory must not be empty"
+            raise ValueError(msg)
         self._ttl = ttl_seconds
         self._shards = shards
+        self._journal = journal
         # Names this transform's shards in the worker; fixed when the pipeline is built.
         self._dedup_id = uuid.uuid4().hex
 
@@ -279,7 +308,9 @@ class DedupInStream(beam.PTransform):
             records
             | "ToShard" >> beam.Map(_to_shard, self._shards).with_output_types(tuple[int, Keyed])
             | "DropRepeats"
-            >> beam.ParDo(_DedupFn(self._dedup_id, self._ttl)).with_outputs(ACKS, main="records")
+            >> beam.ParDo(
+                _DedupFn(self._dedup_id, self._ttl, self._shards, self._journal)
+            ).with_outputs(ACKS, main="records")
         )
         return Deduplicated(out.records, out[ACKS])
 
@@ -307,9 +338,11 @@ class _DedupAndCheckFn(beam.DoFn):
         stored: dict,
         pipeline: str,
         store: tuple[str, str] | None = None,
+        journal: str | None = None,
     ) -> None:
         self._stage_id = stage_id
         self._store = store
+        self._journal = journal
         self._ttl_ms = int(ttl_seconds * 1000)
         self._stored = stored
         self._pipeline = pipeline
@@ -317,10 +350,17 @@ class _DedupAndCheckFn(beam.DoFn):
         self._conflicts = counter("type_conflicts")
 
     def setup(self) -> None:
-        self._seen = worker_memory(f"{self._stage_id}/seen", lambda: _SeenIds.for_ttl(self._ttl_ms))
+        self._seen = worker_memory(f"{self._stage_id}/seen", self._remembered)
         self._schema = worker_memory(
             f"{self._stage_id}/schema", lambda: InProcessSchema(self._stored, self._store)
         )
+
+    def _remembered(self) -> _SeenIds:
+        """This process's ids: at first, those the journal says earlier jobs delivered."""
+        seen = _SeenIds.for_ttl(self._ttl_ms)
+        if self._journal is not None:
+            seen.absorb(DeliveredIds(self._journal, self._ttl_ms).read(), self._ttl_ms)
+        return seen
 
     def process(self, element: Keyed, timestamp: Any = beam.DoFn.TimestampParam) -> Iterator[Any]:
         transaction_id, value = element
@@ -378,11 +418,14 @@ class DedupAndCheckInProcess(beam.PTransform):
         stored: Mapping[str, str],
         pipeline: str,
         store: tuple[str, str] | None = None,
+        journal: str | None = None,
     ) -> None:
         super().__init__()
         require_positive("dedup_ttl", ttl_seconds)
         InProcessSchema(stored)  # validates the stored types now, not in a worker
-        self._fn = _DedupAndCheckFn(uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline, store)
+        self._fn = _DedupAndCheckFn(
+            uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline, store, journal
+        )
 
     def expand(self, records: beam.PCollection) -> CheckedInProcess:
         out = records | "DedupAndCheck" >> beam.ParDo(self._fn).with_outputs(

@@ -32,6 +32,7 @@ from moesif_beam.transforms.delivery.http import (
     _Item,
     _Writer,
 )
+from moesif_beam.transforms.delivery.journal import DeliveredIds
 from moesif_beam.transforms.delivery.policy import RetryPolicy
 from moesif_beam.transforms.delivery.transport import Secret, batch_url, check_ca_bundle
 from moesif_beam.transforms.records import Ack, Keyed
@@ -137,6 +138,7 @@ class _BatchingFn(beam.DoFn):
     def finish_bundle(self) -> Iterator[Any]:
         window = GlobalWindow()
         outputs = [*self._flush(), *self._collect(0)]
+        self._before_acks()
         # A bundle's delivered records are runs of consecutive offsets: a few tokens say
         # the same as one per record, and the commit stage has that much less to shuffle.
         # Emitted here, after every batch of the bundle got its 2xx.
@@ -149,6 +151,12 @@ class _BatchingFn(beam.DoFn):
                 )
             else:
                 yield WindowedValue(output, window.max_timestamp(), (window,))
+
+    def _before_acks(self) -> None:
+        """Called once per bundle, after its batches' outcomes, before its acks leave."""
+
+    def _delivered(self, transaction_id: str) -> None:
+        """Called, in streams, for each record the collector (or batch file) took."""
 
     def _flush(self) -> Iterator[Any]:
         batch, self._batch, self._size = self._batch, [], 2
@@ -183,11 +191,54 @@ class _BatchingFn(beam.DoFn):
                 if name not in self._counters:
                     self._counters[name] = counter(name)
                 self._counters[name].inc(n)
-            for (_, record), letter in fates:
+            for (transaction_id, record), letter in fates:
                 if letter is not None:
                     yield pvalue.TaggedOutput(DEAD_LETTER, letter)
-                elif self._acks and record.ack is not None:
-                    self._done_acks.append(record.ack)
+                elif self._acks:
+                    self._delivered(transaction_id)
+                    if record.ack is not None:
+                        self._done_acks.append(record.ack)
+
+
+class _JournaledBatchingFn(_BatchingFn):
+    """:class:`_BatchingFn` for a stream that also journals the ids it delivered.
+
+    Each bundle's delivered ids are written to the journal in one file before the
+    bundle's acks leave it, so no offset is committed for an id the journal lacks. An
+    id's time there is the wall clock when its bundle ended: a stream's records reach
+    delivery with no event time of their own left (stages that hold records emit them
+    at the end of the global window), and a new job keeps an id for one TTL after it.
+    """
+
+    def __init__(self, *args: Any, journal_dir: str, ttl_ms: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._journal_dir = journal_dir
+        self._ttl_ms = ttl_ms
+
+    def setup(self) -> None:
+        super().setup()
+        self._journal = DeliveredIds(self._journal_dir, self._ttl_ms)
+        self._bundles = 0
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._taken: list[str] = []
+
+    def _delivered(self, transaction_id: str) -> None:
+        self._taken.append(transaction_id)
+
+    def _before_acks(self) -> None:
+        now_ms = int(time.time() * 1000)
+        self._journal.write([(transaction_id, now_ms) for transaction_id in self._taken])
+        self._taken = []
+        self._bundles += 1
+        if self._bundles % _COMPACT_EVERY_BUNDLES == 0:
+            self._journal.compact()
+
+
+# How often (in bundles) a delivering worker looks whether the journal needs compacting:
+# a listing per bundle would cost an object store request a second.
+_COMPACT_EVERY_BUNDLES = 64
 
 
 # Each batch in flight holds up to max_bytes twice (JSON and gzip); more than a few buys
@@ -268,9 +319,24 @@ class _BatchSink(beam.PTransform):
             max_in_flight=self._max_in_flight,
         )
 
-    def in_stream(self, max_delay: float) -> beam.ParDo:
-        """The same delivery for a stream: dead letters, plus acks of delivered records."""
+    def in_stream(self, max_delay: float, journal: tuple[str, int] | None = None) -> beam.ParDo:
+        """The same delivery for a stream: dead letters, plus acks of delivered records.
+
+        With ``journal`` (a directory and a TTL in ms), delivered ids are journaled first
+        (:class:`_JournaledBatchingFn`).
+        """
         fn = self._batching(max_delay, acks=True)
+        if journal is not None:
+            fn = _JournaledBatchingFn(
+                self._writer,
+                self._max_events,
+                self._max_bytes,
+                max_delay,
+                acks=True,
+                max_in_flight=self._max_in_flight,
+                journal_dir=journal[0],
+                ttl_ms=journal[1],
+            )
         return beam.ParDo(fn).with_outputs(ACKS, DEAD_LETTER, main="sent")
 
 

@@ -31,15 +31,28 @@ class BatchAndDeliverInStream(beam.PTransform):
     guarantees per batch (retries, split, bisect, dead letters) hold unchanged. A batch is
     delivered when full, when its oldest record has waited ``max_delay`` seconds, and at
     every bundle end; nothing waits on a timer (a stream's bundles last about a second).
-    Delivered records are acknowledged.
+    Delivered records are acknowledged. With ``journal`` (a directory and a TTL in ms),
+    each bundle's delivered ids are written to that journal (``delivery.journal``) before
+    its acknowledgements leave it.
     """
 
-    def __init__(self, sink: PostToMoesif | WriteBatchFiles, max_delay: float) -> None:
+    def __init__(
+        self,
+        sink: PostToMoesif | WriteBatchFiles,
+        max_delay: float,
+        journal: tuple[str, int] | None = None,
+    ) -> None:
         super().__init__()
         require_positive("batch_max_delay", max_delay)
+        if journal is not None:
+            if not journal[0]:
+                msg = "the delivered-ids journal directory must not be empty"
+                raise ValueError(msg)
+            require_positive("dedup_ttl", journal[1])
         self._sink = sink
         self._max_delay = max_delay
+        self._journal = journal
 
     def expand(self, records: beam.PCollection) -> Delivered:
-        out = records | "Batch" >> self._sink.in_stream(self._max_delay)
+        out = records | "Batch" >> self._sink.in_stream(self._max_delay, self._journal)
         return Delivered(out[DEAD_LETTER], out[ACKS])

@@ -1,0 +1,113 @@
+"""The journal of delivered ids: whole files only, incremental reads, safe compaction."""
+
+from __future__ import annotations
+
+import time
+
+import apache_beam as beam
+
+from moesif_beam.transforms.delivery.journal import (
+    DeliveredIds,
+    decode_entries,
+    encode_entries,
+    live_entries,
+    shard_of,
+)
+from moesif_beam.transforms.delivery.sinks import ACKS, WriteBatchFiles
+from moesif_beam.transforms.records import Ack, Record
+
+TTL_MS = 60_000
+
+
+def test_entries_round_trip_and_anything_else_is_not_a_journal_file():
+    entries = [("a", 1), ("b\n\t\u00e9", 2**40)]
+    assert decode_entries(encode_entries(entries)) == entries
+    whole = encode_entries(entries)
+    assert decode_entries(whole[:-3]) is None  # cut short
+    assert decode_entries(b'{"a": 1}') is None
+    assert decode_entries(b'[["a", "1"]]') is None
+    assert decode_entries(b'[["a", 1.5]]') is None
+    assert decode_entries(b'[["a", true]]') is None
+    assert decode_entries(b'[["a", 1, 2]]') is None
+
+
+def test_live_entries_keep_each_id_once_at_its_earliest_time_within_the_ttl():
+    entries = [("a", 5_000), ("b", 100_000), ("a", 3_000), ("c", 40_000), ("c", 39_999)]
+    # The newest entry is 100 s: what is older than 100 s - 60 s is forgotten.
+    assert live_entries(entries, TTL_MS) == {"b": 100_000}
+    assert live_entries(entries, 61_000) == {"b": 100_000, "c": 39_999}
+    assert live_entries([], TTL_MS) == {}
+
+
+def test_shards_match_the_dedup_keys():
+    from moesif_beam.transforms.dedup.streaming import _to_shard
+
+    for tid in ("a", "b", "ünï", "x" * 100):
+        assert _to_shard((tid, None), 16)[0] == shard_of(tid, 16)  # type: ignore[arg-type]
+        assert 0 <= shard_of(tid, 16) < 16
+
+
+def test_reads_are_incremental_and_ignore_what_is_not_whole(tmp_path):
+    directory = tmp_path / "j"
+    journal = DeliveredIds(str(directory), TTL_MS)
+    assert journal.read() == {}  # no directory yet
+    journal.write([("a", 1_000), ("b", 2_000)])
+    journal.write([])  # nothing to write: no file
+    assert len(list(directory.glob("*.ids"))) == 1
+    reader = DeliveredIds(str(directory), TTL_MS)
+    assert reader.read() == {"a": 1_000, "b": 2_000}
+    (directory / "torn.ids").write_bytes(b'[["c", 3')  # not whole: ignored
+    (directory / ".x.ids.tmp").write_bytes(b'[["d", 4]]')  # staging: never listed
+    journal.write([("a", 500), ("e", 5_000)])
+    assert reader.read() == {"a": 500, "b": 2_000, "e": 5_000}
+    assert not [p for p in directory.iterdir() if p.name.startswith(".") and p.name != ".x.ids.tmp"]
+
+
+def test_compaction_merges_into_one_file_and_drops_the_expired(tmp_path):
+    directory = tmp_path / "j"
+    journal = DeliveredIds(str(directory), TTL_MS)
+    for i in range(10):
+        journal.write([(f"id-{i}", i * 10_000)])
+    (directory / "torn.ids").write_bytes(b"[")
+    assert not journal.compact(min_files=12)
+    assert journal.compact(min_files=11)
+    files = sorted(p.name for p in directory.glob("*.ids"))
+    assert len(files) == 2 and "torn.ids" in files  # the torn file is left, not merged
+    expected = {f"id-{i}": i * 10_000 for i in range(3, 10)}  # newest 90 s - 60 s = 30 s
+    assert DeliveredIds(str(directory), TTL_MS).read() == expected
+
+
+def test_two_compactions_of_one_journal_lose_nothing(tmp_path):
+    directory = str(tmp_path / "j")
+    writer = DeliveredIds(directory, TTL_MS)
+    for i in range(6):
+        writer.write([(f"id-{i}", 1_000 + i)])
+    one, two = DeliveredIds(directory, TTL_MS), DeliveredIds(directory, TTL_MS)
+    listing = one._listing()
+    assert two.compact(min_files=1)  # the other worker compacts first...
+    # ...then this one, with a listing taken before: the files it lists are gone.
+    one._listing = lambda: listing  # type: ignore[method-assign]
+    one.compact(min_files=1)
+    assert DeliveredIds(directory, TTL_MS).read() == {f"id-{i}": 1_000 + i for i in range(6)}
+
+
+def test_a_stream_journals_its_delivered_ids_before_their_acks_leave(tmp_path):
+    journal_dir = str(tmp_path / "delivered")
+    sink = WriteBatchFiles("events", str(tmp_path / "batches"), max_events=2)
+    fn = sink.in_stream(5.0, journal=(journal_dir, TTL_MS))._do_transform.fn
+    fn.setup()
+    fn.start_bundle()
+    for i, tid in enumerate(("a", "b", "c")):
+        value = Record(0, b"{}", b"raw", "s", ack=Ack("t/0", i, i - 1))
+        list(fn.process((tid, value)))
+    before = int(time.time() * 1000)
+    seen_at_first_ack = None
+    for out in fn.finish_bundle():
+        is_ack = isinstance(out, beam.pvalue.TaggedOutput) and out.tag == ACKS
+        if is_ack and seen_at_first_ack is None:
+            seen_at_first_ack = dict(DeliveredIds(journal_dir, TTL_MS).read())
+    fn.teardown()
+    assert seen_at_first_ack is not None
+    assert set(seen_at_first_ack) == {"a", "b", "c"}
+    # Times are the wall clock when the bundle ended.
+    assert {before <= t <= time.time() * 1000 for t in seen_at_first_ack.values()} == {True}
