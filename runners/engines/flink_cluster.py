@@ -46,9 +46,13 @@ _LIBRARIES: Final = f"apache-flink-libraries=={FLINK_VERSION}"
 
 # Measured on a 2-core, 24 GiB machine (see the README): smaller network memory failed with
 # "Insufficient number of network buffers", smaller task off-heap with "Direct buffer memory".
+# The task heap is what bounds a batch job's size here: runner 2.62 holds a whole bundle's
+# outputs (in batch, a subtask's whole partition) on the heap until the bundle ends, so a
+# 4096m TaskManager (681 MB of heap) failed at 400k events. Managed memory (Flink's sort
+# buffers, which spill) gets a quarter instead of Flink's 40%, and the heap the rest.
 _MEMORY: Final = {
     "jobmanager.memory.process.size": "1024m",
-    "taskmanager.memory.process.size": "4096m",
+    "taskmanager.memory.managed.fraction": "0.25",
     "taskmanager.memory.network.min": "384mb",
     "taskmanager.memory.network.max": "384mb",
     "taskmanager.memory.task.off-heap.size": "768m",
@@ -142,7 +146,42 @@ def ensure_flink_home(version: str = FLINK_VERSION) -> Path:
     return home
 
 
-def _config(port: int, data_dir: Path, home: Path) -> str:
+_MIN_TASKMANAGER_MB: Final = 4096
+_MAX_TASKMANAGER_MB: Final = 16384
+
+
+def default_taskmanager_mb() -> int:
+    """A third of this machine's memory, between 4 and 16 GiB (8 GiB on 24 GiB)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError):
+        return _MIN_TASKMANAGER_MB
+    return max(_MIN_TASKMANAGER_MB, min(_MAX_TASKMANAGER_MB, total // 3))
+
+
+def parse_memory_mb(text: str) -> int:
+    """``4096m``, ``8g`` or ``8192`` (MiB) as MiB.
+
+    Raises:
+        ValueError: not such a size, or below what the TaskManager's fixed parts need.
+    """
+    value = text.strip().lower()
+    scale = 1
+    if value.endswith(("g", "gb")):
+        scale, value = 1024, value.rstrip("gb")
+    elif value.endswith(("m", "mb")):
+        value = value.rstrip("mb")
+    if not value.isdigit():
+        msg = f"--taskmanager_memory must be a size like 8g or 6144m, got {text!r}"
+        raise ValueError(msg)
+    mb = int(value) * scale
+    if mb < 3072:
+        msg = f"--taskmanager_memory must be at least 3g (its fixed parts need 2.4g), got {text}"
+        raise ValueError(msg)
+    return mb
+
+
+def _config(port: int, data_dir: Path, home: Path, taskmanager_mb: int) -> str:
     java_opts = ""
     for line in (home / "conf" / "config.yaml").read_text().splitlines():
         if line.strip().startswith("all: --add-"):  # Flink's own Java 17 module openings
@@ -161,6 +200,7 @@ def _config(port: int, data_dir: Path, home: Path) -> str:
         "io.tmp.dirs": str(data_dir / "tmp"),
         "web.tmpdir": str(data_dir / "tmp"),
         "jobmanager.execution.failover-strategy": "region",
+        "taskmanager.memory.process.size": f"{taskmanager_mb}m",
         **_MEMORY,
     }
     return "".join(f"{key}: {value}\n" for key, value in settings.items())
@@ -169,8 +209,9 @@ def _config(port: int, data_dir: Path, home: Path) -> str:
 class FlinkCluster:
     """A JobManager, a TaskManager and a Python worker pool, each our child process."""
 
-    def __init__(self, port: int, data_dir: str) -> None:
+    def __init__(self, port: int, data_dir: str, taskmanager_mb: int | None = None) -> None:
         self.port = port
+        self.taskmanager_mb = taskmanager_mb or default_taskmanager_mb()
         self.data_dir = Path(data_dir).resolve()
         self._processes: list[subprocess.Popen[bytes]] = []
         self.worker_pool = ""
@@ -183,7 +224,9 @@ class FlinkCluster:
         logs = self.data_dir / "log"
         for directory in (conf, logs, self.data_dir / "tmp"):
             directory.mkdir(parents=True, exist_ok=True)
-        (conf / "config.yaml").write_text(_config(self.port, self.data_dir, home))
+        (conf / "config.yaml").write_text(
+            _config(self.port, self.data_dir, home, self.taskmanager_mb)
+        )
         for name in ("log4j.properties", "log4j-console.properties"):
             shutil.copyfile(home / "conf" / name, conf / name)
         env = dict(
@@ -251,7 +294,20 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--port", type=int, default=8081, help="REST API port (default 8081)")
     parser.add_argument("--data_dir", required=True, help="configuration, logs, temporary files")
+    parser.add_argument(
+        "--taskmanager_memory",
+        default="",
+        help="the TaskManager's total memory, e.g. 8g (default: a third of this machine's, "
+        "4g to 16g); a batch job's heap need grows with its input, see the README",
+    )
     args = parser.parse_args(argv)
+    taskmanager_mb = None
+    try:
+        if args.taskmanager_memory:
+            taskmanager_mb = parse_memory_mb(args.taskmanager_memory)
+    except ValueError as exc:
+        print(f"moesif-beam flink-local: {exc}", file=sys.stderr, flush=True)
+        return 2
     stopping = threading.Event()
 
     def stop(_signum: int, _frame: Any) -> None:
@@ -259,12 +315,12 @@ def main(argv: list[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    cluster = FlinkCluster(args.port, args.data_dir)
+    cluster = FlinkCluster(args.port, args.data_dir, taskmanager_mb)
     try:
         cluster.start()
         print(
-            f"flink listening on 127.0.0.1:{args.port} (workers {cluster.worker_pool}, data in "
-            f"{cluster.data_dir})",
+            f"flink listening on 127.0.0.1:{args.port} (workers {cluster.worker_pool}, "
+            f"TaskManager {cluster.taskmanager_mb} MiB, data in {cluster.data_dir})",
             flush=True,
         )
         while not stopping.wait(1.0):

@@ -219,3 +219,17 @@ def test_the_dedup_journal_is_a_worker_path():
     assert placed == {"dedup_journal": f"{os.getcwd()}/ids"}
     with pytest.raises(UsageError, match=r"^--dedup_journal ids is a local path; Dataflow"):
         place_paths({"dedup_journal": "ids"}, ["--runner=DataflowRunner"])
+
+
+def test_a_flink_local_run_gets_two_workers_per_subtask():
+    from moesif_beam.runners.engines.flink import pool_worker_flags
+
+    assert pool_worker_flags(["--parallelism=3"], "127.0.0.1:5") == [
+        "--environment_type=EXTERNAL",
+        "--environment_config=127.0.0.1:5",
+        "--sdk_worker_parallelism=6",
+    ]
+    assert pool_worker_flags([], "p")[-1] == "--sdk_worker_parallelism=4"
+    given = ["--sdk_worker_parallelism", "1"]
+    expected = ["--environment_type=EXTERNAL", "--environment_config=p"]
+    assert pool_worker_flags(given, "p") == expected
