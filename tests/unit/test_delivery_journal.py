@@ -111,3 +111,24 @@ def test_a_stream_journals_its_delivered_ids_before_their_acks_leave(tmp_path):
     assert set(seen_at_first_ack) == {"a", "b", "c"}
     # Times are the wall clock when the bundle ended.
     assert {before <= t <= time.time() * 1000 for t in seen_at_first_ack.values()} == {True}
+
+
+def test_a_read_racing_a_compaction_still_sees_every_id(tmp_path):
+    directory = str(tmp_path / "j")
+    writer = DeliveredIds(directory, TTL_MS)
+    for i in range(4):
+        writer.write([(f"id-{i}", 1_000 + i)])
+    reader = DeliveredIds(directory, TTL_MS)
+    listing = reader._listing
+    calls = []
+
+    def compacted_after_listing() -> list[str]:
+        paths = listing()
+        if not calls:  # the first listing is stale by the time the files are read
+            DeliveredIds(directory, TTL_MS).compact(min_files=1)
+        calls.append(paths)
+        return paths
+
+    reader._listing = compacted_after_listing  # type: ignore[method-assign]
+    assert reader.read() == {f"id-{i}": 1_000 + i for i in range(4)}
+    assert len(calls) == 2  # listed again once files had vanished

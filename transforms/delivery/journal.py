@@ -117,11 +117,8 @@ class DeliveredIds:
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 return decode_entries(f.read())
-        except FileNotFoundError:
-            return None  # compacted away by another worker since the listing; its
-            # entries are in the file that compaction wrote, which a later listing finds
         except OSError:
-            return None
+            return None  # gone (compacted away since the listing) or unreadable
 
     def write(self, entries: Sequence[Entry]) -> None:
         """Add ``entries`` in one new file; returns once the file is whole."""
@@ -141,19 +138,32 @@ class DeliveredIds:
         FileSystems.rename([staging], [final])
 
     def read(self) -> dict[str, int]:
-        """Every live delivered id with its event time, files written since included."""
+        """Every live delivered id with its time, files written since the last read included."""
         if not FileSystems.exists(self.directory):
             return self._ids
-        fresh = [p for p in self._listing() if p not in self._read]
-        for path in fresh:
-            entries = self._load(path)
-            self._read.add(path)
-            if entries:
-                for transaction_id, time_ms in entries:
+        added = False
+        # A file can vanish between the listing and its read when another worker compacts:
+        # its entries are then in the compacted file, which the next listing shows.
+        for _ in range(3):
+            listing = self._listing()
+            self._read &= set(listing)  # forget names compaction removed
+            vanished = False
+            for path in listing:
+                if path in self._read:
+                    continue
+                entries = self._load(path)
+                if entries is None and not FileSystems.exists(path):
+                    vanished = True
+                    continue
+                self._read.add(path)
+                for transaction_id, time_ms in entries or ():
                     known = self._ids.get(transaction_id)
                     if known is None or time_ms < known:
                         self._ids[transaction_id] = time_ms
-        if fresh:
+                    added = True
+            if not vanished:
+                break
+        if added:
             self._ids = live_entries(self._ids.items(), self.ttl_ms)
         return self._ids
 
