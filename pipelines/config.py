@@ -6,6 +6,7 @@ plain typed values from it and never see argparse.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -96,7 +97,7 @@ class PipelineConfig:
         dedup_ttl: in streaming, how long a transaction id is remembered, in seconds.
         dedup_journal: in streaming, where delivered transaction ids are journaled so a
             restarted stream still drops their copies (any Beam filesystem the workers
-            share); empty means ``<output_dir>/.delivered-ids/<pipeline>``.
+            share); empty means ``<output_dir>/.delivered-ids/<pipeline>-<destination>``.
         drain_timeout: in streaming, how long a drain (SIGTERM, Ctrl-C) may take, in
             seconds; what is undelivered then is not committed and is read again.
         dedup_spill: bounded runs deduplicate through files partitioned by id under
@@ -271,9 +272,20 @@ class PipelineConfig:
 
     @property
     def dedup_journal_dir(self) -> str:
-        """Where a stream journals its delivered ids (``dedup_journal`` or its default)."""
-        default = f"{self.output_dir.rstrip('/')}/.delivered-ids/{self.pipeline}"
-        return self.dedup_journal or default
+        """Where a stream journals its delivered ids (``dedup_journal`` or its default).
+
+        The default names the destination (batch files, or a hash of the collector's URL),
+        so a run to batch files or another collector never makes a stream to Moesif drop
+        ids it did not send there.
+        """
+        if self.dedup_journal:
+            return self.dedup_journal
+        if self.application_id is None:
+            destination = "batch-files"
+        else:
+            digest = hashlib.sha256(self.base_url.encode("utf-8")).hexdigest()[:12]
+            destination = f"collector-{digest}"
+        return f"{self.output_dir.rstrip('/')}/.delivered-ids/{self.pipeline}-{destination}"
 
     @property
     def spill_dir(self) -> str:

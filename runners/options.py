@@ -259,7 +259,7 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
         default=d["dedup_journal"],
         help="streaming: where delivered transaction ids are journaled, so a restarted "
         "stream still drops their copies within --dedup_ttl; any Beam filesystem the "
-        "workers share (default <output_dir>/.delivered-ids/<pipeline>)",
+        "workers share (default <output_dir>/.delivered-ids/<pipeline>-<destination>)",
     )
     batching.add_argument(
         "--drain_timeout",

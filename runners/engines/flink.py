@@ -487,13 +487,16 @@ def start_flink_job_server(
 
 
 def pool_worker_flags(beam_args: list[str], pool: str) -> list[str]:
-    """The flags that run a job's Python work on the worker pool at ``pool``, on every core.
+    """The flags that run a job's Python work on the worker pool at ``pool``.
 
-    Flags the user gave win.
+    Two Python workers per subtask (``--parallelism``, 2 if not given), unless the user
+    gave ``--sdk_worker_parallelism``; a ``--parallelism`` that is not a positive whole
+    number is left for Beam to refuse.
     """
     flags = _flink_flags(beam_args)
     extra = ["--environment_type=EXTERNAL", f"--environment_config={pool}"]
-    if not flags.sdk_worker_parallelism:
+    parallelism = str(flags.parallelism or "2")
+    if not flags.sdk_worker_parallelism and parallelism.isdigit() and int(parallelism) > 0:
         # Beam's default is one Python worker per task manager, which every slot's
         # subtasks then share: one core's worth of Python (measured: one worker at 100%
         # through a 1M-event job). The runner ties each stage's subtask to a worker in
@@ -501,7 +504,7 @@ def pool_worker_flags(beam_args: list[str], pool: str) -> list[str]:
         # that both subtasks of the busiest stage land on one. (Its bundle load
         # balancing, which would decide per bundle, deadlocked a batch job: a stage's
         # bundle holds its worker while it waits on the next stage's.)
-        extra.append(f"--sdk_worker_parallelism={2 * int(flags.parallelism or 2)}")
+        extra.append(f"--sdk_worker_parallelism={2 * int(parallelism)}")
     return extra
 
 

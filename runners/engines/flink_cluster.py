@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,11 +151,23 @@ _MIN_TASKMANAGER_MB: Final = 4096
 _MAX_TASKMANAGER_MB: Final = 16384
 
 
-def default_taskmanager_mb() -> int:
-    """A third of this machine's memory, between 4 and 16 GiB (8 GiB on 24 GiB)."""
+def _memory_mb() -> int | None:
+    """This machine's memory in MiB, or its container's limit (cgroup v2) if lower."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     except (ValueError, OSError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return int(total)
+    return int(min(total, int(limit) // 2**20)) if limit.isdigit() else int(total)
+
+
+def default_taskmanager_mb() -> int:
+    """A third of this machine's (or container's) memory, 4 to 16 GiB (8 GiB on 24 GiB)."""
+    total = _memory_mb()
+    if total is None:
         return _MIN_TASKMANAGER_MB
     return max(_MIN_TASKMANAGER_MB, min(_MAX_TASKMANAGER_MB, total // 3))
 
@@ -165,16 +178,11 @@ def parse_memory_mb(text: str) -> int:
     Raises:
         ValueError: not such a size, or below what the TaskManager's fixed parts need.
     """
-    value = text.strip().lower()
-    scale = 1
-    if value.endswith(("g", "gb")):
-        scale, value = 1024, value.rstrip("gb")
-    elif value.endswith(("m", "mb")):
-        value = value.rstrip("mb")
-    if not value.isdigit():
+    match = re.fullmatch(r"(\d+)\s*(g|gb|m|mb)?", text.strip().lower())
+    if match is None:
         msg = f"--taskmanager_memory must be a size like 8g or 6144m, got {text!r}"
         raise ValueError(msg)
-    mb = int(value) * scale
+    mb = int(match.group(1)) * (1024 if (match.group(2) or "m").startswith("g") else 1)
     if mb < 3072:
         msg = f"--taskmanager_memory must be at least 3g (its fixed parts need 2.4g), got {text}"
         raise ValueError(msg)

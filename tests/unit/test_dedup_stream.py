@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -234,7 +236,8 @@ def test_a_new_job_drops_copies_of_ids_the_journal_says_were_delivered(tmp_path)
     journal = str(tmp_path / "delivered")
     first_job = _Runner()
     assert _process(_worker(journal), first_job, ["x", "y"]) == ["x", "y"]
-    DeliveredIds(journal, TTL * 1000).write([("x", 1), ("y", 1)])  # what delivery wrote
+    now = int(time.time() * 1000)
+    DeliveredIds(journal, TTL * 1000).write([("x", now), ("y", now)])  # what delivery wrote
     # A restart without a checkpoint: a new job, empty state, a fresh worker.
     assert _process(_worker(journal), _Runner(), ["x", "z", "y"]) == ["z"]
     # Without the journal, that job delivers both copies again (the old behaviour).
@@ -250,7 +253,7 @@ def test_a_moved_shard_also_learns_what_was_delivered_after_its_state_rolled_bac
     _process(a, runner, ["x"])
     checkpoint = dict(runner.committed)
     _process(a, runner, ["y"])
-    DeliveredIds(journal, TTL * 1000).write([("y", 1)])
+    DeliveredIds(journal, TTL * 1000).write([("y", int(time.time() * 1000))])
     # y was delivered before the job went back to the checkpoint: its copy is dropped.
     runner.committed = checkpoint
     assert _process(_worker(journal), runner, ["y", "w"]) == ["w"]
@@ -265,7 +268,7 @@ def test_the_single_process_stream_starts_from_the_journal(tmp_path):
     from moesif_beam.transforms.delivery.journal import DeliveredIds
 
     journal = str(tmp_path / "delivered")
-    DeliveredIds(journal, TTL * 1000).write([("x", 1_000)])
+    DeliveredIds(journal, TTL * 1000).write([("x", int(time.time() * 1000))])
     fn = _DedupAndCheckFn(_uuid.uuid4().hex, TTL, {}, "events", journal=journal)
     fn.setup()
     passed = [

@@ -17,6 +17,8 @@ from moesif_beam.transforms.delivery.sinks import ACKS, WriteBatchFiles
 from moesif_beam.transforms.records import Ack, Record
 
 TTL_MS = 60_000
+# Journal times are the wall clock: entries are made relative to now.
+T0 = int(time.time() * 1000)
 
 
 def test_entries_round_trip_and_anything_else_is_not_a_journal_file():
@@ -33,9 +35,13 @@ def test_entries_round_trip_and_anything_else_is_not_a_journal_file():
 
 def test_live_entries_keep_each_id_once_at_its_earliest_time_within_the_ttl():
     entries = [("a", 5_000), ("b", 100_000), ("a", 3_000), ("c", 40_000), ("c", 39_999)]
-    # The newest entry is 100 s: what is older than 100 s - 60 s is forgotten.
+    # With the clock behind the newest entry (100 s), the newest is "now": what is older
+    # than 100 s - 60 s is forgotten.
     assert live_entries(entries, TTL_MS) == {"b": 100_000}
     assert live_entries(entries, 61_000) == {"b": 100_000, "c": 39_999}
+    # With the clock ahead, the clock decides: after a long stop, old ids are not live.
+    assert live_entries(entries, 61_000, now_ms=100_500) == {"b": 100_000, "c": 39_999}
+    assert live_entries(entries, 61_000, now_ms=200_000) == {}
     assert live_entries([], TTL_MS) == {}
 
 
@@ -51,29 +57,35 @@ def test_reads_are_incremental_and_ignore_what_is_not_whole(tmp_path):
     directory = tmp_path / "j"
     journal = DeliveredIds(str(directory), TTL_MS)
     assert journal.read() == {}  # no directory yet
-    journal.write([("a", 1_000), ("b", 2_000)])
+    journal.write([("a", T0 + 1), ("b", T0 + 2)])
     journal.write([])  # nothing to write: no file
     assert len(list(directory.glob("*.ids"))) == 1
     reader = DeliveredIds(str(directory), TTL_MS)
-    assert reader.read() == {"a": 1_000, "b": 2_000}
+    assert reader.read() == {"a": T0 + 1, "b": T0 + 2}
     (directory / "torn.ids").write_bytes(b'[["c", 3')  # not whole: ignored
     (directory / ".x.ids.tmp").write_bytes(b'[["d", 4]]')  # staging: never listed
-    journal.write([("a", 500), ("e", 5_000)])
-    assert reader.read() == {"a": 500, "b": 2_000, "e": 5_000}
-    assert not [p for p in directory.iterdir() if p.name.startswith(".") and p.name != ".x.ids.tmp"]
+    journal.write([("a", T0), ("e", T0 + 5)])
+    assert reader.read() == {"a": T0, "b": T0 + 2, "e": T0 + 5}
+    assert reader.read_shard(shard_of("e", 4), 4)["e"] == T0 + 5
+    assert sum(len(reader.read_shard(i, 4)) for i in range(4)) == 3
 
 
-def test_compaction_merges_into_one_file_and_drops_the_expired(tmp_path):
+def test_ids_a_ttl_older_than_now_are_forgotten(tmp_path):
+    journal = DeliveredIds(str(tmp_path / "j"), TTL_MS)
+    journal.write([("old", T0 - TTL_MS - 5_000), ("new", T0)])
+    assert journal.read() == {"new": T0}
+
+
+def test_compaction_merges_into_one_file_and_drops_the_expired_and_the_torn(tmp_path):
     directory = tmp_path / "j"
     journal = DeliveredIds(str(directory), TTL_MS)
     for i in range(10):
-        journal.write([(f"id-{i}", i * 10_000)])
+        journal.write([(f"id-{i}", T0 - i * 10_000)])
     (directory / "torn.ids").write_bytes(b"[")
     assert not journal.compact(min_files=12)
     assert journal.compact(min_files=11)
-    files = sorted(p.name for p in directory.glob("*.ids"))
-    assert len(files) == 2 and "torn.ids" in files  # the torn file is left, not merged
-    expected = {f"id-{i}": i * 10_000 for i in range(3, 10)}  # newest 90 s - 60 s = 30 s
+    assert len(list(directory.glob("*.ids"))) == 1  # one merged file; the torn one removed
+    expected = {f"id-{i}": T0 - i * 10_000 for i in range(6)}  # within 60 s of now
     assert DeliveredIds(str(directory), TTL_MS).read() == expected
 
 
@@ -81,14 +93,31 @@ def test_two_compactions_of_one_journal_lose_nothing(tmp_path):
     directory = str(tmp_path / "j")
     writer = DeliveredIds(directory, TTL_MS)
     for i in range(6):
-        writer.write([(f"id-{i}", 1_000 + i)])
+        writer.write([(f"id-{i}", T0 + i)])
     one, two = DeliveredIds(directory, TTL_MS), DeliveredIds(directory, TTL_MS)
     listing = one._listing()
     assert two.compact(min_files=1)  # the other worker compacts first...
     # ...then this one, with a listing taken before: the files it lists are gone.
     one._listing = lambda: listing  # type: ignore[method-assign]
     one.compact(min_files=1)
-    assert DeliveredIds(directory, TTL_MS).read() == {f"id-{i}": 1_000 + i for i in range(6)}
+    assert DeliveredIds(directory, TTL_MS).read() == {f"id-{i}": T0 + i for i in range(6)}
+
+
+def test_a_compaction_that_fails_does_not_fail_delivery(tmp_path, caplog):
+    journal = DeliveredIds(str(tmp_path / "j"), TTL_MS)
+    journal.write([("a", T0)])
+
+    def full_disk(_entries: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    journal.write = full_disk  # type: ignore[method-assign]
+    with caplog.at_level("WARNING"):
+        journal.compact_quietly()  # the default threshold is not reached: nothing to do
+        assert not caplog.text
+        journal.compact = lambda min_files=1: DeliveredIds.compact(journal, 1)  # type: ignore[method-assign]
+        journal.compact_quietly()  # logged, not raised
+    assert "could not compact the delivered-ids journal" in caplog.text
+    assert DeliveredIds(str(tmp_path / "j"), TTL_MS).read() == {"a": T0}  # nothing deleted
 
 
 def test_a_stream_journals_its_delivered_ids_before_their_acks_leave(tmp_path):
@@ -117,7 +146,7 @@ def test_a_read_racing_a_compaction_still_sees_every_id(tmp_path):
     directory = str(tmp_path / "j")
     writer = DeliveredIds(directory, TTL_MS)
     for i in range(4):
-        writer.write([(f"id-{i}", 1_000 + i)])
+        writer.write([(f"id-{i}", T0 + i)])
     reader = DeliveredIds(directory, TTL_MS)
     listing = reader._listing
     calls = []
@@ -130,5 +159,5 @@ def test_a_read_racing_a_compaction_still_sees_every_id(tmp_path):
         return paths
 
     reader._listing = compacted_after_listing  # type: ignore[method-assign]
-    assert reader.read() == {f"id-{i}": 1_000 + i for i in range(4)}
+    assert reader.read() == {f"id-{i}": T0 + i for i in range(4)}
     assert len(calls) == 2  # listed again once files had vanished

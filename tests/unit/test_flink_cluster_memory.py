@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from moesif_beam.runners.engines.flink_cluster import (
@@ -18,16 +20,19 @@ def test_sizes_are_read_in_mib(text, mb):
     assert parse_memory_mb(text) == mb
 
 
-@pytest.mark.parametrize("text", ["", "lots", "8 t", "-8g", "2g", "1024m"])
+@pytest.mark.parametrize("text", ["", "lots", "8 t", "-8g", "2g", "1024m", "8bg", "8gm"])
 def test_unusable_sizes_are_refused_naming_the_flag(text):
     with pytest.raises(ValueError, match="--taskmanager_memory"):
         parse_memory_mb(text)
 
 
 def test_the_default_is_a_third_of_this_machine_within_bounds():
-    import os
+    from moesif_beam.runners.engines.flink_cluster import _memory_mb
 
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    total = _memory_mb()
+    assert total is not None
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    assert 0 < total <= physical
     assert default_taskmanager_mb() == max(4096, min(16384, total // 3))
 
 

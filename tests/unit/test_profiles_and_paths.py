@@ -233,3 +233,5 @@ def test_a_flink_local_run_gets_two_workers_per_subtask():
     given = ["--sdk_worker_parallelism", "1"]
     expected = ["--environment_type=EXTERNAL", "--environment_config=p"]
     assert pool_worker_flags(given, "p") == expected
+    for odd in ("--parallelism=two", "--parallelism=-1"):  # Beam refuses these itself
+        assert pool_worker_flags([odd], "p") == expected

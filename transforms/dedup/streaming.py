@@ -192,11 +192,7 @@ class _DedupFn(beam.DoFn):
         if seen.generation is None or stored != seen.generation:
             seen.load(ids.read())
             if self._journal is not None:
-                delivered = self._journal.read()
-                seen.absorb(
-                    {t: ms for t, ms in delivered.items() if shard_of(t, self._shards) == shard},
-                    self._ttl_ms,
-                )
+                seen.absorb(self._journal.read_shard(shard, self._shards), self._ttl_ms)
             oldest = seen.oldest_bucket_end()
             if oldest is not None:
                 seen.timer_at = oldest + self._ttl_ms
@@ -423,6 +419,9 @@ class DedupAndCheckInProcess(beam.PTransform):
         super().__init__()
         require_positive("dedup_ttl", ttl_seconds)
         InProcessSchema(stored)  # validates the stored types now, not in a worker
+        if journal is not None and not journal:
+            msg = "the delivered-ids journal directory must not be empty"
+            raise ValueError(msg)
         self._fn = _DedupAndCheckFn(
             uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline, store, journal
         )

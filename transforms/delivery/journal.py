@@ -11,23 +11,26 @@ again. The journal closes that gap:
 * the dedup of a new job (or of a shard that moved to another worker) reads the journal
   when it builds its memory, and drops later copies of those ids within the TTL.
 
-Files are written whole under a fresh name and never changed; a file cut short by a crash
-is ignored (its bundle never acknowledged anything, so its records come again). Any
-worker may compact: it writes the live entries of the files it read into one new file,
-then deletes those files, so concurrent compactions only ever repeat entries. Entries are
-``(transaction id, event time ms)``; what is forgotten is what is a TTL older than the
-newest entry, the same event-time rule the dedup applies.
+Files are written whole under a fresh name and never changed; a file that is not a whole
+journal file is ignored (and removed by the next compaction). Any worker may compact: it
+writes the live entries of the files it read into one new file, then deletes those files,
+so concurrent compactions only ever repeat entries. Entries are ``(transaction id, time
+ms)``, the time being the wall clock when delivery's bundle ended; an entry is forgotten
+a TTL after that (after the newest entry's time, if the clock is behind it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
 import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 
 import orjson
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 __all__ = [
@@ -76,8 +79,11 @@ def decode_entries(data: bytes) -> list[Entry] | None:
     return entries
 
 
-def live_entries(entries: Iterable[Entry], ttl_ms: int) -> dict[str, int]:
-    """Each id once, at its earliest time, without those a TTL older than the newest."""
+def live_entries(entries: Iterable[Entry], ttl_ms: int, now_ms: int = 0) -> dict[str, int]:
+    """Each id once, at its earliest time, without those a TTL older than ``now_ms``.
+
+    ``now_ms`` is raised to the newest entry's time when it is behind it.
+    """
     earliest: dict[str, int] = {}
     for transaction_id, time_ms in entries:
         known = earliest.get(transaction_id)
@@ -85,15 +91,23 @@ def live_entries(entries: Iterable[Entry], ttl_ms: int) -> dict[str, int]:
             earliest[transaction_id] = time_ms
     if not earliest:
         return earliest
-    horizon = max(earliest.values()) - ttl_ms
+    newest = max(earliest.values())
+    horizon = max(now_ms, newest) - ttl_ms
     return {tid: t for tid, t in earliest.items() if t >= horizon}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+_LOG = logging.getLogger(__name__)
 
 
 class DeliveredIds:
     """A journal directory (any Beam filesystem) of delivered ids; see the module docstring.
 
     Reading is incremental: each instance remembers the files it has read, so a later
-    :meth:`read` costs one listing and the new files.
+    read costs one listing and the new files. One instance may be shared by threads.
     """
 
     def __init__(self, directory: str, ttl_ms: int) -> None:
@@ -105,27 +119,39 @@ class DeliveredIds:
             raise ValueError(msg)
         self.directory = directory.rstrip("/")
         self.ttl_ms = ttl_ms
+        self._lock = threading.Lock()
         self._read: set[str] = set()
         self._ids: dict[str, int] = {}
+        self._by_shard: dict[int, dict[int, dict[str, int]]] = {}  # shards -> shard -> ids
 
     def _listing(self) -> list[str]:
+        """The journal's files; none when the directory (or bucket prefix) has none yet.
+
+        No ``exists`` check on the directory: on object stores a prefix is not an object.
+        """
         pattern = FileSystems.join(self.directory, f"*{_SUFFIX}")
-        matches = FileSystems.match([pattern])[0].metadata_list
+        try:
+            matches = FileSystems.match([pattern])[0].metadata_list
+        except BeamIOError:
+            return []
         return sorted(m.path for m in matches)
 
-    def _load(self, path: str) -> list[Entry] | None:
+    @staticmethod
+    def _fetch(path: str) -> bytes | None:
+        """A file's bytes; None when it is gone or cannot be read now."""
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                return decode_entries(f.read())
+                data: bytes = f.read()
         except OSError:
-            return None  # gone (compacted away since the listing) or unreadable
+            return None
+        return data
 
     def write(self, entries: Sequence[Entry]) -> None:
         """Add ``entries`` in one new file; returns once the file is whole."""
         if not entries:
             return
-        if not FileSystems.exists(self.directory):
-            # Made meanwhile by another worker, perhaps (object stores need none).
+        if "://" not in self.directory:
+            # Made meanwhile by another worker, perhaps (object stores need no directory).
             with contextlib.suppress(OSError):
                 FileSystems.mkdirs(self.directory)
         name = f"{uuid.uuid4().hex}{_SUFFIX}"
@@ -138,57 +164,81 @@ class DeliveredIds:
         FileSystems.rename([staging], [final])
 
     def read(self) -> dict[str, int]:
-        """Every live delivered id with its time, files written since the last read included."""
-        if not FileSystems.exists(self.directory):
-            return self._ids
+        """Every live delivered id with its time, files written since the last read included.
+
+        A copy, safe to use while other threads read.
+        """
+        with self._lock:
+            self._refresh()
+            return dict(self._ids)
+
+    def read_shard(self, shard: int, shards: int) -> dict[str, int]:
+        """:meth:`read`, only the ids of one dedup shard (see :func:`shard_of`)."""
+        with self._lock:
+            self._refresh()
+            index = self._by_shard.get(shards)
+            if index is None:
+                index = self._by_shard[shards] = {}
+                for transaction_id, time_ms in self._ids.items():
+                    part = shard_of(transaction_id, shards)
+                    index.setdefault(part, {})[transaction_id] = time_ms
+            return dict(index.get(shard, {}))
+
+    def _refresh(self) -> None:
         added = False
         # A file can vanish between the listing and its read when another worker compacts:
         # its entries are then in the compacted file, which the next listing shows.
         for _ in range(3):
             listing = self._listing()
             self._read &= set(listing)  # forget names compaction removed
-            vanished = False
+            missed = False
             for path in listing:
                 if path in self._read:
                     continue
-                entries = self._load(path)
-                if entries is None and not FileSystems.exists(path):
-                    vanished = True
+                data = self._fetch(path)
+                if data is None:
+                    missed = True  # gone, or not readable now: not marked, tried again
                     continue
-                self._read.add(path)
-                for transaction_id, time_ms in entries or ():
+                self._read.add(path)  # a file that is not whole stays ignored
+                for transaction_id, time_ms in decode_entries(data) or ():
                     known = self._ids.get(transaction_id)
                     if known is None or time_ms < known:
                         self._ids[transaction_id] = time_ms
                     added = True
-            if not vanished:
+            if not missed:
                 break
         if added:
-            self._ids = live_entries(self._ids.items(), self.ttl_ms)
-        return self._ids
+            self._ids = live_entries(self._ids.items(), self.ttl_ms, _now_ms())
+            self._by_shard = {}
 
     def compact(self, min_files: int = COMPACT_AFTER_FILES) -> bool:
         """Merge the journal into one file when it has ``min_files`` or more.
 
         Returns whether it compacted. Safe with concurrent writers and compactions: only
-        files whose entries are already in the new file are deleted.
+        files whose entries are already in the new file (or that are not journal files)
+        are deleted.
         """
-        if not FileSystems.exists(self.directory):
-            return False
         paths = self._listing()
         if len(paths) < min_files:
             return False
         merged: list[Entry] = []
-        readable: list[str] = []
+        done: list[str] = []
         for path in paths:
-            entries = self._load(path)
-            if entries is None:
-                continue
-            readable.append(path)
-            merged.extend(entries)
-        self.write(list(live_entries(merged, self.ttl_ms).items()))
-        for path in readable:
+            data = self._fetch(path)
+            if data is None:
+                continue  # gone or unreadable now: left for a later compaction
+            merged.extend(decode_entries(data) or ())
+            done.append(path)
+        self.write(list(live_entries(merged, self.ttl_ms, _now_ms()).items()))
+        for path in done:
             # Perhaps deleted by a concurrent compaction, whose file holds its entries.
             with contextlib.suppress(OSError):
                 FileSystems.delete([path])
         return True
+
+    def compact_quietly(self) -> None:
+        """:meth:`compact`, logging instead of raising: compaction only saves space and time."""
+        try:
+            self.compact()
+        except OSError as exc:
+            _LOG.warning("could not compact the delivered-ids journal %s: %s", self.directory, exc)

@@ -233,7 +233,8 @@ class _JournaledBatchingFn(_BatchingFn):
         self._taken = []
         self._bundles += 1
         if self._bundles % _COMPACT_EVERY_BUNDLES == 0:
-            self._journal.compact()
+            # After the write: the bundle's ids are safe whatever compaction does.
+            self._journal.compact_quietly()
 
 
 # How often (in bundles) a delivering worker looks whether the journal needs compacting:

@@ -48,7 +48,9 @@ class BatchAndDeliverInStream(beam.PTransform):
             if not journal[0]:
                 msg = "the delivered-ids journal directory must not be empty"
                 raise ValueError(msg)
-            require_positive("dedup_ttl", journal[1])
+            if journal[1] < 1:
+                msg = f"the journal's TTL must be at least 1 ms, got {journal[1]}"
+                raise ValueError(msg)
         self._sink = sink
         self._max_delay = max_delay
         self._journal = journal
