@@ -13,13 +13,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.deadletters.handler import DeadLetters, verify_dead_letters
 from moesif_beam.transforms.deadletters.letters import WriteDeadLetters
 from moesif_beam.transforms.deadletters.streaming import WriteDeadLettersInStream
-from moesif_beam.transforms.dedup.bounded import DedupByTransactionId
+from moesif_beam.transforms.dedup.bounded import (
+    DEFAULT_PARTITIONS,
+    DedupByTransactionId,
+    open_file_budget,
+    spill_partitions,
+)
 from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess, DedupInStream
 from moesif_beam.transforms.delivery import PostToMoesif, WriteBatchFiles
 from moesif_beam.transforms.delivery.streaming import BatchAndDeliverInStream
@@ -68,7 +74,7 @@ def build_delivery(
     rejects = DeadLetters()
     normalized, _ = read_and_normalize(pipeline, config, rejects)
     unique = normalized.records | "Dedup" >> DedupByTransactionId(
-        config.spill_dir if config.dedup_spill else None
+        config.spill_dir if config.dedup_spill else None, _spill_partitions(config)
     )
     checked = (unique, normalized.signatures) | "MetadataSchema" >> EnforceMetadataSchema(
         stored_schema, config.pipeline
@@ -86,6 +92,22 @@ def build_delivery(
     )
     verify_dead_letters(pipeline)
     return pipeline
+
+
+def _spill_partitions(config: PipelineConfig) -> int:
+    """Partitions for the dedup spill: from the input's size when it is files."""
+    if not config.dedup_spill or config.kafka is not None or not config.input:
+        return DEFAULT_PARTITIONS
+    plain = gzip = 0
+    try:
+        for match in FileSystems.match([config.input])[0].metadata_list:
+            if match.path.endswith(".gz"):
+                gzip += match.size_in_bytes
+            else:
+                plain += match.size_in_bytes
+    except Exception:
+        return DEFAULT_PARTITIONS
+    return spill_partitions(plain, gzip, max_partitions=open_file_budget())
 
 
 def read_and_normalize(
