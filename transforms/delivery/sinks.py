@@ -310,14 +310,22 @@ class _BatchSink(beam.PTransform):
     _max_bytes: int
     _max_in_flight: int
 
-    def _batching(self, max_delay: float | None = None, *, acks: bool = False) -> _BatchingFn:
-        return _BatchingFn(
-            self._writer,
-            self._max_events,
-            self._max_bytes,
-            max_delay,
+    def _batching(
+        self,
+        max_delay: float | None = None,
+        *,
+        acks: bool = False,
+        journal: tuple[str, int] | None = None,
+    ) -> _BatchingFn:
+        settings = (self._writer, self._max_events, self._max_bytes, max_delay)
+        if journal is None:
+            return _BatchingFn(*settings, acks=acks, max_in_flight=self._max_in_flight)
+        return _JournaledBatchingFn(
+            *settings,
             acks=acks,
             max_in_flight=self._max_in_flight,
+            journal_dir=journal[0],
+            ttl_ms=journal[1],
         )
 
     def in_stream(self, max_delay: float, journal: tuple[str, int] | None = None) -> beam.ParDo:
@@ -326,18 +334,7 @@ class _BatchSink(beam.PTransform):
         With ``journal`` (a directory and a TTL in ms), delivered ids are journaled first
         (:class:`_JournaledBatchingFn`).
         """
-        fn = self._batching(max_delay, acks=True)
-        if journal is not None:
-            fn = _JournaledBatchingFn(
-                self._writer,
-                self._max_events,
-                self._max_bytes,
-                max_delay,
-                acks=True,
-                max_in_flight=self._max_in_flight,
-                journal_dir=journal[0],
-                ttl_ms=journal[1],
-            )
+        fn = self._batching(max_delay, acks=True, journal=journal)
         return beam.ParDo(fn).with_outputs(ACKS, DEAD_LETTER, main="sent")
 
 
