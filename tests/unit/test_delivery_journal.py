@@ -161,3 +161,20 @@ def test_a_read_racing_a_compaction_still_sees_every_id(tmp_path):
     reader._listing = compacted_after_listing  # type: ignore[method-assign]
     assert reader.read() == {f"id-{i}": T0 + i for i in range(4)}
     assert len(calls) == 2  # listed again once files had vanished
+
+
+def test_the_default_journal_is_scoped_by_destination():
+    from moesif_beam.pipelines.config import PipelineConfig
+    from moesif_beam.transforms.delivery.transport import Secret
+
+    def journal(**settings: object) -> str:
+        config = PipelineConfig(pipeline="events", input_format="wso2", input="x", **settings)
+        return config.dedup_journal_dir
+
+    files = journal()
+    moesif = journal(application_id=Secret("app-id-123"))
+    other = journal(application_id=Secret("app-id-123"), base_url="http://127.0.0.1:9")
+    assert len({files, moesif, other}) == 3  # a dry run never speaks for a real destination
+    assert files.endswith("/.delivered-ids/events-batch-files")
+    assert "app-id-123" not in moesif + other
+    assert journal(dedup_journal="/shared/ids") == "/shared/ids"
