@@ -22,6 +22,7 @@ a TTL after that (after the newest entry's time, if the clock is behind it).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -150,14 +151,11 @@ class DeliveredIds:
         """Add ``entries`` in one new file; returns once the file is whole."""
         if not entries:
             return
-        if "://" not in self.directory:
-            # Made meanwhile by another worker, perhaps (object stores need no directory).
-            with contextlib.suppress(OSError):
-                FileSystems.mkdirs(self.directory)
         name = f"{uuid.uuid4().hex}{_SUFFIX}"
         final = FileSystems.join(self.directory, name)
         # Written under a temporary name and renamed, so a listing never sees a partial file
-        # (on local disks; object stores publish an object whole when it is closed).
+        # (on local disks; object stores publish an object whole when it is closed). Beam's
+        # local create makes missing directories; object stores need none.
         staging = FileSystems.join(self.directory, f".{name}.tmp")
         with FileSystems.create(staging, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             f.write(encode_entries(entries))
@@ -185,7 +183,7 @@ class DeliveredIds:
             return dict(index.get(shard, {}))
 
     def _refresh(self) -> None:
-        added = False
+        fresh: list[Entry] = []
         # A file can vanish between the listing and its read when another worker compacts:
         # its entries are then in the compacted file, which the next listing shows.
         for _ in range(3):
@@ -200,15 +198,13 @@ class DeliveredIds:
                     missed = True  # gone, or not readable now: not marked, tried again
                     continue
                 self._read.add(path)  # a file that is not whole stays ignored
-                for transaction_id, time_ms in decode_entries(data) or ():
-                    known = self._ids.get(transaction_id)
-                    if known is None or time_ms < known:
-                        self._ids[transaction_id] = time_ms
-                    added = True
+                fresh.extend(decode_entries(data) or ())
             if not missed:
                 break
-        if added:
-            self._ids = live_entries(self._ids.items(), self.ttl_ms, _now_ms())
+        if fresh:
+            # live_entries keeps each id's earliest time, old and new entries alike.
+            merged = itertools.chain(self._ids.items(), fresh)
+            self._ids = live_entries(merged, self.ttl_ms, _now_ms())
             self._by_shard = {}
 
     def compact(self, min_files: int = COMPACT_AFTER_FILES) -> bool:
