@@ -1,6 +1,7 @@
 """A streaming ``moesif-beam events`` run in a subprocess, and waiting on what it does.
 
-Shared by the Kafka streaming tests on the default runner and on Flink.
+Shared by the Kafka streaming tests on the default runner and on Flink, with the one
+scenario both run: a stream killed after it delivered, restarted with copies.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.conftest import REPO
+from tests.kafka_support import committed, produce
 
 SAMPLE = REPO / "samples" / "wso2_sample.jsonl"
 
@@ -71,3 +73,55 @@ def wso2_event(tid: str, **extra: object) -> bytes:
     event["correlationId"] = tid
     event.update(extra)
     return json.dumps(event).encode()
+
+
+def wait_for_commits(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    partitions: int,
+    total: int,
+    timeout: float,
+    run: StreamingRun | None = None,
+    what: str = "every offset to be committed",
+) -> None:
+    """Wait until ``group`` has committed ``total`` offsets over ``topic``'s partitions."""
+    wait_for(
+        lambda: sum(committed(bootstrap, group, topic, partitions)) == total, timeout, what, run
+    )
+
+
+def kill_then_restart_with_copies(
+    start: Callable[[str], StreamingRun],
+    bootstrap: str,
+    topic: str,
+    group: str,
+    delivered: Sequence[str],
+    new: Sequence[str],
+    timeout: float,
+    drain_timeout: float,
+) -> dict:
+    """A stream killed after delivering, then restarted with a copy of every id it delivered.
+
+    ``start(name)`` starts the stream on ``topic`` (2 partitions) with consumer ``group``.
+    The first run gets ``delivered`` (metadata ``tier`` "first") and is SIGKILLed once they
+    are all committed; then a copy of each (``tier`` "copy", other offsets) and ``new`` are
+    produced, and a second run goes until every offset is committed, then drains (within
+    ``drain_timeout``). Returns the second run's counters.
+    """
+    produce(bootstrap, topic, [wso2_event(t, tier="first") for t in delivered], partitions=2)
+    first = start("first")
+    try:
+        what = "the first run to deliver and commit"
+        wait_for_commits(bootstrap, group, topic, 2, len(delivered), timeout, first, what)
+    finally:
+        first.kill()  # a crash: no drain
+    copies = [wso2_event(t, tier="copy") for t in delivered]
+    produce(bootstrap, topic, [*copies, *[wso2_event(t) for t in new]], partitions=2)
+    second = start("second")
+    try:
+        total = 2 * len(delivered) + len(new)
+        wait_for_commits(bootstrap, group, topic, 2, total, timeout, second)
+    finally:
+        metrics = second.drain(drain_timeout)
+    return metrics

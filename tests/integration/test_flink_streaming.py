@@ -17,7 +17,13 @@ import pytest
 
 from tests.helpers import assert_nothing_lost, read_dead_letters
 from tests.kafka_support import committed, produce
-from tests.streams import StreamingRun, wait_for, wso2_event
+from tests.streams import (
+    StreamingRun,
+    kill_then_restart_with_copies,
+    wait_for,
+    wait_for_commits,
+    wso2_event,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -78,12 +84,8 @@ def test_a_stream_on_flink_delivers_dedups_dead_letters_commits_and_drains(
     try:
         wait_for(lambda: set(first) <= _stored(collector).keys(), 240, "the backlog", stream)
         # Offsets are committed after delivery, as the stream goes, not only at the end.
-        wait_for(
-            lambda: sum(committed(bootstrap, "fs", topic, 2)) == len(values),
-            60,
-            "the backlog's offsets to be committed",
-            stream,
-        )
+        what = "the backlog's offsets to be committed"
+        wait_for_commits(bootstrap, "fs", topic, 2, len(values), 60, stream, what)
         # Copies of delivered records, a new one, and one whose `tier` contradicts the type
         # the stream decided (a string): dropped, delivered and dead-lettered.
         later = [wso2_event(t, tier="gold") for t in first[:50]]
@@ -97,12 +99,7 @@ def test_a_stream_on_flink_delivers_dedups_dead_letters_commits_and_drains(
             stream,
         )
         # Every record done (the two partitions go at their own pace) before the drain.
-        wait_for(
-            lambda: sum(committed(bootstrap, "fs", topic, 2)) == len(values) + len(later),
-            60,
-            "every offset to be committed",
-            stream,
-        )
+        wait_for_commits(bootstrap, "fs", topic, 2, len(values) + len(later), 60, stream)
     finally:
         metrics = stream.drain(120)
     assert_nothing_lost(metrics)
@@ -147,12 +144,7 @@ def test_a_flink_stream_killed_mid_stream_loses_nothing_and_keeps_types_on_resta
     second = _stream(tmp_path, "second", args)
     try:
         wait_for(lambda: set(ids) <= _stored(collector).keys(), 240, "every record", second)
-        wait_for(
-            lambda: sum(committed(bootstrap, "crash", topic, 2)) == len(ids) + 1,
-            60,
-            "every offset to be committed",
-            second,
-        )
+        wait_for_commits(bootstrap, "crash", topic, 2, len(ids) + 1, 60, second)
     finally:
         metrics = second.drain(120)
     assert_nothing_lost(metrics)
@@ -170,35 +162,18 @@ def test_a_new_flink_job_drops_copies_of_what_the_killed_one_delivered(
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=2)
     collector = start_collector(application_id=APP_ID)
-    delivered = _ids("c000", 120)
-    produce(bootstrap, topic, [wso2_event(t, tier="first") for t in delivered], partitions=2)
+    delivered, new = _ids("c000", 120), _ids("d000", 30)
     args = _args(bootstrap, topic, "restart", collector, tmp_path / "o")
-    first = _stream(tmp_path, "first", args)
-    try:
-        wait_for(
-            lambda: sum(committed(bootstrap, "restart", topic, 2)) == len(delivered),
-            240,
-            "the first job to deliver and commit",
-            first,
-        )
-    finally:
-        first.kill()  # a crash: no drain
-
-    # Copies (other offsets, other content) of every delivered id, and new ids.
-    new = _ids("d000", 30)
-    copies = [wso2_event(t, tier="copy") for t in delivered]
-    produce(bootstrap, topic, [*copies, *[wso2_event(t) for t in new]], partitions=2)
-    second = _stream(tmp_path, "second", args)
-    try:
-        wait_for(lambda: set(new) <= _stored(collector).keys(), 240, "the new ids", second)
-        wait_for(
-            lambda: sum(committed(bootstrap, "restart", topic, 2)) == 2 * len(delivered) + 30,
-            60,
-            "every offset to be committed",
-            second,
-        )
-    finally:
-        metrics = second.drain(120)
+    metrics = kill_then_restart_with_copies(
+        lambda name: _stream(tmp_path, name, args),
+        bootstrap,
+        topic,
+        "restart",
+        delivered,
+        new,
+        timeout=240,
+        drain_timeout=120,
+    )
     assert_nothing_lost(metrics)
     assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (150, 30, 120)
     # The collector got each id once: no copy crossed the restart.

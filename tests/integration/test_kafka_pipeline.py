@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from tests.conftest import REPO, run_cli
 from tests.helpers import assert_nothing_lost, read_batches, read_dead_letters
 from tests.kafka_support import committed, local_broker_or_skip, produce
-from tests.streams import StreamingRun, wait_for, wso2_event
+from tests.streams import StreamingRun, kill_then_restart_with_copies, wait_for, wso2_event
 
 pytestmark = [
     pytest.mark.integration,
@@ -203,31 +203,18 @@ def test_a_restarted_stream_drops_copies_of_what_the_killed_one_delivered(
     topic = kafka_topic(partitions=2)
     collector = start_collector(application_id=APP_ID)
     delivered = [f"00000000-0000-4000-8100-{i:012d}" for i in range(100)]
-    produce(bootstrap, topic, [wso2_event(t, tier="first") for t in delivered], partitions=2)
-    args = [*_kafka_args(bootstrap, topic, "restarted"), *_delivery_args(collector, tmp_path)]
-    first = StreamingRun(tmp_path, "first", args, app_id=APP_ID)
-    try:
-        wait_for(
-            lambda: sum(committed(bootstrap, "restarted", topic, 2)) == len(delivered),
-            120,
-            "the first run to deliver and commit",
-            first,
-        )
-    finally:
-        first.kill()  # a crash: no drain
     new = [f"00000000-0000-4000-8200-{i:012d}" for i in range(20)]
-    copies = [wso2_event(t, tier="copy") for t in delivered]
-    produce(bootstrap, topic, [*copies, *[wso2_event(t) for t in new]], partitions=2)
-    second = StreamingRun(tmp_path, "second", args, app_id=APP_ID)
-    try:
-        wait_for(
-            lambda: sum(committed(bootstrap, "restarted", topic, 2)) == 2 * len(delivered) + 20,
-            120,
-            "every offset to be committed",
-            second,
-        )
-    finally:
-        metrics = second.drain()
+    args = [*_kafka_args(bootstrap, topic, "restarted"), *_delivery_args(collector, tmp_path)]
+    metrics = kill_then_restart_with_copies(
+        lambda name: StreamingRun(tmp_path, name, args, app_id=APP_ID),
+        bootstrap,
+        topic,
+        "restarted",
+        delivered,
+        new,
+        timeout=120,
+        drain_timeout=90,
+    )
     assert_nothing_lost(metrics)
     assert (metrics["read"], metrics["sent"], metrics["duplicates"]) == (120, 20, 100)
     assert collector.stats()["duplicates"]["events"] == 0  # no id reached Moesif twice
