@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -93,6 +94,15 @@ def _profiles(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
 
 def _derived(record: dict[str, Any]) -> dict[str, Any]:
     return record["metadata"][METADATA_KEY]
+
+
+def _secret_forms(secret: str) -> list[str]:
+    """A secret as it could leak: as is, base64, and as the basic-auth token of a write key."""
+    return [
+        secret,
+        base64.b64encode(secret.encode()).decode(),
+        base64.b64encode(f"{secret}:".encode()).decode(),
+    ]
 
 
 def _assert_no_secrets(run: CliRun, tmp_path: Path) -> None:
@@ -204,6 +214,85 @@ def test_segment_outages_are_retried_and_a_refused_key_stops_the_run(
     assert refused.returncode == 3, refused.stderr
     assert "Segment write key was refused" in refused.stderr
     assert WRITE_KEY not in refused.stderr + refused.stdout
+
+
+def test_segment_limits_hold_on_the_sending_side(tmp_path, start_collector, start_segment):
+    """Calls over 32 KB are dead letters; the others go in requests of at most 500 KB."""
+    collector = start_collector(application_id=APP_ID)
+    segment = start_segment(write_key=WRITE_KEY)
+    # 150 users of 10 companies, each with a 4 KB user agent: identify calls of about 9 KB
+    # (the agent is in context and in traits), over a megabyte in all, so the 500 KB
+    # request limit, not --batch_max_events (500), is what splits the batches.
+    lines = [
+        _call(
+            f"00000000-0000-4000-8000-{i:012d}",
+            i % 60,
+            f"user{i:03d}",
+            f"co{i % 10}",
+            200,
+            10 + i,
+            userAgentHeader=f"agent-{i}/" + "a" * 4_000,
+        )
+        for i in range(150)
+    ]
+    # One more user, alone in a company, with a 20 KB user agent: its identify call holds
+    # it twice (over 32,000 bytes), its company's group call once (under).
+    lines.append(
+        _call(
+            "00000000-0000-4000-8000-999999999999",
+            59,
+            "zed",
+            "zed-co",
+            200,
+            5,
+            userAgentHeader="long-agent/" + "z" * 20_000,
+        )
+    )
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    run = _profiles(
+        tmp_path,
+        "--input",
+        str(source),
+        "--moesif_base_url",
+        collector.url,
+        "--segment_base_url",
+        segment.url,
+        env={"SEGMENT_WRITE_KEY": WRITE_KEY},
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = run.metrics
+    assert_nothing_lost(metrics)
+    assert (metrics["read"], metrics["sent"], metrics["dead_letters"]) == (151, 151, 0)
+    users, companies = 151, 11
+    assert (metrics["users_sent"], metrics["companies_sent"]) == (users, companies)
+
+    # Segment: exactly the one oversized call held back, every other call delivered.
+    assert metrics["segment_too_large"] == 1
+    assert metrics["upsert_dead_letters"] == 1
+    assert metrics["segment_sent"] == users + companies - 1
+    identify = {m["userId"] for m in segment.messages("identify")}
+    assert len(identify) == users - 1 and "zed" not in identify
+    assert {m["groupId"] for m in segment.messages("group")} == {
+        *(f"co{i}" for i in range(10)),
+        "zed-co",
+    }
+    stats = segment.stats()
+    assert metrics["segment_bytes_sent"] > 2 * 500_000  # one request could not have held it
+    assert stats["largest_request_bytes"] <= 500_000, stats
+    assert set(stats["requests"]) == {"/v1/batch 200"}, stats  # none refused for size
+    assert stats["requests"]["/v1/batch 200"] > 1, stats
+    assert metrics["segment_batches"] == stats["requests"]["/v1/batch 200"]
+
+    letters = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
+    (letter,) = letters
+    assert (letter["reason"], letter["pipeline"]) == ("too_large", "profile-upserts")
+    call = json.loads(letter["payload"])
+    assert (call["type"], call["userId"]) == ("identify", "zed")
+    assert len(letter["payload"]) > 32_000
+    for form in _secret_forms(WRITE_KEY):
+        assert form not in letter["payload"].decode() + letter["detail"] + letter["source"]
+    _assert_no_secrets(run, tmp_path)
 
 
 def test_without_an_application_id_profiles_go_to_batch_files(tmp_path):
