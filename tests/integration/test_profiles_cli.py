@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import os
 import random
@@ -97,21 +98,49 @@ def _derived(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _secret_forms(secret: str) -> list[str]:
-    """A secret as it could leak: as is, base64, and as the basic-auth token of a write key."""
-    return [
-        secret,
-        base64.b64encode(secret.encode()).decode(),
-        base64.b64encode(f"{secret}:".encode()).decode(),
-    ]
+    """A secret as it could leak: as is, and base64-encoded at each of the three alignments.
+
+    For each alignment, only the characters made of the secret's bits alone: they appear in
+    any base64 text that holds the secret (a basic-auth token ``secret:`` included).
+    """
+    raw = secret.encode()
+    forms = [secret]
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + raw).decode()
+        first, end = -(-8 * shift // 6), 8 * (shift + len(raw)) // 6
+        forms.append(encoded[first:end])
+    return forms
+
+
+def _run_outputs(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """What a run wrote, as a reader sees it, named: its files, inflated, and dead letters.
+
+    Every file under out/ and the metrics file, raw; .gz files (batch files) inflated too;
+    and every dead letter as the dead-letter reader decodes it (the files are deflated).
+    """
+    files = [tmp_path / "metrics.json", *sorted((tmp_path / "out").rglob("*"))]
+    for path in files:
+        if path.is_file():
+            data = path.read_bytes()
+            yield str(path), data
+            if path.name.endswith(".gz"):
+                yield f"{path} (inflated)", gzip.decompress(data)
+    letter_dirs = sorted({p.parent for p in (tmp_path / "out").rglob("*.avro")})
+    for directory in letter_dirs:
+        for letter in read_dead_letters(str(directory)):
+            fields = (v if isinstance(v, bytes) else str(v).encode() for v in letter.values())
+            yield f"dead letter {letter['source']} in {directory}", b"\n".join(fields)
 
 
 def _assert_no_secrets(run: CliRun, tmp_path: Path) -> None:
+    """Neither the application id nor the write key, as is or in base64, in any output."""
+    outputs = [("stdout", run.stdout.encode()), ("stderr", run.stderr.encode())]
+    outputs += _run_outputs(tmp_path)
+    assert any(name.endswith("metrics.json") for name, _ in outputs), "no metrics file"
     for secret in (APP_ID, WRITE_KEY):
-        assert secret not in run.stdout
-        assert secret not in run.stderr
-        for path in (tmp_path / "out").rglob("*"):
-            if path.is_file():
-                assert secret.encode() not in path.read_bytes(), path
+        for form in _secret_forms(secret):
+            for name, data in outputs:
+                assert form.encode() not in data, (name, form)
 
 
 def test_users_companies_and_segment_calls_from_the_traffic(
