@@ -47,6 +47,9 @@ setup(
         # Compresses batch bodies at the default level: ISA-L's igzip, about 5x less CPU
         # than zlib for about as many bytes (docs/performance.md has the table).
         "isal==1.9.1",
+        # The collector emulator's count-only mode (the benchmarks') reads only an item's id
+        # and request time, skipping the rest: about 2 µs per event against orjson's 16.
+        "msgspec==0.23.0",
         # --metrics_port: the Prometheus endpoint (the standard client library).
         "prometheus_client==0.26.0",
     ],

@@ -37,6 +37,7 @@ from moesif_beam.runners.emulators.collector import (
     validate_payload,
     validate_record,
 )
+from moesif_beam.runners.emulators.collector.handler import _count_only_items
 
 pytestmark = pytest.mark.integration
 
@@ -937,6 +938,38 @@ def test_fast_count_mode_counts_without_checking_fields():
         assert stats["items_received"]["events"] == 5
         assert stats["records"]["events"] == 4  # "A" once, three without an id
         assert stats["duplicates"]["events"] == 1
+
+
+def test_fast_count_mode_reads_ids_and_request_times_of_any_item_shape():
+    """Only id and request time are read; items shaped otherwise get the full parse."""
+    config = CollectorConfig(
+        application_id=APP_ID, store="count", metadata_types="off", validation="off"
+    )
+    stamped = event("lagged")
+    when = datetime.now(UTC) - timedelta(seconds=30)
+    stamped["request"]["time"] = when.isoformat(timespec="milliseconds")
+    # The fast read takes plain items and declines the rest (which get the full parse).
+    plain = json.dumps([stamped, {"transaction_id": "other"}]).encode()
+    assert _count_only_items(plain) == [
+        {"transaction_id": "lagged", "request": {"time": stamped["request"]["time"]}},
+        {"transaction_id": "other", "request": None},
+    ]
+    assert _count_only_items(b'[{"request": "not an object"}]') is None
+    assert _count_only_items(b'[{"v": NaN}]') is None
+    assert _count_only_items(b'[{"v": "\xff"}]') is None
+    with start_in_thread(config) as c:
+        odd = [{"transaction_id": "odd", "request": "not an object"}, {"transaction_id": 7}]
+        assert post(c, "/v1/events/batch", odd).status_code == 201
+        twice = [stamped, stamped, {"transaction_id": "other"}]
+        assert post(c, "/v1/events/batch", twice).status_code == 201
+        assert post(c, "/v1/events/batch", [{"transaction_id": "odd"}]).status_code == 201
+        stats = c.stats()
+        assert stats["items_received"]["events"] == 6
+        assert stats["records"]["events"] == 4  # odd, 7, lagged, other
+        assert stats["duplicates"]["events"] == 2
+        lags = stats["arrival_lag_ms"]["events"]
+        assert lags["count"] == 2  # the stamped item twice; the others have no request time
+        assert 30_000 <= lags["p50"] <= lags["max"] < 90_000
 
 
 def test_fast_count_mode_parses_as_strictly_as_the_others():

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import orjson
 
 from moesif_beam.runners.emulators.collector.body import _decode_body, _HttpError, _parse_json
@@ -87,6 +88,45 @@ _EMULATOR_POST_ROUTES: Final = frozenset({"/_emulator/reset", "/_emulator/schema
 def _count_only(config: CollectorConfig) -> bool:
     """The fast count-only mode of the benchmarks: no bodies kept, no fields or types checked."""
     return config.store == "count" and config.validation == "off" and config.metadata_types == "off"
+
+
+class _FastRequest(msgspec.Struct):
+    time: Any = None
+
+
+class _FastItem(msgspec.Struct):
+    """What the count-only mode reads of an item: its id and its request's time."""
+
+    transaction_id: Any = None
+    request: _FastRequest | None = None
+
+
+_FAST_ITEMS: Final = msgspec.json.Decoder(list[_FastItem])
+
+
+def _count_only_items(body: bytes) -> list[dict[str, Any]] | None:
+    """The count-only mode's items, reading only what it keeps; None to parse in full.
+
+    The emulator shares the benchmark machine's cores with the side it measures, while
+    Moesif's collector costs that machine nothing; parsing every field cost about 16 µs
+    per event (orjson), this about 2 µs (msgspec skips what it does not read, UTF-8 is
+    checked over the whole body first). Anything it does not accept as plainly valid (an
+    item that is not an object, a ``request`` that is not one, a byte-order mark, invalid
+    JSON, NaN) returns None, and the body gets the full parse and its exact answer. What
+    it does not check is the range of numbers in fields it skips.
+    """
+    try:
+        body.decode("utf-8")
+        items = _FAST_ITEMS.decode(body)
+    except (UnicodeDecodeError, msgspec.DecodeError):  # ValidationError is a DecodeError
+        return None
+    return [
+        {
+            "transaction_id": item.transaction_id,
+            "request": None if item.request is None else {"time": item.request.time},
+        }
+        for item in items
+    ]
 
 
 def _parse_fast(body: bytes) -> Any:
@@ -371,7 +411,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, msg)
         fast = _count_only(config)
         body = _decode_body(raw, self.headers.get("Content-Encoding"), route.limit, fast=fast)
-        payload = _parse_fast(body) if fast else _parse_json(body)
+        payload = None
+        if fast and route.batch and len(body) <= ITEM_LIMIT_BYTES:
+            payload = _count_only_items(body)
+        if payload is None:
+            payload = _parse_fast(body) if fast else _parse_json(body)
         try:
             items = _as_items(payload, batch=route.batch)
         except ValidationError as exc:
