@@ -8,6 +8,7 @@ import json
 import os
 import random
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import requests
 
 from moesif_beam.runners.emulators.segment import RunningSegment, SegmentConfig, start_in_thread
 from moesif_beam.transforms.profiles.traits import METADATA_KEY
-from tests.conftest import CliRun, run_cli
+from tests.conftest import REPO, CliRun, run_cli
 from tests.fixtures import wso2_line
 from tests.helpers import assert_nothing_lost, read_batches, read_dead_letters
 
@@ -336,6 +337,155 @@ def test_without_an_application_id_profiles_go_to_batch_files(tmp_path):
     assert _derived(users["ana"])["last24HourAggResults"]["calls"] == 0
     assert _derived(users["bob"])["last24HourAggResults"]["calls"] == 1
     assert users["ana"]["modified_time"] == "2026-11-02T10:40:00.000Z"
+
+
+# The issue's "Done means" command, over the bundled sample.
+SAMPLE = "samples/wso2_sample.jsonl"
+# Placeholders that are no identity (README, "From other gateways to Moesif").
+_NO_IDENTITY = frozenset({"", "-", "null", "N/A", "anonymous", "UNKNOWN"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _time_ms(value: Any) -> int:
+    """An ISO 8601 time (or, in the sample, epoch milliseconds) as epoch milliseconds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return (parsed - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _sample_event(line: bytes) -> tuple[int, dict[str, Any]] | None:
+    """``(request time, event)`` of a sample line, or None for a malformed one.
+
+    An event line, as samples/README.md defines it: a JSON object with a string
+    correlationId and apiMethod, an integer proxyResponseCode and an ISO 8601 or
+    epoch-milliseconds requestTimestamp.
+    """
+    try:
+        event = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    if not isinstance(event, dict):
+        return None
+    status = event.get("proxyResponseCode")
+    if not (
+        isinstance(event.get("correlationId"), str)
+        and isinstance(event.get("apiMethod"), str)
+        and isinstance(status, int)
+        and not isinstance(status, bool)
+    ):
+        return None
+    try:
+        return _time_ms(event.get("requestTimestamp")), event
+    except (TypeError, ValueError):
+        return None
+
+
+def _sample_identities(event: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The user and the company of a sample event, as the README maps them.
+
+    The user is ``userName``, else ``properties.userName``, less ``@carbon.super``; the
+    company is ``applicationName`` (``--company_id_field applicationName``).
+    """
+    user = None
+    for name in (event.get("userName"), (event.get("properties") or {}).get("userName")):
+        if name is not None and name not in _NO_IDENTITY:
+            user = name.removesuffix("@carbon.super") or None
+            break
+    company = event.get("applicationName")
+    return user, None if company in _NO_IDENTITY else company
+
+
+def test_the_issue_done_means_command_over_the_wso2_sample(
+    tmp_path, start_collector, start_segment, monkeypatch
+):
+    """The issue's command, with an application id and a write key, checked against the sample.
+
+    ``moesif-beam profiles --input samples/wso2_sample.jsonl --format wso2
+    --company_id_field applicationName``, as a new user runs it.
+    """
+    # What the sample implies, computed from its lines alone: the earliest copy of each
+    # correlationId (the dedup rule), its user and company, and their times.
+    lines = (REPO / SAMPLE).read_bytes().splitlines()
+    events = [e for e in map(_sample_event, lines) if e is not None]
+    unique: dict[str, tuple[int, dict[str, Any]]] = {}
+    for time_ms, event in events:
+        kept = unique.get(event["correlationId"])
+        if kept is None or time_ms < kept[0]:
+            unique[event["correlationId"]] = (time_ms, event)
+    seen: dict[tuple[str, str], list[int]] = {}
+    first_ok: dict[str, int] = {}
+    for time_ms, event in unique.values():
+        user, company = _sample_identities(event)
+        if user is not None:
+            seen.setdefault(("user", user), []).append(time_ms)
+        if company is not None:
+            seen.setdefault(("company", company), []).append(time_ms)
+            if 200 <= event["proxyResponseCode"] <= 299:
+                first_ok[company] = min(time_ms, first_ok.get(company, time_ms))
+    users = {key for kind, key in seen if kind == "user"}
+    companies = {key for kind, key in seen if kind == "company"}
+    ttfhw = {c: (first_ok[c] - min(seen[("company", c)])) // 1000 for c in first_ok}
+
+    collector = start_collector(application_id=APP_ID)
+    segment = start_segment(write_key=WRITE_KEY)
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
+    command = ["profiles", "--input", SAMPLE, "--format", "wso2"]
+    command += ["--company_id_field", "applicationName"]
+    run = run_cli(
+        [
+            *command,
+            "--moesif_base_url",
+            collector.url,
+            "--segment_base_url",
+            segment.url,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        app_id=APP_ID,
+        metrics=tmp_path / "metrics.json",
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = run.metrics
+    assert_nothing_lost(metrics)
+    assert metrics["read"] == len(lines)
+    assert metrics["dead_letters"] == len(lines) - len(events)
+    assert metrics["duplicates"] == len(events) - len(unique)
+    assert metrics["sent"] == len(unique)
+    assert (metrics["users_sent"], metrics["companies_sent"]) == (len(users), len(companies))
+    assert metrics["segment_sent"] == len(users) + len(companies)
+    assert metrics["upsert_dead_letters"] == 0
+
+    moesif_users = {u["user_id"]: u for u in collector.records("users")}
+    moesif_companies = {c["company_id"]: c for c in collector.records("companies")}
+    identify = {m["userId"]: m for m in segment.messages("identify")}
+    groups = {m["groupId"]: m for m in segment.messages("group")}
+    assert set(moesif_users) == users == set(identify)
+    assert set(moesif_companies) == companies == set(groups)
+    assert len(segment.messages()) == len(users) + len(companies)  # one call each
+
+    # First and last seen of every profile, and every company's ttfhw_s (0 throughout:
+    # in the sample each application's first call succeeded), as Moesif holds them.
+    for kind, records in (("user", moesif_users), ("company", moesif_companies)):
+        for key, record in records.items():
+            traits, times = _derived(record), seen[(kind, key)]
+            assert _time_ms(traits["firstSeenTime"]) == min(times), (kind, key)
+            assert _time_ms(traits["lastSeenTime"]) == max(times), (kind, key)
+    assert {c: _derived(moesif_companies[c]).get("ttfhw_s") for c in companies} == {
+        c: ttfhw.get(c) for c in companies
+    }
+    # The busiest user's identify call and the busiest company's group call carry the same.
+    user = max(users, key=lambda u: (len(seen[("user", u)]), u))
+    company = max(companies, key=lambda c: (len(seen[("company", c)]), c))
+    user_traits, company_traits = identify[user]["traits"], groups[company]["traits"]
+    assert _time_ms(user_traits["firstSeenTime"]) == min(seen[("user", user)])
+    assert _time_ms(user_traits["lastSeenTime"]) == max(seen[("user", user)])
+    assert _time_ms(company_traits["firstSeenTime"]) == min(seen[("company", company)])
+    assert _time_ms(company_traits["lastSeenTime"]) == max(seen[("company", company)])
+    assert company_traits["ttfhw_s"] == ttfhw[company]
+    _assert_no_secrets(run, tmp_path)
 
 
 def _segment_line(**call: Any) -> bytes:
