@@ -104,7 +104,7 @@ class _OwnErrorsOnce(logging.Filter):
             text += "".join(traceback.format_exception(*record.exc_info))
         if record.levelno < logging.ERROR and _BEAM_NOISE in text:
             return False
-        return CollectorConfigError.MARKER not in text
+        return not any(marker in text for marker in CollectorConfigError.MARKERS)
 
 
 # Beam's workers warn at start that they have no semi-persistent directory (a Dataflow

@@ -412,7 +412,8 @@ def _report_failure(
 ) -> int:
     reported = reported_config_error(report_file) if report_file else None
     if reported is not None:
-        # A worker on this machine said why: the collector refused the configuration.
+        # A worker on this machine said why: the collector (or Segment) refused the
+        # configuration.
         print(reported, file=sys.stderr, flush=True)
         return EXIT_COLLECTOR
     text = "".join(traceback.format_exception(exc))
@@ -422,9 +423,8 @@ def _report_failure(
         text = config.segment_write_key.scrub(text)
     # Workers on other machines (Flink, Dataflow) reach us only through the runner's text
     # of their exception.
-    marker = text.find(CollectorConfigError.MARKER)
-    if marker >= 0:
-        message = text[marker:].splitlines()[0]
+    message = CollectorConfigError.refusal_in(text)
+    if message is not None:
         print(message, file=sys.stderr, flush=True)
         return EXIT_COLLECTOR
     _LOG.debug("pipeline failed:\n%s", text)

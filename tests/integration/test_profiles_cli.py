@@ -242,8 +242,11 @@ def test_segment_outages_are_retried_and_a_refused_key_stops_the_run(
         tmp_path, *base, "--segment_base_url", wrong.url, env={"SEGMENT_WRITE_KEY": WRITE_KEY}
     )
     assert refused.returncode == 3, refused.stderr
-    assert "Segment write key was refused" in refused.stderr
-    assert WRITE_KEY not in refused.stderr + refused.stdout
+    # One line, naming Segment (not the collector, which accepted the id).
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("moesif-beam: Segment refused the configuration: HTTP 401 "), line
+    assert "the Segment write key was refused" in line
+    _assert_no_secrets(refused, tmp_path)
 
 
 def test_segment_limits_hold_on_the_sending_side(tmp_path, start_collector, start_segment):

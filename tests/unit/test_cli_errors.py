@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.runners import launch
 from moesif_beam.runners.options import DEFAULTS
@@ -10,7 +12,10 @@ from moesif_beam.transforms.common.errors import (
     CollectorConfigError,
     reported_config_error,
 )
-from moesif_beam.transforms.delivery import RetryPolicy
+from moesif_beam.transforms.delivery import RetryPolicy, Secret
+from moesif_beam.transforms.profiles.delivery import _SegmentWriter
+
+WRITE_KEY = "segment-wk-unit-7e3a91"
 
 
 def test_a_refusal_raised_in_a_worker_is_reported_to_the_launcher(tmp_path, monkeypatch):
@@ -37,6 +42,39 @@ def test_the_launcher_prints_the_reported_refusal_whatever_the_runner_wrapped(tm
     assert capsys.readouterr().err.strip() == (
         "moesif-beam: collector refused the configuration: HTTP 403"
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "says"),
+    [
+        (401, {}, "the Segment write key was refused; check --segment_write_key"),
+        (403, {}, "the Segment write key was refused; check --segment_write_key"),
+        (404, {}, "Segment has no such endpoint; check --segment_base_url"),
+        (307, {"Location": f"https://other.example/?k={WRITE_KEY}"}, "a redirect to other.example"),
+        (402, {}, "Segment refused the request"),
+    ],
+)
+def test_segments_refusal_names_segment_not_the_collector(status, headers, says):
+    writer = _SegmentWriter(
+        "http://127.0.0.1:9/v1/batch", Secret(WRITE_KEY), "profile-upserts", 6, RetryPolicy(), 5
+    )
+    response = type("Response", (), {"status_code": status, "headers": headers})()
+    message = writer._fatal_message(status, response)
+    assert message.startswith(f"moesif-beam: Segment refused the configuration: HTTP {status} ")
+    assert says in message
+    assert "collector" not in message and "moesif_base_url" not in message
+    assert WRITE_KEY not in message and "\n" not in message
+
+
+def test_the_launcher_finds_segments_refusal_in_a_remote_workers_traceback(capsys):
+    config = PipelineConfig(pipeline="events", input="x", input_format="wso2")
+    line = (
+        f"{CollectorConfigError.SEGMENT_MARKER}: HTTP 401 from http://s/v1/batch: the Segment "
+        "write key was refused"
+    )
+    wrapped = RuntimeError(f"Pipeline failed: Traceback ...\nCollectorConfigError: {line}\n ...")
+    assert launch._report_failure(wrapped, config) == launch.EXIT_COLLECTOR
+    assert capsys.readouterr().err.strip() == line
 
 
 def test_flag_defaults_are_the_configs_own():

@@ -56,21 +56,31 @@ class InvalidRecord(MoesifBeamError):
 
 
 class CollectorConfigError(MoesifBeamError):
-    """The collector refused our configuration (401/403, unknown endpoint, ...).
+    """The collector (or Segment) refused our configuration (401/403, unknown endpoint, ...).
 
     The run stops: retrying cannot help, and dead-lettering every record would only bury a
-    configuration mistake. The message never contains the application id. Raised in a
-    worker, it also reports itself to the launcher (see :func:`report_config_error`).
+    configuration mistake. The message never contains the application id or the write key.
+    Raised in a worker, it also reports itself to the launcher (see
+    :func:`report_config_error`).
     """
 
-    # Starts every message. Runners pass only the text of a worker's exception to the
-    # launcher; where workers run on other machines (Flink, Dataflow) the text is the only
-    # channel there is, and this is how the launcher recognises it.
+    # One of these starts every message: MARKER when Moesif's collector refused,
+    # SEGMENT_MARKER when Segment did. Runners pass only the text of a worker's exception to
+    # the launcher; where workers run on other machines (Flink, Dataflow) the text is the
+    # only channel there is, and this is how the launcher recognises it.
     MARKER = "moesif-beam: collector refused the configuration"
+    SEGMENT_MARKER = "moesif-beam: Segment refused the configuration"
+    MARKERS = (MARKER, SEGMENT_MARKER)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         report_config_error(message)
+
+    @classmethod
+    def refusal_in(cls, text: str) -> str | None:
+        """The line of ``text`` from the first refusal's marker on, if it holds one."""
+        found = [i for i in (text.find(marker) for marker in cls.MARKERS) if i >= 0]
+        return text[min(found) :].splitlines()[0] if found else None
 
 
 # Set by the launcher for a run whose workers share its machine: a file where a worker

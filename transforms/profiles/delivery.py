@@ -35,7 +35,12 @@ from moesif_beam.transforms.deadletters.streaming import _WriteDeadLettersFn
 from moesif_beam.transforms.delivery.http import _FileWriter, _HttpWriter, _Writer
 from moesif_beam.transforms.delivery.policy import RetryPolicy
 from moesif_beam.transforms.delivery.sinks import MAX_IN_FLIGHT, _BatchingFn
-from moesif_beam.transforms.delivery.transport import _USER_AGENT, Secret, batch_url
+from moesif_beam.transforms.delivery.transport import (
+    _USER_AGENT,
+    Secret,
+    batch_url,
+    redirect_host,
+)
 from moesif_beam.transforms.records import Record
 
 __all__ = [
@@ -97,13 +102,22 @@ class _SegmentWriter(_HttpWriter):
         return plain, plain
 
     def _fatal_message(self, status: int | None, response: Any) -> str:
+        """Segment's refusal, in one line that names Segment (never the write key)."""
         if status in (401, 403):
-            return (
-                f"{CollectorConfigError.MARKER}: HTTP {status} from {self._url}: the Segment "
-                "write key was refused; check --segment_write_key or SEGMENT_WRITE_KEY. The run "
-                "stopped; undelivered profiles were not dead-lettered."
-            )
-        return self._scrub(super()._fatal_message(status, response))
+            why = "the Segment write key was refused; check --segment_write_key or "
+            why += "SEGMENT_WRITE_KEY."
+        elif status is not None and 300 <= status < 400:
+            where = redirect_host(response.headers.get("Location"), self._url)
+            why = f"a redirect to {where}; moesif-beam never follows redirects with the "
+            why += "write key. Set --segment_base_url to Segment's own URL."
+        elif status in (404, 405, 410, 501):
+            why = "Segment has no such endpoint; check --segment_base_url."
+        else:
+            why = "Segment refused the request; check --segment_base_url and the write key."
+        return self._scrub(
+            f"{CollectorConfigError.SEGMENT_MARKER}: HTTP {status} from {self._url}: {why} "
+            "The run stopped; undelivered profiles were not dead-lettered."
+        )
 
 
 class _CountingBatchingFn(_BatchingFn):
