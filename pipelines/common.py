@@ -82,7 +82,10 @@ def build_delivery(
     rejects.add(checked.dead_letters)
     rejects.add(checked.records | "Deliver" >> _sink(config))
     rejects.write(
-        "DeadLetters", WriteDeadLetters(config.dead_letter_dir, config.pipeline, config.run_id)
+        "DeadLetters",
+        WriteDeadLetters(
+            config.dead_letter_dir, config.pipeline, config.run_id, config.input_format
+        ),
     )
     _ = (
         checked.new_fields
@@ -202,7 +205,9 @@ def _build_streaming(
     rejects.add(delivered.dead_letters)
     dead_acks = rejects.write(
         "DeadLetters",
-        WriteDeadLettersInStream(config.dead_letter_dir, config.pipeline, config.run_id),
+        WriteDeadLettersInStream(
+            config.dead_letter_dir, config.pipeline, config.run_id, config.input_format
+        ),
     )
     if config.kafka is not None:
         acks = (duplicate_acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()

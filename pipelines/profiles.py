@@ -80,7 +80,9 @@ def build(
         acks.append(
             rejects.write(
                 "DeadLetters",
-                WriteDeadLettersInStream(config.dead_letter_dir, config.pipeline, config.run_id),
+                WriteDeadLettersInStream(
+                    config.dead_letter_dir, config.pipeline, config.run_id, config.input_format
+                ),
             )
         )
         if config.kafka is not None:
@@ -89,7 +91,9 @@ def build(
     else:
         rejects.write(
             "DeadLetters",
-            WriteDeadLetters(config.dead_letter_dir, config.pipeline, config.run_id),
+            WriteDeadLetters(
+                config.dead_letter_dir, config.pipeline, config.run_id, config.input_format
+            ),
         )
     verify_dead_letters(pipeline)
     return pipeline

@@ -21,6 +21,7 @@ __all__ = [
     "REASONS",
     "WriteDeadLetters",
     "dead_letter",
+    "with_format",
 ]
 
 # Tag of the dead-letter output of every fallible DoFn.
@@ -74,9 +75,19 @@ def dead_letter(
     }
 
 
-def _count(record: dict[str, Any]) -> dict[str, Any]:
+def with_format(record: dict[str, Any], input_format: str | None) -> dict[str, Any]:
+    """``record`` with ``format`` set to ``input_format``, unless it names one already.
+
+    A copy when it changes: Beam's elements are not ours to mutate.
+    """
+    if input_format is None or record.get("format") is not None:
+        return record
+    return {**record, "format": input_format}
+
+
+def _count(record: dict[str, Any], input_format: str | None) -> dict[str, Any]:
     _DEAD_LETTERS.inc()
-    return record
+    return with_format(record, input_format)
 
 
 _DEAD_LETTERS = counter("dead_letters")
@@ -88,9 +99,16 @@ class WriteDeadLetters(beam.PTransform):
     Takes one PCollection or a tuple of them and counts every record it writes in the
     ``dead_letters`` counter, so that counter is the truth about what reached the files.
     A run with no rejects still writes one valid, empty Avro file.
+
+    ``input_format`` (the run's ``--format``) goes into the ``format`` of every letter
+    that does not name one, so a replay reads the payloads as the run did. A run reads one
+    format, so the writer knows it for every stage's letters, including those made far
+    from the parser (dedup, schema, delivery), whose records do not carry it.
     """
 
-    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
+    def __init__(
+        self, directory: str, pipeline: str, run_id: str, input_format: str | None = None
+    ) -> None:
         super().__init__()
         if not directory:
             msg = "dead-letter directory must not be empty"
@@ -99,6 +117,7 @@ class WriteDeadLetters(beam.PTransform):
             msg = "run_id must not be empty"
             raise ValueError(msg)
         self._prefix = f"{directory.rstrip('/')}/{pipeline}-{run_id}"
+        self._format = input_format
 
     def expand(self, pcolls: Any) -> Any:
         # Each input is counted before the Flatten, by a step of its own: a step after a
@@ -107,11 +126,12 @@ class WriteDeadLetters(beam.PTransform):
         # (measured: 3 dead letters counted of 4 written, from two stages).
         if isinstance(pcolls, tuple | list):
             counted = tuple(
-                pcoll | f"Count{index}" >> beam.Map(_count) for index, pcoll in enumerate(pcolls)
+                pcoll | f"Count{index}" >> beam.Map(_count, self._format)
+                for index, pcoll in enumerate(pcolls)
             )
             letters = counted | "Flatten" >> beam.Flatten()
         else:
-            letters = pcolls | "Count" >> beam.Map(_count)
+            letters = pcolls | "Count" >> beam.Map(_count, self._format)
         return letters | "WriteAvro" >> WriteToAvro(
             self._prefix,
             schema=schema_json("dead_letter"),

@@ -14,15 +14,18 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.schemas import load_schema
 from moesif_beam.transforms.common.counters import counter
-from moesif_beam.transforms.deadletters.letters import ACK_FIELD
+from moesif_beam.transforms.deadletters.letters import ACK_FIELD, with_format
 
 __all__ = ["WriteDeadLettersInStream"]
 
 
 class _WriteDeadLettersFn(beam.DoFn):
-    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
+    def __init__(
+        self, directory: str, pipeline: str, run_id: str, input_format: str | None = None
+    ) -> None:
         self._directory = directory.rstrip("/")
         self._prefix = f"{pipeline}-{run_id}"
+        self._format = input_format
         self._dead_letters = counter("dead_letters")
 
     def setup(self) -> None:
@@ -40,6 +43,8 @@ class _WriteDeadLettersFn(beam.DoFn):
         if not self._letters:
             return
         letters, self._letters = self._letters, []
+        if self._format is not None:
+            letters = [with_format(letter, self._format) for letter in letters]
         path = f"{self._directory}/{self._prefix}-{uuid.uuid4().hex[:12]}.avro"
         with FileSystems.create(path, mime_type="application/avro") as handle:
             fastavro.writer(handle, self._schema, letters, codec="deflate")
@@ -56,12 +61,15 @@ class WriteDeadLettersInStream(beam.PTransform):
 
     Files are ``<directory>/<pipeline>-<run_id>-<random>.avro``, the schema of
     ``schemas/dead_letter.avsc``. Each record is counted in ``dead_letters`` and
-    acknowledged only after its file is closed.
+    acknowledged only after its file is closed. ``input_format`` is recorded as in
+    :class:`~moesif_beam.transforms.deadletters.letters.WriteDeadLetters`.
     """
 
-    def __init__(self, directory: str, pipeline: str, run_id: str) -> None:
+    def __init__(
+        self, directory: str, pipeline: str, run_id: str, input_format: str | None = None
+    ) -> None:
         super().__init__()
-        self._fn = _WriteDeadLettersFn(directory, pipeline, run_id)
+        self._fn = _WriteDeadLettersFn(directory, pipeline, run_id, input_format)
 
     def expand(self, pcolls: Any) -> beam.PCollection:
         if not isinstance(pcolls, tuple | list):
