@@ -1,12 +1,16 @@
-"""The dead-letter record's `format` field, and how `moesif-beam deadletters replay` uses it.
+"""`moesif-beam deadletters` in-process: reading, filtering, show, stats and replay plans.
 
-The field is written by both writers and absent from files written before it existed,
-which still read; replay plans a run per pipeline and format, and its summary says what
-failed again.
+The dead-letter record's `format` field is written by both writers and absent from files
+written before it existed, which still read. The command's own `main` runs here too, with
+a stand-in for the pipeline runs a replay starts (the real ones are in
+tests/integration/test_deadletters_cli.py).
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +20,15 @@ import orjson
 import pytest
 
 from moesif_beam.runners.deadletters import (
+    main,
+    matching,
     plan_replay,
     read_dead_letters,
     replay_format,
     replay_summary,
     replay_totals,
+    show_line,
+    stats_lines,
 )
 from moesif_beam.schemas import load_schema, schema_json
 from moesif_beam.transforms.deadletters import (
@@ -113,6 +121,108 @@ def test_the_stream_writer_records_the_runs_format_and_still_acks(tmp_path):
     assert acks == ["ack-1"]
     assert "format" not in original  # the element was not mutated
     assert [r["format"] for r in read_dead_letters(str(tmp_path))] == ["segment"]
+
+
+# -- reading and filtering --------------------------------------------------------------
+
+
+def test_a_glob_reads_only_the_files_it_matches(tmp_path):
+    _write(tmp_path / "a" / "events-1-0.avro", [_letter(payload=b"a")])
+    _write(tmp_path / "b" / "actions-2-0.avro", [_letter(payload=b"b", pipeline="actions")])
+    _write(tmp_path / "b" / "events-3-0.avro", [_letter(payload=b"c")])
+    every = sorted(r["payload"] for r in read_dead_letters(str(tmp_path / "*" / "*.avro")))
+    assert every == [b"a", b"b", b"c"]
+    events = sorted(r["payload"] for r in read_dead_letters(str(tmp_path / "*" / "events-*")))
+    assert events == [b"a", b"c"]
+    # A directory means its .avro files; a trailing slash is the same directory.
+    assert [r["payload"] for r in read_dead_letters(str(tmp_path / "a") + "/")] == [b"a"]
+
+
+def test_a_location_with_no_dead_letters_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="no dead-letter files"):
+        list(read_dead_letters(str(tmp_path / "none-*.avro")))
+
+
+def test_since_is_inclusive_until_exclusive_and_reasons_combine():
+    letters = [
+        _letter(T0 - 1, payload=b"before"),
+        _letter(T0, payload=b"at since"),
+        _letter(T0 + 500, reason="parse_error", payload=b"parse"),
+        _letter(T0 + 999, payload=b"last in"),
+        _letter(T0 + 1000, payload=b"at until"),
+    ]
+    # fastavro hands failed_at back as an aware datetime; both forms are compared.
+    as_read = [
+        {**r, "failed_at": datetime.datetime.fromtimestamp(r["failed_at"] / 1000, datetime.UTC)}
+        for r in letters
+    ]
+    for records in (letters, as_read):
+        window = [r["payload"] for r in matching(records, [], T0, T0 + 1000)]
+        assert window == [b"at since", b"parse", b"last in"]
+        retries = [r["payload"] for r in matching(records, ["retries_exhausted"], T0, None)]
+        assert retries == [b"at since", b"last in", b"at until"]
+        either = matching(records, ["parse_error", "retries_exhausted"], None, T0)
+        assert [r["payload"] for r in either] == [b"before"]
+
+
+def test_since_and_until_on_the_command_line_filter_show(tmp_path, capsys):
+    _write(
+        tmp_path / "events-1-0.avro",
+        [_letter(T0 + i * 60_000, payload=b"%d" % i) for i in (0, 1, 2)],
+    )
+
+    def deliver(_argv):
+        raise AssertionError
+
+    argv = ["show", "--dead_letter", str(tmp_path), "--since", "2026-09-21T14:14:20Z"]
+    assert main([*argv, "--until", "2026-09-21T14:15:20.000Z"], deliver) == 0
+    assert [json.loads(line)["payload"] for line in capsys.readouterr().out.splitlines()] == ["1"]
+
+
+# -- show and stats ---------------------------------------------------------------------
+
+
+def test_show_prints_text_payloads_as_text():
+    line = show_line(_letter(payload='{"é":1}'.encode(), format="kong"))
+    shown = json.loads(line)
+    assert shown["payload"] == '{"é":1}'
+    assert "payload_base64" not in shown
+    assert shown["failed_at"] == "2026-09-21T14:13:20.000Z"
+    assert shown["format"] == "kong"
+    assert "\n" not in line
+
+
+def test_show_prints_binary_payloads_as_base64_under_their_own_key():
+    raw = b"\xff\xfe\x00 not utf-8"
+    shown = json.loads(show_line(_letter(reason="parse_error", payload=raw)))
+    assert "payload" not in shown
+    assert base64.b64decode(shown["payload_base64"]) == raw
+
+
+def test_stats_counts_by_pipeline_reason_and_stage_with_the_time_range():
+    letters = [
+        _letter(T0 + 2_000),
+        _letter(T0),
+        _letter(T0 + 1_000, reason="parse_error", stage="parse"),
+        _letter(T0 + 5_000, pipeline="profile-upserts", reason="too_large"),
+    ]
+    lines = stats_lines(letters)
+    rows = [line.split() for line in lines[1:-2]]
+    assert rows == [
+        ["events", "parse_error", "parse", "1"],
+        ["events", "retries_exhausted", "send", "2"],
+        ["profile-upserts", "too_large", "send", "1"],
+    ]
+    assert lines[-2].split() == ["total", "4"]
+    assert lines[-1] == "failed between 2026-09-21T14:13:20.000Z and 2026-09-21T14:13:25.000Z"
+    # The columns line up, even with the widest pipeline name.
+    assert len({len(line) for line in lines[:-1]}) == 1
+
+
+def test_stats_of_nothing_is_a_zero_total_and_no_time_range():
+    lines = stats_lines([])
+    assert lines[-1].split() == ["total", "0"]
+    assert not any(line.startswith("failed between") for line in lines)
 
 
 # -- replay plans -----------------------------------------------------------------------
@@ -209,3 +319,65 @@ def test_a_replay_where_some_failed_again_counts_them():
 
 def test_a_replay_where_nothing_failed_is_one_line():
     assert len(replay_summary(replay_totals([_run("events", 4, 4, 0)]), "d")) == 1
+
+
+def test_replay_hands_each_pipeline_and_format_to_one_run_and_sums_them(tmp_path, capsys):
+    _write(tmp_path / "dl" / "events-old-0.avro", [_letter(payload=b"old")], _old_schema())
+    _write(
+        tmp_path / "dl" / "events-new-0.avro",
+        [
+            _letter(payload=b"k1", format="kong"),
+            _letter(payload=b"bad", format="kong", reason="parse_error"),
+            _letter(payload=b"k2", format="kong"),
+        ],
+    )
+    runs: list[tuple[str, str, list[bytes], list[str]]] = []
+
+    def deliver(argv):
+        argv = list(argv)
+        payloads = Path(argv[argv.index("--input") + 1]).read_bytes().splitlines()
+        runs.append((argv[0], argv[argv.index("--format") + 1], payloads, argv))
+        document = {
+            "pipeline": argv[0],
+            "run_id": f"run{len(runs)}",
+            "read": len(payloads),
+            "sent": len(payloads) - 1,
+            "duplicates": 0,
+            "dead_letters": 1,
+            "elapsed_seconds": 0.5,
+            "invariant_holds": True,
+        }
+        Path(argv[argv.index("--metrics_out") + 1]).write_bytes(orjson.dumps(document))
+        return 3 if len(runs) == 1 else 0
+
+    argv = [
+        "replay",
+        "--dead_letter",
+        str(tmp_path / "dl" / "*.avro"),
+        "--reason",
+        "retries_exhausted",
+        "--output_dir",
+        str(tmp_path / "again"),
+        "--moesif_base_url",
+        "http://127.0.0.1:9",
+        "--metrics_out",
+        str(tmp_path / "replay.json"),
+    ]
+    assert main(argv, deliver) == 3  # the worst run's code
+    assert [run[:3] for run in runs] == [
+        ("events", "auto", [b"old"]),
+        ("events", "kong", [b"k1", b"k2"]),
+    ]
+    for *_, run_argv in runs:
+        assert run_argv[run_argv.index("--output_dir") + 1] == str(tmp_path / "again")
+        assert "http://127.0.0.1:9" in run_argv
+        assert str(tmp_path / "replay.json") not in run_argv  # each run has its own
+    totals = json.loads((tmp_path / "replay.json").read_text())
+    assert (totals["read"], totals["sent"], totals["dead_letters"]) == (3, 1, 2)
+    assert [(run["run_id"], run["format"]) for run in totals["runs"]] == [
+        ("run1", "auto"),
+        ("run2", "kong"),
+    ]
+    out = capsys.readouterr()
+    assert f"2 of 3 records failed again -> {tmp_path / 'again'}/dead_letter" in out.out
+    assert "replaying 2 events records (--format kong)" in out.err
