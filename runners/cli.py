@@ -50,8 +50,9 @@ from moesif_beam.runners.profile_options import (
     write_key,
 )
 from moesif_beam.runners.profiles import add_profile_flag, apply_profile
-from moesif_beam.runners.progress import counts_visible, progress_line
+from moesif_beam.runners.progress import counts_visible, progress_line, workers_publish
 from moesif_beam.transforms.common.errors import CollectorConfigError
+from moesif_beam.transforms.common.worker_tallies import RunTally
 from moesif_beam.transforms.delivery import RetryPolicy, Secret, preflight
 from moesif_beam.transforms.schema import load_schema, save_schema, seed_pairs
 from moesif_beam.transforms.sources.files import (
@@ -248,18 +249,25 @@ def _deliver(
         )
         if prism is not None:
             config = dataclasses.replace(config, single_process=True)
+        # Local worker processes publish their counts in the run's directory, for the
+        # progress line and the endpoint (transforms/common/worker_tallies.py).
+        tally = RunTally(run.path if workers_publish(options) else None)
         if metrics is not None:
             metrics.workers_here(counts_visible(options))
+            if tally.published:
+                metrics.read_tally(tally)
         if dry_run:
             return run_dry(_BUILDERS[pipeline], config, options)
-        with loopback_grpc_servers():  # Beam's worker endpoints listen on 127.0.0.1 only
+        # Beam's worker endpoints listen on 127.0.0.1 only; the tally's environment is
+        # what the workers inherit.
+        with loopback_grpc_servers(), tally:
             return execute(
                 _BUILDERS[pipeline],
                 config,
                 options,
                 in_process_workers=prism is not None,
                 report_file=run.file("collector-refused"),
-                progress=progress_line(config, options, args.progress),
+                progress=progress_line(config, options, args.progress, tally),
                 on_run=metrics.watch if metrics is not None else None,
             )
     except UsageError as exc:

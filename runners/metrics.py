@@ -20,10 +20,15 @@ Where the numbers come from depends on where the workers run:
   (transforms/common/counters.py), the same one the progress line and the summary read,
   taken since the endpoint started; latency and batches in flight are the sink's own
   measurements (transforms/common/live.py).
-- Elsewhere (worker processes, Flink clusters, Dataflow): the counters are what the runner
-  reports for the job while it runs, asked for at most once a second; before the runner
-  has the job, and on runners that report nothing until the end, they stay at zero. The
-  latency histogram and batches in flight are not served: they are measured in the workers.
+- In worker processes of the local runner (``multi_processing``, forked or started by
+  Beam): the counters are the sum of the tallies the workers publish in the run's
+  directory every half second (transforms/common/worker_tallies.py), read at each scrape.
+  The latency histogram and batches in flight are not served: they are measured in the
+  workers, which publish only their counters.
+- Elsewhere (Flink clusters, Dataflow): the counters are what the runner reports for the
+  job while it runs, asked for at most once a second; before the runner has the job, and
+  on runners that report nothing until the end, they stay at zero. The latency histogram
+  and batches in flight are not served.
 
 Labels name the pipeline, the source, the topic and partition, and an HTTP outcome class:
 never the application id, a URL or a path.
@@ -62,6 +67,7 @@ from moesif_beam.transforms.common.counters import (
     tally_names,
 )
 from moesif_beam.transforms.common.live import LatencySnapshot, in_flight, post_latency
+from moesif_beam.transforms.common.worker_tallies import RunTally
 from moesif_beam.transforms.sources.drain import DRAIN
 
 __all__ = [
@@ -156,6 +162,8 @@ class _Sources:
     def __init__(self) -> None:
         # Unknown until the runner is chosen; until then the counters are zero.
         self.workers_here: bool | None = None
+        # The run's tally, where its worker processes publish their counts.
+        self.tally: RunTally | None = None
         self._lock = threading.Lock()
         self._result: Any = None
         self._runner_counts = dict.fromkeys((*COUNTERS, *EXTRA_COUNTERS), 0)
@@ -175,6 +183,10 @@ class _Sources:
     def counts(self) -> dict[str, int]:
         if self.workers_here is None:
             return dict.fromkeys((*COUNTERS, *EXTRA_COUNTERS), 0)
+        if self.tally is not None:
+            counts = dict.fromkeys((*COUNTERS, *EXTRA_COUNTERS), 0)
+            counts.update(self.tally.counts())
+            return {name: n for name, n in counts.items() if name not in PROGRESS_COUNTERS}
         if self.workers_here:
             # Every counter counted, the summary's and any a pipeline adds (profiles').
             extra = [name for name in tally_names() if name not in PROGRESS_COUNTERS]
@@ -370,6 +382,10 @@ class RunMetrics:
         ``here``: every worker runs in this process (``progress.counts_visible``).
         """
         self._sources.workers_here = here
+
+    def read_tally(self, tally: RunTally) -> None:
+        """Serve the counters of ``tally``: the run's, where its worker processes publish them."""
+        self._sources.tally = tally
 
     def watch(self, result: Any) -> None:
         """Follow the runner's result: its job state, and its metrics where they are read."""

@@ -2,23 +2,29 @@
 
 What the line shows depends on where the workers run:
 
-- In this process (the default FnApiRunner without ``multi_processing``): the counts of
-  the in-process tally (``read``, ``sent``, ``duplicates``, ``dead_letters``), records/s,
-  and a percentage with an ETA. Reading is measured by input bytes for files (the
-  ``bytes_read`` counter, added once per range read, so it moves in steps of at most one
-  range, 8 MiB) or by records read against the offsets to read for a Kafka backfill;
-  delivering by records accounted for (sent, duplicates and dead letters) against the
-  records read. The percentage is the mean of the two, since a bounded run reads, then
-  delivers.
-- Elsewhere (worker processes, a cluster): the counts are not visible while the run is
-  on, so the line shows the elapsed time only; the summary has the counts at the end.
+- In this process (the default FnApiRunner without ``multi_processing``), or in worker
+  processes of the local runner (``multi_processing``, forked or started by Beam): the
+  run's counts (``read``, ``sent``, ``duplicates``, ``dead_letters``), records/s, and a
+  percentage with an ETA. The counts are the in-process tally, plus, for worker
+  processes, the tallies they publish in the run's directory every half second
+  (transforms/common/worker_tallies.py). Reading is measured by input bytes for files
+  (the ``bytes_read`` counter, added once per range read, so it moves in steps of at
+  most one range, 8 MiB) or by records read against the offsets to read for a Kafka
+  backfill; delivering by records accounted for (sent, duplicates and dead letters)
+  against the records read. The percentage is the mean of the two, since a bounded run
+  reads, then delivers.
+- Elsewhere (a cluster, Dataflow): the counts are not visible while the run is on, so
+  the line shows the elapsed time only; the summary has the counts at the end.
 
 The line is redrawn every half second on stderr, with a carriage return; reading the
-tally is a copy of a few integers under a lock.
+tally is a copy of a few integers under a lock, and for worker processes the read of one
+small file per worker. The drawing thread does not keep the local runner from forking its
+workers (``local_workers.fork_safe_thread``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -35,7 +41,8 @@ from apache_beam.options.pipeline_options import (
 )
 
 from moesif_beam.pipelines.config import PipelineConfig
-from moesif_beam.transforms.common.counters import PROGRESS_COUNTERS, local_tally
+from moesif_beam.runners.engines.local_workers import fork_safe_thread
+from moesif_beam.transforms.common.worker_tallies import RunTally
 from moesif_beam.transforms.sources.files import input_bytes
 
 __all__ = [
@@ -46,11 +53,17 @@ __all__ = [
     "format_duration",
     "format_progress",
     "progress_line",
+    "workers_publish",
 ]
 
 INTERVAL_S = 0.5
 # Runners whose workers run in this process unless told to use processes.
 _IN_PROCESS_RUNNERS = frozenset({"FnApiRunner", "LocalRunner", "BundleBasedDirectRunner"})
+# Runners whose multi_processing workers are processes on this machine, started by the
+# FnApiRunner (the DirectRunner hands a bounded pipeline to it) or forked by ours.
+_LOCAL_PROCESS_RUNNERS = frozenset(
+    {"FnApiRunner", "LocalRunner", "DirectRunner", "SwitchingDirectRunner"}
+)
 # Beam's Flink runner runs these embedded, with LOOPBACK workers unless told otherwise.
 _EMBEDDED_FLINK = frozenset({"[local]", "[auto]"})
 
@@ -128,7 +141,9 @@ def format_progress(
 class ProgressLine:
     """Redraws the progress line on ``stream`` while the run is on (a context manager).
 
-    The last state stays on screen, ended by a newline, when the run ends.
+    The last state stays on screen, ended by a newline, when the run ends. With
+    ``counts_visible``, the counts are ``tally``'s (by default, what this process counts
+    from now on).
     """
 
     def __init__(
@@ -136,6 +151,7 @@ class ProgressLine:
         pipeline: str,
         *,
         counts_visible: bool,
+        tally: RunTally | None = None,
         total_bytes: int = 0,
         total_offsets: int = 0,
         stream: TextIO | None = None,
@@ -143,17 +159,20 @@ class ProgressLine:
     ) -> None:
         self._pipeline = pipeline
         self._visible = counts_visible
+        self._tally = tally if tally is not None else RunTally()
         self._total_bytes = total_bytes
         self._total_offsets = total_offsets
         self._stream = stream
         self._interval = interval
         self._stop = threading.Event()
+        self._busy = threading.Lock()  # held while drawing: see fork_safe_thread
         self._thread: threading.Thread | None = None
+        self._registered = contextlib.ExitStack()
         self._started = 0.0
         self._width = 0
 
     def _draw(self) -> None:
-        counts = local_tally(*PROGRESS_COUNTERS) if self._visible else None
+        counts = self._tally.counts() if self._visible else None
         text = format_progress(
             self._pipeline,
             counts,
@@ -170,11 +189,13 @@ class ProgressLine:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._draw()
+            with self._busy:
+                self._draw()
 
     def __enter__(self) -> ProgressLine:
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="progress-line", daemon=True)
+        self._registered.enter_context(fork_safe_thread(self._thread, self._busy))
         self._thread.start()
         return self
 
@@ -187,6 +208,7 @@ class ProgressLine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._registered.close()
         self._draw()
         (self._stream or sys.stderr).write("\n")
         (self._stream or sys.stderr).flush()
@@ -211,17 +233,38 @@ def counts_visible(options: PipelineOptions) -> bool:
     return runner in ("PortableRunner", "FlinkRunner") and environment == "LOOPBACK"
 
 
+def workers_publish(options: PipelineOptions) -> bool:
+    """Whether the run's workers are local processes that publish their counts.
+
+    The local runner (and Beam's FnApiRunner, which the DirectRunner hands bounded
+    pipelines to) in ``multi_processing`` mode, whose workers are forked or started on
+    this machine and inherit the launcher's environment (``worker_tallies.RunTally``).
+    """
+    runner = str(options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1]
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return runner in _LOCAL_PROCESS_RUNNERS and mode == "multi_processing"
+
+
 def progress_line(
-    config: PipelineConfig, options: PipelineOptions, requested: bool | None
+    config: PipelineConfig,
+    options: PipelineOptions,
+    requested: bool | None,
+    tally: RunTally | None = None,
 ) -> ProgressLine | None:
-    """The run's progress line: for bounded runs, on a terminal unless ``requested`` says."""
+    """The run's progress line: for bounded runs, on a terminal unless ``requested`` says.
+
+    ``tally``: the run's (with the workers' published counts when they are processes).
+    """
     show = sys.stderr.isatty() if requested is None else requested
     if not show or config.streaming:
         return None
-    visible = counts_visible(options)
+    published = tally is not None and tally.published and workers_publish(options)
+    visible = counts_visible(options) or published
     if config.kafka is not None:
         offsets = sum(p.stop - p.start for p in config.kafka_partitions if p.stop > p.start)
-        return ProgressLine(config.pipeline, counts_visible=visible, total_offsets=offsets)
+        return ProgressLine(
+            config.pipeline, counts_visible=visible, tally=tally, total_offsets=offsets
+        )
     return ProgressLine(
-        config.pipeline, counts_visible=visible, total_bytes=input_bytes(config.input)
+        config.pipeline, counts_visible=visible, tally=tally, total_bytes=input_bytes(config.input)
     )

@@ -11,7 +11,13 @@ Only the way a worker process comes to life changes. The runner still speaks to 
 the Fn API as to any worker process, the worker still runs Beam's own SDK harness, and
 its exit code still reaches the runner (see :mod:`moesif_beam.runners.engines._worker_stub`).
 Where forking is not safe (not Linux, or threads already running) it starts workers as Beam
-does.
+does. A thread of our own that must run across the fork (the progress line's) says so with
+:func:`fork_safe_thread`: the fork waits until that thread holds none of the locks a forked
+process could inherit held.
+
+Each worker publishes its counts for the launcher's progress line and metrics endpoint
+(transforms/common/worker_tallies.py): a forked worker starts its publisher as it starts,
+and writes its final counts before it reports its exit code.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import signal
 import socket
 import sys
 import threading
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from apache_beam.options.pipeline_options import DirectOptions
@@ -37,8 +45,12 @@ from apache_beam.runners.worker import sdk_worker_main
 from apache_beam.transforms import environments
 
 from moesif_beam.runners.engines.run_state import make_temp_dir
+from moesif_beam.transforms.common.worker_tallies import (
+    publish_from_this_worker,
+    stop_publishing,
+)
 
-__all__ = ["ForkServer", "LocalRunner"]
+__all__ = ["ForkServer", "LocalRunner", "fork_safe_thread"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -70,9 +82,15 @@ class ForkServer:
         """
         # Linux only: on macOS system frameworks are not fork-safe (Python itself spawns
         # there by default), and elsewhere there is no fork.
-        if not sys.platform.startswith("linux") or threading.active_count() != 1:
+        if not sys.platform.startswith("linux"):
             return False
-        return _os_threads() <= _THREADS_AT_IMPORT
+        with _SAFE_LOCK:
+            safe = dict(_SAFE_THREADS)
+        here = threading.current_thread()
+        if any(t is not here and t not in safe for t in threading.enumerate()):
+            return False
+        safe_ids = {str(t.native_id) for t in safe if t.native_id is not None}
+        return _os_threads() - safe_ids <= _THREADS_AT_IMPORT
 
     def start(self) -> None:
         # Claimed by this process: if the launcher is killed, the next run removes it.
@@ -90,7 +108,8 @@ class ForkServer:
         # by every fork that flushes.
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with _fork_safe_threads_paused():
+            pid = os.fork()
         if pid == 0:  # the fork server
             os.close(self._keepalive)
             code = 1
@@ -136,6 +155,43 @@ def _os_threads() -> frozenset[str]:
 # The CLI imports this module before it does any work (see runners/cli.py).
 _THREADS_AT_IMPORT = _os_threads()
 
+# Threads that may run while the fork server is forked, each with the lock it holds while
+# it touches anything shared (a stream, the tally).
+_SAFE_THREADS: dict[threading.Thread, threading.Lock] = {}
+_SAFE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def fork_safe_thread(thread: threading.Thread, busy: threading.Lock) -> Iterator[None]:
+    """While inside, ``thread`` does not keep the launcher from forking its workers.
+
+    ``thread`` must hold ``busy`` whenever it is doing anything but waiting: while it
+    writes to a stream, takes a lock another module owns, or calls into a library. The
+    fork takes ``busy`` first, so the fork server is made while the thread waits, and
+    inherits no lock held by a thread it does not have. Register the thread before it
+    starts.
+    """
+    with _SAFE_LOCK:
+        _SAFE_THREADS[thread] = busy
+    try:
+        yield
+    finally:
+        with _SAFE_LOCK:
+            _SAFE_THREADS.pop(thread, None)
+
+
+@contextlib.contextmanager
+def _fork_safe_threads_paused() -> Iterator[None]:
+    with _SAFE_LOCK:
+        locks = list(_SAFE_THREADS.values())
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            held.enter_context(lock)
+        # Python 3.12+ warns of any fork with threads running; these are accounted for.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+
 
 def _serve(listener: socket.socket, keepalive: int) -> None:
     """The fork server's loop: one worker per connection, until the launcher goes away."""
@@ -177,11 +233,15 @@ def _run_worker(conn: socket.socket, env: dict[str, str]) -> None:
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
+        publish_from_this_worker()
         sdk_worker_main.main([])
         code = 0
     except BaseException:  # reported through the exit code, as a worker process would
         _LOG.exception("forked SDK worker failed")
     finally:
+        # Before the exit code: the runner, then the launcher, go on once they have it.
+        with contextlib.suppress(Exception):
+            stop_publishing()
         # os._exit skips the interpreter's own flushing: what the worker's code printed
         # is written here, as a worker process's would be at its exit.
         with contextlib.suppress(OSError, ValueError):

@@ -21,6 +21,7 @@ from moesif_beam.runners.metrics import RunMetrics, counter_help, liveness
 from moesif_beam.runners.progress import counts_visible
 from moesif_beam.transforms.common import live
 from moesif_beam.transforms.common.counters import NAMESPACE, counter
+from moesif_beam.transforms.common.worker_tallies import RunTally, encode_tally
 from moesif_beam.transforms.sources.kafka import KafkaSourceConfig
 
 
@@ -183,6 +184,24 @@ def test_workers_elsewhere_serve_the_runners_metrics_and_no_histogram(endpoint):
     assert samples[("moesif_beam_sent_total", LABELS)] == 42
     assert not any(name.startswith("moesif_beam_batch_post_seconds") for name, _ in samples)
     assert ("moesif_beam_batches_in_flight", LABELS) not in samples
+
+
+def test_workers_in_local_processes_serve_their_published_tallies(endpoint, tmp_path):
+    tally = RunTally(str(tmp_path))
+    for pid, sent in ((11, 40), (12, 2)):
+        (tmp_path / f"tally-{pid}.json").write_text(
+            encode_tally(tally.run, pid, {"sent": sent, "bytes_read": 9, "users_sent": 1})
+        )
+    (tmp_path / "tally-13.json").write_text(encode_tally("another-run", 13, {"sent": 500}))
+    endpoint.workers_here(False)
+    endpoint.read_tally(tally)
+    endpoint.watch(_Result(sent=7))  # the runner's (end-of-run) answer is not asked
+    samples = _scrape(endpoint)
+    assert samples[("moesif_beam_sent_total", LABELS)] == 42
+    assert samples[("moesif_beam_users_sent_total", LABELS)] == 2  # a pipeline's own counter
+    assert samples[("moesif_beam_read_total", LABELS)] == 0  # every counter, zero or not
+    assert not any(name.startswith("moesif_beam_bytes_read") for name, _ in samples)
+    assert not any(name.startswith("moesif_beam_batch_post_seconds") for name, _ in samples)
 
 
 def test_liveness_follows_the_job(endpoint):

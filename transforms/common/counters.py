@@ -6,7 +6,9 @@ Each counter is a Beam metric and, in addition, a tally kept in this process. Ru
 report the Beam metrics (committed values exclude retried bundles). The in-process tally
 is exact when every worker runs in this process, as in moesif-beam's default streaming
 setup (Prism with LOOPBACK workers), where the runner's final metrics were measured to
-miss a bundle now and then.
+miss a bundle now and then. Where a local run's workers are processes of their own, each
+publishes its tally for the launcher to sum (:mod:`.worker_tallies`), from a thread that
+starts when the worker makes its first counter: counting itself is the same either way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "counter",
     "local_tally",
     "tally_names",
+    "tally_snapshot",
 ]
 
 NAMESPACE = "moesif_beam"
@@ -70,6 +73,17 @@ class _Counter:
     def __init__(self, name: str) -> None:
         self._name = name
         self._beam = Metrics.counter(NAMESPACE, name)
+        # In a worker process of a run that reads its workers' tallies, the first counter
+        # starts the publisher; elsewhere, and after that, a comparison of pids.
+        from moesif_beam.transforms.common.worker_tallies import (  # noqa: PLC0415 - cycle
+            publish_from_this_worker,
+        )
+
+        publish_from_this_worker()
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        # Made anew where it is unpickled (a worker), so that __init__ runs there.
+        return (counter, (self._name,))
 
     def inc(self, n: int = 1) -> None:
         self._beam.inc(n)
@@ -86,6 +100,12 @@ def local_tally(*extra: str) -> dict[str, int]:
     """What this process's workers counted, every counter present (and ``extra`` ones)."""
     with _TALLY_LOCK:
         return {name: _TALLY.get(name, 0) for name in (*COUNTERS, *EXTRA_COUNTERS, *extra)}
+
+
+def tally_snapshot() -> dict[str, int]:
+    """Every counter this process's workers have counted so far, with its count."""
+    with _TALLY_LOCK:
+        return dict(_TALLY)
 
 
 def tally_names() -> tuple[str, ...]:
