@@ -137,6 +137,12 @@ def _auth_headers(call: Call) -> dict[str, str]:
 # -- one record per format ----------------------------------------------------------------
 
 
+def _with_query(call: Call, extra: str) -> tuple[str, str]:
+    """``(query, path + query)`` of ``call`` with ``extra`` parameters added."""
+    query = "&".join(part for part in (call.query, extra) if part)
+    return query, f"{call.path}?{query}"
+
+
 def kong(rng: random.Random, call: Call) -> dict[str, Any]:
     request_id = call.hex_id(rng)
     consumer = None
@@ -144,13 +150,16 @@ def kong(rng: random.Random, call: Call) -> dict[str, Any]:
         consumer = {"id": str(uuid.UUID(int=rng.getrandbits(128))), "username": call.app}
         if call.seq % 4:
             consumer["custom_id"] = call.user
+    query, target = call.query, call.target
+    if call.seq % 3 == 1:  # key-auth with key_in_query: the key is in the URL Kong logs
+        query, target = _with_query(call, f"apikey={call.api_key}")
     record: dict[str, Any] = {
         "request": {
             "id": request_id,
             "method": call.method,
-            "uri": call.target,
-            "url": f"https://{call.host}:443{call.target}",
-            "querystring": dict(p.split("=") for p in call.query.split("&")) if call.query else {},
+            "uri": target,
+            "url": f"https://{call.host}:443{target}",
+            "querystring": dict(p.split("=") for p in query.split("&")) if query else {},
             "size": rng.randint(200, 900),
             "headers": {"host": call.host, "user-agent": call.agent, **_auth_headers(call)},
         },
@@ -168,7 +177,7 @@ def kong(rng: random.Random, call: Call) -> dict[str, Any]:
         "tries": [{"ip": call.proxy_ip, "port": 8080, "balancer_start": call.start_ms}],
         "client_ip": call.ip,
         "started_at": call.start_ms,
-        "upstream_uri": call.target,
+        "upstream_uri": target,
         "upstream_status": str(call.status),
         "source": "upstream" if call.status < 500 else "kong",
         "route": {"id": f"route-{call.route}", "name": call.route, "paths": [f"/{call.route}"]},
@@ -287,6 +296,19 @@ def azure(rng: random.Random, call: Call) -> dict[str, Any]:
             "Ocp-Apim-Subscription-Key": call.api_key,
             **_auth_headers(call),
         }
+        # the backend's side: what APIM forwarded (the key too) and what came back
+        props["backendRequestHeaders"] = {
+            "Ocp-Apim-Subscription-Key": call.api_key,
+            "X-Forwarded-For": call.ip,
+            **_auth_headers(call),
+        }
+        props["backendResponseHeaders"] = (
+            f"Content-Type: application/json\r\nSet-Cookie: sid={call.api_key}"
+        )
+    elif call.seq % 4 == 2:  # the key in the query, as APIM also accepts it
+        _, target = _with_query(call, f"subscription-key={call.api_key}")
+        props["url"] = f"https://acme-apim.azure-api.net{target}"
+        props["backendUrl"] = f"https://backend.acme.io{target}"
     record = {
         "time": iso(call.start_ms, 7),
         "resourceId": "/SUBSCRIPTIONS/0000/RESOURCEGROUPS/RG/PROVIDERS/"
@@ -361,6 +383,9 @@ def envoy(rng: random.Random, call: Call) -> dict[str, Any]:
 
 def nginx(rng: random.Random, call: Call) -> dict[str, Any]:
     auth = _auth_headers(call)
+    target = call.target
+    if call.seq % 5 == 2:
+        target = _with_query(call, f"api_key={call.api_key}")[1]
     return {
         "msec": f"{call.start_ms // 1000}.{call.start_ms % 1000:03d}",
         "request_id": call.hex_id(rng),
@@ -370,7 +395,8 @@ def nginx(rng: random.Random, call: Call) -> dict[str, Any]:
         "request_method": call.method,
         "scheme": "https",
         "host": call.host,
-        "request_uri": call.target,
+        "request_uri": target,
+        "request_line": f"{call.method} {target} HTTP/1.1",
         "server_protocol": "HTTP/1.1",
         "status": str(call.status),
         "body_bytes_sent": str(rng.randint(0, 5000)),

@@ -11,7 +11,10 @@ and NGINX ``escape=json`` records with quoted numbers and ``-`` for absent value
 Every file also has exact repeats of earlier records (some inside a different wrapper, so
 dedup must see through wrappers) and a few bad lines: not JSON, a required field missing,
 a field of the wrong type, and an object no gateway writes. Some requests carry a Bearer
-JWT and API keys in headers, so masking and ``--user_id_jwt_claim`` have work to do.
+JWT and API keys in headers, so masking and ``--user_id_jwt_claim`` have work to do; some
+carry the key where header masking alone would miss it: in the query (Kong's
+``key_in_query``, Azure's ``subscription-key``, NGINX's ``api_key`` and the request line
+it logs) and in Azure's backend headers, which go to metadata.
 
 The records themselves come from ``gateway_records.py``; this module writes them as lines.
 Only the standard library is used; ``seed`` drives every choice, so the same arguments

@@ -18,9 +18,11 @@ from moesif_beam.transforms.formats import auto
 from moesif_beam.transforms.formats.gateway import (
     GATEWAY_NAMESPACE,
     MASK,
+    SENSITIVE_PARAMS,
     MappingOptions,
     NoRecords,
     jwt_claim,
+    mask_query,
     transaction_id,
 )
 from moesif_beam.transforms.formats.normalize import FORMATS
@@ -520,6 +522,174 @@ def test_wso2_gets_the_same_options():
     mapped_event = FORMATS["events"]["wso2"].to_moesif(event, options)[2]
     assert mapped_event["company_id"] == "t1"
     assert mapped_event["request"]["headers"]["Authorization"] == MASK
+
+
+KEY = "key_0123456789abcdef"  # a secret: must not reach Moesif anywhere in an event
+
+
+def _azure_with(**properties: Any) -> bytes:
+    envelope = json.loads(AZURE)
+    envelope["records"][0]["properties"].update(properties)
+    return json.dumps(envelope).encode()
+
+
+def test_azure_backend_headers_in_metadata_are_masked():
+    line = _azure_with(
+        backendRequestHeaders={
+            "Authorization": "Bearer t0ps3cret",
+            "Ocp-Apim-Subscription-Key": KEY,
+            "Accept": "*/*",
+        },
+        backendResponseHeaders="Set-Cookie: sid=s3ss10n\r\nContent-Type: application/json",
+    )
+    metadata = one("azure", line)["metadata"]
+    assert metadata["backendRequestHeaders"] == {
+        "Authorization": MASK,
+        "Ocp-Apim-Subscription-Key": MASK,
+        "Accept": "*/*",
+    }
+    # header text stays text, in its own layout
+    assert metadata["backendResponseHeaders"] == (
+        f"Set-Cookie: {MASK}\r\nContent-Type: application/json"
+    )
+    # the Log Analytics spelling, JSON text and Moesif's ";;" layout alike
+    pascal = one(
+        "azure",
+        _azure_with(
+            BackendRequestHeaders=json.dumps({"authorization": f"Bearer {KEY}", "X-Id": "1"}),
+            BackendResponseHeaders=f"Set-Cookie:{KEY};;Vary:Accept",
+        ),
+    )["metadata"]
+    assert json.loads(pascal["BackendRequestHeaders"]) == {"authorization": MASK, "X-Id": "1"}
+    assert pascal["BackendResponseHeaders"] == f"Set-Cookie:{MASK};;Vary:Accept"
+    for event in (one("azure", line), one("azure", _azure_with(backendRequestHeaders="x"))):
+        assert KEY.encode() not in orjson.dumps(event)
+        assert b"t0ps3cret" not in orjson.dumps(event) and b"s3ss10n" not in orjson.dumps(event)
+
+
+def test_kong_apikey_in_the_query_is_masked_in_uri_and_metadata():
+    # key-auth with key_in_query: the key rides in the URL Kong logs four times over
+    record = json.loads(KONG)
+    target = f"/v1/orders?x=1&apikey={KEY}"
+    record["request"].update(
+        url=f"https://api.acme.io:443{target}",
+        uri=target,
+        querystring={"x": "1", "apikey": KEY},
+    )
+    record["upstream_uri"] = target.replace("/v1", "")
+    event = one("kong", json.dumps(record).encode())
+    assert event["request"]["uri"] == f"https://api.acme.io:443/v1/orders?x=1&apikey={MASK}"
+    metadata = event["metadata"]
+    assert metadata["request_querystring"] == {"x": "1", "apikey": MASK}
+    assert metadata["request_uri"] == f"/v1/orders?x=1&apikey={MASK}"
+    assert metadata["upstream_uri"] == f"/orders?x=1&apikey={MASK}"
+    assert KEY.encode() not in orjson.dumps(event)
+    # the input record is not changed: masking copies what it masks
+    assert record["request"]["querystring"]["apikey"] == KEY
+
+
+@pytest.mark.parametrize(
+    ("fmt", "line"),
+    [
+        ("aws", edited(AWS, path=f"/prod/orders/42?access_token={KEY}")),
+        ("tyk", edited(TYK, raw_request=None, raw_path=f"/orders?api_key={KEY}")),
+        ("azure", _azure_with(url=f"https://acme-apim.azure-api.net/o?subscription-key={KEY}")),
+        ("apigee", edited(APIGEE, uri=f"/v1/orders/42?Key={KEY}&expand=items")),
+        ("envoy", edited(ENVOY, path=f"/v1/orders?token={KEY}")),
+        ("nginx", edited(NGINX, request_uri=f"/v1/orders/42?api-key={KEY}#top")),
+    ],
+)
+def test_every_format_masks_sensitive_query_parameters_in_the_uri(fmt, line):
+    event = one(fmt, line)
+    assert f"={MASK}" in event["request"]["uri"]
+    assert KEY.encode() not in orjson.dumps(event)
+    assert KEY.encode() not in orjson.dumps(one("auto", line))
+
+
+def test_wso2_uri_and_metadata_urls_are_masked_too():
+    from tests.fixtures import RESPONSE_EVENT
+
+    event = dict(RESPONSE_EVENT, destination=f"http://backend:8281/svc?apikey={KEY}")
+    event["properties"] = {
+        **RESPONSE_EVENT["properties"],
+        "x-original-gw-url": f"https://gw.acme.io/api1/2.0.0?access_token={KEY}",
+    }
+    mapped_event = FORMATS["events"]["wso2"].to_moesif(event, DEFAULT)[2]
+    assert mapped_event["request"]["uri"] == f"https://gw.acme.io/api1/2.0.0?access_token={MASK}"
+    assert mapped_event["metadata"]["destination"] == f"http://backend:8281/svc?apikey={MASK}"
+    assert KEY.encode() not in orjson.dumps(mapped_event)
+
+
+def test_nginx_query_variables_and_request_line_in_metadata_are_masked():
+    line = edited(
+        NGINX,
+        query_string=f"page=2&apikey={KEY}",  # $query_string: a query without its "?"
+        request=f"GET /v1/orders/42?apikey={KEY} HTTP/1.1",  # $request: the request line
+    )
+    metadata = one("nginx", line)["metadata"]
+    assert metadata["query_string"] == f"page=2&apikey={MASK}"
+    assert metadata["request"] == f"GET /v1/orders/42?apikey={MASK} HTTP/1.1"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://api.acme.io/v1/orders?x=1",
+        "https://api.acme.io/v1/orders?page=2&limit=50#top",
+        "https://api.acme.io/v1/orders?monkey=1&keyword=k&tokens=3&key",  # not sensitive
+        "https://api.acme.io/v1/orders?apikey=&token",  # named, but nothing to hide
+        "https://api.acme.io/v1/keys/token=1",  # no query at all
+        "https://api.acme.io/v1/search?q=caf%C3%A9",
+    ],
+)
+def test_a_uri_without_sensitive_parameters_is_unchanged(uri):
+    event = one("kong", KONG.replace(b"https://api.acme.io:443/v1/orders?x=1", uri.encode()))
+    assert event["request"]["uri"] == uri
+    assert mask_query(uri, SENSITIVE_PARAMS) is uri  # not even copied
+
+
+def test_the_reference_examples_lose_nothing_to_masking():
+    # No example holds a secret outside headers: metadata comes back as the mapping made it.
+    for fmt, line in EXAMPLES.items():
+        masked = one(fmt, line)
+        kept = one(fmt, line, MappingOptions(mask_headers=()))
+        assert masked["metadata"] == kept["metadata"], fmt
+        assert masked["request"]["uri"] == kept["request"]["uri"], fmt
+
+
+def test_mask_query_keeps_names_layout_and_other_parameters():
+    names = ("apikey", "x-api-key")
+    assert mask_query(f"/a?apikey={KEY}&page=2", names) == f"/a?apikey={MASK}&page=2"
+    assert mask_query(f"/a?page=2;APIKEY={KEY}#f", names) == f"/a?page=2;APIKEY={MASK}#f"
+    assert mask_query(f"/a?x_api_key={KEY}", names) == f"/a?x_api_key={MASK}"
+    assert mask_query(f"/a?api%6Bey={KEY}", ["apikey"]) == f"/a?api%6Bey={MASK}"
+    assert mask_query(f"apikey={KEY}&b=2", names, whole=True) == f"apikey={MASK}&b=2"
+    assert mask_query(f"apikey={KEY}&b=2", names) == f"apikey={KEY}&b=2"  # a uri: no "?"
+
+
+def test_mask_headers_flag_governs_metadata_headers_and_query_parameters():
+    record = json.loads(KONG)
+    record["request"]["url"] = f"https://api.acme.io/v1/orders?x-secret=s3&apikey={KEY}"
+    record["request"]["querystring"] = {"X_Secret": "s3", "apikey": KEY}
+    record["backend_headers"] = {"X-Secret": "s3", "Authorization": "Bearer b"}
+    line = json.dumps(record).encode()
+
+    custom = one("kong", line, MappingOptions(mask_headers=("X-Secret",)))
+    assert (
+        custom["request"]["uri"] == f"https://api.acme.io/v1/orders?x-secret={MASK}&apikey={MASK}"
+    )
+    metadata = custom["metadata"]
+    assert metadata["request_querystring"] == {"X_Secret": MASK, "apikey": MASK}
+    # the list replaces the default headers: Authorization is no longer masked
+    assert metadata["backend_headers"] == {"X-Secret": MASK, "Authorization": "Bearer b"}
+
+    default = one("kong", line)["metadata"]["backend_headers"]
+    assert default == {"X-Secret": "s3", "Authorization": MASK}
+
+    # an empty list masks nothing, query parameters included
+    off = one("kong", line, MappingOptions(mask_headers=()))
+    assert off["request"]["uri"] == record["request"]["url"]
+    assert off["metadata"]["request_querystring"]["apikey"] == KEY
 
 
 @pytest.mark.parametrize("flag", ["user_id_field", "company_id_field", "session_token_field"])

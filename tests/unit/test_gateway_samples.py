@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from moesif_beam.transforms.common.errors import InvalidRecord, json_type
-from moesif_beam.transforms.formats.gateway import MappingOptions, NoRecords
+from moesif_beam.transforms.formats.gateway import MASK, MappingOptions, NoRecords
 from moesif_beam.transforms.formats.normalize import FORMATS
 from samples.generate_gateways import FORMATS as GATEWAYS
 from samples.generate_gateways import Summary, generate, mixed
@@ -37,6 +37,9 @@ class Outcome:
         self.bad = 0
         self.skipped = 0
         self.secrets: set[bytes] = set()
+        # secrets the input holds outside the request and response headers: in a query
+        # string (a URL's or a parsed one) or in headers that go to metadata
+        self.hidden: set[bytes] = set()
 
     @property
     def ids(self) -> set[str]:
@@ -58,6 +61,25 @@ def _haystack(item: Any) -> bytes:
     return text.replace(b"\\n", b"\n")
 
 
+def _outside_headers(value: Any, key: str = "") -> bytes:
+    """The parts of a record where a secret is not in a mapped request/response header.
+
+    Query strings (any string holding ``?``, any object or string under a key naming a
+    query) and headers that are not the request's or response's own (Azure's
+    ``backendRequestHeaders``...), as text to search.
+    """
+    name = key.lower()
+    if isinstance(value, dict):
+        if "querystring" in name or ("header" in name and "backend" in name):
+            return orjson.dumps(value)
+        return b"\n".join(_outside_headers(item, k) for k, item in value.items())
+    if isinstance(value, list):
+        return b"\n".join(_outside_headers(item, key) for item in value)
+    if isinstance(value, str) and ("?" in value or "backend" in name):
+        return value.encode()
+    return b""
+
+
 def run(fmt: str, data: bytes, options: MappingOptions | None = None) -> Outcome:
     spec = FORMATS["events"][fmt]
     options = options or MappingOptions()
@@ -75,6 +97,7 @@ def run(fmt: str, data: bytes, options: MappingOptions | None = None) -> Outcome
             continue
         for item, _ in items:
             out.secrets.update(SECRET.findall(_haystack(item)))
+            out.hidden.update(SECRET.findall(_outside_headers(item)))
             try:
                 out.events.append(spec.to_moesif(item, options)[2])
             except InvalidRecord:
@@ -120,6 +143,35 @@ def test_sample_maps_as_counted_with_no_secret_left(fmt, generated):
     if fmt not in ("envoy", "apigee"):  # their logs carry no credentials
         assert outcome.secrets, "the sample should hold secrets for masking to remove"
     assert not SECRET.findall(delivered)
+
+
+@pytest.mark.parametrize("fmt", ["kong", "azure", "nginx"])
+def test_secrets_in_query_strings_and_metadata_headers_are_masked(fmt, generated):
+    # The samples plant keys where header masking alone would miss them: Kong's
+    # key_in_query (url, uri, querystring, upstream_uri), Azure's backend headers and
+    # subscription-key in the url and backendUrl, NGINX's api_key in request_uri and the
+    # request line it logs.
+    data, _ = generated[fmt]
+    outcome = run(fmt, data)
+    assert outcome.hidden, "the sample should hold secrets outside the mapped headers"
+    masked_uris = 0
+    for event in outcome.events:
+        uri = event["request"]["uri"]
+        assert not SECRET.findall(uri.encode()), uri
+        assert not SECRET.findall(orjson.dumps(event.get("metadata", {}))), event["metadata"]
+        masked_uris += f"={MASK}" in uri
+    assert masked_uris, "no uri had a parameter to mask"
+    metadata = [event["metadata"] for event in outcome.events]
+    if fmt == "kong":
+        assert any(m["request_querystring"].get("apikey") == MASK for m in metadata)
+        assert any(m["upstream_uri"].endswith(f"apikey={MASK}") for m in metadata)
+    if fmt == "azure":
+        backend = [m["backendRequestHeaders"] for m in metadata if "backendRequestHeaders" in m]
+        assert backend and all(h["Ocp-Apim-Subscription-Key"] == MASK for h in backend)
+        assert any(f"Set-Cookie: {MASK}" in m.get("backendResponseHeaders", "") for m in metadata)
+        assert any(f"subscription-key={MASK}" in m.get("backendUrl", "") for m in metadata)
+    if fmt == "nginx":
+        assert any(f"?api_key={MASK} HTTP/1.1" in m["request_line"] for m in metadata)
 
 
 def test_jwt_claim_names_users_nginx_logs_leave_anonymous(generated):
