@@ -112,8 +112,11 @@ def add_identity_flags(group: Any) -> None:
         type=_header_names,
         default=d["mask_headers"],
         metavar="NAMES",
-        help="comma-separated request and response headers whose values are masked "
-        f"(default {','.join(d['mask_headers'])}); an empty string masks none",
+        help="comma-separated request and response headers whose values are masked, in "
+        f"headers and in metadata (default {','.join(d['mask_headers'])}); these names and "
+        "apikey, api_key, key, access_token, token, subscription-key are also masked as "
+        "query parameters of the uri and of URLs and query strings in metadata; an empty "
+        "string masks none",
     )
 
 
