@@ -50,9 +50,8 @@ from moesif_beam.runners.profile_options import (
     write_key,
 )
 from moesif_beam.runners.profiles import add_profile_flag, apply_profile
-from moesif_beam.runners.progress import counts_visible, progress_line, workers_publish
+from moesif_beam.runners.progress import counts_visible, progress_line, run_tally
 from moesif_beam.transforms.common.errors import CollectorConfigError
-from moesif_beam.transforms.common.worker_tallies import RunTally
 from moesif_beam.transforms.delivery import RetryPolicy, Secret, preflight
 from moesif_beam.transforms.schema import load_schema, save_schema, seed_pairs
 from moesif_beam.transforms.sources.files import (
@@ -251,7 +250,7 @@ def _deliver(
             config = dataclasses.replace(config, single_process=True)
         # Local worker processes publish their counts in the run's directory, for the
         # progress line and the endpoint (transforms/common/worker_tallies.py).
-        tally = RunTally(run.path if workers_publish(options) else None)
+        tally = run_tally(config, options, args.progress, run.path, endpoint=metrics is not None)
         if metrics is not None:
             metrics.workers_here(counts_visible(options))
             if tally.published:

@@ -53,6 +53,8 @@ __all__ = [
     "format_duration",
     "format_progress",
     "progress_line",
+    "progress_shown",
+    "run_tally",
     "workers_publish",
 ]
 
@@ -245,6 +247,30 @@ def workers_publish(options: PipelineOptions) -> bool:
     return runner in _LOCAL_PROCESS_RUNNERS and mode == "multi_processing"
 
 
+def progress_shown(config: PipelineConfig, requested: bool | None) -> bool:
+    """Whether the run shows a progress line: bounded, on a terminal unless ``requested`` says."""
+    show = sys.stderr.isatty() if requested is None else requested
+    return show and not config.streaming
+
+
+def run_tally(
+    config: PipelineConfig,
+    options: PipelineOptions,
+    requested: bool | None,
+    directory: str,
+    *,
+    endpoint: bool,
+) -> RunTally:
+    """The run's tally, for its progress line and its ``--metrics_port`` ``endpoint``.
+
+    Its worker processes publish their counts in ``directory`` (the run's own) when they
+    are local processes (:func:`workers_publish`) and something reads them: the progress
+    line, when shown, or the endpoint. Otherwise they publish nothing.
+    """
+    read = endpoint or progress_shown(config, requested)
+    return RunTally(directory if read and workers_publish(options) else None)
+
+
 def progress_line(
     config: PipelineConfig,
     options: PipelineOptions,
@@ -255,8 +281,7 @@ def progress_line(
 
     ``tally``: the run's (with the workers' published counts when they are processes).
     """
-    show = sys.stderr.isatty() if requested is None else requested
-    if not show or config.streaming:
+    if not progress_shown(config, requested):
         return None
     published = tally is not None and tally.published and workers_publish(options)
     visible = counts_visible(options) or published

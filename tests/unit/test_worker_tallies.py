@@ -8,7 +8,8 @@ import pickle
 
 import pytest
 
-from moesif_beam.runners.progress import ProgressLine, workers_publish
+from moesif_beam.pipelines.config import PipelineConfig
+from moesif_beam.runners.progress import ProgressLine, run_tally, workers_publish
 from moesif_beam.transforms.common import worker_tallies
 from moesif_beam.transforms.common.counters import counter, tally_snapshot
 from moesif_beam.transforms.common.worker_tallies import (
@@ -187,3 +188,25 @@ def test_workers_publish_where_they_are_local_processes(flags, publish):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     assert workers_publish(PipelineOptions(flags)) is publish
+
+
+@pytest.mark.parametrize(
+    ("mode", "requested", "endpoint", "published"),
+    [
+        ("multi_processing", True, False, True),  # the progress line reads them
+        ("multi_processing", None, False, False),  # stderr is no terminal under pytest
+        ("multi_processing", False, True, True),  # the --metrics_port endpoint reads them
+        ("multi_processing", False, False, False),  # nothing reads them: no publishing
+        ("in_memory", True, True, False),  # the workers run here: the tally is read directly
+    ],
+)
+def test_workers_publish_only_when_something_reads_their_counts(
+    tmp_path, mode, requested, endpoint, published
+):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(["--runner=FnApiRunner", f"--direct_running_mode={mode}"])
+    config = PipelineConfig(pipeline="events", input="in.jsonl", input_format="wso2")
+    tally = run_tally(config, options, requested, str(tmp_path), endpoint=endpoint)
+    assert tally.published is published
+    assert tally.directory == (str(tmp_path) if published else None)
