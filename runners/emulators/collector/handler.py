@@ -102,6 +102,7 @@ class _FastItem(msgspec.Struct):
 
 
 _FAST_ITEMS: Final = msgspec.json.Decoder(list[_FastItem])
+_FAST_KINDS: Final = frozenset({"events", "actions"})
 
 
 def _count_only_items(body: bytes) -> list[dict[str, Any]] | None:
@@ -118,7 +119,9 @@ def _count_only_items(body: bytes) -> list[dict[str, Any]] | None:
     try:
         body.decode("utf-8")
         items = _FAST_ITEMS.decode(body)
-    except (UnicodeDecodeError, msgspec.DecodeError):  # ValidationError is a DecodeError
+    # ValidationError is a DecodeError; msgspec recurses into deeply nested values, which
+    # the full parse answers as invalid JSON.
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
         return None
     return [
         {
@@ -412,7 +415,8 @@ class _Handler(BaseHTTPRequestHandler):
         fast = _count_only(config)
         body = _decode_body(raw, self.headers.get("Content-Encoding"), route.limit, fast=fast)
         payload = None
-        if fast and route.batch and len(body) <= ITEM_LIMIT_BYTES:
+        # Events and actions only: user and company upserts are keyed by other fields.
+        if fast and route.batch and route.kind in _FAST_KINDS and len(body) <= ITEM_LIMIT_BYTES:
             payload = _count_only_items(body)
         if payload is None:
             payload = _parse_fast(body) if fast else _parse_json(body)
