@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 
 import pytest
 
@@ -194,16 +195,19 @@ def test_workers_publish_where_they_are_local_processes(flags, publish):
     ("mode", "requested", "endpoint", "published"),
     [
         ("multi_processing", True, False, True),  # the progress line reads them
-        ("multi_processing", None, False, False),  # stderr is no terminal under pytest
+        ("multi_processing", None, False, False),  # stderr is no terminal (patched below)
         ("multi_processing", False, True, True),  # the --metrics_port endpoint reads them
         ("multi_processing", False, False, False),  # nothing reads them: no publishing
         ("in_memory", True, True, False),  # the workers run here: the tally is read directly
     ],
 )
 def test_workers_publish_only_when_something_reads_their_counts(
-    tmp_path, mode, requested, endpoint, published
+    tmp_path, monkeypatch, mode, requested, endpoint, published
 ):
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    # Not a terminal, whatever pytest's own stderr is (pytest -s in a terminal).
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
 
     options = PipelineOptions(["--runner=FnApiRunner", f"--direct_running_mode={mode}"])
     config = PipelineConfig(pipeline="events", input="in.jsonl", input_format="wso2")
