@@ -50,8 +50,16 @@ EXIT_USAGE = 2
 # command's default.
 _FALLBACK_FORMATS = {"events": "auto", "actions": "moesif", "profiles": "wso2"}
 # Dead letters of deliveries that are not input records: a profile upsert or a Segment call
-# is recomputed by re-running profiles (upserts and messageIds make that harmless).
-_NOT_REPLAYED = {"profile-upserts": "re-run moesif-beam profiles over the same input instead"}
+# is recomputed by re-running profiles (upserts and messageIds make that harmless). Nor are
+# the input records of profiles: profiles computed from the replayed records alone would
+# overwrite, in Moesif and Segment, the traits computed from all of the input (an older
+# lastSeenTime, a 24-hour rollup of a few calls).
+_RERUN_PROFILES = "re-run moesif-beam profiles over the whole input (the lines fixed) instead"
+_NOT_REPLAYED = {
+    "profile-upserts": "re-run moesif-beam profiles over the same input instead",
+    "profiles": _RERUN_PROFILES
+    + ": profiles computed from these records alone would overwrite the traits of all of it",
+}
 
 
 def read_dead_letters(location: str) -> Iterator[dict[str, Any]]:

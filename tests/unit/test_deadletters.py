@@ -245,6 +245,7 @@ def test_a_replay_runs_once_per_pipeline_and_format():
         _letter(payload=b"old"),
         _letter(payload=b"a1", pipeline="actions", format="segment"),
         _letter(payload=b"up", pipeline="profile-upserts"),
+        _letter(payload=b"p1", pipeline="profiles", format="wso2"),
         _letter(payload=b"", reason="unreadable_input"),
         _letter(payload=b"two\nlines"),
     ]
@@ -255,7 +256,8 @@ def test_a_replay_runs_once_per_pipeline_and_format():
         ("events", "auto"): [b"old"],
         ("actions", "segment"): [b"a1"],
     }
-    assert plan.not_replayed == {"profile-upserts": 1}
+    # Neither is an input record to replay alone: profiles re-run over the whole input.
+    assert plan.not_replayed == {"profile-upserts": 1, "profiles": 1}
     assert plan.no_payload == 2
 
 
