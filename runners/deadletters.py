@@ -301,6 +301,14 @@ def _replay(
             if os.path.exists(metrics):
                 with open(metrics, "rb") as handle:
                     runs.append({**orjson.loads(handle.read()), "format": fmt})
+            else:  # it stopped before counting (a refused id, a bad flag): say so
+                print(
+                    f"moesif-beam deadletters: the {pipeline} run (--format {fmt}, "
+                    f"{len(payloads):,} records) exited {code} without counts; "
+                    "the totals below leave it out",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if runs:
         totals = replay_totals(runs)
         lines = replay_summary(totals, _replay_dead_letter_dir(delivery))

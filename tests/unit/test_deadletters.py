@@ -383,3 +383,25 @@ def test_replay_hands_each_pipeline_and_format_to_one_run_and_sums_them(tmp_path
     out = capsys.readouterr()
     assert f"2 of 3 records failed again -> {tmp_path / 'again'}/dead_letter" in out.out
     assert "replaying 2 events records (--format kong)" in out.err
+
+
+def test_a_replay_run_that_stopped_without_counts_is_named(tmp_path, capsys):
+    _write(
+        tmp_path / "dl" / "events-new-0.avro",
+        [_letter(payload=b"k1", format="kong"), _letter(payload=b"w1", format="wso2")],
+    )
+
+    def deliver(argv):
+        argv = list(argv)
+        if argv[argv.index("--format") + 1] == "kong":
+            return 3  # refused before counting anything: no metrics written
+        document = {"pipeline": argv[0], "run_id": "w", "read": 1, "sent": 1}
+        document |= {"duplicates": 0, "dead_letters": 0, "invariant_holds": True}
+        Path(argv[argv.index("--metrics_out") + 1]).write_bytes(orjson.dumps(document))
+        return 0
+
+    argv = ["replay", "--dead_letter", str(tmp_path / "dl"), "--reason", "retries_exhausted"]
+    assert main([*argv, "--output_dir", str(tmp_path / "again")], deliver) == 3
+    err = capsys.readouterr().err
+    assert "the events run (--format kong, 1 records) exited 3 without counts" in err
+    assert "--format wso2, 1 records) exited" not in err
