@@ -78,15 +78,22 @@ class _Secrets:
             (``key``, ``token``, ``cookie``, ``authorization`` for the defaults): a query
             holding none of them, in lower case with ``_`` read as ``-``, has nothing to
             mask, and most queries are settled by these few C-level tests.
+        keys: the names a metadata key is itself a secret's name under (see
+            :func:`_kind`): the header names and ``params``, with ``-`` for ``_``.
         clean: queries known to hold nothing to mask (Kong writes the same query in
             ``request.url``, ``request.uri`` and ``upstream_uri``; APIs see the same
             queries again and again). Bounded by ``_CLEAN_MAX`` and ``_CLEAN_LONGEST``.
+        kinds: metadata key -> what :func:`_kind` says it holds. Keys repeat from record
+            to record, so this stays small; it stops growing at ``_KINDS_MAX`` (a record
+            with made-up keys per call). Per instance: the answer depends on the names.
     """
 
     headers: frozenset[str]
     params: frozenset[str]
     tails: tuple[str, ...]
+    keys: frozenset[str] = frozenset()
     clean: dict[str, None] = field(default_factory=dict, compare=False, repr=False)
+    kinds: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, headers: Iterable[str], params: Iterable[str]) -> _Secrets:
@@ -95,7 +102,9 @@ class _Secrets:
         for name in sorted(names, key=len):
             if not any(tail in name for tail in tails):
                 tails.append(name)
-        return cls(frozenset(h.lower() for h in headers), names, tuple(tails))
+        lowered = frozenset(h.lower() for h in headers)
+        keys = frozenset(h.replace("_", "-") for h in lowered) | names
+        return cls(lowered, names, tuple(tails), keys)
 
     def may_hold(self, query: str) -> bool:
         """Whether ``query`` (or text holding parameter names) may name a sensitive one."""
@@ -121,9 +130,10 @@ _CLEAN_MAX = 4096
 _CLEAN_LONGEST = 256
 
 
-# Where a query string ends in a URI: the fragment, or the space before " HTTP/1.1" when
-# the value is a request line.
-_QUERY_END = re.compile(r"[#\s]")
+# Where a query string ends in a URI: the fragment, or the space before "HTTP/1.1" when
+# the value is a request line. Any other space is part of the query (a logged, undecoded
+# "q=a b" must not hide what follows it).
+_QUERY_END = re.compile(r"#|\s(?=HTTP/)")
 _QUERY_SEPARATORS = re.compile(r"([&;])")
 
 
@@ -132,22 +142,27 @@ def mask_query(text: str, names: Iterable[str], *, whole: bool = False) -> str:
 
     The parameter's name is kept (``?apikey=*****&page=2``), as a masked header keeps its
     name; a parameter without a value is left alone. ``text`` is a URI (its query is what
-    follows the first ``?``, up to ``#`` or a space) or, with ``whole``, a query string
-    that may lack the ``?``. Text with nothing to mask comes back as it is.
+    follows the first ``?``, up to ``#`` or the space before ``HTTP/`` of a request line)
+    or, with ``whole``, a query string, with or without its leading ``?`` (a ``?`` in a
+    value does not start it; one before the first ``=`` does, as in a whole URI). Text
+    with nothing to mask comes back as it is.
 
     Args:
         text: the URI or query string.
         names: the sensitive parameters' names (any case; ``_`` and ``-`` alike;
             percent-encoded names in ``text`` are decoded to compare).
-        whole: ``text`` is a query string when it has no ``?``.
+        whole: ``text`` is a query string (or a URI).
     """
     return _mask_query(text, _Secrets.of((), names), whole)
 
 
 def _mask_query(text: str, secrets: _Secrets, whole: bool) -> str:
     start = text.find("?") + 1
-    if not start and not whole:
-        return text
+    if not start:
+        if not whole:
+            return text
+    elif whole and "=" in text[: start - 1]:
+        start = 0  # the "?" is in a value: the query is the whole text
     if not secrets.may_hold(text[start:] if start else text):
         return text
     found = _QUERY_END.search(text, start)
@@ -202,25 +217,38 @@ def _mask_header_text(text: str, names: frozenset[str]) -> str:
     return separator.join(lines) if changed else text
 
 
-# Never 0: `_KINDS.get(key) or _kind(key)` must not recompute a known key.
-_HEADERS, _QUERY, _OTHER = 1, 2, 3
-# Metadata key -> what its name says the value is. Keys repeat from record to record, so
-# this stays small; it stops growing at _KINDS_MAX (a record with made-up keys per call).
-_KINDS: dict[str, int] = {}
+_HEADERS, _QUERY, _SECRET, _OTHER = 1, 2, 3, 4
+# Metadata keys whose values are cached per _Secrets: at most this many.
 _KINDS_MAX = 10_000
+# Prefixes under which a header's name becomes a metadata key (NGINX's $http_authorization,
+# WSO2's request_header_*), "_" read as "-".
+_KEY_PREFIXES = ("http-", "request-header-", "response-header-")
 
 
-def _kind(key: str) -> int:
-    """What a metadata key's name says its value is: headers, a query string, or other."""
+def _kind(key: str, secrets: _Secrets) -> int:
+    """What a metadata key's name says its value is: a secret, headers, a query, or other.
+
+    A secret is a key whose name, in lower case with ``_`` read as ``-`` and without a
+    leading ``http_``, ``request_header_`` or ``response_header_``, is a masked header's
+    or a sensitive query parameter's (``authorization``, ``x_api_key``,
+    ``http_authorization``, ``request_header_cookie``, ``api_key``).
+    """
     name = key.lower()
-    if "header" in name:
+    bare = name.replace("_", "-")
+    for prefix in _KEY_PREFIXES:
+        if bare.startswith(prefix):
+            bare = bare[len(prefix) :]
+            break
+    if bare in secrets.keys:
+        kind = _SECRET
+    elif "header" in name:
         kind = _HEADERS
     elif "query" in name or name in ("args", "qs"):
         kind = _QUERY
     else:
         kind = _OTHER
-    if len(_KINDS) < _KINDS_MAX:
-        _KINDS[key] = kind
+    if len(secrets.kinds) < _KINDS_MAX:
+        secrets.kinds[key] = kind
     return kind
 
 
@@ -229,31 +257,43 @@ def _mask_tree(node: dict[str, Any], secrets: _Secrets, depth: int) -> dict[str,
 
     Copies only the objects on the way to a masked value; the rest is shared, and a
     record with nothing to mask comes back as it is. This runs for every record, so the
-    common value (a number, a string without ``=`` or ``:``) costs a type test and one
-    or two C-level substring tests, and nothing else.
+    common value (a number, a string under an ordinary key without ``?``) costs a type
+    test, a dict lookup and one C-level substring test, and nothing else.
     """
     out: dict[str, Any] | None = None
-    kinds = _KINDS
+    kinds = secrets.kinds
     new: Any
     for key, value in node.items():
         cls = value.__class__
         if cls is str:
-            # Header text needs ":", a query "=": most strings have neither.
-            if ":" not in value and "=" not in value:
-                continue
-            kind = kinds.get(key) or _kind(key)
-            if kind == _HEADERS:
-                new = _mask_header_text(value, secrets.headers)
-            elif kind == _QUERY:
-                new = _mask_query(value, secrets, True)
-            elif "?" in value and "=" in value:
+            try:
+                kind = kinds[key]
+            except KeyError:
+                kind = _kind(key, secrets)
+            if kind == _OTHER:
+                # A URI's query needs "?" and "=": most strings have neither.
+                if "?" not in value or "=" not in value:
+                    continue
                 new = _mask_query(value, secrets, False)
+            elif kind == _SECRET:
+                if not value:
+                    continue
+                new = MASK
+            elif kind == _HEADERS:
+                if ":" not in value:
+                    continue
+                new = _mask_header_text(value, secrets.headers)
+            elif "=" in value:
+                new = _mask_query(value, secrets, True)
             else:
                 continue
         elif cls is dict:
             if not value:
                 continue
-            kind = kinds.get(key) or _kind(key)
+            try:
+                kind = kinds[key]
+            except KeyError:
+                kind = _kind(key, secrets)
             if kind == _HEADERS:
                 new = mask_headers(value, secrets.headers)
             elif kind == _QUERY:
@@ -263,7 +303,16 @@ def _mask_tree(node: dict[str, Any], secrets: _Secrets, depth: int) -> dict[str,
             else:
                 continue
         elif cls is list and value and depth < MAX_DEPTH:
-            new = _mask_items(value, secrets, depth + 1)
+            try:
+                kind = kinds[key]
+            except KeyError:
+                kind = _kind(key, secrets)
+            new = value
+            if kind == _HEADERS:
+                new = _mask_header_list(value, secrets.headers)
+            elif kind == _SECRET:  # repeated values (Set-Cookie)
+                new = _mask_strings(value)
+            new = _mask_items(new, secrets, depth + 1)
         else:
             continue
         if new is not value:
@@ -271,6 +320,48 @@ def _mask_tree(node: dict[str, Any], secrets: _Secrets, depth: int) -> dict[str,
                 out = dict(node)
             out[key] = new
     return node if out is None else out
+
+
+def _mask_strings(items: list[Any]) -> list[Any]:
+    """A secret's list of values with every non-empty string masked."""
+    if not any(item.__class__ is str and item for item in items):
+        return items
+    return [MASK if item.__class__ is str and item else item for item in items]
+
+
+def _header_name(item: Any) -> tuple[Any, Any]:
+    """The name of a header-list entry and the key or index of its value, else (None, None).
+
+    Entries are ``{"name": ..., "value": ...}`` (any case of ``name`` and ``value``) or
+    ``[name, value]``.
+    """
+    if item.__class__ is dict:
+        name = slot = None
+        for key in item:
+            low = key.lower()
+            if low == "name":
+                name = item[key]
+            elif low == "value":
+                slot = key
+        return (name, slot) if slot is not None else (None, None)
+    if item.__class__ is list and len(item) == 2:
+        return item[0], 1
+    return None, None
+
+
+def _mask_header_list(items: list[Any], names: frozenset[str]) -> list[Any]:
+    """A list of headers (``[{"name": n, "value": v}]`` or ``[[n, v]]``), masked."""
+    out: list[Any] | None = None
+    for index, item in enumerate(items):
+        name, slot = _header_name(item)
+        if name.__class__ is not str or name.strip().lower() not in names:
+            continue
+        new = dict(item) if item.__class__ is dict else list(item)
+        new[slot] = MASK
+        if out is None:
+            out = list(items)
+        out[index] = new
+    return items if out is None else out
 
 
 def _mask_items(items: list[Any], secrets: _Secrets, depth: int) -> list[Any]:
@@ -298,13 +389,21 @@ def mask_secrets(event: dict[str, Any], options: MappingOptions) -> dict[str, An
     """Mask, in place, every secret of ``event`` outside its bodies; returns ``event``.
 
     * the ``mask_headers`` request and response headers;
-    * the same header names in every headers-shaped value in ``metadata``: a key whose
-      name contains ``header`` (any case) holding an object or header text (a JSON
-      object, ``name:value;;...`` or one header a line), at any depth;
+    * in ``metadata``, at any depth (objects and arrays):
+
+      * the string value of a key that is itself a secret's name (see :func:`_kind`:
+        ``authorization``, ``x_api_key``, ``http_cookie``, ``request_header_authorization``,
+        ``api_key``, ``token``...), and each string of a list under such a key;
+      * the same header names under a key whose name contains ``header`` (any case)
+        holding an object, header text (a JSON object, ``name:value;;...`` or one header
+        a line) or a list of ``{"name": ..., "value": ...}`` objects or ``[name, value]``
+        pairs;
     * the values of sensitive query parameters (:data:`SENSITIVE_PARAMS` and the
-      ``mask_headers`` names) in ``request.uri``, in every string in ``metadata`` that
-      holds a query (``...?name=value``), and in every metadata key whose name contains
-      ``query`` (or is ``args``), an object (Kong's ``querystring``) or a string.
+      ``mask_headers`` names) in ``request.uri``, in every other metadata string that
+      holds a query (``...?name=value``, the query ending at ``#``, at the space before
+      ``HTTP/`` of a request line, or at the end), and under every metadata key whose
+      name contains ``query`` (or is ``args`` or ``qs``): an object (Kong's
+      ``querystring``) or a string, with or without its ``?``.
 
     Nothing is masked when ``mask_headers`` is empty. Metadata objects are copied on
     write, never changed in place: they may be the input record's own.
