@@ -133,3 +133,22 @@ def test_header_lists_without_a_secret_come_back_as_they_are():
     headers = [{"name": "Accept", "value": "*/*"}, ["Vary", "Accept"], "x", 1]
     metadata = {"request_headers": headers}
     assert masked_metadata(metadata)["request_headers"] is headers
+
+
+# -- JSON header text keeps its own spelling --------------------------------------------
+
+
+def test_json_header_text_is_masked_in_place_keeping_the_rest_of_the_text():
+    text = (
+        '{ "Authorization" : "Bearer x\\"}", "X-Count": 12345678901234567890123,'
+        ' "X-Ratio": 1.0e3, "X-Nested": {"cookie": [1, "}"]},\n "Cookie":{"sid":"s"},'
+        ' "Authoriz\\u0061tion": 7, "X-Esc": "caf\\u00e9" }'
+    )
+    expected = (
+        '{ "Authorization" : "*****", "X-Count": 12345678901234567890123,'
+        ' "X-Ratio": 1.0e3, "X-Nested": {"cookie": [1, "}"]},\n "Cookie":"*****",'
+        ' "Authoriz\\u0061tion": "*****", "X-Esc": "caf\\u00e9" }'
+    )
+    assert masked_metadata({"backendRequestHeaders": text}) == {"backendRequestHeaders": expected}
+    clean = '{"Accept": "*/*", "X-Count": 12345678901234567890123}'
+    assert masked_metadata({"request_headers": clean})["request_headers"] is clean

@@ -194,6 +194,48 @@ def _mask_params(params: dict[str, Any], secrets: _Secrets) -> dict[str, Any]:
     return out
 
 
+# A JSON string, or one of the punctuation marks that give an object its structure.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]')
+
+
+def _mask_json_text(text: str, names: frozenset[str]) -> str:
+    """A JSON object's text (valid: already parsed) with its top-level ``names`` masked.
+
+    Only each masked value's own span is replaced by ``"*****"``: the rest of the text
+    (spacing, key order, big integers, number spellings, escapes) stays as it was.
+    """
+    pieces: list[str] = []
+    last = depth = 0
+    masking = after_colon = False
+    start = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        first = token[0]
+        if first == '"':
+            if depth == 1 and not after_colon:  # a key of the object itself
+                masking = str(orjson.loads(token)).lower() in names
+        elif first in "{[":
+            depth += 1
+        elif first == ":":
+            if depth == 1:
+                after_colon = True
+                start = match.end()
+        else:  # "," "}" "]"
+            if depth == 1 and first != "]" and after_colon:
+                if masking:
+                    value = text[start : match.start()]
+                    lead = len(value) - len(value.lstrip())
+                    tail = len(value.rstrip())
+                    pieces.append(text[last : start + lead])
+                    pieces.append(f'"{MASK}"')
+                    last = start + tail
+                masking = after_colon = False
+            if first != ",":
+                depth -= 1
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
 def _mask_header_text(text: str, names: frozenset[str]) -> str:
     """Header text (a JSON object, ``name:value;;...`` or one header a line), masked."""
     if text.lstrip()[:1] == "{":
@@ -202,8 +244,9 @@ def _mask_header_text(text: str, names: frozenset[str]) -> str:
         except orjson.JSONDecodeError:
             parsed = None
         if isinstance(parsed, dict):
-            masked = mask_headers(parsed, names)
-            return text if masked is parsed else orjson.dumps(masked).decode()
+            if names.isdisjoint(map(str.lower, parsed)):
+                return text
+            return _mask_json_text(text, names)
     separator = ";;" if ";;" in text else "\n"
     lines = text.split(separator)
     changed = False
