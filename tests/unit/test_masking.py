@@ -117,6 +117,7 @@ def test_header_lists_under_a_header_named_key_are_masked():
         ],
         "backendResponseHeaders": [["Set-Cookie", f"sid={KEY}"], ["Vary", "Accept"]],
         "headers": [{"Name": "X-Api-Key", "Value": KEY}],
+        "raw_headers": [f"Authorization: Bearer {KEY}", "Accept: */*"],
     }
     assert masked_metadata(metadata) == {
         "request_headers": [
@@ -125,12 +126,13 @@ def test_header_lists_under_a_header_named_key_are_masked():
         ],
         "backendResponseHeaders": [["Set-Cookie", MASK], ["Vary", "Accept"]],
         "headers": [{"Name": "X-Api-Key", "Value": MASK}],
+        "raw_headers": [f"Authorization: {MASK}", "Accept: */*"],
     }
     assert KEY in orjson.dumps(metadata).decode()  # the input is not changed
 
 
 def test_header_lists_without_a_secret_come_back_as_they_are():
-    headers = [{"name": "Accept", "value": "*/*"}, ["Vary", "Accept"], "x", 1]
+    headers = [{"name": "Accept", "value": "*/*"}, ["Vary", "Accept"], "Vary: x", "x", 1]
     metadata = {"request_headers": headers}
     assert masked_metadata(metadata)["request_headers"] is headers
 

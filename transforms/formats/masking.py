@@ -393,14 +393,20 @@ def _header_name(item: Any) -> tuple[Any, Any]:
 
 
 def _mask_header_list(items: list[Any], names: frozenset[str]) -> list[Any]:
-    """A list of headers (``[{"name": n, "value": v}]`` or ``[[n, v]]``), masked."""
+    """A list of headers, masked: ``[{"name": n, "value": v}]``, ``[[n, v]]`` or lines."""
     out: list[Any] | None = None
+    new: Any
     for index, item in enumerate(items):
-        name, slot = _header_name(item)
-        if name.__class__ is not str or name.strip().lower() not in names:
-            continue
-        new = dict(item) if item.__class__ is dict else list(item)
-        new[slot] = MASK
+        if item.__class__ is str:  # "Authorization: Bearer ..."
+            new = _mask_header_text(item, names) if ":" in item else item
+            if new is item:
+                continue
+        else:
+            name, slot = _header_name(item)
+            if name.__class__ is not str or name.strip().lower() not in names:
+                continue
+            new = dict(item) if item.__class__ is dict else list(item)
+            new[slot] = MASK
         if out is None:
             out = list(items)
         out[index] = new
@@ -439,8 +445,8 @@ def mask_secrets(event: dict[str, Any], options: MappingOptions) -> dict[str, An
         ``api_key``, ``token``...), and each string of a list under such a key;
       * the same header names under a key whose name contains ``header`` (any case)
         holding an object, header text (a JSON object, ``name:value;;...`` or one header
-        a line) or a list of ``{"name": ..., "value": ...}`` objects or ``[name, value]``
-        pairs;
+        a line) or a list of ``{"name": ..., "value": ...}`` objects, ``[name, value]``
+        pairs or ``name: value`` strings;
     * the values of sensitive query parameters (:data:`SENSITIVE_PARAMS` and the
       ``mask_headers`` names) in ``request.uri``, in every other metadata string that
       holds a query (``...?name=value``, the query ending at ``#``, at the space before
