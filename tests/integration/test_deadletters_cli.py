@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from samples.generate_gateways import generate
-from tests.conftest import run_cli
+from tests.conftest import CliRun, run_cli
 from tests.fixtures import wso2_line
 from tests.helpers import assert_nothing_lost, read_dead_letters
 
@@ -23,25 +23,47 @@ def _input(path: Path, n: int) -> list[str]:
     return ids
 
 
-def test_after_an_outage_replay_delivers_what_exhausted_its_retries(tmp_path, start_collector):
-    ids = _input(tmp_path / "in.jsonl", 30)
-    down = start_collector(application_id=APP_ID, fail_rate=1.0, fail_status=503)
-    out = tmp_path / "out"
-    first = run_cli(
+def _replay(dead_dir: Path, collector_url: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "deadletters",
+        "replay",
+        "--dead_letter",
+        str(dead_dir),
+        "--reason",
+        "retries_exhausted",
+        "--moesif_base_url",
+        collector_url,
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
+
+
+def _events_during_outage(tmp_path: Path, collector_url: str, *flags: str) -> CliRun:
+    """``events`` over ``tmp_path/in.jsonl`` into ``tmp_path/out``, its retries cut short."""
+    return run_cli(
         [
             "events",
             "--input",
             str(tmp_path / "in.jsonl"),
+            *flags,
             "--moesif_base_url",
-            down.url,
+            collector_url,
             "--output_dir",
-            str(out),
+            str(tmp_path / "out"),
             "--max_retry_seconds",
             "1",
         ],
         app_id=APP_ID,
         metrics=tmp_path / "first.json",
     )
+
+
+def test_after_an_outage_replay_delivers_what_exhausted_its_retries(tmp_path, start_collector):
+    ids = _input(tmp_path / "in.jsonl", 30)
+    down = start_collector(application_id=APP_ID, fail_rate=1.0, fail_status=503)
+    out = tmp_path / "out"
+    first = _events_during_outage(tmp_path, down.url)
     assert first.returncode == 0, first.stderr
     assert first.metrics["retries_exhausted"] == 30
     assert first.metrics["parse_errors"] == 1
@@ -63,20 +85,7 @@ def test_after_an_outage_replay_delivers_what_exhausted_its_retries(tmp_path, st
     up = start_collector(application_id=APP_ID)
     replay_out = tmp_path / "replay-out"
     replay = run_cli(
-        [
-            "deadletters",
-            "replay",
-            "--dead_letter",
-            str(dead_dir),
-            "--reason",
-            "retries_exhausted",
-            "--moesif_base_url",
-            up.url,
-            "--output_dir",
-            str(replay_out),
-        ],
-        app_id=APP_ID,
-        metrics=tmp_path / "replay.json",
+        _replay(dead_dir, up.url, replay_out), app_id=APP_ID, metrics=tmp_path / "replay.json"
     )
     assert replay.returncode == 0, replay.stderr
     assert_nothing_lost(replay.metrics)
@@ -87,40 +96,10 @@ def test_after_an_outage_replay_delivers_what_exhausted_its_retries(tmp_path, st
     assert read_dead_letters(str(replay_out / "dead_letter")) == []
 
     # A second replay is harmless: the same ids, which the collector deduplicates.
-    again = run_cli(
-        [
-            "deadletters",
-            "replay",
-            "--dead_letter",
-            str(dead_dir),
-            "--reason",
-            "retries_exhausted",
-            "--moesif_base_url",
-            up.url,
-            "--output_dir",
-            str(tmp_path / "again"),
-        ],
-        app_id=APP_ID,
-    )
+    again = run_cli(_replay(dead_dir, up.url, tmp_path / "again"), app_id=APP_ID)
     assert again.returncode == 0, again.stderr
     assert len(up.records("events")) == 30
     assert APP_ID not in replay.stderr + stats.stdout + shown.stdout
-
-
-def _replay(dead_dir: Path, collector_url: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "deadletters",
-        "replay",
-        "--dead_letter",
-        str(dead_dir),
-        "--reason",
-        "retries_exhausted",
-        "--moesif_base_url",
-        collector_url,
-        "--output_dir",
-        str(out),
-        *extra,
-    ]
 
 
 def test_a_kong_outage_replays_as_kong_without_format(tmp_path, start_collector):
@@ -128,23 +107,7 @@ def test_a_kong_outage_replays_as_kong_without_format(tmp_path, start_collector)
     (tmp_path / "in.jsonl").write_bytes(data)
     down = start_collector(application_id=APP_ID, fail_rate=1.0, fail_status=503)
     out = tmp_path / "out"
-    first = run_cli(
-        [
-            "events",
-            "--input",
-            str(tmp_path / "in.jsonl"),
-            "--format",
-            "kong",
-            "--moesif_base_url",
-            down.url,
-            "--output_dir",
-            str(out),
-            "--max_retry_seconds",
-            "1",
-        ],
-        app_id=APP_ID,
-        metrics=tmp_path / "first.json",
-    )
+    first = _events_during_outage(tmp_path, down.url, "--format", "kong")
     assert first.returncode == 0, first.stderr
     assert first.metrics["retries_exhausted"] == expected.unique
     dead_dir = out / "dead_letter"
