@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -106,27 +107,25 @@ def run(input_path: str, url: str, work: Path) -> dict:
     ctx = multiprocessing.get_context("fork")
     started = time.perf_counter()
     queue: multiprocessing.Queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_phase_one, args=(ranges[i::2], spill_dir, partitions, queue))
-        for i in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    firsts = [queue.get() for _ in procs]
-    for proc in procs:
-        proc.join()
+
+    def on_two(target: Any, work: list, *rest: Any) -> list:
+        """``target`` on two forked processes, each given half of ``work``; their results."""
+        procs = [ctx.Process(target=target, args=(work[i::2], *rest, queue)) for i in range(2)]
+        for proc in procs:
+            proc.start()
+        results = [queue.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        return results
+
+    firsts = on_two(_phase_one, ranges, spill_dir, partitions)
     phase_one = time.perf_counter() - started
     by_partition: dict[int, list[str]] = defaultdict(list)
     for _, paths, _ in firsts:
         for part, path in paths:
             by_partition[part].append(path)
     groups = sorted(by_partition.items())
-    procs = [ctx.Process(target=_phase_two, args=(groups[i::2], url, queue)) for i in range(2)]
-    for proc in procs:
-        proc.start()
-    seconds = [queue.get() for _ in procs]
-    for proc in procs:
-        proc.join()
+    seconds = on_two(_phase_two, groups, url)
     total = time.perf_counter() - started
     return {
         "seconds": total,
