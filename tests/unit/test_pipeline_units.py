@@ -15,14 +15,20 @@ from moesif_beam.pipelines import events
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.dedup.bounded import (
     DedupByTransactionId,
-    pack_record,
+    pack_block,
     pick_first,
-    unpack_records,
+    unpack_blocks,
 )
 from moesif_beam.transforms.delivery.sinks import WriteBatchFiles
 from moesif_beam.transforms.formats.normalize import NormalizeRecords
 from moesif_beam.transforms.records import Ack, Line, Record
-from moesif_beam.transforms.sources.files import ReadLines, iter_lines, iter_range, plan_ranges
+from moesif_beam.transforms.sources.files import (
+    Oversized,
+    ReadLines,
+    iter_lines,
+    iter_range,
+    plan_ranges,
+)
 from tests.fixtures import (
     FAULT_EVENT_AS_PRINTED,
     FAULT_EVENT_LINE,
@@ -126,13 +132,21 @@ def test_dedup_keeps_the_earliest_record_per_transaction_id():
     assert run(pipeline)["duplicates"] == 2
 
 
-def test_packed_records_round_trip():
+def test_spill_blocks_round_trip():
     records = [
         ("a", Record(5, b'{"v":1}', b"raw\xff", "f:1", b"\x01" * 16)),
         ("\u00e9t\u00e9", Record(-3, b"", b"", "topic/0@7", ack=Ack("topic/0", 7, 6, 3, 2))),
+        ("s", Record(9, b"{}", b"r", "f:3", b"\x02", (("k", "string"), ("n", "number")))),
     ]
-    data = b"".join(pack_record(tid, value) for tid, value in records)
-    assert list(unpack_records(data)) == records
+    # A file name decoded with surrogate escapes cannot be written as msgpack: that block
+    # falls back to records packed one by one, and reads back the same.
+    odd = [("b", Record(1, b"{}", b"x", "bad\udcffname.jsonl:4"))]
+    data = pack_block(records) + pack_block(odd) + pack_block(records[:1])
+    assert data[4:5] == b"M"
+    assert pack_block(odd)[4:5] == b"P"
+    assert list(unpack_blocks(data)) == [*records, *odd, records[0]]
+    with pytest.raises(ValueError, match="not a spill block"):
+        list(unpack_blocks(b"\x00\x00\x00\x00X"))
 
 
 @pytest.mark.parametrize("spill", [False, True])
@@ -154,6 +168,26 @@ def test_dedup_spilled_or_shuffled_keeps_the_same_records(tmp_path, spill):
     out = pipeline | beam.Create(records) | DedupByTransactionId(spill_dir, partitions=7)
     assert_that(out, equal_to(sorted(expected.items())))
     assert run(pipeline)["duplicates"] == len(records) - len(expected)
+
+
+def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
+    # A file whose name is not UTF-8 gives sources decoded with surrogate escapes; the
+    # spill writes those records apart (packed) and the partition's dedup reads them back.
+    dedup = DedupByTransactionId(str(tmp_path), partitions=3)
+    spill, keep = dedup.spill_stage(), dedup.keep_stage()
+    records = [
+        (f"id-{i % 7}", Record(i, b'{"i":%d}' % i, b"r", f"f\udcff:{i}" if i % 3 else f"f:{i}"))
+        for i in range(30)
+    ]
+    spill.start_bundle()
+    for record in records:
+        spill.process(record)
+    files: dict[int, list[str]] = {}
+    for written in spill.finish_bundle():
+        part, path = written.value
+        files.setdefault(part, []).append(path)
+    kept = [winner for group in files.items() for winner in keep.process(group)]
+    assert sorted(kept) == sorted(records[:7])  # the earliest of each id, its source intact
 
 
 @pytest.mark.parametrize(("max_events", "max_bytes"), [(3, 5_000_000), (500, 1024), (7, 2000)])
@@ -289,6 +323,27 @@ def test_planned_ranges_read_every_line_once_with_its_number(tmp_path):
         ranges = plan_ranges(str(path), rng.randint(1, 40))
         assert [line for r in ranges for line in iter_range(r)] == list(iter_lines(str(path)))
         assert all(later[1] == earlier[2] for earlier, later in itertools.pairwise(ranges))
+
+
+def test_planned_ranges_cut_over_long_lines_as_the_line_reader_does(tmp_path):
+    # Ranges are read whole and cut in memory (files._range_at_once) when they are small:
+    # the same lines, numbers and over-long lines as reading the file line by line.
+    rng = random.Random(5)
+    path = tmp_path / "in.jsonl"
+    limit = 100_000
+    for _ in range(40):
+        lines = [
+            bytes(rng.choice(b"ab \r{}") for _ in range(rng.choice((0, 3, 40, 99_999, 100_001))))
+            + rng.choice((b"", b"\r", b"x" * rng.randint(60_000, 140_000)))
+            for _ in range(rng.randint(1, 12))
+        ]
+        path.write_bytes(b"\n".join(lines) + rng.choice((b"", b"\n", b"\r\n")))
+        ranges = plan_ranges(str(path), rng.randint(1, 300_000))
+        read = [line for r in ranges for line in iter_range(r, limit)]
+        assert read == list(iter_lines(str(path), limit))
+        assert any(isinstance(line, Oversized) for line, _ in read) or all(
+            len(line) <= limit + 1 for line in lines
+        )
 
 
 def test_only_local_plain_files_are_split(tmp_path):

@@ -12,12 +12,14 @@ Two ways to bring every copy of an id together, with the same result:
 from __future__ import annotations
 
 import resource
+import struct
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+import msgspec
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
@@ -32,26 +34,65 @@ __all__ = [
     "PARTITION_SPILL_BYTES",
     "DedupByTransactionId",
     "open_file_budget",
-    "pack_record",
+    "pack_block",
     "pick_first",
     "spill_buffer_bytes",
     "spill_partitions",
-    "unpack_records",
+    "unpack_blocks",
 ]
 
+# A spill file is a run of blocks, each: its payload's length (4 bytes, little-endian),
+# its kind (1 byte), its payload. Kind "M": a msgpack array of (transaction_id, Record),
+# each record encoded by msgspec as it arrives (so a pending block holds one large bytes
+# object per record: records held as Python objects pinned the allocator's arenas, and a
+# worker's memory grew by 90 MB) and the whole block decoded by msgspec in one C call
+# (measured on 1.2 KB WSO2 events: 2.3 µs a record, against 3.3 to 4.5 µs unpacking each
+# in Python). Kind "P": records packed one by one (records.pack_keyed), for what msgspec
+# cannot write (a string that is not valid UTF-8, such as a file name decoded with
+# surrogate escapes).
+_BLOCK = struct.Struct("<IB")
+_MSGPACK, _PACKED = ord("M"), ord("P")
+_ARRAY32 = struct.Struct(">BI")  # msgpack's array header: 0xdd, then the element count
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(list[tuple[str, Record]])
+_UNENCODABLE = (msgspec.EncodeError, UnicodeEncodeError)
 
-def pack_record(transaction_id: str, record: Record) -> bytes:
-    """One keyed record as bytes, as the spill writes it.
 
-    See :func:`~moesif_beam.transforms.records.pack_keyed`: bytes in, bytes out, nothing
-    pickled.
-    """
-    return pack_keyed(transaction_id, record)
+def _encoded_block(encoded: list[bytes]) -> bytes:
+    """A kind "M" block of records each encoded by ``_ENCODER``."""
+    payload = b"".join((_ARRAY32.pack(0xDD, len(encoded)), *encoded))
+    return _BLOCK.pack(len(payload), _MSGPACK) + payload
 
 
-def unpack_records(data: bytes) -> Iterator[Keyed]:
-    """The records :func:`pack_record` wrote, concatenated in ``data``, in order."""
-    return unpack_keyed(data)
+def _packed_block(records: list[Keyed]) -> bytes:
+    payload = b"".join(pack_keyed(tid, record) for tid, record in records)
+    return _BLOCK.pack(len(payload), _PACKED) + payload
+
+
+def pack_block(records: list[Keyed]) -> bytes:
+    """``(transaction_id, Record)`` pairs as one spill block, header included."""
+    try:
+        return _encoded_block([_ENCODER.encode(record) for record in records])
+    except _UNENCODABLE:
+        return _packed_block(records)
+
+
+def unpack_blocks(data: bytes) -> Iterator[Keyed]:
+    """Every record of the blocks :func:`pack_block` wrote, concatenated in ``data``, in order."""
+    view = memoryview(data)
+    pos, end = 0, len(data)
+    while pos < end:
+        size, kind = _BLOCK.unpack_from(data, pos)
+        pos += _BLOCK.size
+        payload = view[pos : pos + size]
+        pos += size
+        if kind == _MSGPACK:
+            yield from _DECODER.decode(payload)
+        elif kind == _PACKED:
+            yield from unpack_keyed(bytes(payload))
+        else:
+            msg = f"not a spill block: kind {kind} at byte {pos - size - _BLOCK.size}"
+            raise ValueError(msg)
 
 
 def _earlier(value: Record, other: Record) -> bool:
@@ -173,21 +214,25 @@ class _SpillFn(beam.DoFn):
         self._pending_bytes: dict[int, int] = {}
 
     def process(self, element: Keyed) -> None:
-        transaction_id, value = element
-        part = zlib.crc32(transaction_id.encode("utf-8")) % self._partitions
-        packed = pack_record(transaction_id, value)
+        transaction_id, _ = element
+        part = zlib.crc32(transaction_id.encode("utf-8", "surrogatepass")) % self._partitions
+        try:
+            encoded = _ENCODER.encode(element)
+        except _UNENCODABLE:
+            self._file(part).write(_packed_block([element]))
+            return
         pending = self._pending.get(part)
         if pending is None:
             pending = self._pending[part] = []
             self._pending_bytes[part] = 0
-        pending.append(packed)
-        size = self._pending_bytes[part] + len(packed)
+        pending.append(encoded)
+        size = self._pending_bytes[part] + len(encoded)
         if size >= self._block:
             self._write(part)
             size = 0
         self._pending_bytes[part] = size
 
-    def _write(self, part: int) -> None:
+    def _file(self, part: int) -> Any:
         handle = self._files.get(part)
         if handle is None:
             path = FileSystems.join(self._directory, f"{part:04d}-{self._bundle}.bin")
@@ -195,7 +240,10 @@ class _SpillFn(beam.DoFn):
                 path,
                 FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED),
             )
-        handle[1].write(b"".join(self._pending[part]))
+        return handle[1]
+
+    def _write(self, part: int) -> None:
+        self._file(part).write(_encoded_block(self._pending[part]))
         self._pending[part] = []
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
@@ -224,7 +272,7 @@ class _KeepFirstInPartitionFn(beam.DoFn):
         for path in sorted(paths):
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
-            for transaction_id, value in unpack_records(data):
+            for transaction_id, value in unpack_blocks(data):
                 best = winners.get(transaction_id)
                 if best is None:
                     winners[transaction_id] = value
@@ -262,6 +310,23 @@ class DedupByTransactionId(beam.PTransform):
             raise ValueError(msg)
         self._spill_dir = spill_dir
         self._partitions = partitions
+
+    def spill_stage(self) -> beam.DoFn:
+        """The spill as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused` chain.
+
+        Keyed records in, ``(partition, path)`` per file written out, as in :meth:`expand`.
+        """
+        if self._spill_dir is None:
+            msg = "spill_stage needs a spill_dir"
+            raise ValueError(msg)
+        return _SpillFn(self._spill_dir, self._partitions)
+
+    def keep_stage(self) -> beam.DoFn:
+        """A partition's dedup as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused`.
+
+        ``(partition, paths)`` in, that partition's winners out, as in :meth:`expand`.
+        """
+        return _KeepFirstInPartitionFn()
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         if self._spill_dir is None:

@@ -328,6 +328,13 @@ class _BatchSink(beam.PTransform):
             ttl_ms=journal[1],
         )
 
+    def stage(self) -> beam.DoFn:
+        """Bounded delivery as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused`.
+
+        Records in, dead letters out (tagged), with the guarantees of :meth:`expand`.
+        """
+        return self._batching()
+
     def in_stream(self, max_delay: float, journal: tuple[str, int] | None = None) -> beam.ParDo:
         """The same delivery for a stream: dead letters, plus acks of delivered records.
 

@@ -471,6 +471,13 @@ class NormalizeRecords(beam.PTransform):
             max_line_bytes,
         )
 
+    def stage(self) -> beam.DoFn:
+        """This step as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused` chain.
+
+        Keyed records as the main output, dead letters and signatures under their tags.
+        """
+        return self._fn
+
     def expand(self, lines: beam.PCollection) -> Normalized:
         outputs = lines | "Parse" >> beam.ParDo(self._fn).with_outputs(
             DEAD_LETTER, SIGNATURES, main="records"

@@ -82,7 +82,7 @@ class Record(NamedTuple):
     raw: bytes
     source: str
     sig_id: bytes = b""
-    signature: tuple = ()
+    signature: tuple[tuple[str, str], ...] = ()
     ack: Ack | None = None
 
 

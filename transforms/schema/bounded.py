@@ -169,6 +169,18 @@ class EnforceMetadataSchema(beam.PTransform):
 
     def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection]) -> SchemaChecked:
         records, signatures = pcolls
+        conflicts, new_fields = self.decide(signatures)
+        checked = records | "Check" >> beam.ParDo(
+            self.check_stage(), conflicts=beam.pvalue.AsDict(conflicts)
+        ).with_outputs(DEAD_LETTER, main="records")
+        return SchemaChecked(checked.records, checked[DEAD_LETTER], new_fields)
+
+    def decide(self, signatures: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        """``(conflicts, new_fields)``: what the run's signatures decide.
+
+        The conflicting signature ids (the ``conflicts`` side input of :meth:`check_stage`,
+        as ``AsDict``) and the ``(key, type)`` pairs this run adds to the persisted schema.
+        """
         distinct = signatures | "DistinctSignatures" >> beam.CombinePerKey(_earliest)
         winners = (
             distinct
@@ -179,9 +191,14 @@ class EnforceMetadataSchema(beam.PTransform):
         conflicts = distinct | "Verdicts" >> beam.FlatMap(
             _verdict, stored=self._stored, winners=beam.pvalue.AsDict(winners)
         )
-        checked = records | "Check" >> beam.ParDo(
-            _CheckFn(self._pipeline), conflicts=beam.pvalue.AsDict(conflicts)
-        ).with_outputs(DEAD_LETTER, main="records")
         stored = self._stored
         new_fields = winners | "NewKeys" >> beam.Filter(lambda kv: kv[0] not in stored)
-        return SchemaChecked(checked.records, checked[DEAD_LETTER], new_fields)
+        return conflicts, new_fields
+
+    def check_stage(self) -> beam.DoFn:
+        """The check as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused` chain.
+
+        Takes the ``conflicts`` side input; records that agree out, ``type_conflict`` dead
+        letters tagged.
+        """
+        return _CheckFn(self._pipeline)

@@ -1,0 +1,93 @@
+"""Fused: stages' DoFns called one from the other, with the outputs each would have had."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import pytest
+from apache_beam import pvalue
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from moesif_beam.transforms.common.fused import Fused
+from tests.helpers import make_pipeline
+
+
+class _Split(beam.DoFn):
+    """Words of a line; an empty line is rejected; counts lines per bundle."""
+
+    def start_bundle(self) -> None:
+        self.lines = 0
+
+    def process(self, line: str) -> Iterator[Any]:
+        self.lines += 1
+        if not line:
+            yield pvalue.TaggedOutput("rejects", "empty line")
+            return
+        yield from line.split()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        window = GlobalWindow()
+        yield pvalue.TaggedOutput(
+            "tallies", WindowedValue(("lines", self.lines), window.max_timestamp(), (window,))
+        )
+        # A main output from finish_bundle goes through the later stages too.
+        yield WindowedValue("end", window.max_timestamp(), (window,))
+
+
+class _Hold(beam.DoFn):
+    """Holds words until the bundle ends (as the spill does), dropping banned ones."""
+
+    def setup(self) -> None:
+        self.set_up = True
+
+    def start_bundle(self) -> None:
+        self.held: list[str] = []
+
+    def process(self, word: str, banned: dict) -> Iterator[Any]:
+        if word in banned:
+            yield pvalue.TaggedOutput("rejects", f"banned: {word}")
+            return
+        self.held.append(word.upper())
+
+    def finish_bundle(self) -> Iterator[Any]:
+        assert self.set_up
+        window = GlobalWindow()
+        for word in self.held:
+            yield WindowedValue(word, window.max_timestamp(), (window,))
+
+
+def test_fused_stages_keep_every_output_and_take_their_side_inputs():
+    pipeline = make_pipeline()
+    banned = pipeline | "Banned" >> beam.Create([("spam", 1)])
+    out = (
+        pipeline
+        | beam.Create(["ham spam eggs", "", "toast"])
+        | Fused(
+            [_Split(), _Hold()],
+            tags=("rejects", "tallies"),
+            side_inputs={"banned": beam.pvalue.AsDict(banned)},
+        )
+    )
+    # "end", from _Split.finish_bundle, went through _Hold with the side input too.
+    assert_that(out.main, equal_to(["HAM", "EGGS", "TOAST", "END"]), label="main")
+    assert_that(out.rejects, equal_to(["empty line", "banned: spam"]), label="rejects")
+    assert_that(out.tallies | beam.CombinePerKey(sum), equal_to([("lines", 3)]), label="tallies")
+    pipeline.run().wait_until_finish()
+
+
+def test_a_main_output_of_finish_bundle_reaches_the_next_stage():
+    pipeline = make_pipeline()
+    out = pipeline | beam.Create(["a"]) | Fused([_Split(), beam.Map(str).dofn], tags=("tallies",))
+    assert_that(out.main, equal_to(["a", "end"]))
+    pipeline.run().wait_until_finish()
+
+
+def test_fused_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="one or more DoFns"):
+        Fused([])
+    with pytest.raises(ValueError, match=r"no stage takes the side inputs \['other'\]"):
+        Fused([_Split()], side_inputs={"other": object()})
