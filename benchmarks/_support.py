@@ -21,8 +21,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_collector(data_dir: str) -> tuple[subprocess.Popen, str]:
-    """The emulator in its fast count-only mode, in its own process, costing every side alike."""
+def start_collector(data_dir: str, *, arrival_lags: bool = False) -> tuple[subprocess.Popen, str]:
+    """The emulator in its fast count-only mode, in its own process, costing every side alike.
+
+    ``arrival_lags`` keeps each event's lag behind its ``request.time`` for the stats (the
+    streaming benchmark's latency); the throughput benchmarks do not read it.
+    """
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -40,6 +44,8 @@ def start_collector(data_dir: str) -> tuple[subprocess.Popen, str]:
             "off",
             "--validation",
             "off",
+            "--arrival_lags",
+            "on" if arrival_lags else "off",
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -219,7 +219,7 @@ def main() -> int:
     if bootstrap is None:
         broker = LocalKafka(KafkaConfig(data_dir=str(work / "kafka"), port=0)).start()
         bootstrap = broker.bootstrap_servers
-    collector, url = start_collector(str(work / "collector"))
+    collector, url = start_collector(str(work / "collector"), arrival_lags=True)
     try:
         print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; work in {work}")
         print(f"pipeline flags: {' '.join(args.pipeline_args)}; {args.partitions} partitions")

@@ -1599,3 +1599,17 @@ def test_stats_report_how_long_after_their_request_time_records_arrived(collecto
     assert 5000 <= lags["actions"]["max"] < 15_000
     requests.post(collector.url + "/_emulator/reset", timeout=10)
     assert collector.stats()["arrival_lag_ms"] == {"events": {"count": 0}, "actions": {"count": 0}}
+
+
+def test_arrival_lags_can_be_left_out_and_records_still_count():
+    # The throughput benchmarks do not read the lags; without them each event's request
+    # time is not parsed, and everything else is counted as before.
+    config = CollectorConfig(
+        store="count", metadata_types="off", validation="off", arrival_lags=False
+    )
+    with start_in_thread(config) as running:
+        events = [event(f"no-lag-{i}") for i in range(4)]
+        assert post(running, "/v1/events/batch", [*events, events[0]]).status_code == 201
+        stats = running.stats()
+    assert stats["items_stored"]["events"] == 4
+    assert stats["arrival_lag_ms"]["events"] == {"count": 0}

@@ -65,6 +65,13 @@ def _build_parser() -> argparse.ArgumentParser:
     add("--redirect_to", default=None, help="answer every /v1 request 307 to this base URL")
     add("--tls_cert", default=None, help="serve HTTPS with this PEM certificate chain")
     add("--tls_key", default=None, help="the PEM private key of --tls_cert")
+    add(
+        "--arrival_lags",
+        choices=("on", "off"),
+        default="on",
+        help="on: keep each event's lag behind its request.time for the stats (default); "
+        "off: skip it (benchmarks that do not read it)",
+    )
     add("--verbose", action="store_true", help="log one line per request to stderr")
     add("--inspect", metavar="URL", default=None, help="print a running emulator's stats, exit")
     add("--kind", choices=KINDS, default="events", help="with --inspect: records to show")
@@ -95,6 +102,7 @@ def _config_from_args(args: argparse.Namespace) -> CollectorConfig:
         redirect_to=args.redirect_to,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        arrival_lags=args.arrival_lags == "on",
     )
 
 

@@ -65,6 +65,10 @@ class CollectorConfig:
         tls_cert: PEM certificate chain to serve HTTPS with (``tls_key`` required too);
             ``RunningCollector.url`` then starts with ``https://``.
         tls_key: PEM private key of ``tls_cert``.
+        arrival_lags: Keep each accepted event's and action's lag behind its
+            ``request.time`` for ``arrival_lag_ms`` in the stats (the streaming benchmark's
+            latency). ``False`` skips parsing the times (about 0.8 µs an event), for
+            benchmarks that do not read them; the stats then report a count of 0.
     """
 
     host: str = "127.0.0.1"
@@ -87,6 +91,7 @@ class CollectorConfig:
     redirect_to: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    arrival_lags: bool = True
 
     def __post_init__(self) -> None:
         if not self.host:

@@ -112,7 +112,8 @@ class _Collector:
                     self._type_conflicts += 1
                 raise
             duplicates = len(items) - stored
-        lags = _arrival_lags(items) if kind in ("events", "actions") else []
+        timed = self.config.arrival_lags and kind in ("events", "actions")
+        lags = _arrival_lags(items) if timed else []
         with self._lock:
             self._accepted[kind] += len(items)
             self._stored[kind] += stored
