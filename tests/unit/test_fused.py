@@ -91,3 +91,67 @@ def test_fused_refuses_what_it_cannot_run():
         Fused([])
     with pytest.raises(ValueError, match=r"no stage takes the side inputs \['other'\]"):
         Fused([_Split()], side_inputs={"other": object()})
+
+
+class _Flood(beam.DoFn):
+    """One element in, many rejects out (a range of lines that are all bad)."""
+
+    def process(self, n: int) -> Iterator[Any]:
+        for i in range(n):
+            yield f"line {i}"
+
+
+class _Reject(beam.DoFn):
+    def process(self, line: str) -> Iterator[Any]:
+        yield pvalue.TaggedOutput("rejects", line)
+
+
+def test_outputs_leave_as_the_first_stage_goes_not_after_its_element():
+    # A range of bad lines must not be held whole: each line's rejects leave before the
+    # next line is read.
+    from moesif_beam.transforms.common.fused import _ChainFn
+
+    chain = _ChainFn([_Flood(), _Reject()], (), ("rejects",))
+    chain.start_bundle()
+    outputs = chain.process(3)
+    first = next(outputs)
+    assert first.value == "line 0"
+    assert [o.value for o in outputs] == ["line 1", "line 2"]
+
+
+def test_an_undeclared_tag_is_an_error_not_a_silent_drop():
+    pipeline = make_pipeline()
+    _ = pipeline | beam.Create([1]) | Fused([_Flood(), _Reject()], tags=())
+    with pytest.raises(Exception, match="not one of the declared tags"):
+        pipeline.run().wait_until_finish()
+
+
+def test_fused_refuses_a_stage_whose_arguments_it_cannot_give():
+    class _Windowed(beam.DoFn):
+        def process(self, element: Any, window: Any = beam.DoFn.WindowParam) -> None:
+            pass
+
+    with pytest.raises(ValueError, match=r"needs \['banned'\]"):
+        Fused([_Hold()])
+    with pytest.raises(ValueError, match=r"needs \['window'\]"):
+        Fused([_Windowed()])
+
+
+def test_every_stage_is_torn_down_when_one_fails():
+    from moesif_beam.transforms.common.fused import _ChainFn
+
+    torn: list[str] = []
+
+    class _Stage(beam.DoFn):
+        def __init__(self, name: str, fail: bool) -> None:
+            self.name, self.fail = name, fail
+
+        def teardown(self) -> None:
+            torn.append(self.name)
+            if self.fail:
+                raise RuntimeError(self.name)
+
+    chain = _ChainFn([_Stage("a", False), _Stage("b", True), _Stage("c", True)], (), ())
+    with pytest.raises(RuntimeError, match="c"):
+        chain.teardown()
+    assert torn == ["c", "b", "a"]

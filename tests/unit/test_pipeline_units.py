@@ -346,6 +346,27 @@ def test_planned_ranges_cut_over_long_lines_as_the_line_reader_does(tmp_path):
         )
 
 
+def test_a_last_line_finished_after_planning_is_read_whole(tmp_path):
+    # A file still being written: its last line had no newline when the ranges were
+    # planned. Reading the range reads that line on to its end, as the line reader does.
+    path = tmp_path / "growing.jsonl"
+    path.write_bytes(b'{"a":1}\n' * 20 + b'{"partial"')
+    ranges = plan_ranges(str(path), 64)
+    with path.open("ab") as f:
+        f.write(b':"rest"}\n{"next":2}\n')
+    read = [line for r in ranges for line, _ in iter_range(r, 1 << 20)]
+    assert read[-1] == b'{"partial":"rest"}'
+    assert len(read) == 21
+
+
+def test_a_line_within_the_limit_is_not_rebuilt_from_a_flood_of_carriage_returns(tmp_path):
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(b"a" + b"\r" * 200_000 + b"\nb\n")
+    (flood, _), (after, number) = iter_lines(str(path), 10)
+    assert isinstance(flood, Oversized)  # not held as 200,000 bytes of "\r"
+    assert (after, number) == (b"b", f"{path}:2")
+
+
 def test_only_local_plain_files_are_split(tmp_path):
     gz = tmp_path / "in.jsonl.gz"
     gz.write_bytes(gzip.compress(b"a\n" * 100))

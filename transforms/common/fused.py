@@ -3,7 +3,7 @@
 Beam's Python runners fuse consecutive steps into one stage but still pass every element
 from step to step through their own machinery: measured on the local runner, about a
 microsecond per element per step, and another for a step that reads a side input. A
-bounded local run moves every record through five such steps. :class:`Fused` calls the
+bounded local run handed every record on four times (six steps). :class:`Fused` calls the
 stages' own DoFns directly instead, so what each stage guarantees is unchanged: the same
 code, counters and outputs, with none of the hand-offs in between.
 """
@@ -11,7 +11,7 @@ code, counters and outputs, with none of the hand-offs in between.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -22,60 +22,94 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 __all__ = ["Fused"]
 
+# The class of DoFn.WindowParam, TimestampParam, StateParam...: what only a runner fills in.
+_BEAM_PARAM = type(beam.DoFn.WindowParam)
+
 
 class _ChainFn(beam.DoFn):
     """Each stage's main outputs are the next stage's input; tagged outputs leave as they are.
 
-    Outputs of one element are gathered and returned together: the chains this runs end
-    in a stage whose main output is small (spill files, or nothing) and their tagged
-    outputs are rejects, so that holds little. ``finish_bundle`` finishes the stages in
-    order, and what one stage emits there goes through the later stages before they
-    finish. Side inputs reach the stages whose ``process`` names them.
+    What one output of the first stage leads to downstream is gathered and emitted before
+    the first stage goes on, so memory holds one input line's (or one winner's) outputs at
+    a time, never a whole range's. ``finish_bundle`` finishes the stages in order, and what
+    one stage emits there goes through the later stages before they finish. Side inputs
+    reach the stages whose ``process`` names them; a stage reached from ``finish_bundle``
+    gets the bundle's last ones. A tag not declared is an error, not a silent drop.
     """
 
-    def __init__(self, stages: Sequence[beam.DoFn], side_names: Iterable[str]) -> None:
+    def __init__(
+        self, stages: Sequence[beam.DoFn], side_names: Iterable[str], tags: Iterable[str]
+    ) -> None:
         self._stages = list(stages)
         names = set(side_names)
         self._takes = [
             tuple(sorted(names & set(inspect.signature(stage.process).parameters)))
             for stage in self._stages
         ]
-        self._side: dict[str, Any] = {}
+        self._tags = frozenset(tags)
+        self._side: dict[str, Any] | None = None
 
     def setup(self) -> None:
         for stage in self._stages:
             stage.setup()
 
     def start_bundle(self) -> None:
+        self._side = None
         for stage in self._stages:
             stage.start_bundle()
 
     # Beam would read ``**side`` as one side input typed as a dict; the stages check their own.
     @no_annotations
-    def process(self, element: Any, **side: Any) -> list[Any]:
+    def process(self, element: Any, **side: Any) -> Iterator[Any]:
         self._side = side
+        outputs = self._call(0, element)
+        if outputs is None:
+            return
+        if len(self._stages) == 1:
+            yield from self._checked(outputs)
+            return
         emitted: list[Any] = []
-        self._push(0, element, emitted)
-        return emitted
+        for output in outputs:
+            if type(output) is pvalue.TaggedOutput:
+                yield self._tagged(output)
+                continue
+            self._push(1, output, emitted)
+            if emitted:
+                yield from emitted
+                emitted.clear()
+
+    def _call(self, index: int, element: Any) -> Any:
+        takes = self._takes[index]
+        if not takes:
+            return self._stages[index].process(element)
+        if self._side is None:
+            msg = f"stage {index} needs its side inputs {list(takes)} before any element came"
+            raise RuntimeError(msg)
+        return self._stages[index].process(element, **{name: self._side[name] for name in takes})
 
     def _push(self, index: int, element: Any, emitted: list[Any]) -> None:
-        takes = self._takes[index]
-        stage = self._stages[index]
-        if takes:
-            outputs = stage.process(element, **{name: self._side[name] for name in takes})
-        else:
-            outputs = stage.process(element)
+        outputs = self._call(index, element)
         if outputs is None:
             return
         following = index + 1
         if following == len(self._stages):
-            emitted.extend(outputs)
+            emitted.extend(self._checked(outputs))
             return
         for output in outputs:
             if type(output) is pvalue.TaggedOutput:
-                emitted.append(output)
+                emitted.append(self._tagged(output))
             else:
                 self._push(following, output, emitted)
+
+    def _tagged(self, output: pvalue.TaggedOutput) -> pvalue.TaggedOutput:
+        if output.tag not in self._tags:
+            msg = f"a stage emitted to {output.tag!r}, not one of the declared tags"
+            raise ValueError(msg)
+        return output
+
+    def _checked(self, outputs: Iterable[Any]) -> Iterator[Any]:
+        for output in outputs:
+            yield self._tagged(output) if type(output) is pvalue.TaggedOutput else output
 
     def finish_bundle(self) -> Iterable[Any]:
         window = GlobalWindow()
@@ -83,8 +117,10 @@ class _ChainFn(beam.DoFn):
             emitted: list[Any] = []
             last = index + 1 == len(self._stages)
             for output in stage.finish_bundle() or ():
-                if last or type(output) is pvalue.TaggedOutput:
-                    yield output  # already windowed, as finish_bundle outputs must be
+                if type(output) is pvalue.TaggedOutput:
+                    yield self._tagged(output)  # already windowed, as it must be here
+                elif last:
+                    yield output
                 else:
                     self._push(index + 1, output.value, emitted)
             # What later stages emitted for these outputs came from process(): window it.
@@ -98,8 +134,15 @@ class _ChainFn(beam.DoFn):
                     yield WindowedValue(output, window.max_timestamp(), (window,))
 
     def teardown(self) -> None:
+        # Every stage is torn down even if one fails; the first failure is raised.
+        failure: BaseException | None = None
         for stage in reversed(self._stages):
-            stage.teardown()
+            try:
+                stage.teardown()
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 class Fused(beam.PTransform):
@@ -124,12 +167,30 @@ class Fused(beam.PTransform):
             msg = "Fused needs one or more DoFns"
             raise ValueError(msg)
         self._side_inputs = dict(side_inputs or {})
-        self._fn = _ChainFn(stages, self._side_inputs)
+        self._tags = tuple(tags)
+        self._fn = _ChainFn(stages, self._side_inputs, self._tags)
         unused = set(self._side_inputs) - {name for t in self._fn._takes for name in t}
         if unused:
             msg = f"no stage takes the side inputs {sorted(unused)}"
             raise ValueError(msg)
-        self._tags = tuple(tags)
+        for stage in stages:
+            # Every parameter after the element without a default must be a side input
+            # given here: the runner fills nothing else in (no window, timestamp or state).
+            params = list(inspect.signature(stage.process).parameters.values())[1:]
+            missing = [
+                p.name
+                for p in params
+                if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and p.name not in self._side_inputs
+            ]
+            defaults = [p.name for p in params if isinstance(p.default, _BEAM_PARAM)]
+            if missing or defaults:
+                msg = (
+                    f"{type(stage).__name__}.process needs {missing + defaults}, "
+                    "which Fused does not give"
+                )
+                raise ValueError(msg)
 
     def expand(self, pcoll: beam.PCollection) -> pvalue.DoOutputsTuple:
         return pcoll | beam.ParDo(self._fn, **self._side_inputs).with_outputs(
