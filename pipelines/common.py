@@ -77,9 +77,7 @@ def build_delivery(
         new_fields = _fused_bounded(pipeline, config, stored_schema, rejects)
     else:
         normalized, _ = read_and_normalize(pipeline, config, rejects)
-        unique = normalized.records | "Dedup" >> DedupByTransactionId(
-            None, _spill_partitions(config)
-        )
+        unique = normalized.records | "Dedup" >> DedupByTransactionId()
         checked = (unique, normalized.signatures) | "MetadataSchema" >> EnforceMetadataSchema(
             stored_schema, config.pipeline
         )
@@ -116,20 +114,13 @@ def _fused_bounded(
     a tenth of a local run's CPU. Between the two steps are the runner's own: the spill
     files grouped by partition, and the schema decided from every signature.
     """
-    read = (
-        None
-        if config.kafka is not None
-        else ReadLines(config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes)
-    )
-    normalize = _normalize(config)
     dedup = DedupByTransactionId(config.spill_dir, _spill_partitions(config))
     schema = EnforceMetadataSchema(stored_schema, config.pipeline)
-    first = [normalize.stage(), dedup.spill_stage()]
-    if read is None:
-        assert config.kafka is not None
-        source = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
-        start = source.records
+    first = [_normalize(config).stage(), dedup.spill_stage()]
+    if config.kafka is not None:
+        start = _read_kafka(pipeline, config).records
     else:
+        read = _read_lines(config)
         start = pipeline | "PlanRanges" >> read.ranges()
         first.insert(0, read.stage())
     spilled = start | "ReadNormalizeSpill" >> Fused(first, tags=(DEAD_LETTER, SIGNATURES))
@@ -179,7 +170,7 @@ def read_and_normalize(
     """
     read = None
     if config.kafka is not None:
-        read = pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+        read = _read_kafka(pipeline, config)
         lines = read.records
     elif config.streaming:
         followed = pipeline | "FollowFiles" >> FollowFiles(
@@ -191,14 +182,21 @@ def read_and_normalize(
         lines = followed.lines
         rejects.add(followed.dead_letters)
     else:
-        files = pipeline | "ReadFiles" >> ReadLines(
-            config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes
-        )
+        files = pipeline | "ReadFiles" >> _read_lines(config)
         lines = files.lines
         rejects.add(files.dead_letters)
     normalized = lines | "Normalize" >> _normalize(config, inline_signatures)
     rejects.add(normalized.dead_letters)
     return normalized, read
+
+
+def _read_kafka(pipeline: beam.Pipeline, config: PipelineConfig) -> Any:
+    assert config.kafka is not None
+    return pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+
+
+def _read_lines(config: PipelineConfig) -> ReadLines:
+    return ReadLines(config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes)
 
 
 def _normalize(config: PipelineConfig, inline_signatures: bool = False) -> NormalizeRecords:
