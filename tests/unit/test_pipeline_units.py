@@ -346,6 +346,56 @@ def test_planned_ranges_cut_over_long_lines_as_the_line_reader_does(tmp_path):
         )
 
 
+def test_the_range_reader_gives_what_the_line_reader_gives_in_one_list(tmp_path):
+    # A planned range becomes one list of outputs (no generator per line); with no CR,
+    # blank or over-long line it is built without a Python loop. Both ways must give the
+    # line reader's lines, numbers and over-long dead letters.
+    from apache_beam import pvalue
+
+    from moesif_beam.transforms.sources.files import ReadLines
+
+    rng = random.Random(23)
+    path = tmp_path / "in.jsonl"
+    clean = b"".join(b'{"n":%d}\n' % i for i in range(500))
+    messy = clean.replace(b'{"n":7}', b"  ").replace(b'{"n":9}', b"x" * 300) + b"tail\r"
+    for data in (clean, messy, clean[:-1]):
+        path.write_bytes(data)
+        read = ReadLines(str(path), pipeline="events", max_line_bytes=200).stage()
+        read.setup()
+        read.start_bundle()
+        outputs = [
+            o for r in plan_ranges(str(path), rng.randint(50, 3000)) for o in read.process(r)
+        ]
+        lines = [o for o in outputs if type(o) is Line]
+        letters = [o.value for o in outputs if isinstance(o, pvalue.TaggedOutput)]
+        expected = [item for item in iter_lines(str(path), 200)]
+        assert [(line.raw, line.source) for line in lines] == [
+            item for item in expected if not isinstance(item[0], Oversized)
+        ]
+        assert [letter["source"] for letter in letters] == [
+            source for line, source in expected if isinstance(line, Oversized)
+        ]
+        assert all(letter["reason"] == "too_large" for letter in letters)
+
+
+def test_a_planned_range_that_cannot_be_read_is_one_dead_letter(tmp_path):
+    from apache_beam import pvalue
+
+    from moesif_beam.transforms.sources.files import ReadLines
+
+    path = tmp_path / "gone.jsonl"
+    path.write_bytes(b'{"a":1}\n' * 100)
+    ranges = plan_ranges(str(path), 200)
+    path.unlink()
+    read = ReadLines(str(path), pipeline="events", max_line_bytes=1 << 20).stage()
+    read.setup()
+    read.start_bundle()
+    outputs = list(read.process(ranges[1]))
+    assert len(outputs) == 1 and isinstance(outputs[0], pvalue.TaggedOutput)
+    assert outputs[0].value["reason"] == "unreadable_input"
+    assert "before its first line" in outputs[0].value["detail"]
+
+
 def test_a_last_line_finished_after_planning_is_read_whole(tmp_path):
     # A file still being written: its last line had no newline when the ranges were
     # planned. Reading the range reads that line on to its end, as the line reader does.

@@ -242,6 +242,12 @@ class _NormalizeFn(beam.DoFn):
 
     def setup(self) -> None:
         self._format = FORMATS[self._pipeline][self._fmt]
+        # Looked up once here rather than per record: the hot path is a few microseconds.
+        self._parse = self._format.parse
+        self._split = None if self._format.split is _one else self._format.split
+        self._to_moesif = self._format.to_moesif
+        options = self._options
+        self._setting = options if self._format.takes_options else options.company_id_field
         self._signature = SignatureMemo(self._scope, _SIGNATURE_MEMO_SIZE)
 
     def start_bundle(self) -> None:
@@ -251,61 +257,59 @@ class _NormalizeFn(beam.DoFn):
         # the rest of the bookkeeping together.
         self._records_read = 0
 
-    def process(self, line: Line) -> Iterator[Any]:
-        raw, source, ack = line.raw, line.source, line.ack
+    # A list, not a generator: one generator per line was measurable on the hot path.
+    def process(self, line: Line) -> list[Any]:
+        raw, source, ack = line
         if len(raw) > self._max_line_bytes:
             # Files are cut at the reader (transforms/sources.py); this catches a Kafka
             # message or any other source's oversized value.
             self._read.inc()
             self._too_large.inc()
             detail = f"line is {len(raw):,} bytes; --max_line_bytes is {self._max_line_bytes:,}"
-            yield self._reject("too_large", "parse", detail, raw, source, ack=ack)
-            return
+            return [self._reject("too_large", "parse", detail, raw, source, ack=ack)]
         try:
-            value = self._format.parse(raw)
-            items = self._format.split(value)
+            value = self._parse(raw)
+            # One record per line: no list to build and unpack.
+            items = None if self._split is None else self._split(value)
         except NoRecords as exc:
             # Nothing to deliver and nothing wrong (a CloudWatch Logs control message):
             # skipped like a blank line. A Kafka message must still be acknowledged, and
             # a dead letter is how a message without records is.
             if ack is None:
                 self._skipped.inc()
-                return
+                return []
             self._read.inc()
             self._invalid.inc()
             detail = f"{exc}: nothing to deliver"
-            yield self._reject("invalid_record", "parse", detail, raw, source, ack=ack)
-            return
+            return [self._reject("invalid_record", "parse", detail, raw, source, ack=ack)]
         except UnicodeDecodeError as exc:
             self._read.inc()
             self._parse_errors.inc()
             detail = f"not valid UTF-8: {exc.reason}"
-            yield self._reject("parse_error", "parse", detail, raw, source, ack=ack)
-            return
+            return [self._reject("parse_error", "parse", detail, raw, source, ack=ack)]
         except (ValueError, RecursionError) as exc:
             self._read.inc()
             self._parse_errors.inc()
             detail = f"not JSON: {exc}"[:300]
-            yield self._reject("parse_error", "parse", detail, raw, source, ack=ack)
-            return
+            return [self._reject("parse_error", "parse", detail, raw, source, ack=ack)]
         except Exception as exc:
             self._read.inc()
             self._internal.inc()
-            yield self._reject("internal_error", "parse", _unforeseen(exc), raw, source, ack=ack)
-            return
+            return [self._reject("internal_error", "parse", _unforeseen(exc), raw, source, ack=ack)]
+        if items is None:
+            return [self._record(value, "", raw, source, ack)]
         if not items:
             # "[]": a line with no records. It is still something we read, and (in Kafka)
             # a message whose offset must be acknowledged, so it is accounted for here.
             self._read.inc()
             self._invalid.inc()
-            yield self._reject("invalid_record", "normalize", "no records", raw, source, ack=ack)
-            return
+            return [self._reject("invalid_record", "normalize", "no records", raw, source, ack=ack)]
         if len(items) == 1:
-            yield self._record(items[0][0], items[0][1], raw, source, ack)
-            return
+            return [self._record(items[0][0], items[0][1], raw, source, ack)]
         # One line, several records (a JSON array of actions). Each record carries its
         # own bytes onward, not the whole line: the dedup spill and the dead letters then
         # cost the line's size once, not once per element (N² for an N-element line).
+        outputs = []
         for index, (item, prefix) in enumerate(items):
             # One Kafka message, several records: the message is done when all of them
             # are. The commit stage counts parts (see transforms/offsets.py).
@@ -314,7 +318,8 @@ class _NormalizeFn(beam.DoFn):
                 own = orjson.dumps(item)
             except (orjson.JSONEncodeError, RecursionError):
                 own = raw  # the element cannot be written alone; its letter keeps the line
-            yield self._record(item, prefix, own, f"{source}{prefix}", part_ack)
+            outputs.append(self._record(item, prefix, own, f"{source}{prefix}", part_ack))
+        return outputs
 
     def _record(self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None) -> Any:
         """One record's output: ``(transaction_id, value)`` or a dead letter.
@@ -333,9 +338,7 @@ class _NormalizeFn(beam.DoFn):
 
     def _map(self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None) -> Any:
         try:
-            options = self._options
-            setting = options if self._format.takes_options else options.company_id_field
-            transaction_id, time_ms, record = self._format.to_moesif(item, setting)
+            transaction_id, time_ms, record = self._to_moesif(item, self._setting)
             body = orjson.dumps(record)
         except InvalidRecord as exc:
             self._invalid.inc()
@@ -371,14 +374,15 @@ class _NormalizeFn(beam.DoFn):
             )
         when = NO_TIME if time_ms is None else time_ms
         sig, sig_id = self._signature(record.get("metadata"))
+        # Records are built positionally: keywords cost a NamedTuple a slower path.
         if not sig:
-            return transaction_id, Record(when, body, raw, source, ack=ack)
+            return transaction_id, Record(when, body, raw, source, b"", (), ack)
         if self._inline:
             return transaction_id, Record(when, body, raw, source, sig_id, sig, ack)
         first = self._seen.get(sig_id)
         if first is None or (when, transaction_id) < (first.time_ms, first.transaction_id):
             self._seen[sig_id] = FirstSeen(when, transaction_id, sig)
-        return transaction_id, Record(when, body, raw, source, sig_id, ack=ack)
+        return transaction_id, Record(when, body, raw, source, sig_id, (), ack)
 
     def finish_bundle(self) -> Iterator[Any]:
         if self._records_read:

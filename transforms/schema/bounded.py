@@ -71,16 +71,17 @@ class _CheckFn(beam.DoFn):
         self._pipeline = pipeline
         self._conflicts = counter("type_conflicts")
 
+    # A tuple, not a generator: this runs once per record.
     def process(
         self, element: Keyed, conflicts: Mapping[bytes, tuple[str, str, str]]
-    ) -> Iterator[Any]:
-        _, record = element
-        conflict = conflicts.get(record.sig_id) if conflicts else None
+    ) -> tuple[Any]:
+        conflict = conflicts.get(element[1].sig_id) if conflicts else None
         if conflict is None:
-            yield element
-            return
+            return (element,)
         self._conflicts.inc()
-        yield pvalue.TaggedOutput(DEAD_LETTER, conflict_letter(element, conflict, self._pipeline))
+        return (
+            pvalue.TaggedOutput(DEAD_LETTER, conflict_letter(element, conflict, self._pipeline)),
+        )
 
 
 def conflict_letter(

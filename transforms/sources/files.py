@@ -7,7 +7,9 @@ report, and dead letters keep the line byte for byte.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import itertools
 import logging
 import os
 import sys
@@ -231,13 +233,21 @@ def iter_range(
     path, start, end, first_line = file_range
     if end < 0:
         return iter_lines(path, max_line_bytes)
-    # Limits under OVERSIZED_HEAD are left to the line reader, whose dead letters then
-    # keep only what it read of the line (its first max_line_bytes + 2 bytes).
-    if end - start <= _WHOLE_RANGE_BYTES and (
-        max_line_bytes == 0 or max_line_bytes > OVERSIZED_HEAD
-    ):
+    if _at_once(file_range, max_line_bytes):
         return _range_at_once(path, start, end, first_line, max_line_bytes)
     return _numbered(_lines_between(path, start, end, max_line_bytes), path, first_line)
+
+
+def _at_once(file_range: tuple[str, int, int, int], max_line_bytes: int) -> bool:
+    """A planned range small enough to read in one call (see :data:`_WHOLE_RANGE_BYTES`)."""
+    _, start, end, _ = file_range
+    # Limits under OVERSIZED_HEAD are left to the line reader, whose dead letters then
+    # keep only what it read of the line (its first max_line_bytes + 2 bytes).
+    return (
+        end >= 0
+        and end - start <= _WHOLE_RANGE_BYTES
+        and (max_line_bytes == 0 or max_line_bytes > OVERSIZED_HEAD)
+    )
 
 
 # A planned range up to this size is read in one call and cut into lines at C speed: the
@@ -252,6 +262,24 @@ _WHOLE_RANGE_BYTES = 4 * RANGE_BYTES
 def _range_at_once(
     path: str, start: int, end: int, first_line: int, max_line_bytes: int
 ) -> Iterator[tuple[Any, str]]:
+    for item in _range_lines(path, start, end, first_line, max_line_bytes):
+        yield (item.raw, item.source) if type(item) is Line else item
+
+
+# A Line built by tuple.__new__ from C (map), without the Python-level __new__ a NamedTuple
+# call runs: a read range makes one per line.
+_new_line = functools.partial(tuple.__new__, Line)
+
+
+def _range_lines(
+    path: str, start: int, end: int, first_line: int, max_line_bytes: int
+) -> list[Any]:
+    """A planned range read in one call and cut in memory, as the line reader would.
+
+    A ``Line`` for each line that is not blank, an ``(Oversized, source)`` pair for each
+    one over ``max_line_bytes``, in order. When no line has a CR, is blank or is too long
+    (checked at C speed, the usual case), the lines are built without a Python loop.
+    """
     with open(path, "rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
@@ -259,17 +287,28 @@ def _range_at_once(
             # The range's last line had no newline when it was planned (a file still being
             # written): read on to its end, as the line reader does.
             data += handle.readline(max_line_bytes + 2 if max_line_bytes else -1)
+    has_cr = b"\r" in data
     lines = data.split(b"\n")
     del data
     if lines and not lines[-1]:
         lines.pop()  # the range ends with a newline: nothing follows it
     limit = max_line_bytes or sys.maxsize
+    prefix = f"{path}:"
+    if (
+        not has_cr
+        and all(map(bytes.strip, lines))  # strip() returns the line itself, or b"" if blank
+        and (not lines or max(map(len, lines)) <= limit)
+    ):
+        sources = [f"{prefix}{number}" for number in range(first_line, first_line + len(lines))]
+        return list(map(_new_line, zip(lines, sources, itertools.repeat(None))))
+    out: list[Any] = []
     for number, line in enumerate(lines, first_line):
         stripped = line.rstrip(b"\r")
         if len(stripped) > limit:
-            yield Oversized(line[:OVERSIZED_HEAD], len(stripped)), f"{path}:{number}"
+            out.append((Oversized(line[:OVERSIZED_HEAD], len(stripped)), f"{prefix}{number}"))
         elif stripped.strip():
-            yield stripped, f"{path}:{number}"
+            out.append(Line(stripped, f"{prefix}{number}"))
+    return out
 
 
 def _lines_between(
@@ -313,17 +352,37 @@ class _ReadFn(beam.DoFn):
         self._unreadable = counter("unreadable_inputs")
         self._bytes_read = counter("bytes_read")
 
-    def process(self, file_range: Any) -> Iterator[Any]:
+    def process(self, file_range: Any) -> Iterable[Any]:
         if isinstance(file_range, str):
             file_range = (file_range, 0, -1, 1)
+        if _at_once(file_range, self._max_line_bytes):
+            return self._read_at_once(file_range)
+        return self._read_in_turn(file_range)
+
+    def _read_in_turn(self, file_range: tuple[str, int, int, int]) -> Iterator[Any]:
         try:
             yield from self._read_range(file_range)
         finally:
             # Once per range, never per line: what the progress line measures input by.
             self._bytes_read.inc(_range_bytes(file_range))
 
+    def _read_at_once(self, file_range: tuple[str, int, int, int]) -> list[Any]:
+        """A planned range's outputs as one list: no generator resumed per line."""
+        path, start, end, first_line = file_range
+        try:
+            items = _range_lines(path, start, end, first_line, self._max_line_bytes)
+        except Exception as exc:
+            # Reached only for failures of the file itself: open, read.
+            return [self._unreadable_letter(file_range, exc, 0, "")]
+        finally:
+            # Once per range, never per line: what the progress line measures input by.
+            self._bytes_read.inc(_range_bytes(file_range))
+        for index, item in enumerate(items):
+            if type(item) is not Line:
+                items[index] = self._oversized(*item)
+        return items
+
     def _read_range(self, file_range: tuple[str, int, int, int]) -> Iterator[Any]:
-        path = file_range[0]
         lines, last = 0, ""
         try:
             for line, source in iter_range(file_range, self._max_line_bytes):
@@ -335,16 +394,22 @@ class _ReadFn(beam.DoFn):
                     yield Line(line, source)
         except Exception as exc:
             # Reached only for failures of the file itself: open, read, decompress.
-            self._read.inc()
-            self._unreadable.inc()
-            where = f"after line {last.rsplit(':', 1)[-1]}" if last else "before its first line"
-            detail = (
-                f"cannot read {path}: {type(exc).__name__}: {exc}"[:300]
-                + f"; the read stopped {where} ({lines:,} lines read"
-                + (f" from byte {file_range[1]:,})" if file_range[1] else ")")
-            )
-            letter = dead_letter("unreadable_input", "read", detail, b"", path, self._pipeline)
-            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+            yield self._unreadable_letter(file_range, exc, lines, last)
+
+    def _unreadable_letter(
+        self, file_range: tuple[str, int, int, int], exc: Exception, lines: int, last: str
+    ) -> pvalue.TaggedOutput:
+        path = file_range[0]
+        self._read.inc()
+        self._unreadable.inc()
+        where = f"after line {last.rsplit(':', 1)[-1]}" if last else "before its first line"
+        detail = (
+            f"cannot read {path}: {type(exc).__name__}: {exc}"[:300]
+            + f"; the read stopped {where} ({lines:,} lines read"
+            + (f" from byte {file_range[1]:,})" if file_range[1] else ")")
+        )
+        letter = dead_letter("unreadable_input", "read", detail, b"", path, self._pipeline)
+        return pvalue.TaggedOutput(DEAD_LETTER, letter)
 
     def _oversized(self, line: Oversized, source: str) -> pvalue.TaggedOutput:
         self._read.inc()
