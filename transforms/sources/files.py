@@ -7,7 +7,6 @@ report, and dead letters keep the line byte for byte.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import itertools
 import logging
@@ -29,7 +28,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER, dead_letter
-from moesif_beam.transforms.records import Line
+from moesif_beam.transforms.records import Line, new_line
 from moesif_beam.transforms.sources.drain import Ticks
 
 __all__ = [
@@ -266,11 +265,6 @@ def _range_at_once(
         yield (item.raw, item.source) if type(item) is Line else item
 
 
-# A Line built by tuple.__new__ from C (map), without the Python-level __new__ a NamedTuple
-# call runs: a read range makes one per line.
-_new_line = functools.partial(tuple.__new__, Line)
-
-
 def _range_lines(
     path: str, start: int, end: int, first_line: int, max_line_bytes: int
 ) -> list[Any]:
@@ -300,7 +294,7 @@ def _range_lines(
         and (not lines or max(map(len, lines)) <= limit)
     ):
         sources = [f"{prefix}{number}" for number in range(first_line, first_line + len(lines))]
-        return list(map(_new_line, zip(lines, sources, itertools.repeat(None))))
+        return list(map(new_line, zip(lines, sources, itertools.repeat(None))))
     out: list[Any] = []
     for number, line in enumerate(lines, first_line):
         stripped = line.rstrip(b"\r")
