@@ -7,14 +7,12 @@ report, and dead letters keep the line byte for byte.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gzip
 import itertools
 import logging
-import mmap
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -198,7 +196,8 @@ def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, in
         return [(path, 0, -1, 1)]
     ranges = []
     start, first_line = 0, 1
-    with open(path, "rb") as handle, _newline_counter(handle, size) as newlines:
+    with open(path, "rb") as handle:
+        newlines = _newline_counter(handle, size)
         while start < size:
             target = start + range_bytes
             if target >= size:
@@ -219,69 +218,46 @@ def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, in
 _COUNT_BLOCK = 4 << 20
 
 
-@contextlib.contextmanager
-def _newline_counter(handle: Any, size: int) -> Iterator[Callable[[int, int], int]]:
+def _newline_counter(handle: Any, size: int) -> Callable[[int, int], int]:
     """``count(start, end)``: the newlines of a local file between two offsets.
 
-    The file is mapped and every block's newlines counted by numpy on two threads (it
-    lets go of the GIL while it counts): measured on 1.2 GB, 0.23 s against 1.0 s for
-    reading it and counting with ``bytes.count``, the time a run waits before its first
-    range. Where the file cannot be mapped, it is read and counted as before.
+    Every block's newlines are counted up front on two threads, each reading with
+    ``pread`` into a buffer of its own and counting with numpy (both let go of the GIL):
+    measured on 1.2 GB, about 0.4 s against 1.0 s reading and counting with
+    ``bytes.count``, the time a run waits before its first range. Memory holds two
+    blocks, never the file (a memory map of it counted the whole file in the process's
+    PSS).
     """
-    try:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
-        mapped = None
-    if mapped is None:
-        yield functools.partial(_count_newlines, handle)
-        return
-    # A file truncated while it is planned would fault on its lost pages: planning
-    # takes a fraction of a second, and a file cut under a bounded run is lost input
-    # whichever way it is read.
-    # Held in a list, emptied before the mapping closes: numpy's view must go first.
-    view = []
-    try:
-        view.append(numpy.frombuffer(mapped, dtype=numpy.uint8))
-        block = _COUNT_BLOCK
+    fd = handle.fileno()
+    block = _COUNT_BLOCK
+    buffers = threading.local()
 
-        def count(start: int, end: int) -> int:
-            return int(numpy.count_nonzero(view[0][start:end] == _NEWLINE))
+    def count(start: int, end: int) -> int:
+        buffer = getattr(buffers, "buffer", None)
+        if buffer is None:
+            buffer = buffers.buffer = bytearray(block)
+        total = 0
+        while start < end:
+            view = memoryview(buffer)[: min(block, end - start)]
+            got = os.preadv(fd, [view], start)
+            if got <= 0:
+                break
+            total += int(numpy.count_nonzero(numpy.frombuffer(buffer, numpy.uint8, got) == 10))
+            start += got
+        return total
 
-        with ThreadPoolExecutor(2, thread_name_prefix="plan") as pool:
-            counts = pool.map(lambda at: count(at, at + block), range(0, size, block))
-            before = [0, *itertools.accumulate(counts)]
+    with ThreadPoolExecutor(2, thread_name_prefix="plan") as pool:
+        counts = pool.map(lambda at: count(at, min(at + block, size)), range(0, size, block))
+        before = [0, *itertools.accumulate(counts)]
 
-        def between(start: int, end: int) -> int:
-            # Whole blocks from the prefix sums, the rest counted where it lies.
-            first, last = -(-start // block), end // block
-            if first >= last:
-                return count(start, end)
-            return (
-                count(start, first * block)
-                + before[last]
-                - before[first]
-                + count(last * block, end)
-            )
+    def between(start: int, end: int) -> int:
+        # Whole blocks from the prefix sums, the rest counted where it lies.
+        first, last = -(-start // block), min(end, size) // block
+        if first >= last:
+            return count(start, end)
+        return count(start, first * block) + before[last] - before[first] + count(last * block, end)
 
-        yield between
-    finally:
-        view.clear()
-        mapped.close()
-
-
-_NEWLINE = ord("\n")
-
-
-def _count_newlines(handle: Any, start: int, end: int) -> int:
-    handle.seek(start)
-    count, left = 0, end - start
-    while left > 0:
-        chunk = handle.read(min(_SCAN_CHUNK, left))
-        if not chunk:
-            break
-        count += chunk.count(b"\n")
-        left -= len(chunk)
-    return count
+    return between
 
 
 def iter_range(
