@@ -371,3 +371,37 @@ def test_a_400_is_bisected_until_the_refused_record_is_isolated():
     # log2(8) + 1 levels of halving, each a post: far fewer than one per record.
     assert len(session.posts) <= 2 * 3 + 1
     assert clock.sleeps == []
+
+
+def test_the_environment_is_read_once_per_session_with_what_requests_would_read(
+    tmp_path, monkeypatch
+):
+    # requests reads proxies, CA bundles and ~/.netrc on every request unless told not to;
+    # the writer reads them once per session and passes them with every post.
+    import requests
+
+    from moesif_beam.transforms.delivery.http import _settle_environment
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not read here")
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine collector.example login user password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    url = "https://collector.example/v1/events/batch"
+    session = requests.Session()
+    expected = session.merge_environment_settings(url, {}, None, True, None)
+    settings = _settle_environment(session, url, True)
+    assert settings["verify"] == expected["verify"] == str(bundle)
+    assert settings["proxies"] == expected["proxies"]
+    assert settings["proxies"]["https"] == "http://proxy.example:3128"
+    assert session.auth == ("user", "secret")
+    assert session.trust_env is False  # no more lookups per request
+    # A CA bundle given on the command line wins over the environment's, as before.
+    assert _settle_environment(requests.Session(), url, "/given.pem")["verify"] == "/given.pem"
+    # Sessions that are not requests' own (tests' fakes) get the verify setting alone.
+    assert _settle_environment(object(), url, True) == {"verify": True}

@@ -286,10 +286,16 @@ class _HttpWriter(_Writer):
                 }
             )
             self._local.session = session
-            self._local.settings = _settle_environment(session, self._url, self._verify)
             with self._lock:
                 self._sessions.append(session)
         return session
+
+    def _settings(self, session: Any) -> dict[str, Any]:
+        """This thread's session's environment settings (see :func:`_settle_environment`)."""
+        settings = getattr(self._local, "settings", None)
+        if settings is None:
+            settings = self._local.settings = _settle_environment(session, self._url, self._verify)
+        return settings
 
     def close(self) -> None:
         with self._lock:
@@ -340,7 +346,7 @@ class _HttpWriter(_Writer):
                     data=body,
                     timeout=self._timeout,
                     allow_redirects=False,
-                    **self._local.settings,
+                    **self._settings(session),
                 )
                 status = response.status_code
                 retry_after = parse_retry_after(
