@@ -79,6 +79,35 @@ def test_fused_stages_keep_every_output_and_take_their_side_inputs():
     pipeline.run().wait_until_finish()
 
 
+class _HoldByName(_Hold):
+    """The same stage, its side inputs taken by keyword only (and in another order)."""
+
+    def process(self, word: str, *, suffix: str, banned: dict) -> Iterator[Any]:
+        yield from super().process(word + suffix, banned)
+
+
+@pytest.mark.parametrize("stage", [_Hold, _HoldByName])
+def test_side_inputs_reach_a_stage_by_position_or_by_name(stage):
+    # Fused binds a stage's side inputs once per element: by position when they are the
+    # parameters right after the element, by name otherwise.
+    pipeline = make_pipeline()
+    banned = pipeline | "Banned" >> beam.Create([("spam", 1), ("spam!", 1)])
+    suffix = pipeline | "Suffix" >> beam.Create(["!"])
+    sides = {"banned": beam.pvalue.AsDict(banned)}
+    if stage is _HoldByName:
+        sides["suffix"] = beam.pvalue.AsSingleton(suffix)
+    out = (
+        pipeline
+        | beam.Create(["ham spam"])
+        | Fused([_Split(), stage()], tags=("rejects", "tallies"), side_inputs=sides)
+    )
+    expected = ["HAM!", "END!"] if stage is _HoldByName else ["HAM", "END"]
+    assert_that(out.main, equal_to(expected), label="main")
+    rejected = "banned: spam!" if stage is _HoldByName else "banned: spam"
+    assert_that(out.rejects, equal_to([rejected]), label="rejects")
+    pipeline.run().wait_until_finish()
+
+
 def test_a_main_output_of_finish_bundle_reaches_the_next_stage():
     pipeline = make_pipeline()
     out = pipeline | beam.Create(["a"]) | Fused([_Split(), beam.Map(str).dofn], tags=("tallies",))
