@@ -207,6 +207,8 @@ def _normalize(config: PipelineConfig, inline_signatures: bool = False) -> Norma
         mapping=config.mapping,
         inline_signatures=inline_signatures,
         max_line_bytes=config.max_line_bytes,
+        # Only where the runner gives the stage one process (see PipelineConfig).
+        processes=config.parse_processes if config.single_process else 0,
     )
 
 

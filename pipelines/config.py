@@ -57,6 +57,10 @@ def _as_flags(check: Callable[..., None], *args: Any) -> None:
         raise ValueError(msg) from None
 
 
+# More parsing processes than this only compete with the stream's own for the cores.
+_MAX_PARSE_PROCESSES = 64
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Everything a pipeline needs besides Beam's own options.
@@ -107,6 +111,8 @@ class PipelineConfig:
             streaming runner: Prism with in-process workers). Dedup and the metadata type
             rule then decide in that process's memory, in the reader's stage, instead of
             in keyed stages that every record is shuffled to.
+        parse_processes: with ``single_process``, how many worker processes parse and
+            map records for the stage (0: the stage's own process does).
         max_line_bytes: the longest input line (or Kafka message) read; a longer one is a
             ``too_large`` dead letter.
         run_id: labels this run's dead-letter files.
@@ -150,6 +156,7 @@ class PipelineConfig:
     drain_timeout: float = 30.0
     dedup_spill: bool = False
     single_process: bool = False
+    parse_processes: int = 0
     max_line_bytes: int = MAX_LINE_BYTES
     run_id: str = field(default_factory=new_run_id)
     as_of_ms: int | None = None
@@ -196,6 +203,11 @@ class PipelineConfig:
             "max_line_bytes",
         ):
             _as_flags(require_positive, name, getattr(self, name))
+        if not 0 <= self.parse_processes <= _MAX_PARSE_PROCESSES:
+            msg = (
+                f"--parse_processes must be 0 to {_MAX_PARSE_PROCESSES}, got {self.parse_processes}"
+            )
+            raise ValueError(msg)
         if self.application_id is not None and (
             len(self.application_id.reveal()) < MIN_SECRET_LENGTH
         ):

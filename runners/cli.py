@@ -40,6 +40,7 @@ from moesif_beam.runners.options import (
     has_runner,
     local_parallelism,
     runs_locally,
+    stream_parse_processes,
     wants_streaming,
 )
 from moesif_beam.runners.paths import LAUNCHER_PATHS, WORKER_PATHS, place_paths
@@ -195,6 +196,7 @@ def _deliver(
             dedup_ttl=args.dedup_ttl,
             dedup_journal=args.dedup_journal,
             drain_timeout=args.drain_timeout,
+            parse_processes=args.parse_processes or 0,
             dedup_spill=runs_locally(beam_args),
             max_line_bytes=args.max_line_bytes,
             **(profiles_settings(args) if pipeline == "profiles" else {}),
@@ -247,7 +249,15 @@ def _deliver(
             default_runner=DEFAULT_BATCH_RUNNER if args.start_workers else FORKING_BATCH_RUNNER,
         )
         if prism is not None:
-            config = dataclasses.replace(config, single_process=True)
+            config = dataclasses.replace(
+                config,
+                single_process=True,
+                parse_processes=(
+                    stream_parse_processes()
+                    if args.parse_processes is None
+                    else args.parse_processes
+                ),
+            )
         # Local worker processes publish their counts in the run's directory, for the
         # progress line and the endpoint (transforms/common/worker_tallies.py).
         tally = run_tally(config, options, args.progress, run.path, endpoint=metrics is not None)
