@@ -207,11 +207,8 @@ def _normalize(config: PipelineConfig, inline_signatures: bool = False) -> Norma
         mapping=config.mapping,
         inline_signatures=inline_signatures,
         max_line_bytes=config.max_line_bytes,
-        # Only for the fused stream (one process holds every stage; see PipelineConfig).
-        # A profiles stream (keyed, with event-time timers) lost a call's count in its
-        # rollups with pooled parsing (tests/integration/test_profiles_kafka.py): it
-        # parses in-process until that is understood.
-        processes=config.parse_processes if config.single_process and inline_signatures else 0,
+        # Only where one process holds every stage (Prism; see PipelineConfig).
+        processes=config.parse_processes if config.single_process else 0,
     )
 
 

@@ -29,8 +29,7 @@ def _lines(name: str, acked: bool) -> list[Line]:
     raws = (SAMPLES / name).read_bytes().splitlines()[:40]
     raws += [b"{not json", b"[]", b"\xff\xfe", b'{"a":1}', b"x" * 2_000_000, b"[1, 2]"]
     return [
-        Line(raw, f"t/0@{i}", Ack("t/0", i, i - 1) if acked else None)
-        for i, raw in enumerate(raws)
+        Line(raw, f"t/0@{i}", Ack("t/0", i, i - 1) if acked else None) for i, raw in enumerate(raws)
     ]
 
 
@@ -157,7 +156,7 @@ def test_a_worker_that_dies_fails_the_bundle():
         | beam.Create([f"e{i}" for i in range(600)])
         | beam.ParDo(pooled.in_processes(_DieOn("e500"), 1, chunk=100))
     )
-    with pytest.raises(Exception, match="(?i)process|terminated|broken"):
+    with pytest.raises(Exception, match=r"(?i)process|terminated|broken"):
         run(p)
 
 
