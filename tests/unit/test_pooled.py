@@ -69,7 +69,7 @@ def test_the_wire_gives_back_what_the_stage_gives_in_process(pipeline, fmt, samp
     lines = _lines(sample, acked)
     expected = _in_process(normalize, lines)
     # As the pool does it: each side's payload through pickle, the worker set up from one.
-    pooled._start_worker(pickle.dumps(normalize.stage()), _NormalizeWire)
+    pooled._start_worker(pickle.dumps(normalize.stage()), _NormalizeWire, os.getpid())
     sent = pickle.loads(pickle.dumps(_NormalizeWire.to_worker(lines)))
     payload, finished, counts = pickle.loads(pickle.dumps(pooled._run_chunk(sent)))
     got = _NormalizeWire.restore(payload, lines)
@@ -194,3 +194,53 @@ def test_a_pool_needs_a_process_and_a_chunk(processes, chunk):
 def test_normalize_refuses_negative_processes():
     with pytest.raises(ValueError, match="0 or more"):
         NormalizeRecords("events", "wso2", processes=-1)
+
+
+_ORPHANING = """
+import sys, time
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+from moesif_beam.transforms.common import pooled
+from tests.unit.test_pooled import _DieOn
+fn = pooled.in_processes(_DieOn("never"), 2, chunk=8)
+fn.setup()
+fn.start_bundle()
+for i in range(64):
+    fn.process(str(i), Timestamp(i), GlobalWindow())
+list(fn.finish_bundle())
+print(" ".join(str(pid) for pid in fn._pool._processes), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone but for its parent's wait: not alive.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+def test_workers_end_when_the_stage_process_is_killed_outright():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ORPHANING], cwd=repo, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)

@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -46,6 +47,10 @@ __all__ = ["in_processes"]
 # Elements per chunk: large enough that a chunk's hand-off (two pickles, two pipe writes)
 # is small beside its work, small enough that a bundle's end waits on little.
 CHUNK = 256
+# A chunk that is not full is sent once its first element has waited this long (looked
+# at every _LOOK_EVERY elements; a bundle's end sends it in any case).
+MAX_WAIT_S = 0.05
+_LOOK_EVERY = 16
 
 
 class Wire:
@@ -93,7 +98,23 @@ class _Worker:
     tallies: dict[str, _Tally] = {}  # noqa: RUF012 - one per process, set up once
 
 
-def _start_worker(pickled_fn: bytes, wire: type[Wire]) -> None:
+def _exit_with(stage_pid: int) -> None:
+    """End this worker once the stage's process is gone.
+
+    A worker waits on its task queue, whose write end it holds itself, so a stage
+    process killed outright (``kill -9``) would leave it, and the forkserver, for good.
+    """
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(stage_pid, 0)
+        except (ProcessLookupError, PermissionError):
+            # Gone (or its pid already another user's process).
+            os._exit(0)
+
+
+def _start_worker(pickled_fn: bytes, wire: type[Wire], stage_pid: int) -> None:
+    threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
     # This process's counts go back to the stage with each chunk; it must not also
     # publish them as a local run's worker would (worker_tallies), or they count twice.
     os.environ.pop(TALLY_DIR_ENV, None)
@@ -175,7 +196,7 @@ class _PooledFn(beam.DoFn):
                     self._processes,
                     context,
                     initializer=_start_worker,
-                    initargs=(pickle.dumps(self._fn), self._wire),
+                    initargs=(pickle.dumps(self._fn), self._wire, os.getpid()),
                 )
             return pool
 
@@ -195,18 +216,28 @@ class _PooledFn(beam.DoFn):
         timestamp: Any = beam.DoFn.TimestampParam,
         window: Any = beam.DoFn.WindowParam,
     ) -> Iterable[Any]:
-        self._elements.append(element)
+        elements = self._elements
+        elements.append(element)
         self._metas.append((timestamp, window))
-        if len(self._elements) < self._chunk:
-            return ()
-        self._submit()
+        count = len(elements)
+        if count == 1:
+            self._first_at = time.monotonic()
         pending = self._pending
+        if count >= self._chunk or (
+            # A slow stream's chunk goes before it is full: its first record has waited.
+            count % _LOOK_EVERY == 0 and time.monotonic() - self._first_at > MAX_WAIT_S
+        ):
+            self._submit()
+        elif count % _LOOK_EVERY or not pending:
+            return ()
+        outputs: list[Any] = []
         # Bounded: two chunks a worker in flight, then this process waits for the oldest.
         if len(pending) > 2 * self._processes:
-            return self._emit(pending.popleft())
-        if pending[0][0].done():
-            return self._emit(pending.popleft())
-        return ()
+            outputs = self._emit(pending.popleft())
+        # What is back already leaves now, not when the next chunk fills.
+        while pending and pending[0][0].done():
+            outputs.extend(self._emit(pending.popleft()))
+        return outputs
 
     def finish_bundle(self) -> Iterable[Any]:
         if self._elements:
