@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.common.fused import Fused
+from moesif_beam.transforms.common.pooled import InProcesses
 from moesif_beam.transforms.deadletters.handler import DeadLetters, verify_dead_letters
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER, WriteDeadLetters
 from moesif_beam.transforms.deadletters.streaming import WriteDeadLettersInStream
@@ -27,8 +28,13 @@ from moesif_beam.transforms.dedup.bounded import (
     open_file_budget,
     spill_partitions,
 )
-from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess, DedupInStream
+from moesif_beam.transforms.dedup.streaming import (
+    NEW_FIELDS,
+    DedupAndCheckInProcess,
+    DedupInStream,
+)
 from moesif_beam.transforms.delivery import PostToMoesif, WriteBatchFiles
+from moesif_beam.transforms.delivery.sinks import ACKS
 from moesif_beam.transforms.delivery.streaming import BatchAndDeliverInStream
 from moesif_beam.transforms.formats.normalize import SIGNATURES, Normalized, NormalizeRecords
 from moesif_beam.transforms.schema import (
@@ -168,6 +174,16 @@ def read_and_normalize(
     files read once. Every reject of the read and of normalizing is added to ``rejects``.
     The Kafka read's outputs (with its partitions, for committing) are returned, or None.
     """
+    lines, read = read_lines(pipeline, config, rejects)
+    normalized = lines | "Normalize" >> _normalize(config, inline_signatures)
+    rejects.add(normalized.dead_letters)
+    return normalized, read
+
+
+def read_lines(
+    pipeline: beam.Pipeline, config: PipelineConfig, rejects: DeadLetters
+) -> tuple[beam.PCollection, Any]:
+    """Read the configured source; ``(lines, kafka read)`` (see :func:`read_and_normalize`)."""
     read = None
     if config.kafka is not None:
         read = _read_kafka(pipeline, config)
@@ -185,9 +201,7 @@ def read_and_normalize(
         files = pipeline | "ReadFiles" >> _read_lines(config)
         lines = files.lines
         rejects.add(files.dead_letters)
-    normalized = lines | "Normalize" >> _normalize(config, inline_signatures)
-    rejects.add(normalized.dead_letters)
-    return normalized, read
+    return lines, read
 
 
 def _read_kafka(pipeline: beam.Pipeline, config: PipelineConfig) -> Any:
@@ -222,6 +236,86 @@ def _build_streaming(
     """
     pipeline = beam.Pipeline(options=options)
     rejects = DeadLetters()
+    if config.single_process and config.parse_processes:
+        checked, acks, read = _parse_apart(pipeline, config, stored_schema, rejects)
+    else:
+        checked, acks, read = _in_stages(pipeline, config, stored_schema, rejects)
+    _ = checked.new_fields | "PersistSchema" >> PersistSchemaInStream(
+        config.schema_store_path, config.schema_scope
+    )
+    dead_acks = rejects.write(
+        "DeadLetters",
+        WriteDeadLettersInStream(
+            config.dead_letter_dir, config.pipeline, config.run_id, config.input_format
+        ),
+    )
+    if config.kafka is not None:
+        acks = (*acks, dead_acks) | "Acks" >> beam.Flatten()
+        _ = (acks, read.partitions) | "CommitOffsets" >> CommitOffsets(config.kafka)
+    verify_dead_letters(pipeline)
+    return pipeline
+
+
+class _Checked(NamedTuple):
+    new_fields: beam.PCollection
+
+
+def _parse_apart(
+    pipeline: beam.Pipeline,
+    config: PipelineConfig,
+    stored_schema: Mapping[str, str],
+    rejects: DeadLetters,
+) -> tuple[_Checked, tuple[beam.PCollection, ...], Any]:
+    """The fused stream with parsing in worker processes: one step from lines to delivery.
+
+    Parsing and mapping run in ``config.parse_processes`` workers; dedup, the type rule
+    and delivery run here, called record by record with no runner hand-off in between
+    (measured: those hand-offs were about a fifth of the stream process's time).
+    """
+    lines, read = read_lines(pipeline, config, rejects)
+    normalize = _normalize(config, inline_signatures=True)
+    stages = (
+        _dedup_and_check(config, stored_schema).stage(),
+        _deliver(config).stage(),
+    )
+    out = lines | "ParseDedupDeliver" >> InProcesses(
+        normalize.stage(),
+        config.parse_processes,
+        then=stages,
+        tags=(DEAD_LETTER, SIGNATURES, ACKS, NEW_FIELDS),
+        wire=NormalizeRecords.WIRE,
+    )
+    rejects.add(out[DEAD_LETTER])
+    return _Checked(out[NEW_FIELDS]), (out[ACKS],), read
+
+
+def _dedup_and_check(
+    config: PipelineConfig, stored_schema: Mapping[str, str]
+) -> DedupAndCheckInProcess:
+    return DedupAndCheckInProcess(
+        config.dedup_ttl,
+        stored_schema,
+        config.pipeline,
+        store=(config.schema_store_path, config.schema_scope),
+        journal=config.dedup_journal_dir,
+    )
+
+
+def _deliver(config: PipelineConfig) -> BatchAndDeliverInStream:
+    return BatchAndDeliverInStream(
+        _sink(config),
+        config.batch_max_delay,
+        journal=(config.dedup_journal_dir, int(config.dedup_ttl * 1000)),
+    )
+
+
+def _in_stages(
+    pipeline: beam.Pipeline,
+    config: PipelineConfig,
+    stored_schema: Mapping[str, str],
+    rejects: DeadLetters,
+) -> tuple[Any, tuple[beam.PCollection, ...], Any]:
+    """The stream as separate steps: fused in one process, or keyed on a cluster."""
     normalized, read = read_and_normalize(
         pipeline, config, rejects, inline_signatures=config.single_process
     )
@@ -229,13 +323,7 @@ def _build_streaming(
         # One process sees every record: no shuffle to dedup shards or schema gates, so
         # records go from the reader to delivery in one fused stage (measured: the
         # shuffles' encoding was a third of a 2,000 events/s stream's CPU).
-        checked = normalized.records | "DedupAndCheck" >> DedupAndCheckInProcess(
-            config.dedup_ttl,
-            stored_schema,
-            config.pipeline,
-            store=(config.schema_store_path, config.schema_scope),
-            journal=config.dedup_journal_dir,
-        )
+        checked = normalized.records | "DedupAndCheck" >> _dedup_and_check(config, stored_schema)
         duplicate_acks = checked.acks
     else:
         unique = normalized.records | "Dedup" >> DedupInStream(
@@ -249,27 +337,10 @@ def _build_streaming(
                 store=(config.schema_store_path, config.schema_scope),
             )
         )
-    _ = checked.new_fields | "PersistSchema" >> PersistSchemaInStream(
-        config.schema_store_path, config.schema_scope
-    )
     rejects.add(checked.dead_letters)
-    delivered = checked.records | "Deliver" >> BatchAndDeliverInStream(
-        _sink(config),
-        config.batch_max_delay,
-        journal=(config.dedup_journal_dir, int(config.dedup_ttl * 1000)),
-    )
+    delivered = checked.records | "Deliver" >> _deliver(config)
     rejects.add(delivered.dead_letters)
-    dead_acks = rejects.write(
-        "DeadLetters",
-        WriteDeadLettersInStream(
-            config.dead_letter_dir, config.pipeline, config.run_id, config.input_format
-        ),
-    )
-    if config.kafka is not None:
-        acks = (duplicate_acks, delivered.acks, dead_acks) | "Acks" >> beam.Flatten()
-        _ = (acks, read.partitions) | "CommitOffsets" >> CommitOffsets(config.kafka)
-    verify_dead_letters(pipeline)
-    return pipeline
+    return checked, (duplicate_acks, delivered.acks), read
 
 
 def _sink(config: PipelineConfig) -> PostToMoesif | WriteBatchFiles:

@@ -244,3 +244,76 @@ def test_workers_end_when_the_stage_process_is_killed_outright():
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in workers)
+
+
+class _Timed(beam.DoFn):
+    """A later stage that takes the time: tags odd times, passes the rest on with it."""
+
+    def process(self, element: str, timestamp: Any = beam.DoFn.TimestampParam) -> Iterator[Any]:
+        if int(timestamp) % 2:
+            yield pvalue.TaggedOutput("odd", f"{element}@{int(timestamp)}")
+            return
+        yield f"{element}@{int(timestamp)}"
+
+
+class _Held(beam.DoFn):
+    """A last stage that holds everything until its bundle ends (as batching does)."""
+
+    def start_bundle(self) -> None:
+        self.held: list[str] = []
+
+    def process(self, element: str) -> None:
+        self.held.append(element.upper())
+
+    def finish_bundle(self) -> Iterator[Any]:
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        window = GlobalWindow()
+        yield pvalue.TaggedOutput(
+            "count", WindowedValue(len(self.held), window.max_timestamp(), (window,))
+        )
+        for word in self.held:
+            yield WindowedValue(word, window.max_timestamp(), (window,))
+
+
+def test_later_stages_run_here_with_each_elements_time():
+    p = make_pipeline()
+    words = [f"w{i}" for i in range(300)]
+    out = (
+        p
+        | beam.Create([TimestampedValue(w, i) for i, w in enumerate(words)])
+        | pooled.InProcesses(
+            _DieOn("never"), 1, then=(_Timed(), _Held()), tags=("odd", "count"), chunk=32
+        )
+    )
+    even = [f"{w}@{i}".upper() for i, w in enumerate(words) if i % 2 == 0]
+    odd = [f"{w}@{i}" for i, w in enumerate(words) if i % 2]
+    assert_that(out.main, equal_to(even), label="main")
+    assert_that(out.odd, equal_to(odd), label="odd")
+    assert_that(out.count | beam.CombineGlobally(sum), equal_to([len(even)]), label="count")
+    counters = run(p)
+    assert counters["pooled_test_seen"] == len(words)
+
+
+class _Sided(beam.DoFn):
+    def process(self, element: str, side: dict) -> Iterator[str]:
+        yield element
+
+
+class _Windowed(beam.DoFn):
+    def process(self, element: str, window: Any = beam.DoFn.WindowParam) -> Iterator[str]:
+        yield element
+
+
+class _TimeSecond(beam.DoFn):
+    def process(
+        self, element: str, window: Any = beam.DoFn.WindowParam, t: Any = beam.DoFn.TimestampParam
+    ) -> Iterator[str]:
+        yield element
+
+
+@pytest.mark.parametrize("stage", [_Sided(), _Windowed(), _TimeSecond()])
+def test_later_stages_take_the_element_and_at_most_its_time(stage):
+    with pytest.raises(ValueError, match=type(stage).__name__):
+        pooled.InProcesses(_DieOn("x"), 1, then=(stage,))

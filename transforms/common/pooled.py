@@ -25,13 +25,14 @@ side inputs). A chunk is a bundle to the wrapped DoFn: what its ``finish_bundle`
 from __future__ import annotations
 
 import collections
+import inspect
 import multiprocessing
 import os
 import pickle
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
@@ -42,7 +43,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
 
-__all__ = ["in_processes"]
+__all__ = ["CHUNK", "InProcesses", "Wire", "in_processes"]
 
 # Elements per chunk: large enough that a chunk's hand-off (two pickles, two pipe writes)
 # is small beside its work, small enough that a bundle's end waits on little.
@@ -155,13 +156,73 @@ def in_processes(
     The processes are this process's, shared by every instance of the DoFn (a runner
     makes one per bundle thread).
     """
+    return _checked_pool(fn, processes, chunk, wire, ())
+
+
+def _checked_pool(
+    fn: beam.DoFn, processes: int, chunk: int, wire: type[Wire], then: Sequence[beam.DoFn]
+) -> _PooledFn:
     if processes < 1:
         msg = f"processes must be at least 1, got {processes}"
         raise ValueError(msg)
     if chunk < 1:
         msg = f"chunk must be at least 1, got {chunk}"
         raise ValueError(msg)
-    return _PooledFn(fn, processes, chunk, wire)
+    return _PooledFn(fn, processes, chunk, wire, then)
+
+
+def _takes_timestamp(stage: beam.DoFn) -> bool:
+    """Whether ``stage.process`` takes the element's timestamp after it, and nothing else."""
+    params = list(inspect.signature(stage.process).parameters.values())[1:]
+    defaults = [p.default for p in params if p.default is not inspect.Parameter.empty]
+    if any(d is not beam.DoFn.TimestampParam and isinstance(d, _BEAM_PARAM) for d in defaults):
+        msg = f"{type(stage).__name__}.process needs what only a runner gives besides the time"
+        raise ValueError(msg)
+    required = [p for p in params if p.default is inspect.Parameter.empty]
+    if required:
+        msg = f"{type(stage).__name__}.process takes {[p.name for p in required]}: side inputs"
+        raise ValueError(msg)
+    timed = [p for p in params if p.default is beam.DoFn.TimestampParam]
+    if timed and params.index(timed[0]) != 0:
+        msg = f"{type(stage).__name__}.process must take the timestamp right after the element"
+        raise ValueError(msg)
+    return bool(timed)
+
+
+class InProcesses(beam.PTransform):
+    """``first``'s ``process`` in ``processes`` worker processes, then ``then`` here, one ParDo.
+
+    The guarantees of :func:`in_processes` for ``first``; each main output of a stage is
+    the next stage's input, called directly (no runner hand-off per record, as in
+    :class:`~moesif_beam.transforms.common.fused.Fused`), with its element's timestamp
+    when its ``process`` takes ``beam.DoFn.TimestampParam`` right after the element. Every
+    tagged output of every stage leaves under its tag, with its element's time and window;
+    the later stages' bundles, setup and teardown follow the ParDo's. The output is the
+    ParDo's tagged outputs, the last stage's main ones as ``main``.
+    """
+
+    def __init__(
+        self,
+        first: beam.DoFn,
+        processes: int,
+        then: Sequence[beam.DoFn] = (),
+        tags: Sequence[str] = (),
+        wire: type[Wire] = Wire,
+        chunk: int = CHUNK,
+    ) -> None:
+        super().__init__()
+        if not all(isinstance(stage, beam.DoFn) for stage in (first, *then)):
+            msg = "InProcesses takes DoFns"
+            raise ValueError(msg)
+        self._fn = _checked_pool(first, processes, chunk, wire, then)
+        self._tags = tuple(tags)
+
+    def expand(self, pcoll: beam.PCollection) -> pvalue.DoOutputsTuple:
+        return pcoll | beam.ParDo(self._fn).with_outputs(*self._tags, main="main")
+
+
+# The class of DoFn.WindowParam, TimestampParam, StateParam...: what only a runner fills in.
+_BEAM_PARAM = type(beam.DoFn.WindowParam)
 
 
 # The worker pools of this process, by stage, shared by the DoFn's instances that are set
@@ -172,18 +233,30 @@ _POOLS_LOCK = threading.Lock()
 
 
 class _PooledFn(beam.DoFn):
-    def __init__(self, fn: beam.DoFn, processes: int, chunk: int, wire: type[Wire]) -> None:
+    def __init__(
+        self,
+        fn: beam.DoFn,
+        processes: int,
+        chunk: int,
+        wire: type[Wire],
+        then: Sequence[beam.DoFn] = (),
+    ) -> None:
         self._fn = fn
         self._processes = processes
         self._chunk = chunk
         self._wire = wire
         self._key = uuid.uuid4().hex
+        self._then = list(then)
+        # Which later stages take the element's timestamp after it.
+        self._timed = [_takes_timestamp(stage) for stage in self._then]
 
     def setup(self) -> None:
         self._counters: dict[str, Any] = {}
         self._pool: ProcessPoolExecutor | None = None
         with _POOLS_LOCK:
             _USERS[self._key] += 1
+        for stage in self._then:
+            stage.setup()
 
     def _shared_pool(self) -> ProcessPoolExecutor:
         with _POOLS_LOCK:
@@ -209,6 +282,8 @@ class _PooledFn(beam.DoFn):
         self._pending: collections.deque[tuple[Future, list[tuple[Any, Any]], list[Any]]] = (
             collections.deque()
         )
+        for stage in self._then:
+            stage.start_bundle()
 
     def process(
         self,
@@ -250,10 +325,19 @@ class _PooledFn(beam.DoFn):
         except BaseException:
             self._drop_pool()
             raise
+        # Then the later stages finish, in order; what one emits goes through the next.
+        for index, stage in enumerate(self._then):
+            for output in stage.finish_bundle() or ():
+                if type(output) is pvalue.TaggedOutput:
+                    outputs.append(output)  # windowed already, as it must be here
+                else:
+                    self._push(index + 1, output.value, output.timestamp, output.windows, outputs)
         return outputs
 
     def teardown(self) -> None:
         self._pool = None
+        for stage in reversed(self._then):
+            stage.teardown()
         with _POOLS_LOCK:
             _USERS[self._key] -= 1
             if _USERS[self._key] > 0:
@@ -285,19 +369,42 @@ class _PooledFn(beam.DoFn):
             known.inc(count)
         out: list[Any] = []
         append = out.append
+        chained = bool(self._then)
         for (timestamp, window), outputs in zip(metas, results, strict=True):
             windows = (window,)
             for output in outputs:
-                if isinstance(output, pvalue.TaggedOutput):
+                if type(output) is pvalue.TaggedOutput:
                     append(
                         pvalue.TaggedOutput(
                             output.tag, WindowedValue(output.value, timestamp, windows)
                         )
                     )
+                elif chained:
+                    self._push(0, output, timestamp, windows, out)
                 else:
                     append(WindowedValue(output, timestamp, windows))
-        out.extend(finished)  # windowed already, as finish_bundle's outputs must be
+        # What the worker's finish_bundle emitted is windowed already, as it must be there.
+        for output in finished:
+            if type(output) is pvalue.TaggedOutput or not chained:
+                append(output)
+            else:
+                self._push(0, output.value, output.timestamp, output.windows, out)
         return out
+
+    def _push(self, index: int, value: Any, timestamp: Any, windows: Any, out: list[Any]) -> None:
+        """``value`` through the later stages from ``index``, their outputs into ``out``."""
+        if index == len(self._then):
+            out.append(WindowedValue(value, timestamp, windows))
+            return
+        stage = self._then[index]
+        results = stage.process(value, timestamp) if self._timed[index] else stage.process(value)
+        for result in results or ():
+            if type(result) is pvalue.TaggedOutput:
+                out.append(
+                    pvalue.TaggedOutput(result.tag, WindowedValue(result.value, timestamp, windows))
+                )
+            else:
+                self._push(index + 1, result, timestamp, windows, out)
 
     def _drop_pool(self) -> None:
         pool, self._pool = self._pool, None

@@ -426,6 +426,14 @@ class DedupAndCheckInProcess(beam.PTransform):
             uuid.uuid4().hex, ttl_seconds, dict(stored), pipeline, store, journal
         )
 
+    def stage(self) -> beam.DoFn:
+        """This step as a later stage of a chain (``InProcesses``), with its guarantees.
+
+        Records and their timestamps in; unique, checked records out, with duplicates'
+        acks, dead letters and new keys under their tags.
+        """
+        return self._fn
+
     def expand(self, records: beam.PCollection) -> CheckedInProcess:
         out = records | "DedupAndCheck" >> beam.ParDo(self._fn).with_outputs(
             DEAD_LETTER, ACKS, NEW_FIELDS, main="records"

@@ -339,6 +339,10 @@ class _BatchSink(beam.PTransform):
         """
         return self._batching()
 
+    def stream_stage(self, max_delay: float, journal: tuple[str, int] | None = None) -> beam.DoFn:
+        """:meth:`in_stream`'s DoFn, as a stage of a chain."""
+        return self._batching(max_delay, acks=True, journal=journal)
+
     def in_stream(self, max_delay: float, journal: tuple[str, int] | None = None) -> beam.ParDo:
         """The same delivery for a stream: dead letters, plus acks of delivered records.
 

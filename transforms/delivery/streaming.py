@@ -55,6 +55,10 @@ class BatchAndDeliverInStream(beam.PTransform):
         self._max_delay = max_delay
         self._journal = journal
 
+    def stage(self) -> beam.DoFn:
+        """This step as a stage of a chain: records in, dead letters and acks out (tagged)."""
+        return self._sink.stream_stage(self._max_delay, self._journal)
+
     def expand(self, records: beam.PCollection) -> Delivered:
         out = records | "Batch" >> self._sink.in_stream(self._max_delay, self._journal)
         return Delivered(out[DEAD_LETTER], out[ACKS])
