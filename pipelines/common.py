@@ -181,12 +181,15 @@ def read_and_normalize(
 
 
 def read_lines(
-    pipeline: beam.Pipeline, config: PipelineConfig, rejects: DeadLetters
+    pipeline: beam.Pipeline, config: PipelineConfig, rejects: DeadLetters, blocks: bool = False
 ) -> tuple[beam.PCollection, Any]:
-    """Read the configured source; ``(lines, kafka read)`` (see :func:`read_and_normalize`)."""
+    """Read the configured source; ``(lines, kafka read)`` (see :func:`read_and_normalize`).
+
+    With ``blocks``, Kafka is read as :class:`~moesif_beam.transforms.records.LineBlock` s.
+    """
     read = None
     if config.kafka is not None:
-        read = _read_kafka(pipeline, config)
+        read = _read_kafka(pipeline, config, blocks)
         lines = read.records
     elif config.streaming:
         followed = pipeline | "FollowFiles" >> FollowFiles(
@@ -204,9 +207,11 @@ def read_lines(
     return lines, read
 
 
-def _read_kafka(pipeline: beam.Pipeline, config: PipelineConfig) -> Any:
+def _read_kafka(pipeline: beam.Pipeline, config: PipelineConfig, blocks: bool = False) -> Any:
     assert config.kafka is not None
-    return pipeline | "ReadKafka" >> ReadKafka(config.kafka, list(config.kafka_partitions))
+    return pipeline | "ReadKafka" >> ReadKafka(
+        config.kafka, list(config.kafka_partitions), blocks=blocks
+    )
 
 
 def _read_lines(config: PipelineConfig) -> ReadLines:
@@ -272,7 +277,8 @@ def _parse_apart(
     and delivery run here, called record by record with no runner hand-off in between
     (measured: those hand-offs were about a fifth of the stream process's time).
     """
-    lines, read = read_lines(pipeline, config, rejects)
+    # From Kafka, a consumer batch at a time (one runner hand-off per batch).
+    lines, read = read_lines(pipeline, config, rejects, blocks=config.kafka is not None)
     normalize = _normalize(config, inline_signatures=True)
     stages = (
         _dedup_and_check(config, stored_schema).stage(),
@@ -284,6 +290,7 @@ def _parse_apart(
         then=stages,
         tags=(DEAD_LETTER, SIGNATURES, ACKS, NEW_FIELDS),
         wire=NormalizeRecords.WIRE,
+        blocks=config.kafka is not None,
     )
     rejects.add(out[DEAD_LETTER])
     return _Checked(out[NEW_FIELDS]), (out[ACKS],), read

@@ -276,8 +276,8 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
         type=int,
         default=None,
         help="streaming on the default runner: worker processes that parse and map records "
-        "beside the pipeline's own (default: one fewer than the cores, 1 to 4; 0: parse in "
-        "the pipeline's process)",
+        "beside the pipeline's own (default: one per core, 1 to 4; 0: parse in the "
+        "pipeline's process)",
     )
     parser.add_argument(
         "--fork_workers",
@@ -464,12 +464,13 @@ _MAX_LOCAL_WORKERS = 4
 
 
 def stream_parse_processes() -> int:
-    """Parsing processes for a stream on the default runner: one fewer than the cores, 1-4.
+    """Parsing processes for a stream on the default runner: one per core, 1 to 4.
 
-    The stream's own process reads, deduplicates and delivers on one core; measured on 2
-    cores, one parsing process beside it drained a Kafka backlog faster than two.
+    Measured on 2 cores, draining a Kafka backlog read in blocks: two parsing processes
+    beside the stream's own gave 13,000 events/s, one 9,800 and three 12,000 (the
+    stream's own process, reading, deduplicating and delivering, used about half a core).
     """
-    return max(1, min(_MAX_LOCAL_WORKERS, (os.cpu_count() or 1) - 1))
+    return max(1, min(_MAX_LOCAL_WORKERS, os.cpu_count() or 1))
 
 
 def local_parallelism(beam_args: list[str], paths: list[str]) -> list[str]:

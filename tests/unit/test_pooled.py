@@ -317,3 +317,25 @@ class _TimeSecond(beam.DoFn):
 def test_later_stages_take_the_element_and_at_most_its_time(stage):
     with pytest.raises(ValueError, match=type(stage).__name__):
         pooled.InProcesses(_DieOn("x"), 1, then=(stage,))
+
+
+def test_blocks_leave_element_by_element_each_at_its_own_time():
+    p = make_pipeline()
+    words = [f"w{i}" for i in range(700)]
+    # Blocks of 100 words, word i at i seconds: as a Kafka block, each its own time.
+    blocks = [
+        (words[i : i + 100], [j * 1000 for j in range(i, i + 100)]) for i in range(0, 700, 100)
+    ]
+    out = (
+        p
+        | beam.Create(blocks)
+        | pooled.InProcesses(
+            _DieOn("never"), 2, then=(_Timed(),), tags=("odd",), chunk=64, blocks=True
+        )
+    )
+    assert_that(
+        out.main, equal_to([f"{w}@{i}" for i, w in enumerate(words) if i % 2 == 0]), label="m"
+    )
+    assert_that(out.odd, equal_to([f"{w}@{i}" for i, w in enumerate(words) if i % 2]), label="o")
+    counters = run(p)
+    assert counters["pooled_test_seen"] == len(words)

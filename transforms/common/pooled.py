@@ -38,6 +38,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
@@ -160,7 +161,12 @@ def in_processes(
 
 
 def _checked_pool(
-    fn: beam.DoFn, processes: int, chunk: int, wire: type[Wire], then: Sequence[beam.DoFn]
+    fn: beam.DoFn,
+    processes: int,
+    chunk: int,
+    wire: type[Wire],
+    then: Sequence[beam.DoFn],
+    blocks: bool = False,
 ) -> _PooledFn:
     if processes < 1:
         msg = f"processes must be at least 1, got {processes}"
@@ -168,7 +174,8 @@ def _checked_pool(
     if chunk < 1:
         msg = f"chunk must be at least 1, got {chunk}"
         raise ValueError(msg)
-    return _PooledFn(fn, processes, chunk, wire, then)
+    kind = _PooledBlocksFn if blocks else _PooledFn
+    return kind(fn, processes, chunk, wire, then)
 
 
 def _takes_timestamp(stage: beam.DoFn) -> bool:
@@ -198,7 +205,10 @@ class InProcesses(beam.PTransform):
     when its ``process`` takes ``beam.DoFn.TimestampParam`` right after the element. Every
     tagged output of every stage leaves under its tag, with its element's time and window;
     the later stages' bundles, setup and teardown follow the ParDo's. The output is the
-    ParDo's tagged outputs, the last stage's main ones as ``main``.
+    ParDo's tagged outputs, the last stage's main ones as ``main``. With ``blocks``, each
+    input element is a block ``(elements, times in ms)`` (a Kafka
+    :class:`~moesif_beam.transforms.records.LineBlock`), and each of its elements is
+    taken as if it had come alone, at its own time.
     """
 
     def __init__(
@@ -209,12 +219,14 @@ class InProcesses(beam.PTransform):
         tags: Sequence[str] = (),
         wire: type[Wire] = Wire,
         chunk: int = CHUNK,
+        *,
+        blocks: bool = False,
     ) -> None:
         super().__init__()
         if not all(isinstance(stage, beam.DoFn) for stage in (first, *then)):
             msg = "InProcesses takes DoFns"
             raise ValueError(msg)
-        self._fn = _checked_pool(first, processes, chunk, wire, then)
+        self._fn = _checked_pool(first, processes, chunk, wire, then, blocks)
         self._tags = tuple(tags)
 
     def expand(self, pcoll: beam.PCollection) -> pvalue.DoOutputsTuple:
@@ -348,11 +360,14 @@ class _PooledFn(beam.DoFn):
             pool.shutdown(wait=True)
 
     def _submit(self) -> None:
-        assert self._pool is not None
-        future = self._pool.submit(_run_chunk, self._wire.to_worker(self._elements))
-        self._pending.append((future, self._metas, self._elements))
+        self._submit_chunk(self._elements, self._metas)
         self._elements = []
         self._metas = []
+
+    def _submit_chunk(self, elements: list[Any], metas: list[tuple[Any, Any]]) -> None:
+        assert self._pool is not None
+        future = self._pool.submit(_run_chunk, self._wire.to_worker(elements))
+        self._pending.append((future, metas, elements))
 
     def _emit(self, done: tuple[Future, list[tuple[Any, Any]], list[Any]]) -> list[Any]:
         future, metas, elements = done
@@ -414,3 +429,28 @@ class _PooledFn(beam.DoFn):
             if _POOLS.get(self._key) is pool:
                 del _POOLS[self._key]
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _PooledBlocksFn(_PooledFn):
+    """:class:`_PooledFn` for blocks: each input element is ``(elements, times in ms)``.
+
+    A block goes to the workers at once, in chunks, and each of its elements leaves with
+    its own time: one runner hand-off per block, not per element.
+    """
+
+    def process(  # type: ignore[override]
+        self, block: tuple[list[Any], list[int]], window: Any = beam.DoFn.WindowParam
+    ) -> Iterable[Any]:
+        elements, times_ms = block
+        metas = [(Timestamp(micros=ms * 1000), window) for ms in times_ms]
+        chunk = self._chunk
+        for start in range(0, len(elements), chunk):
+            self._submit_chunk(elements[start : start + chunk], metas[start : start + chunk])
+        pending = self._pending
+        outputs: list[Any] = []
+        # Bounded: two chunks a worker in flight, then this process waits for the oldest.
+        while len(pending) > 2 * self._processes:
+            outputs.extend(self._emit(pending.popleft()))
+        while pending and pending[0][0].done():
+            outputs.extend(self._emit(pending.popleft()))
+        return outputs

@@ -33,7 +33,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from moesif_beam.transforms.common.timefmt import parse_time_ms
 from moesif_beam.transforms.common.worker_memory import worker_memory
-from moesif_beam.transforms.records import Ack, Line
+from moesif_beam.transforms.records import Ack, Line, LineBlock, new_ack, new_line
 from moesif_beam.transforms.sources.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
 
 __all__ = [
@@ -330,8 +330,10 @@ class _ReadPartitionFn(beam.DoFn):
         poll_seconds: float,
         idle_lag: float,
         backlog_seconds: float | None = None,
+        blocks: bool = False,
     ) -> None:
         self._config = config
+        self._blocks = blocks
         self._poll_seconds = poll_seconds
         self._backlog_seconds = poll_seconds if backlog_seconds is None else backlog_seconds
         self._idle_lag = idle_lag
@@ -383,7 +385,23 @@ class _ReadPartitionFn(beam.DoFn):
                 tracker.try_claim(restriction.stop - 1)
                 return
             messages = consumer.consume(num_messages=_MAX_MESSAGES, timeout=0.2)
+            got = len(messages)
             caught_up = False
+            if self._blocks:
+                block, previous, caught_up, finished = _take_block(
+                    messages, tracker, name, previous, restriction.stop
+                )
+                if block.lines:
+                    # The block's time is its earliest record's: no record in it is
+                    # behind the watermark when it leaves.
+                    earliest = min(block.times_ms) / 1000
+                    current = watermark.current_watermark()
+                    if current is None or Timestamp.of(earliest) > current:
+                        watermark.set_watermark(Timestamp.of(earliest))
+                    yield TimestampedValue(block, earliest)
+                if finished:
+                    return
+                messages = []  # taken; what follows looks only at the consumer's state
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -409,7 +427,7 @@ class _ReadPartitionFn(beam.DoFn):
                 previous = offset
                 if offset == restriction.stop - 1:
                     return  # the range is done
-            if not messages or caught_up:
+            if not got or caught_up:
                 position = consumer.position([tp])[0].offset
                 if not unbounded and position >= restriction.stop:
                     # Only non-data offsets (transaction markers) are left in the range:
@@ -424,17 +442,61 @@ class _ReadPartitionFn(beam.DoFn):
                     if current is None or idle > current:
                         watermark.set_watermark(idle)
             if unbounded and time.monotonic() >= deadline:
-                if len(messages) == _MAX_MESSAGES and time.monotonic() < longest:
+                if got == _MAX_MESSAGES and time.monotonic() < longest:
                     # A backlog (the consumer had a full batch ready): the bundle goes on,
                     # up to backlog_seconds. Each bundle's end costs its partition about
                     # 0.4 s without reading (delivery of its last batches, the runner's
                     # rescheduling), measured as over a quarter of a one-second bundle.
                     continue
-                tracker.defer_remainder(Duration.of(0.2 if messages else 1.0))
+                tracker.defer_remainder(Duration.of(0.2 if got else 1.0))
                 # The residual starts right after the last claimed offset, where the
                 # consumer stands: the next bundle goes on without a new assignment.
                 slot.next_offset = previous + 1
                 return
+
+
+def _take_block(
+    messages: list[Any], tracker: Any, name: str, previous: int, stop: int
+) -> tuple[LineBlock, int, bool, bool]:
+    """A consumer batch's records as one block: ``(block, previous, caught_up, finished)``.
+
+    Each offset is claimed as in the per-record read; ``finished`` when a claim failed
+    (the range was split there) or the range's last offset is in the block.
+    """
+    from confluent_kafka import KafkaError  # noqa: PLC0415
+
+    lines: list[Line] = []
+    times_ms: list[int] = []
+    caught_up = False
+    finished = False
+    for message in messages:
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                caught_up = True
+                continue
+            msg = f"Kafka read of {name} failed: {error}"
+            raise RuntimeError(msg)
+        offset = message.offset()
+        if not tracker.try_claim(offset):
+            finished = True
+            break
+        kind, stamp = message.timestamp()
+        times_ms.append(stamp if kind and stamp >= 0 else int(time.time() * 1000))
+        lines.append(
+            new_line(
+                (
+                    message.value() or b"",
+                    f"{name}@{offset}",
+                    new_ack((name, offset, previous, 1, 0)),
+                )
+            )
+        )
+        previous = offset
+        if offset == stop - 1:
+            finished = True  # the range is done
+            break
+    return LineBlock(lines, times_ms), previous, caught_up, finished
 
 
 class _BoundedReadFn(_ReadPartitionFn):
@@ -509,7 +571,11 @@ class ReadKafka(beam.PTransform):
     topic during the run are discovered every ``config.discovery_interval`` seconds and read from
     their beginning. Elements carry Kafka's timestamps, and the watermark follows them,
     moving to "now minus ``idle_lag``" on a caught-up partition so an idle partition does
-    not stall the pipeline.
+    not stall the pipeline. A stream's bundle reads a partition for ``poll_seconds``, and
+    for up to ``backlog_seconds`` while the consumer keeps returning full batches. With
+    ``blocks``, each consumer batch (up to 1,000 messages) is one
+    :class:`~moesif_beam.transforms.records.LineBlock` element instead, timestamped with its
+    earliest message, the watermark following those times.
     """
 
     def __init__(
@@ -519,8 +585,11 @@ class ReadKafka(beam.PTransform):
         poll_seconds: float = 1.0,
         idle_lag: float = 2.0,
         backlog_seconds: float = 5.0,
+        *,
+        blocks: bool = False,
     ) -> None:
         super().__init__()
+        self._blocks = blocks
         if not 0 < poll_seconds <= backlog_seconds:
             msg = (
                 f"need 0 < poll_seconds <= backlog_seconds, "
@@ -555,7 +624,13 @@ class ReadKafka(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
             | "ReadPartition"
             >> beam.ParDo(
-                fn_class(self._config, self._poll_seconds, self._idle_lag, self._backlog_seconds)
+                fn_class(
+                    self._config,
+                    self._poll_seconds,
+                    self._idle_lag,
+                    self._backlog_seconds,
+                    blocks=self._blocks,
+                )
             )
         )
         return KafkaRead(records, partitions)

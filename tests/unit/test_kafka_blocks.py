@@ -1,0 +1,98 @@
+"""A Kafka consumer batch read as one block: the same claims, acks and stops as per message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from moesif_beam.transforms.records import Ack
+from moesif_beam.transforms.sources.kafka import _take_block
+
+
+class _Message:
+    def __init__(self, offset: int, value: bytes | None, stamp: int = 1_000, eof: bool = False):
+        self._offset, self._value, self._stamp, self._eof = offset, value, stamp, eof
+
+    def error(self) -> Any:
+        if not self._eof:
+            return None
+
+        class _Eof:
+            def code(self) -> int:
+                return KafkaError._PARTITION_EOF
+
+        return _Eof()
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._stamp)
+
+    def value(self) -> bytes | None:
+        return self._value
+
+
+class _Tracker:
+    """Claims offsets below ``split`` (where a runner split the range)."""
+
+    def __init__(self, split: int = 10**9) -> None:
+        self.split = split
+        self.claimed: list[int] = []
+
+    def try_claim(self, offset: int) -> bool:
+        if offset >= self.split:
+            return False
+        self.claimed.append(offset)
+        return True
+
+
+def test_a_block_holds_each_message_with_its_ack_and_time():
+    messages = [_Message(5, b"a", 1_000), _Message(7, None, 2_000), _Message(8, b"c", 1_500)]
+    tracker = _Tracker()
+    block, previous, caught_up, finished = _take_block(messages, tracker, "t/0", 4, 100)
+    assert [line.raw for line in block.lines] == [b"a", b"", b"c"]
+    assert [line.source for line in block.lines] == ["t/0@5", "t/0@7", "t/0@8"]
+    # Each ack says everything since the previous message is done (gaps: compacted topics).
+    assert [line.ack for line in block.lines] == [
+        Ack("t/0", 5, 4),
+        Ack("t/0", 7, 5),
+        Ack("t/0", 8, 7),
+    ]
+    assert all(line.ack.parts == 1 and line.ack.part == 0 for line in block.lines)
+    assert block.times_ms == [1_000, 2_000, 1_500]
+    assert (previous, caught_up, finished) == (8, False, False)
+    assert tracker.claimed == [5, 7, 8]
+
+
+def test_a_block_stops_where_the_range_was_split_or_ends():
+    messages = [_Message(offset, b"x") for offset in range(10, 20)]
+    block, previous, _, finished = _take_block(messages, _Tracker(split=14), "t/0", 9, 100)
+    assert [line.ack.offset for line in block.lines] == [10, 11, 12, 13]
+    assert (previous, finished) == (13, True)
+    block, previous, _, finished = _take_block(messages, _Tracker(), "t/0", 9, 16)
+    assert [line.ack.offset for line in block.lines] == [10, 11, 12, 13, 14, 15]
+    assert (previous, finished) == (15, True)
+
+
+def test_end_of_partition_is_noted_and_an_error_raises():
+    block, _, caught_up, _ = _take_block(
+        [_Message(0, b"x"), _Message(1, None, eof=True)], _Tracker(), "t/0", -1, 100
+    )
+    assert len(block.lines) == 1 and caught_up
+
+    class _Broken(_Message):
+        def error(self) -> Any:
+            class _Err:
+                def code(self) -> int:
+                    return -1
+
+                def __str__(self) -> str:
+                    return "broker gone"
+
+            return _Err()
+
+    with pytest.raises(RuntimeError, match="broker gone"):
+        _take_block([_Broken(0, b"x")], _Tracker(), "t/0", -1, 100)
