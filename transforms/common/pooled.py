@@ -20,6 +20,11 @@ delivering. What the stage guarantees is unchanged:
 Only for DoFns whose ``process`` is a function of the element alone (no state, timers or
 side inputs). A chunk is a bundle to the wrapped DoFn: what its ``finish_bundle`` emits
 (windowed values, as Beam requires there) leaves after the chunk's outputs.
+
+:class:`InProcesses` is the composite: the pooled DoFn, then later stages run here on its
+outputs by direct calls (no runner hand-off per record), and optionally blocks of
+elements as input (a Kafka consumer batch), each element at its own time. A worker
+process also ends by itself once the process that started its pool is gone.
 """
 
 from __future__ import annotations
