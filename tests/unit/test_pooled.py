@@ -197,7 +197,8 @@ def test_normalize_refuses_negative_processes():
 
 
 _ORPHANING = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a draining stream takes its Ctrl-C
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from moesif_beam.transforms.common import pooled
@@ -223,7 +224,7 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
 
 
-def test_workers_end_when_the_stage_process_is_killed_outright():
+def test_workers_outlive_a_ctrl_c_and_end_when_the_stage_process_is_killed_outright():
     import signal
     import subprocess
     import sys
@@ -231,11 +232,19 @@ def test_workers_end_when_the_stage_process_is_killed_outright():
 
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        [sys.executable, "-c", _ORPHANING], cwd=repo, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _ORPHANING],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal gives a command
     )
     try:
         workers = [int(pid) for pid in proc.stdout.readline().split()]
         assert len(workers) == 2
+        assert all(_alive(pid) for pid in workers)
+        # Ctrl-C goes to the terminal's process group: the stage's, not its workers'.
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.5)
         assert all(_alive(pid) for pid in workers)
     finally:
         proc.send_signal(signal.SIGKILL)

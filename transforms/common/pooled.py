@@ -14,8 +14,9 @@ delivering. What the stage guarantees is unchanged:
 - every element handed to the stage in a bundle has left it, with all its outputs, when
   the bundle finishes: nothing is held across bundles, so a checkpoint or an offset
   commit after the bundle covers it;
-- a worker process that dies fails the bundle (the runner retries it, and a Kafka stream
-  commits nothing for it), and the next bundle starts a new pool.
+- a worker process that dies, or work that raises in one, fails the bundle: on Prism
+  the job then fails, and a Kafka stream, which committed nothing for the bundle, reads
+  it again when restarted; the next bundle starts a new pool if one died.
 
 Only for DoFns whose ``process`` is a function of the element alone (no state, timers or
 side inputs). A chunk is a bundle to the wrapped DoFn: what its ``finish_bundle`` emits
@@ -39,6 +40,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import apache_beam as beam
@@ -121,6 +123,10 @@ def _exit_with(stage_pid: int) -> None:
 
 
 def _start_worker(pickled_fn: bytes, wire: type[Wire], stage_pid: int) -> None:
+    # Out of the terminal's process group: a Ctrl-C (or a TERM sent to the group) is for
+    # the stage's process, which drains and then ends its pool; a worker that took it
+    # would break the pool and fail the drain's bundles instead.
+    os.setpgrp()
     threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
     # This process's counts go back to the stage with each chunk; it must not also
     # publish them as a local run's worker would (worker_tallies), or they count twice.
@@ -140,6 +146,8 @@ def _start_worker(pickled_fn: bytes, wire: type[Wire], stage_pid: int) -> None:
 def _run_chunk(payload: Any) -> tuple[Any, list[Any], dict[str, int]]:
     """Each element's outputs in order, what ``finish_bundle`` emitted, and the counts."""
     fn = _Worker.fn
+    for tally in _Worker.tallies.values():
+        tally.count = 0  # what a failed chunk counted is not this one's
     elements = _Worker.wire.in_worker(payload)
     # A chunk is a bundle to the DoFn: what it gathers per bundle, it emits per chunk.
     fn.start_bundle()
@@ -291,8 +299,8 @@ class _PooledFn(beam.DoFn):
             return pool
 
     def start_bundle(self) -> None:
-        if self._pool is None:
-            self._pool = self._shared_pool()
+        # Looked up every bundle: another instance may have replaced a broken pool.
+        self._pool = self._shared_pool()
         self._elements: list[Any] = []
         self._metas: list[tuple[Any, Any]] = []
         # (future, the chunk's (timestamp, window) pairs, its elements), oldest first
@@ -323,7 +331,7 @@ class _PooledFn(beam.DoFn):
         elif count % _LOOK_EVERY or not pending:
             return ()
         outputs: list[Any] = []
-        # Bounded: two chunks a worker in flight, then this process waits for the oldest.
+        # Bounded: over two chunks a worker in flight, this process waits for the oldest.
         if len(pending) > 2 * self._processes:
             outputs = self._emit(pending.popleft())
         # What is back already leaves now, not when the next chunk fills.
@@ -336,12 +344,8 @@ class _PooledFn(beam.DoFn):
             self._submit()
         outputs: list[Any] = []
         pending = self._pending
-        try:
-            while pending:
-                outputs.extend(self._emit(pending.popleft()))
-        except BaseException:
-            self._drop_pool()
-            raise
+        while pending:
+            outputs.extend(self._emit(pending.popleft()))
         # Then the later stages finish, in order; what one emits goes through the next.
         for index, stage in enumerate(self._then):
             for output in stage.finish_bundle() or ():
@@ -353,16 +357,18 @@ class _PooledFn(beam.DoFn):
 
     def teardown(self) -> None:
         self._pool = None
-        for stage in reversed(self._then):
-            stage.teardown()
-        with _POOLS_LOCK:
-            _USERS[self._key] -= 1
-            if _USERS[self._key] > 0:
-                return
-            del _USERS[self._key]
-            pool = _POOLS.pop(self._key, None)
-        if pool is not None:
-            pool.shutdown(wait=True)
+        try:
+            for stage in reversed(self._then):
+                stage.teardown()
+        finally:
+            with _POOLS_LOCK:
+                _USERS[self._key] -= 1
+                last = _USERS[self._key] <= 0
+                if last:
+                    del _USERS[self._key]
+                pool = _POOLS.pop(self._key, None) if last else None
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def _submit(self) -> None:
         self._submit_chunk(self._elements, self._metas)
@@ -378,8 +384,16 @@ class _PooledFn(beam.DoFn):
         future, metas, elements = done
         try:
             payload, finished, counts = future.result()
-        except BaseException:
+        except BrokenProcessPool:
+            # A worker died: the pool is of no more use to anyone; the next bundle (of
+            # any instance) starts a new one.
+            self._cancel_pending()
             self._drop_pool()
+            raise
+        except BaseException:
+            # The work raised in a worker (or this bundle was abandoned): the pool is
+            # sound, but this bundle's other chunks are not wanted.
+            self._cancel_pending()
             raise
         results = self._wire.restore(payload, elements)
         for name, count in counts.items():
@@ -426,6 +440,11 @@ class _PooledFn(beam.DoFn):
             else:
                 self._push(index + 1, result, timestamp, windows, out)
 
+    def _cancel_pending(self) -> None:
+        for future, _, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+
     def _drop_pool(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
@@ -433,7 +452,7 @@ class _PooledFn(beam.DoFn):
         with _POOLS_LOCK:
             if _POOLS.get(self._key) is pool:
                 del _POOLS[self._key]
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)
 
 
 class _PooledBlocksFn(_PooledFn):
@@ -453,7 +472,7 @@ class _PooledBlocksFn(_PooledFn):
             self._submit_chunk(elements[start : start + chunk], metas[start : start + chunk])
         pending = self._pending
         outputs: list[Any] = []
-        # Bounded: two chunks a worker in flight, then this process waits for the oldest.
+        # Bounded: over two chunks a worker in flight, this process waits for the oldest.
         while len(pending) > 2 * self._processes:
             outputs.extend(self._emit(pending.popleft()))
         while pending and pending[0][0].done():

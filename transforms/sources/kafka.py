@@ -392,8 +392,8 @@ class _ReadPartitionFn(beam.DoFn):
                     messages, tracker, name, previous, restriction.stop
                 )
                 if block.lines:
-                    # The block's time is its earliest record's: no record in it is
-                    # behind the watermark when it leaves.
+                    # The block's time is its earliest record's, and the watermark goes no
+                    # further: the block does not move it past any record in it.
                     earliest = min(block.times_ms) / 1000
                     current = watermark.current_watermark()
                     if current is None or Timestamp.of(earliest) > current:
