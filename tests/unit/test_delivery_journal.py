@@ -76,9 +76,7 @@ def test_ids_a_ttl_older_than_now_are_forgotten(tmp_path):
     assert journal.read() == {"new": T0}
 
 
-def test_compaction_merges_into_one_file_and_drops_the_expired_and_the_torn(
-    tmp_path, monkeypatch
-):
+def test_compaction_merges_into_one_file_and_drops_the_expired_and_the_torn(tmp_path, monkeypatch):
     # The journal's clock held just after T0: in a full run this test starts seconds after
     # T0 was taken, and id-5 (50 s old at T0) would expire on the way.
     monkeypatch.setattr("moesif_beam.transforms.delivery.journal._now_ms", lambda: T0 + 1)
