@@ -258,6 +258,8 @@ _POOLS_LOCK = threading.Lock()
 
 
 class _PooledFn(beam.DoFn):
+    """The stage's DoFn in a shared pool, later stages here (see :class:`InProcesses`)."""
+
     def __init__(
         self,
         fn: beam.DoFn,
