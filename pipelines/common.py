@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -242,10 +242,10 @@ def _build_streaming(
     pipeline = beam.Pipeline(options=options)
     rejects = DeadLetters()
     if config.single_process and config.parse_processes:
-        checked, acks, read = _parse_apart(pipeline, config, stored_schema, rejects)
+        new_fields, acks, read = _parse_apart(pipeline, config, stored_schema, rejects)
     else:
-        checked, acks, read = _in_stages(pipeline, config, stored_schema, rejects)
-    _ = checked.new_fields | "PersistSchema" >> PersistSchemaInStream(
+        new_fields, acks, read = _in_stages(pipeline, config, stored_schema, rejects)
+    _ = new_fields | "PersistSchema" >> PersistSchemaInStream(
         config.schema_store_path, config.schema_scope
     )
     dead_acks = rejects.write(
@@ -261,16 +261,12 @@ def _build_streaming(
     return pipeline
 
 
-class _Checked(NamedTuple):
-    new_fields: beam.PCollection
-
-
 def _parse_apart(
     pipeline: beam.Pipeline,
     config: PipelineConfig,
     stored_schema: Mapping[str, str],
     rejects: DeadLetters,
-) -> tuple[_Checked, tuple[beam.PCollection, ...], Any]:
+) -> tuple[beam.PCollection, tuple[beam.PCollection, ...], Any]:
     """The fused stream with parsing in worker processes: one step from lines to delivery.
 
     Parsing and mapping run in ``config.parse_processes`` workers; dedup, the type rule
@@ -293,7 +289,7 @@ def _parse_apart(
         blocks=config.kafka is not None,
     )
     rejects.add(out[DEAD_LETTER])
-    return _Checked(out[NEW_FIELDS]), (out[ACKS],), read
+    return out[NEW_FIELDS], (out[ACKS],), read
 
 
 def _dedup_and_check(
@@ -321,7 +317,7 @@ def _in_stages(
     config: PipelineConfig,
     stored_schema: Mapping[str, str],
     rejects: DeadLetters,
-) -> tuple[Any, tuple[beam.PCollection, ...], Any]:
+) -> tuple[beam.PCollection, tuple[beam.PCollection, ...], Any]:
     """The stream as separate steps: fused in one process, or keyed on a cluster."""
     normalized, read = read_and_normalize(
         pipeline, config, rejects, inline_signatures=config.single_process
@@ -347,7 +343,7 @@ def _in_stages(
     rejects.add(checked.dead_letters)
     delivered = checked.records | "Deliver" >> _deliver(config)
     rejects.add(delivered.dead_letters)
-    return checked, (duplicate_acks, delivered.acks), read
+    return checked.new_fields, (duplicate_acks, delivered.acks), read
 
 
 def _sink(config: PipelineConfig) -> PostToMoesif | WriteBatchFiles:

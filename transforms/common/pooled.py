@@ -49,6 +49,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.fused import _BEAM_PARAM
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
 
 __all__ = ["CHUNK", "InProcesses", "Wire", "in_processes"]
@@ -246,10 +247,6 @@ class InProcesses(beam.PTransform):
         return pcoll | beam.ParDo(self._fn).with_outputs(*self._tags, main="main")
 
 
-# The class of DoFn.WindowParam, TimestampParam, StateParam...: what only a runner fills in.
-_BEAM_PARAM = type(beam.DoFn.WindowParam)
-
-
 # The worker pools of this process, by stage, shared by the DoFn's instances that are set
 # up (how many): the last one's teardown shuts its pool down.
 _POOLS: dict[str, ProcessPoolExecutor] = {}
@@ -332,10 +329,15 @@ class _PooledFn(beam.DoFn):
             self._submit()
         elif count % _LOOK_EVERY or not pending:
             return ()
+        return self._ready()
+
+    def _ready(self) -> list[Any]:
+        """The outputs of the chunks that are back, oldest first; waits while too many are out."""
+        pending = self._pending
         outputs: list[Any] = []
         # Bounded: over two chunks a worker in flight, this process waits for the oldest.
-        if len(pending) > 2 * self._processes:
-            outputs = self._emit(pending.popleft())
+        while len(pending) > 2 * self._processes:
+            outputs.extend(self._emit(pending.popleft()))
         # What is back already leaves now, not when the next chunk fills.
         while pending and pending[0][0].done():
             outputs.extend(self._emit(pending.popleft()))
@@ -472,11 +474,4 @@ class _PooledBlocksFn(_PooledFn):
         chunk = self._chunk
         for start in range(0, len(elements), chunk):
             self._submit_chunk(elements[start : start + chunk], metas[start : start + chunk])
-        pending = self._pending
-        outputs: list[Any] = []
-        # Bounded: over two chunks a worker in flight, this process waits for the oldest.
-        while len(pending) > 2 * self._processes:
-            outputs.extend(self._emit(pending.popleft()))
-        while pending and pending[0][0].done():
-            outputs.extend(self._emit(pending.popleft()))
-        return outputs
+        return self._ready()

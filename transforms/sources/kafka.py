@@ -360,7 +360,7 @@ class _ReadPartitionFn(beam.DoFn):
         tracker: Any,  # Beam's thread-safe wrapper of OffsetRestrictionTracker
         watermark: ManualWatermarkEstimator,
     ) -> Iterator[Any]:
-        from confluent_kafka import Consumer, KafkaError, TopicPartition  # noqa: PLC0415
+        from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
 
         restriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
@@ -401,32 +401,30 @@ class _ReadPartitionFn(beam.DoFn):
                     yield TimestampedValue(block, earliest)
                 if finished:
                     return
-                messages = []  # taken; what follows looks only at the consumer's state
-            for message in messages:
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
+            else:
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        _end_of_partition(error, name)
                         caught_up = True
                         continue
-                    msg = f"Kafka read of {name} failed: {error}"
-                    raise RuntimeError(msg)
-                offset = message.offset()
-                if not tracker.try_claim(offset):
-                    return
-                kind, stamp = message.timestamp()
-                seconds = stamp / 1000 if kind and stamp >= 0 else time.time()
-                event_time = Timestamp.of(seconds)
-                if watermark.current_watermark() is None or event_time > (
-                    watermark.current_watermark()
-                ):
-                    watermark.set_watermark(event_time)
-                value = message.value() or b""
-                yield TimestampedValue(
-                    Line(value, f"{name}@{offset}", Ack(name, offset, previous)), seconds
-                )
-                previous = offset
-                if offset == restriction.stop - 1:
-                    return  # the range is done
+                    offset = message.offset()
+                    if not tracker.try_claim(offset):
+                        return
+                    kind, stamp = message.timestamp()
+                    seconds = stamp / 1000 if kind and stamp >= 0 else time.time()
+                    event_time = Timestamp.of(seconds)
+                    if watermark.current_watermark() is None or event_time > (
+                        watermark.current_watermark()
+                    ):
+                        watermark.set_watermark(event_time)
+                    value = message.value() or b""
+                    yield TimestampedValue(
+                        Line(value, f"{name}@{offset}", Ack(name, offset, previous)), seconds
+                    )
+                    previous = offset
+                    if offset == restriction.stop - 1:
+                        return  # the range is done
             if not got or caught_up:
                 position = consumer.position([tp])[0].offset
                 if not unbounded and position >= restriction.stop:
@@ -455,6 +453,15 @@ class _ReadPartitionFn(beam.DoFn):
                 return
 
 
+def _end_of_partition(error: Any, name: str) -> None:
+    """Return if a message's ``error`` only marks the partition's end; raise otherwise."""
+    from confluent_kafka import KafkaError  # noqa: PLC0415
+
+    if error.code() != KafkaError._PARTITION_EOF:
+        msg = f"Kafka read of {name} failed: {error}"
+        raise RuntimeError(msg)
+
+
 def _take_block(
     messages: list[Any], tracker: Any, name: str, previous: int, stop: int
 ) -> tuple[LineBlock, int, bool, bool]:
@@ -463,8 +470,6 @@ def _take_block(
     Each offset is claimed as in the per-record read; ``finished`` when a claim failed
     (the range was split there) or the range's last offset is in the block.
     """
-    from confluent_kafka import KafkaError  # noqa: PLC0415
-
     lines: list[Line] = []
     times_ms: list[int] = []
     caught_up = False
@@ -472,11 +477,9 @@ def _take_block(
     for message in messages:
         error = message.error()
         if error is not None:
-            if error.code() == KafkaError._PARTITION_EOF:
-                caught_up = True
-                continue
-            msg = f"Kafka read of {name} failed: {error}"
-            raise RuntimeError(msg)
+            _end_of_partition(error, name)
+            caught_up = True
+            continue
         offset = message.offset()
         if not tracker.try_claim(offset):
             finished = True
