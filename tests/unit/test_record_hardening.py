@@ -27,7 +27,7 @@ from moesif_beam.transforms.formats.normalize import (
     NormalizeRecords,
     _NormalizeFn,
 )
-from moesif_beam.transforms.records import Line
+from moesif_beam.transforms.records import Ack, Line, Record, RecordCoder
 from moesif_beam.transforms.schema import signature
 from moesif_beam.transforms.schema.keys import MAX_DEPTH, sanitize_keys
 from tests.unit.gateway_examples import EXAMPLES
@@ -318,3 +318,12 @@ def _assert_finite(value: Any) -> None:
     elif isinstance(value, list):
         for item in value:
             _assert_finite(item)
+
+
+@pytest.mark.parametrize("source", ["events.jsonl:3", "évé.jsonl:3", "f\udcff\udcfe.jsonl:7"])
+def test_the_record_coder_keeps_any_source(source):
+    """A non-UTF-8 file name (decoded with surrogate escapes) crosses a shuffle unchanged."""
+    coder = RecordCoder()
+    record = Record(5, b"{}", b"raw", source, b"id", (), Ack("t-0", 9, 8, 1, 0))
+    assert coder.decode(coder.encode(record)) == record
+    assert coder.decode(coder.encode(record._replace(ack=None))) == record._replace(ack=None)

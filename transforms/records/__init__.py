@@ -213,12 +213,20 @@ class RecordCoder(coders.Coder):
 
     def encode(self, value: Record) -> bytes:
         ack = value.ack
+        source: str | bytes = value.source
+        if not source.isascii():
+            # A file name that is not UTF-8 was decoded with surrogate escapes, which the
+            # fast coder's strict UTF-8 refuses: such a source travels as its bytes.
+            try:
+                source.encode("utf-8")
+            except UnicodeEncodeError:
+                source = source.encode("utf-8", "surrogateescape")
         return self._fast.encode(
             (
                 value.time_ms,
                 value.body,
                 value.raw,
-                value.source,
+                source,
                 value.sig_id,
                 value.signature,
                 None
@@ -229,6 +237,8 @@ class RecordCoder(coders.Coder):
 
     def decode(self, encoded: bytes) -> Record:
         time_ms, body, raw, source, sig_id, signature, ack = self._fast.decode(encoded)
+        if type(source) is bytes:
+            source = source.decode("utf-8", "surrogateescape")
         return Record(
             time_ms, body, raw, source, sig_id, signature, None if ack is None else Ack(*ack)
         )
