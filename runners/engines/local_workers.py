@@ -23,7 +23,6 @@ and writes its final counts before it reports its exit code.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from apache_beam.runners.worker import sdk_worker_main
 from apache_beam.transforms import environments
 
 from moesif_beam.runners.engines.run_state import make_temp_dir
+from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.worker_tallies import (
     publish_from_this_worker,
     stop_publishing,
@@ -224,24 +224,6 @@ def _reap() -> None:
             pass
 
 
-# Records are parsed into many small objects that die young, so the young generation
-# filled and was collected about a thousand times per worker per million events, and each
-# full collection walked everything the launcher had imported (Beam, gRPC): measured,
-# 0.75 s of a worker's 38 s. A worker now freezes what the fork gave it (garbage included,
-# never collected: whatever the launcher had not yet collected when it forked, a one-off)
-# and collects after 50,000 new objects instead of 700; a garbage cycle made in the
-# worker is freed later than before, not kept. Freezing in the worker, not once in the
-# fork server after a gc.collect(), measured 375-379 MiB peak PSS at 1M against 396-416:
-# the fork server's collection wrote to pages the workers would otherwise have shared.
-_YOUNG_THRESHOLD = 50_000
-
-
-def _collect_garbage_less_often() -> None:
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(_YOUNG_THRESHOLD, older, oldest)
-
-
 def _run_worker(conn: socket.socket, env: dict[str, str]) -> None:
     """Run Beam's SDK harness in this (forked) process; report its exit code; never return."""
     code = 1
@@ -253,7 +235,10 @@ def _run_worker(conn: socket.socket, env: dict[str, str]) -> None:
         for handler in list(root.handlers):
             root.removeHandler(handler)
         publish_from_this_worker()
-        _collect_garbage_less_often()
+        # In the worker, not once in the fork server after a gc.collect(): measured
+        # 375-379 MiB peak PSS at 1M against 396-416, the fork server's collection wrote
+        # to pages the workers would otherwise have shared.
+        collect_garbage_less_often()
         sdk_worker_main.main([])
         code = 0
     except BaseException:  # reported through the exit code, as a worker process would

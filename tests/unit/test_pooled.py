@@ -16,6 +16,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from moesif_beam.transforms.common import pooled
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.garbage import YOUNG_THRESHOLD
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD
 from moesif_beam.transforms.formats.normalize import NormalizeRecords, _NormalizeWire
 from moesif_beam.transforms.records import Ack, Line
@@ -183,6 +184,32 @@ def test_counts_once_and_keeps_the_order_through_a_pool():
     assert _Arrivals.seen == words
     # Counted in the workers, added here once: not also published by the workers.
     assert counters["pooled_test_seen"] == len(words)
+
+
+class _Threshold(beam.DoFn):
+    """The young generation's threshold of the process it runs in."""
+
+    def __init__(self) -> None:
+        self._stage_pid = os.getpid()
+
+    def process(self, element: str) -> Iterator[tuple[str, int, bool]]:
+        import gc  # noqa: PLC0415
+
+        yield element, gc.get_threshold()[0], os.getpid() == self._stage_pid
+
+
+def test_workers_collect_garbage_less_often():
+    p = make_pipeline()
+    _ = (
+        p
+        | beam.Create(["a", "b"], reshuffle=False)
+        | beam.ParDo(pooled.in_processes(_Threshold(), 1, chunk=1))
+        | beam.ParDo(_Arrivals())
+    )
+    _Arrivals.seen = []
+    run(p)
+    assert [(word, here) for word, _, here in _Arrivals.seen] == [("a", False), ("b", False)]
+    assert {threshold for _, threshold, _ in _Arrivals.seen} == {YOUNG_THRESHOLD}
 
 
 @pytest.mark.parametrize(("processes", "chunk"), [(0, 10), (1, 0), (-1, 5)])

@@ -21,6 +21,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.typehints.decorators import no_annotations
 from apache_beam.utils.windowed_value import WindowedValue
 
+from moesif_beam.transforms.common.garbage import collect_garbage_less_often
+
 __all__ = ["Fused"]
 
 # The class of DoFn.WindowParam, TimestampParam, StateParam...: what only a runner fills in.
@@ -74,6 +76,7 @@ class _ChainFn(beam.DoFn):
         self._tags = frozenset(tags)
 
     def setup(self) -> None:
+        collect_garbage_less_often()  # see transforms/common/garbage.py
         for stage in self._stages:
             stage.setup()
 

@@ -50,6 +50,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.fused import _BEAM_PARAM
+from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
 
 __all__ = ["CHUNK", "InProcesses", "Wire", "in_processes"]
@@ -132,6 +133,7 @@ def _start_worker(pickled_fn: bytes, wire: type[Wire], stage_pid: int) -> None:
     # This process's counts go back to the stage with each chunk; it must not also
     # publish them as a local run's worker would (worker_tallies), or they count twice.
     os.environ.pop(TALLY_DIR_ENV, None)
+    collect_garbage_less_often()
     # The stage's own DoFn, pickled by the stage that started this process.
     fn = pickle.loads(pickled_fn)  # noqa: S301
     for attribute, value in list(vars(fn).items()):
@@ -275,6 +277,9 @@ class _PooledFn(beam.DoFn):
         self._timed = [_takes_timestamp(stage) for stage in self._then]
 
     def setup(self) -> None:
+        # The stage's process unpickles every record its workers send back: with the
+        # default thresholds, garbage collection was 30% of its time (docs/performance.md).
+        collect_garbage_less_often()
         self._counters: dict[str, Any] = {}
         self._pool: ProcessPoolExecutor | None = None
         with _POOLS_LOCK:

@@ -31,6 +31,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.timefmt import parse_time_ms
 from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.records import Ack, Line, LineBlock, new_ack, new_line
@@ -341,6 +342,7 @@ class _ReadPartitionFn(beam.DoFn):
         self._stage_id = uuid.uuid4().hex
 
     def setup(self) -> None:
+        collect_garbage_less_often()  # a stream's process: see transforms/common/garbage.py
         self._consumers = worker_memory(f"{self._stage_id}/consumers", _PartitionConsumers)
 
     def teardown(self) -> None:
@@ -467,13 +469,19 @@ def _take_block(
 ) -> tuple[LineBlock, int, bool, bool]:
     """A consumer batch's records as one block: ``(block, previous, caught_up, finished)``.
 
-    Each offset is claimed as in the per-record read; ``finished`` when a claim failed
-    (the range was split there) or the range's last offset is in the block.
+    The block's offsets are claimed at once, by claiming its last one: a claim covers
+    every offset before it, as in the per-record read, which claimed each in turn (a
+    tenth of the stream's time). ``finished`` when the range was split inside the block
+    or its last offset is in it.
     """
     lines: list[Line] = []
     times_ms: list[int] = []
     caught_up = False
     finished = False
+    # Where the range ends now: a runner's split may have moved it below ``stop``.
+    bound = min(stop, tracker.current_restriction().stop)
+    before = previous
+    now_ms = 0
     for message in messages:
         error = message.error()
         if error is not None:
@@ -481,11 +489,14 @@ def _take_block(
             caught_up = True
             continue
         offset = message.offset()
-        if not tracker.try_claim(offset):
+        if offset >= bound:
             finished = True
             break
         kind, stamp = message.timestamp()
-        times_ms.append(stamp if kind and stamp >= 0 else int(time.time() * 1000))
+        if not kind or stamp < 0:
+            now_ms = now_ms or int(time.time() * 1000)
+            stamp = now_ms
+        times_ms.append(stamp)
         lines.append(
             new_line(
                 (
@@ -496,9 +507,19 @@ def _take_block(
             )
         )
         previous = offset
-        if offset == stop - 1:
+        if offset == bound - 1:
             finished = True  # the range is done
             break
+    if lines and not tracker.try_claim(previous):
+        # The runner split the range after ``bound`` was read. Its split point is above
+        # every offset claimed before this block, and the offsets below it are still this
+        # range's, which nobody else will read: they are kept, the rest left to the
+        # residual, and this range is done.
+        bound = tracker.current_restriction().stop
+        keep = sum(1 for line in lines if line.ack.offset < bound)
+        del lines[keep:], times_ms[keep:]
+        previous = lines[-1].ack.offset if lines else before
+        finished = True
     return LineBlock(lines, times_ms), previous, caught_up, finished
 
 
