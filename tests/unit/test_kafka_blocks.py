@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError
-
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.runners.sdf_utils import ThreadsafeRestrictionTracker
+from confluent_kafka import KafkaError
 
 from moesif_beam.transforms.records import Ack
 from moesif_beam.transforms.sources.kafka import _take_block

@@ -193,7 +193,7 @@ class _Threshold(beam.DoFn):
         self._stage_pid = os.getpid()
 
     def process(self, element: str) -> Iterator[tuple[str, int, bool]]:
-        import gc  # noqa: PLC0415
+        import gc
 
         yield element, gc.get_threshold()[0], os.getpid() == self._stage_pid
 

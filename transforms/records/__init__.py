@@ -214,13 +214,13 @@ class RecordCoder(coders.Coder):
     def encode(self, value: Record) -> bytes:
         ack = value.ack
         source: str | bytes = value.source
-        if not source.isascii():
+        if not value.source.isascii():
             # A file name that is not UTF-8 was decoded with surrogate escapes, which the
             # fast coder's strict UTF-8 refuses: such a source travels as its bytes.
             try:
-                source.encode("utf-8")
+                value.source.encode("utf-8")
             except UnicodeEncodeError:
-                source = source.encode("utf-8", "surrogateescape")
+                source = value.source.encode("utf-8", "surrogateescape")
         return self._fast.encode(
             (
                 value.time_ms,

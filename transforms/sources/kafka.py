@@ -14,6 +14,7 @@ The reader never commits offsets itself: reading is not delivering.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -476,6 +477,7 @@ def _take_block(
     """
     lines: list[Line] = []
     times_ms: list[int] = []
+    offsets: list[int] = []
     caught_up = False
     finished = False
     # Where the range ends now: a runner's split may have moved it below ``stop``.
@@ -497,6 +499,7 @@ def _take_block(
             now_ms = now_ms or int(time.time() * 1000)
             stamp = now_ms
         times_ms.append(stamp)
+        offsets.append(offset)
         lines.append(
             new_line(
                 (
@@ -516,9 +519,9 @@ def _take_block(
         # range's, which nobody else will read: they are kept, the rest left to the
         # residual, and this range is done.
         bound = tracker.current_restriction().stop
-        keep = sum(1 for line in lines if line.ack.offset < bound)
+        keep = bisect.bisect_left(offsets, bound)
         del lines[keep:], times_ms[keep:]
-        previous = lines[-1].ack.offset if lines else before
+        previous = offsets[keep - 1] if keep else before
         finished = True
     return LineBlock(lines, times_ms), previous, caught_up, finished
 
