@@ -7,7 +7,10 @@ unbounded, on its default streaming runner (Prism), twice:
 
 1. sustained throughput: ``--backlog`` events are produced before the pipeline starts; the
    rate is measured while the collector's count goes from 10% to 90% of them, so start-up
-   and the last partial batches are left out;
+   and the last partial batches are left out. Before it, the reference loop of
+   ``events_throughput.py`` (one core, the same mapping) sends the same events from a file
+   to the same collector, measured the same way, and the ratio is printed
+   (``--no_reference`` skips it);
 2. latency: ``--rate`` events/s for ``--seconds``, each stamped with the wall clock as it is
    produced (its ``requestTimestamp``, which becomes the Moesif ``request.time``). The
    collector reports how long after that time each event arrived; a warm-up phase comes
@@ -20,6 +23,7 @@ event produced reached the collector.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -42,6 +46,7 @@ from benchmarks._support import (  # noqa: E402
     collector_stats,
     reset_collector,
     start_collector,
+    tree_memory,
 )
 from moesif_beam.runners.emulators.kafka_local import KafkaConfig, LocalKafka, create_topic  # noqa: E402
 from samples.generate_wso2 import generate  # noqa: E402
@@ -132,13 +137,76 @@ def stored(url: str) -> int:
     return int(collector_stats(url)["items_stored"]["events"])
 
 
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds so far of ``pid`` and each of its descendants, by pid."""
+    cpu: dict[int, float] = {}
+    tree_memory(pid, cpu)
+    return cpu
+
+
+def rate_10_to_90(url: str, total: int, proc: subprocess.Popen) -> tuple[float, float, float]:
+    """Seconds, events/s and CPU µs an event of ``proc``'s process tree, from 10% to 90%.
+
+    The same measure for the pipeline and the reference loop: start-up and the last
+    partial batches are left out of both. The CPU is the tree's own (a pipeline's
+    workers and runner included; not the collector's or the broker's).
+    """
+
+    def stored_or_exited(share: float) -> Callable[[], bool]:
+        def check() -> bool:
+            if proc.poll() not in (None, 0):
+                sys.exit(f"exited with {proc.returncode} before {share:.0%} was delivered")
+            return stored(url) >= int(share * total)
+
+        return check
+
+    t_low = wait_for(stored_or_exited(0.1), 600, "the first 10% of the backlog")
+    cpu_low = tree_cpu(proc.pid)
+    t_high = wait_for(stored_or_exited(0.9), 1800, "90% of the backlog")
+    cpu_high = tree_cpu(proc.pid)
+    used = sum(seconds - cpu_low.get(pid, 0.0) for pid, seconds in cpu_high.items())
+    low, high = int(0.1 * total), int(0.9 * total)
+    return t_high - t_low, (high - low) / (t_high - t_low), used / (high - low) * 1e6
+
+
+def reference_loop(path: Path, url: str, total: int) -> dict:
+    """The reference loop of ``events_throughput.py`` on the backlog's own events, from a file.
+
+    It reads, parses, maps, deduplicates, batches (500), gzips and POSTs on one core, with
+    the pipeline's own mapping, to the same collector.
+    """
+    reset_collector(url)
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "events_throughput.py"),
+        "--reference_only",
+        "--input",
+        str(path),
+        "--url",
+        url,
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seconds, rate, cpu_us = rate_10_to_90(url, total, proc)
+    out, _ = proc.communicate()
+    counts = json.loads(out.decode().strip().splitlines()[-1])
+    return {
+        "seconds_10_to_90": seconds,
+        "events_per_s": rate,
+        "cpu_us": cpu_us,
+        "sent": counts["sent"],
+    }
+
+
 def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse.Namespace) -> dict:
     topic = f"bench-backlog-{os.getpid()}"
     create_topic(bootstrap, topic, args.partitions)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     events = templates(backlog)
+    # The same bytes go to the reference loop's file.
+    copy = (work / "backlog.jsonl").open("wb", buffering=1 << 20)
     for template in events:
         value = stamp(template)
+        copy.write(value + b"\n")
         while True:
             try:
                 producer.produce(topic, value)
@@ -147,21 +215,25 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
                 producer.poll(0.5)
         producer.poll(0)
     producer.flush(300)
+    copy.close()
+    reference = None
+    if args.reference:
+        reference = reference_loop(work / "backlog.jsonl", url, len(events))
     reset_collector(url)
     proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
     try:
-        low, high = int(0.1 * len(events)), int(0.9 * len(events))
-        t_low = wait_for(lambda: stored(url) >= low, 600, "the first 10% of the backlog")
-        t_high = wait_for(lambda: stored(url) >= high, 1800, "90% of the backlog")
+        seconds, rate, cpu_us = rate_10_to_90(url, len(events), proc)
         wait_for(lambda: stored(url) >= len(events), 300, "the whole backlog")
     finally:
         code = stop_pipeline(proc)
     return {
         "events": len(events),
-        "seconds_10_to_90": t_high - t_low,
-        "events_per_s": (high - low) / (t_high - t_low),
+        "seconds_10_to_90": seconds,
+        "events_per_s": rate,
+        "cpu_us": cpu_us,
         "delivered": stored(url),
         "exit": code,
+        "reference": reference,
     }
 
 
@@ -204,6 +276,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     parser.add_argument("--backlog", type=int, default=60_000, help="0 skips the throughput run")
     parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument(
+        "--no_reference",
+        dest="reference",
+        action="store_false",
+        help="skip the reference loop on the backlog's events",
+    )
     parser.add_argument("--bootstrap", help="an existing broker instead of a local one")
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, broker data)"
@@ -231,9 +309,20 @@ def main() -> int:
             result = sustained(bootstrap, url, work, args.backlog, args)
             print(
                 f"sustained: {result['events_per_s']:,.0f} events/s over a backlog of "
-                f"{result['events']:,} ({result['seconds_10_to_90']:.1f}s from 10% to 90%; "
-                f"delivered {result['delivered']:,}, exit {result['exit']})"
+                f"{result['events']:,} ({result['seconds_10_to_90']:.1f}s from 10% to 90%, "
+                f"{result['cpu_us']:.0f} CPU µs an event; delivered {result['delivered']:,}, "
+                f"exit {result['exit']})"
             )
+            reference = result["reference"]
+            if reference is not None:
+                print(
+                    f"reference loop, the same events from a file: "
+                    f"{reference['events_per_s']:,.0f} events/s "
+                    f"({reference['seconds_10_to_90']:.1f}s from 10% to 90%, "
+                    f"{reference['cpu_us']:.0f} CPU µs an event; sent "
+                    f"{reference['sent']:,}); the stream ran at "
+                    f"{result['events_per_s'] / reference['events_per_s']:.2f}x the loop"
+                )
         if not args.seconds:
             return 0
         result = latency(bootstrap, url, work, args)

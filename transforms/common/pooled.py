@@ -475,7 +475,17 @@ class _PooledBlocksFn(_PooledFn):
         self, block: tuple[list[Any], list[int]], window: Any = beam.DoFn.WindowParam
     ) -> Iterable[Any]:
         elements, times_ms = block
-        metas = [(Timestamp(micros=ms * 1000), window) for ms in times_ms]
+        # One Timestamp per distinct time, not per element: a backlog's messages share
+        # their millisecond by the dozen, and making Timestamps was a tenth of the stream.
+        metas: list[tuple[Timestamp, Any]] = []
+        append = metas.append
+        last_ms = None
+        meta: tuple[Timestamp, Any] = (Timestamp(0), window)
+        for ms in times_ms:
+            if ms != last_ms:
+                meta = (Timestamp(micros=ms * 1000), window)
+                last_ms = ms
+            append(meta)
         chunk = self._chunk
         for start in range(0, len(elements), chunk):
             self._submit_chunk(elements[start : start + chunk], metas[start : start + chunk])

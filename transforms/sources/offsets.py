@@ -129,13 +129,20 @@ def compact_acks(acks: Iterable[Ack]) -> list[Ack]:
     """
     out: list[Ack] = []
     chains: dict[str, dict[int, int]] = {}
+    # Unpacked, and the partition's links looked up when the partition changes: this
+    # runs for every record a stream delivers.
+    current: str | None = None
+    links: dict[int, int] = {}
     for ack in acks:
-        if ack.parts > 1:
+        partition, offset, previous, parts, _ = ack
+        if parts > 1:
             out.append(ack)
             continue
-        links = chains.setdefault(ack.partition, {})
-        if ack.offset > links.get(ack.previous, -1):
-            links[ack.previous] = ack.offset
+        if partition != current:
+            current = partition
+            links = chains.setdefault(partition, {})
+        if offset > links.get(previous, -1):
+            links[previous] = offset
     for name, links in chains.items():
         targets = set(links.values())
         for head in sorted(p for p in links if p not in targets):
