@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import random
 import threading
 import time
 import uuid
@@ -379,7 +380,10 @@ class _ReadPartitionFn(beam.DoFn):
         previous = restriction.start - 1
         started = time.monotonic()
         deadline = started + self._poll_seconds
-        longest = started + self._backlog_seconds
+        # Each bundle's length is drawn around backlog_seconds: partitions whose bundles
+        # started together would otherwise keep ending together, and the stream stalls
+        # while all of them wait at their ends at once.
+        longest = started + self._backlog_seconds * random.uniform(0.8, 1.2)
         unbounded = restriction.stop == OPEN_END
         while True:
             if unbounded and DRAIN.is_set():
@@ -449,7 +453,9 @@ class _ReadPartitionFn(beam.DoFn):
                     # 0.4 s without reading (delivery of its last batches, the runner's
                     # rescheduling), measured as over a quarter of a one-second bundle.
                     continue
-                tracker.defer_remainder(Duration.of(0.2 if got else 1.0))
+                # A backlog resumes at once; a partition with little to read waits a moment.
+                backlog = got == _MAX_MESSAGES
+                tracker.defer_remainder(Duration.of(0.0 if backlog else 0.2 if got else 1.0))
                 # The residual starts right after the last claimed offset, where the
                 # consumer stands: the next bundle goes on without a new assignment.
                 slot.next_offset = previous + 1
