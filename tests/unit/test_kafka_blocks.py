@@ -82,13 +82,14 @@ def test_a_block_holds_each_message_with_its_ack_and_time():
 
 def test_a_block_stops_where_the_range_was_split_or_ends():
     messages = [_Message(offset, b"x") for offset in range(10, 20)]
-    tracker = _tracker(10)
-    tracker.try_claim(10)
-    primary, _ = tracker.try_split(0.0)  # a runner's checkpoint after offset 10
-    assert primary.stop == 11
-    block, previous, _, finished = _take_block(messages[1:], _tracker(11, 14), "t/0", 10, 100)
+    tracker = _tracker(10, 18)
+    assert tracker.try_claim(10)
+    primary, _ = tracker.try_split(0.5)  # a runner's split, before the next block
+    assert primary.stop == 14
+    block, previous, _, finished = _take_block(messages[1:], tracker, "t/0", 10, 18)
     assert [line.ack.offset for line in block.lines] == [11, 12, 13]
     assert (previous, finished) == (13, True)
+    tracker.check_done()
     block, previous, _, finished = _take_block(messages, _tracker(10), "t/0", 9, 16)
     assert [line.ack.offset for line in block.lines] == [10, 11, 12, 13, 14, 15]
     assert (previous, finished) == (15, True)
