@@ -480,7 +480,7 @@ class _PooledBlocksFn(_PooledFn):
         metas: list[tuple[Timestamp, Any]] = []
         append = metas.append
         last_ms = None
-        meta: tuple[Timestamp, Any] = (Timestamp(0), window)
+        meta: tuple[Timestamp, Any]  # set by the first element: no time equals None
         for ms in times_ms:
             if ms != last_ms:
                 meta = (Timestamp(micros=ms * 1000), window)

@@ -216,11 +216,9 @@ class RecordCoder(coders.Coder):
         source: str | bytes = value.source
         if not value.source.isascii():
             # A file name that is not UTF-8 was decoded with surrogate escapes, which the
-            # fast coder's strict UTF-8 refuses: such a source travels as its bytes.
-            try:
-                value.source.encode("utf-8")
-            except UnicodeEncodeError:
-                source = value.source.encode("utf-8", "surrogateescape")
+            # fast coder's strict UTF-8 refuses: a source that is not ASCII travels as its
+            # bytes, encoded once here.
+            source = value.source.encode("utf-8", "surrogateescape")
         return self._fast.encode(
             (
                 value.time_ms,
