@@ -190,6 +190,26 @@ def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
     assert sorted(kept) == sorted(records[:7])  # the earliest of each id, its source intact
 
 
+def test_a_partition_deletes_its_spill_files_once_read(tmp_path):
+    # The run no longer waits at its end for the whole spill to be deleted: each file goes
+    # once its partition has read it, and what it held is still emitted.
+    dedup = DedupByTransactionId(str(tmp_path / "spill"), partitions=2)
+    spill, keep = dedup.spill_stage(), dedup.keep_stage()
+    records = [(f"id-{i % 5}", Record(i, b'{"i":%d}' % i, b"r", f"f:{i}")) for i in range(20)]
+    spill.start_bundle()
+    for record in records:
+        spill.process(record)
+    files: dict[int, list[str]] = {}
+    for written in spill.finish_bundle():
+        part, path = written.value
+        files.setdefault(part, []).append(path)
+    assert len(list((tmp_path / "spill").iterdir())) == len(files) == 2
+    kept = [winner for group in files.items() for winner in keep.process(group)]
+    keep.teardown()  # waits for the deletions
+    assert sorted(kept) == sorted(records[:5])
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
 @pytest.mark.parametrize(("max_events", "max_bytes"), [(3, 5_000_000), (500, 1024), (7, 2000)])
 def test_batches_respect_count_and_byte_limits(tmp_path, max_events, max_bytes):
     records = [

@@ -11,16 +11,18 @@ Two ways to bring every copy of an id together, with the same result:
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import struct
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
 import msgspec
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
@@ -259,11 +261,35 @@ class _SpillFn(beam.DoFn):
         self._pending_bytes = {}
 
 
+def _remove_quietly(path: str) -> None:
+    """Delete one spill file; one that cannot be deleted is left for the run's clean-up."""
+    with contextlib.suppress(OSError, BeamIOError):
+        FileSystems.delete([path])
+
+
 class _KeepFirstInPartitionFn(beam.DoFn):
-    """Reads one partition's files and emits the first record of each id in them."""
+    """Reads one partition's files and emits the first record of each id in them.
+
+    Each file is deleted once read, on a thread of its own. Nothing reads a spill file
+    twice: the runners that spill (the local ones, ``runs_locally``) do not retry a
+    bundle, and a failed run's spill is deleted whole. Deleting 2.2 GB of spill files
+    took about a second at the end of a 1M-event run, while the run waited; spread over
+    the partitions, the kernel does it while this stage waits on the collector.
+    """
 
     def __init__(self) -> None:
         self._duplicates = counter("duplicates")
+        self._removals: ThreadPoolExecutor | None = None
+
+    def teardown(self) -> None:
+        if self._removals is not None:
+            self._removals.shutdown(wait=True)
+            self._removals = None
+
+    def _remove(self, path: str) -> None:
+        if self._removals is None:
+            self._removals = ThreadPoolExecutor(1, thread_name_prefix="spill-removal")
+        self._removals.submit(_remove_quietly, path)
 
     def process(self, element: tuple[int, Iterable[str]]) -> Iterator[Keyed]:
         _, paths = element
@@ -272,6 +298,7 @@ class _KeepFirstInPartitionFn(beam.DoFn):
         for path in sorted(paths):
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
+            self._remove(path)
             for transaction_id, value in unpack_blocks(data):
                 best = winners.get(transaction_id)
                 if best is None:
