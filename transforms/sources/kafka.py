@@ -652,18 +652,18 @@ class ReadKafka(beam.PTransform):
             )
             partitions = (partitions, discovered) | "AllPartitions" >> beam.Flatten()
         fn_class = _UnboundedReadFn if unbounded else _BoundedReadFn
-        records = (
-            partitions
-            | "Spread" >> beam.Reshuffle()
-            | "ReadPartition"
-            >> beam.ParDo(
-                fn_class(
-                    self._config,
-                    self._poll_seconds,
-                    self._idle_lag,
-                    self._backlog_seconds,
-                    blocks=self._blocks,
-                )
+        read = beam.ParDo(
+            fn_class(
+                self._config,
+                self._poll_seconds,
+                self._idle_lag,
+                self._backlog_seconds,
+                blocks=self._blocks,
             )
         )
+        if self._blocks:
+            # Blocks get their own coder (records.LineBlockCoder), which sizes them for
+            # Beam's metrics without pickling them.
+            read = read.with_output_types(LineBlock)
+        records = partitions | "Spread" >> beam.Reshuffle() | "ReadPartition" >> read
         return KafkaRead(records, partitions)
