@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import random
+from typing import Any
 
 import apache_beam as beam
 import pytest
@@ -170,6 +171,18 @@ def test_dedup_spilled_or_shuffled_keeps_the_same_records(tmp_path, spill):
     assert run(pipeline)["duplicates"] == len(records) - len(expected)
 
 
+def _spill(spill: Any, records: list) -> dict[int, list[str]]:
+    """One bundle of the spill stage over ``records``: the files it wrote, by partition."""
+    spill.start_bundle()
+    for record in records:
+        spill.process(record)
+    files: dict[int, list[str]] = {}
+    for written in spill.finish_bundle():
+        part, path = written.value
+        files.setdefault(part, []).append(path)
+    return files
+
+
 def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
     # A file whose name is not UTF-8 gives sources decoded with surrogate escapes; the
     # spill writes those records apart (packed) and the partition's dedup reads them back.
@@ -179,13 +192,7 @@ def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
         (f"id-{i % 7}", Record(i, b'{"i":%d}' % i, b"r", f"f\udcff:{i}" if i % 3 else f"f:{i}"))
         for i in range(30)
     ]
-    spill.start_bundle()
-    for record in records:
-        spill.process(record)
-    files: dict[int, list[str]] = {}
-    for written in spill.finish_bundle():
-        part, path = written.value
-        files.setdefault(part, []).append(path)
+    files = _spill(spill, records)
     kept = [winner for group in files.items() for winner in keep.process(group)]
     assert sorted(kept) == sorted(records[:7])  # the earliest of each id, its source intact
 
@@ -196,13 +203,7 @@ def test_a_partition_deletes_its_spill_files_once_read(tmp_path):
     dedup = DedupByTransactionId(str(tmp_path / "spill"), partitions=2)
     spill, keep = dedup.spill_stage(), dedup.keep_stage()
     records = [(f"id-{i % 5}", Record(i, b'{"i":%d}' % i, b"r", f"f:{i}")) for i in range(20)]
-    spill.start_bundle()
-    for record in records:
-        spill.process(record)
-    files: dict[int, list[str]] = {}
-    for written in spill.finish_bundle():
-        part, path = written.value
-        files.setdefault(part, []).append(path)
+    files = _spill(spill, records)
     assert len(list((tmp_path / "spill").iterdir())) == len(files) == 2
     kept = [winner for group in files.items() for winner in keep.process(group)]
     keep.teardown()  # waits for the deletions
