@@ -14,7 +14,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.common.fused import Fused
@@ -26,6 +26,7 @@ from moesif_beam.transforms.dedup.bounded import (
     DEFAULT_PARTITIONS,
     DedupByTransactionId,
     open_file_budget,
+    removes_spill_as_read,
     spill_partitions,
 )
 from moesif_beam.transforms.dedup.streaming import (
@@ -122,6 +123,7 @@ def _fused_bounded(
     """
     dedup = DedupByTransactionId(config.spill_dir, _spill_partitions(config))
     schema = EnforceMetadataSchema(stored_schema, config.pipeline)
+    runner = pipeline.options.view_as(StandardOptions).runner
     first = [_normalize(config).stage(), dedup.spill_stage()]
     if config.kafka is not None:
         start = _read_kafka(pipeline, config).records
@@ -137,7 +139,11 @@ def _fused_bounded(
         | "GroupPartitionFiles" >> beam.GroupByKey()
         | "DedupCheckDeliver"
         >> Fused(
-            [dedup.keep_stage(), schema.check_stage(), _sink(config).stage()],
+            [
+                dedup.keep_stage(removes_spill_as_read(runner)),
+                schema.check_stage(),
+                _sink(config).stage(),
+            ],
             tags=(DEAD_LETTER,),
             side_inputs={"conflicts": beam.pvalue.AsDict(conflicts)},
         )

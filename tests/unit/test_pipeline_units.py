@@ -18,6 +18,7 @@ from moesif_beam.transforms.dedup.bounded import (
     DedupByTransactionId,
     pack_block,
     pick_first,
+    removes_spill_as_read,
     unpack_blocks,
 )
 from moesif_beam.transforms.delivery.sinks import WriteBatchFiles
@@ -197,18 +198,34 @@ def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
     assert sorted(kept) == sorted(records[:7])  # the earliest of each id, its source intact
 
 
-def test_a_partition_deletes_its_spill_files_once_read(tmp_path):
+@pytest.mark.parametrize("remove_read", [True, False])
+def test_a_partition_deletes_its_spill_files_once_read(tmp_path, remove_read):
     # The run no longer waits at its end for the whole spill to be deleted: each file goes
-    # once its partition has read it, and what it held is still emitted.
+    # once its partition has read it, and what it held is still emitted. Only where asked:
+    # a runner that retries bundles would read the files again.
     dedup = DedupByTransactionId(str(tmp_path / "spill"), partitions=2)
-    spill, keep = dedup.spill_stage(), dedup.keep_stage()
+    spill, keep = dedup.spill_stage(), dedup.keep_stage(remove_read)
     records = [(f"id-{i % 5}", Record(i, b'{"i":%d}' % i, b"r", f"f:{i}")) for i in range(20)]
     files = _spill(spill, records)
     assert len(list((tmp_path / "spill").iterdir())) == len(files) == 2
     kept = [winner for group in files.items() for winner in keep.process(group)]
     keep.teardown()  # waits for the deletions
     assert sorted(kept) == sorted(records[:5])
-    assert list((tmp_path / "spill").iterdir()) == []
+    assert len(list((tmp_path / "spill").iterdir())) == (0 if remove_read else 2)
+
+
+@pytest.mark.parametrize(
+    ("runner", "removes"),
+    [
+        ("moesif_beam.runners.engines.local_workers.LocalRunner", True),
+        ("FnApiRunner", True),
+        ("DirectRunner", False),  # may fall back to the BundleBasedDirectRunner
+        ("BundleBasedDirectRunner", False),  # retries a failed bundle
+        (None, False),
+    ],
+)
+def test_spill_files_are_deleted_as_read_only_where_no_bundle_is_retried(runner, removes):
+    assert removes_spill_as_read(runner) is removes
 
 
 @pytest.mark.parametrize(("max_events", "max_bytes"), [(3, 5_000_000), (500, 1024), (7, 2000)])

@@ -38,6 +38,7 @@ __all__ = [
     "open_file_budget",
     "pack_block",
     "pick_first",
+    "removes_spill_as_read",
     "spill_buffer_bytes",
     "spill_partitions",
     "unpack_blocks",
@@ -267,18 +268,31 @@ def _remove_quietly(path: str) -> None:
         FileSystems.delete([path])
 
 
+# Runners that never run a bundle twice: a spill file read by one of their bundles is read
+# by nobody else. (Beam's older BundleBasedDirectRunner, which DirectRunner may fall back
+# to, retries a failed bundle up to four times.)
+_RUNNERS_WITHOUT_RETRIES = frozenset({"FnApiRunner", "LocalRunner"})
+
+
+def removes_spill_as_read(runner: object) -> bool:
+    """Whether a run on ``runner`` (a ``--runner`` value) may delete spill files once read."""
+    return runner is not None and str(runner).rsplit(".", 1)[-1] in _RUNNERS_WITHOUT_RETRIES
+
+
 class _KeepFirstInPartitionFn(beam.DoFn):
     """Reads one partition's files and emits the first record of each id in them.
 
-    Each file is deleted once read, on a thread of its own. Nothing reads a spill file
-    twice: the runners that spill (the local ones, ``runs_locally``) do not retry a
-    bundle, and a failed run's spill is deleted whole. Deleting 2.2 GB of spill files
-    took about a second at the end of a 1M-event run, while the run waited; spread over
-    the partitions, the kernel does it while this stage waits on the collector.
+    With ``remove_read``, each file is deleted once read, on a thread of its own: only for
+    runners that never retry a bundle (:func:`removes_spill_as_read`), so nothing reads it
+    again; a failed run's spill is deleted whole by the launcher, as before. Deleting 2.2
+    GB of spill files took about a second at the end of a 1M-event run, while the run
+    waited; spread over the partitions, the kernel does it while this stage waits on the
+    collector.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, remove_read: bool = False) -> None:
         self._duplicates = counter("duplicates")
+        self._remove_read = remove_read
         self._removals: ThreadPoolExecutor | None = None
 
     def teardown(self) -> None:
@@ -298,7 +312,8 @@ class _KeepFirstInPartitionFn(beam.DoFn):
         for path in sorted(paths):
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
-            self._remove(path)
+            if self._remove_read:
+                self._remove(path)
             for transaction_id, value in unpack_blocks(data):
                 best = winners.get(transaction_id)
                 if best is None:
@@ -348,12 +363,14 @@ class DedupByTransactionId(beam.PTransform):
             raise ValueError(msg)
         return _SpillFn(self._spill_dir, self._partitions)
 
-    def keep_stage(self) -> beam.DoFn:
+    def keep_stage(self, remove_read: bool = False) -> beam.DoFn:
         """A partition's dedup as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused`.
 
         ``(partition, paths)`` in, that partition's winners out, as in :meth:`expand`.
+        With ``remove_read`` each spill file is deleted once read: only where the runner
+        never retries a bundle (:func:`removes_spill_as_read`).
         """
-        return _KeepFirstInPartitionFn()
+        return _KeepFirstInPartitionFn(remove_read)
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         if self._spill_dir is None:
