@@ -167,9 +167,10 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
 ):
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=2)
-    ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(600)]
+    ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(2000)]
     produce(bootstrap, topic, [wso2_event(tid) for tid in ids], partitions=2)
-    # A slow collector keeps most records in flight when the pipeline is killed.
+    # A slow collector keeps most records in flight when the pipeline is killed: 100
+    # batches of 20, 150 ms each, 8 in flight (the default) take about 2 s.
     collector = start_collector(application_id=APP_ID, latency_ms=150)
     args = [
         *_kafka_args(bootstrap, topic, "crashing"),
