@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
+import apache_beam as beam
 import pytest
-from apache_beam import pvalue
+from apache_beam import coders, pvalue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,9 +29,10 @@ from moesif_beam.transforms.formats.normalize import (
     NormalizeRecords,
     _NormalizeFn,
 )
-from moesif_beam.transforms.records import Ack, Line, Record, RecordCoder
+from moesif_beam.transforms.records import Ack, Line, LineBlock, LineBlockCoder, Record, RecordCoder
 from moesif_beam.transforms.schema import signature
 from moesif_beam.transforms.schema.keys import MAX_DEPTH, sanitize_keys
+from moesif_beam.transforms.sources.kafka import KafkaPartition, KafkaSourceConfig, ReadKafka
 from tests.unit.gateway_examples import EXAMPLES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -331,18 +334,6 @@ def test_the_record_coder_keeps_any_source(source):
 
 def test_a_line_block_is_sized_without_being_pickled(monkeypatch):
     """Beam samples output sizes with the coder; a block (about 1 MB) is not pickled for it."""
-    import pickle
-
-    import apache_beam as beam
-    from apache_beam import coders
-
-    from moesif_beam.transforms.records import LineBlock, LineBlockCoder
-    from moesif_beam.transforms.sources.kafka import (
-        KafkaPartition,
-        KafkaSourceConfig,
-        ReadKafka,
-    )
-
     block = LineBlock(
         [Line(b"x" * 100, f"t/0:{i}", Ack("t-0", i, i - 1, 1, 0)) for i in range(50)],
         list(range(50)),

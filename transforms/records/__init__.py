@@ -290,17 +290,10 @@ class LineBlockCoder(coders.Coder):
     def estimate_size(self, value: LineBlock) -> int:
         return sum(len(line[0]) + len(line[1]) for line in value.lines) + 8 * len(value.times_ms)
 
-    def is_deterministic(self) -> bool:
-        return False
-
+    # Equality, hashing and "not deterministic" are Beam's Coder defaults: this coder has
+    # no state of its own.
     def to_type_hint(self) -> type:
         return LineBlock
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
 
 
 coders.registry.register_coder(Record, RecordCoder)
