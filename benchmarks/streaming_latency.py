@@ -197,6 +197,28 @@ def reference_loop(path: Path, url: str, total: int) -> dict:
     }
 
 
+def free_bound(bootstrap: str, topic: str, url: str, total: int) -> dict:
+    """``stream_free_bound.py`` (the stream's work without Beam) on the backlog, measured alike."""
+    reset_collector(url)
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "stream_free_bound.py"),
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        topic,
+        "--url",
+        url,
+        "--total",
+        str(total),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seconds, rate, cpu_us = rate_10_to_90(url, total, proc)
+    out, _ = proc.communicate()
+    counts = json.loads(out.decode().strip().splitlines()[-1])
+    return {"seconds_10_to_90": seconds, "events_per_s": rate, "cpu_us": cpu_us, **counts}
+
+
 def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse.Namespace) -> dict:
     topic = f"bench-backlog-{os.getpid()}"
     create_topic(bootstrap, topic, args.partitions)
@@ -219,6 +241,7 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
     reference = None
     if args.reference:
         reference = reference_loop(work / "backlog.jsonl", url, len(events))
+    bound = free_bound(bootstrap, topic, url, len(events)) if args.free_bound else None
     reset_collector(url)
     proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
     try:
@@ -234,6 +257,7 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
         "delivered": stored(url),
         "exit": code,
         "reference": reference,
+        "free_bound": bound,
     }
 
 
@@ -282,6 +306,11 @@ def main() -> int:
         action="store_false",
         help="skip the reference loop on the backlog's events",
     )
+    parser.add_argument(
+        "--free_bound",
+        action="store_true",
+        help="also run stream_free_bound.py (the stream's work without Beam) on the backlog",
+    )
     parser.add_argument("--bootstrap", help="an existing broker instead of a local one")
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, broker data)"
@@ -322,6 +351,18 @@ def main() -> int:
                     f"{reference['cpu_us']:.0f} CPU µs an event; sent "
                     f"{reference['sent']:,}); the stream ran at "
                     f"{result['events_per_s'] / reference['events_per_s']:.2f}x the loop"
+                )
+            bound = result["free_bound"]
+            if bound is not None:
+                print(
+                    f"without Beam (stream_free_bound.py): {bound['events_per_s']:,.0f} "
+                    f"events/s ({bound['seconds_10_to_90']:.1f}s from 10% to 90%, "
+                    f"{bound['cpu_us']:.0f} CPU µs an event; sent {bound['sent']:,})"
+                    + (
+                        f"; {bound['events_per_s'] / reference['events_per_s']:.2f}x the loop"
+                        if reference is not None
+                        else ""
+                    )
                 )
         if not args.seconds:
             return 0
