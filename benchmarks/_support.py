@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 APP_ID = "benchmark-app"
@@ -158,3 +164,49 @@ class PeakMemory:
         while not self._stop.wait(self._interval):
             rss, pss = tree_memory(self._pid, self.cpu_by_pid)
             self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+
+
+def bound_against_collector(run: Callable[[str, str], dict], input_path: str) -> dict:
+    """``run(input_path, url)`` against a fresh count-only emulator; its result, measured.
+
+    Adds the emulator's CPU seconds, what it stored and the events/s over the run's own
+    ``seconds`` and ``records``; the emulator and its directory are gone afterwards.
+    """
+    work = Path(tempfile.mkdtemp(prefix="moesif-bound-"))
+    collector, url = start_collector(str(work / "collector"))
+    try:
+        before = cpu_seconds(collector.pid)
+        result = run(input_path, url)
+        result["collector_cpu"] = cpu_seconds(collector.pid) - before
+        result["stored"] = collector_stats(url)["items_stored"]["events"]
+    finally:
+        collector.terminate()
+        collector.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    result["events_per_second"] = result["records"] / result["seconds"]
+    return result
+
+
+def bound_main(run: Callable[[str, str], dict], doc: str) -> int:
+    """The command line of a bound prototype: ``--input FILE``, its result printed as JSON."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    parser.add_argument("--input", required=True)
+    args = parser.parse_args()
+    print(json.dumps(bound_against_collector(run, args.input), indent=1))
+    return 0
+
+
+def on_two(target: Callable[..., None], work: list, *rest: Any) -> list:
+    """``target(half of work, *rest, queue)`` on two forked processes; what each put on the queue.
+
+    Forked, so the processes inherit what this one holds (and its string hash seed).
+    """
+    ctx = multiprocessing.get_context("fork")
+    queue: Any = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(work[i::2], *rest, queue)) for i in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return results

@@ -17,8 +17,6 @@ prints events/s, the CPU of the processes and the emulator, and what the emulato
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import os
 import shutil
@@ -27,16 +25,11 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import (
-    APP_ID,
-    collector_stats,
-    cpu_seconds,
-    start_collector,
-)
+from benchmarks._stages import normalized
+from benchmarks._support import APP_ID, bound_main, on_two
 from moesif_beam.transforms.dedup.bounded import (
     _KeepFirstInPartitionFn,
     _SpillFn,
@@ -44,10 +37,8 @@ from moesif_beam.transforms.dedup.bounded import (
 )
 from moesif_beam.transforms.delivery import PostToMoesif
 from moesif_beam.transforms.delivery.transport import Secret
-from moesif_beam.transforms.formats.normalize import _NormalizeFn
-from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.schema.bounded import _CheckFn
-from moesif_beam.transforms.sources.files import _ReadFn, plan_ranges
+from moesif_beam.transforms.sources.files import plan_ranges
 
 _MAX_LINE = 16 << 20
 
@@ -60,22 +51,12 @@ def _values(outputs: object) -> list:
 
 
 def _phase_one(ranges: list, spill_dir: str, partitions: int, out: multiprocessing.Queue) -> None:
-    read = _ReadFn("events", _MAX_LINE)
-    normalize = _NormalizeFn("events", "wso2", None, 1 << 20, "name", False, _MAX_LINE)
-    normalize.setup()
     spill = _SpillFn(spill_dir, partitions)
     spill.start_bundle()
     records = 0
-    for file_range in ranges:
-        normalize.start_bundle()
-        for line in read.process(file_range):
-            if not isinstance(line, Line):
-                continue
-            for value in normalize.process(line):
-                if isinstance(value, tuple) and len(value) == 2:
-                    spill.process(value)
-                    records += 1
-        list(normalize.finish_bundle())
+    for value in normalized(ranges):
+        spill.process(value)
+        records += 1
     paths = [wv.value for wv in spill.finish_bundle()]
     out.put((records, paths, time.process_time()))
 
@@ -98,26 +79,19 @@ def _phase_two(groups: list, url: str, out: multiprocessing.Queue) -> None:
     out.put((emitted, len(dead), time.process_time()))
 
 
-def run(input_path: str, url: str, work: Path) -> dict:
+def run(input_path: str, url: str) -> dict:
     """Both phases on two forked processes; seconds and counts."""
+    spill_dir = tempfile.mkdtemp(prefix="moesif-bound-spill-")
+    try:
+        return _run(input_path, url, spill_dir)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _run(input_path: str, url: str, spill_dir: str) -> dict:
     ranges = plan_ranges(input_path)
     partitions = spill_partitions(os.path.getsize(input_path))
-    spill_dir = str(work / "spill")
-    os.makedirs(spill_dir, exist_ok=True)
-    ctx = multiprocessing.get_context("fork")
     started = time.perf_counter()
-    queue: multiprocessing.Queue = ctx.Queue()
-
-    def on_two(target: Any, work: list, *rest: Any) -> list:
-        """``target`` on two forked processes, each given half of ``work``; their results."""
-        procs = [ctx.Process(target=target, args=(work[i::2], *rest, queue)) for i in range(2)]
-        for proc in procs:
-            proc.start()
-        results = [queue.get() for _ in procs]
-        for proc in procs:
-            proc.join()
-        return results
-
     firsts = on_two(_phase_one, ranges, spill_dir, partitions)
     phase_one = time.perf_counter() - started
     by_partition: dict[int, list[str]] = defaultdict(list)
@@ -137,25 +111,5 @@ def run(input_path: str, url: str, work: Path) -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--input", required=True)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="moesif-bound-"))
-    collector, url = start_collector(str(work / "collector"))
-    try:
-        before = cpu_seconds(collector.pid)
-        result = run(args.input, url, work)
-        result["collector_cpu"] = cpu_seconds(collector.pid) - before
-        result["stored"] = collector_stats(url)["items_stored"]["events"]
-    finally:
-        collector.terminate()
-        collector.wait()
-        shutil.rmtree(work, ignore_errors=True)
-    result["events_per_second"] = result["records"] / result["seconds"]
-    print(json.dumps(result, indent=1))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bound_main(run, __doc__ or ""))

@@ -26,12 +26,7 @@ than WSO2, which would each need an id reader that agrees with their mapping.
 
 from __future__ import annotations
 
-import argparse
-import json
-import multiprocessing
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,13 +37,14 @@ import numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._support import APP_ID, collector_stats, cpu_seconds, start_collector
+from benchmarks._stages import normalized
+from benchmarks._support import APP_ID, bound_main, on_two
 from moesif_beam.transforms.dedup.bounded import pick_first
 from moesif_beam.transforms.delivery import PostToMoesif
 from moesif_beam.transforms.delivery.transport import Secret
 from moesif_beam.transforms.formats.auto import wso2_event
 from moesif_beam.transforms.formats.gateway import DEFAULT_OPTIONS
-from moesif_beam.transforms.formats.normalize import _NormalizeFn, parse_json
+from moesif_beam.transforms.formats.normalize import parse_json
 from moesif_beam.transforms.formats.wso2 import extract_json
 from moesif_beam.transforms.records import Line
 from moesif_beam.transforms.sources.files import _ReadFn, plan_ranges
@@ -89,29 +85,18 @@ def _prescan(ranges: list, out: Any) -> None:
 
 
 def _deliver(ranges: list, candidates: frozenset, url: str, out: Any) -> None:
-    read = _ReadFn("events", _MAX_LINE)
-    normalize = _NormalizeFn("events", "wso2", None, 1 << 20, "name", False, _MAX_LINE)
-    normalize.setup()
     sink = PostToMoesif("events", url, Secret(APP_ID), "events")._batching()
     sink.setup()
     sink.start_bundle()
     kept: list = []
     records = sent = 0
-    for file_range in ranges:
-        normalize.start_bundle()
-        for line in read.process(file_range):
-            if not isinstance(line, Line):
-                continue
-            for value in normalize.process(line):
-                if type(value) is not tuple:
-                    continue
-                records += 1
-                if hash(value[0]) in candidates:
-                    kept.append(value)
-                else:
-                    sent += 1
-                    sink.process(value)
-        list(normalize.finish_bundle())
+    for value in normalized(ranges):
+        records += 1
+        if hash(value[0]) in candidates:
+            kept.append(value)
+        else:
+            sent += 1
+            sink.process(value)
     list(sink.finish_bundle())
     sink.teardown()
     out.put((records, sent, kept, time.process_time()))
@@ -119,26 +104,14 @@ def _deliver(ranges: list, candidates: frozenset, url: str, out: Any) -> None:
 
 def run(input_path: str, url: str) -> dict:
     ranges = plan_ranges(input_path)
-    ctx = multiprocessing.get_context("fork")
-    queue: Any = ctx.Queue()
     started = time.perf_counter()
-
-    def on_two(target: Any, *rest: Any) -> list:
-        procs = [ctx.Process(target=target, args=(ranges[i::2], *rest, queue)) for i in range(2)]
-        for proc in procs:
-            proc.start()
-        results = [queue.get() for _ in procs]
-        for proc in procs:
-            proc.join()
-        return results
-
-    scans = on_two(_prescan)
+    scans = on_two(_prescan, ranges)
     hashes = numpy.concatenate([scan[0] for scan in scans])
     values, counts = numpy.unique(hashes, return_counts=True)
     # Forked after this: both delivering processes inherit the set (and the hash seed).
     candidates = frozenset(values[counts > 1].tolist())
     prescan_seconds = time.perf_counter() - started
-    delivered = on_two(_deliver, candidates, url)
+    delivered = on_two(_deliver, ranges, candidates, url)
     by_id: dict[str, list] = defaultdict(list)
     for _, _, kept, _ in delivered:
         for transaction_id, record in kept:
@@ -166,25 +139,5 @@ def run(input_path: str, url: str) -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--input", required=True)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="moesif-prescan-"))
-    collector, url = start_collector(str(work / "collector"))
-    try:
-        before = cpu_seconds(collector.pid)
-        result = run(args.input, url)
-        result["collector_cpu"] = cpu_seconds(collector.pid) - before
-        result["stored"] = collector_stats(url)["items_stored"]["events"]
-    finally:
-        collector.terminate()
-        collector.wait()
-        shutil.rmtree(work, ignore_errors=True)
-    result["events_per_second"] = result["records"] / result["seconds"]
-    print(json.dumps(result, indent=1))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bound_main(run, __doc__ or ""))
