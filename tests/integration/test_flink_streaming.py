@@ -122,7 +122,10 @@ def test_a_flink_stream_killed_mid_stream_loses_nothing_and_keeps_types_on_resta
 ):
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic(partitions=2)
-    ids = _ids("a000", 400)
+    # Enough that the kill comes mid-stream: with 8 batches of 20 in flight per worker, a
+    # collector answering in 150 ms takes about 2,000 records a second, and 400 records
+    # were all delivered before the poll saw the first 40 (a fresh run on a faster VM).
+    ids = _ids("a000", 2000)
     produce(bootstrap, topic, [wso2_event(t, seats=5) for t in ids], partitions=2)
     # A slow collector keeps records in flight when the job is killed.
     collector = start_collector(application_id=APP_ID, latency_ms=150)
