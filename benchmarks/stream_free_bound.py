@@ -74,6 +74,10 @@ def _map_chunk(values: list[bytes]) -> list[tuple[str, bytes]]:
     return out
 
 
+# One requests session per posting thread.
+_SESSIONS = threading.local()
+
+
 def _post(url: str, body: bytes) -> None:
     local = _SESSIONS.__dict__
     session = local.get("session")
@@ -91,9 +95,6 @@ def _post(url: str, body: bytes) -> None:
         timeout=60,
     )
     response.raise_for_status()
-
-
-_SESSIONS = threading.local()
 
 
 def run(bootstrap: str, topic: str, url: str, total: int) -> dict:
