@@ -28,26 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._stages import normalized
-from benchmarks._support import APP_ID, bound_main, on_two
+from benchmarks._stages import Poster, normalized
+from benchmarks._support import bound_main, on_two
 from moesif_beam.transforms.dedup.bounded import (
     _KeepFirstInPartitionFn,
     _SpillFn,
     spill_partitions,
 )
-from moesif_beam.transforms.delivery import PostToMoesif
-from moesif_beam.transforms.delivery.transport import Secret
 from moesif_beam.transforms.schema.bounded import _CheckFn
 from moesif_beam.transforms.sources.files import plan_ranges
-
-_MAX_LINE = 16 << 20
-
-
-def _values(outputs: object) -> list:
-    """Plain values of a DoFn's outputs (WindowedValues unwrapped, tagged ones kept)."""
-    if outputs is None:
-        return []
-    return [getattr(o, "value", o) for o in outputs]  # type: ignore[attr-defined]
 
 
 def _phase_one(ranges: list, spill_dir: str, partitions: int, out: multiprocessing.Queue) -> None:
@@ -64,19 +53,15 @@ def _phase_one(ranges: list, spill_dir: str, partitions: int, out: multiprocessi
 def _phase_two(groups: list, url: str, out: multiprocessing.Queue) -> None:
     keep = _KeepFirstInPartitionFn()
     check = _CheckFn("events")
-    sink = PostToMoesif("events", url, Secret(APP_ID), "events")._batching()
-    sink.setup()
-    sink.start_bundle()
+    poster = Poster(url)
     emitted = 0
     for group in groups:
         for element in keep.process(group):
             for checked in check.process(element, {}):
                 emitted += 1
-                for _ in sink.process(checked):
-                    pass
-    dead = _values(sink.finish_bundle())
-    sink.teardown()
-    out.put((emitted, len(dead), time.process_time()))
+                poster.post(checked)
+    poster.close()
+    out.put((emitted, poster.dead_letters, time.process_time()))
 
 
 def run(input_path: str, url: str) -> dict:

@@ -37,19 +37,14 @@ import numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._stages import normalized
-from benchmarks._support import APP_ID, bound_main, on_two
+from benchmarks._stages import Poster, lines, normalized
+from benchmarks._support import bound_main, on_two
 from moesif_beam.transforms.dedup.bounded import pick_first
-from moesif_beam.transforms.delivery import PostToMoesif
-from moesif_beam.transforms.delivery.transport import Secret
 from moesif_beam.transforms.formats.auto import wso2_event
 from moesif_beam.transforms.formats.gateway import DEFAULT_OPTIONS
 from moesif_beam.transforms.formats.normalize import parse_json
 from moesif_beam.transforms.formats.wso2 import extract_json
-from moesif_beam.transforms.records import Line
-from moesif_beam.transforms.sources.files import _ReadFn, plan_ranges
-
-_MAX_LINE = 16 << 20
+from moesif_beam.transforms.sources.files import plan_ranges
 
 
 class _Id(msgspec.Struct):
@@ -74,20 +69,12 @@ def _line_id(raw: bytes) -> str | None:
 
 
 def _prescan(ranges: list, out: Any) -> None:
-    read = _ReadFn("events", _MAX_LINE)
-    hashes = [
-        hash(tid)
-        for r in ranges
-        for line in read.process(r)
-        if isinstance(line, Line) and (tid := _line_id(line[0]))
-    ]
+    hashes = [hash(tid) for r in ranges for line in lines(r) if (tid := _line_id(line.raw))]
     out.put((numpy.array(hashes, dtype=numpy.int64), time.process_time()))
 
 
 def _deliver(ranges: list, candidates: frozenset, url: str, out: Any) -> None:
-    sink = PostToMoesif("events", url, Secret(APP_ID), "events")._batching()
-    sink.setup()
-    sink.start_bundle()
+    poster = Poster(url)
     kept: list = []
     records = sent = 0
     for value in normalized(ranges):
@@ -96,9 +83,8 @@ def _deliver(ranges: list, candidates: frozenset, url: str, out: Any) -> None:
             kept.append(value)
         else:
             sent += 1
-            sink.process(value)
-    list(sink.finish_bundle())
-    sink.teardown()
+            poster.post(value)
+    poster.close()
     out.put((records, sent, kept, time.process_time()))
 
 
@@ -116,16 +102,13 @@ def run(input_path: str, url: str) -> dict:
     for _, _, kept, _ in delivered:
         for transaction_id, record in kept:
             by_id[transaction_id].append(record)
-    sink = PostToMoesif("events", url, Secret(APP_ID), "events")._batching()
-    sink.setup()
-    sink.start_bundle()
+    poster = Poster(url)
     duplicates = 0
     for transaction_id in sorted(by_id):
         winner, dropped = pick_first(by_id[transaction_id])
         duplicates += dropped
-        sink.process((transaction_id, winner))
-    list(sink.finish_bundle())
-    sink.teardown()
+        poster.post((transaction_id, winner))
+    poster.close()
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,

@@ -40,10 +40,10 @@ from confluent_kafka import Consumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._stages import normalize_fn
 from benchmarks._support import APP_ID
 from moesif_beam.transforms.delivery.http import encode_batch, gzip_body
 from moesif_beam.transforms.delivery.sinks import DEFAULT_GZIP_LEVEL
-from moesif_beam.transforms.formats.normalize import _NormalizeFn
 from moesif_beam.transforms.records import Line
 
 _CHUNK = 256
@@ -58,8 +58,7 @@ class _Worker:
 
 
 def _start_worker() -> None:
-    normalize = _NormalizeFn("events", "wso2", None, 1 << 20, "name", True, 16 << 20)
-    normalize.setup()
+    normalize = normalize_fn(inline_signatures=True)  # as the stream's workers have it
     normalize.start_bundle()
     _Worker.normalize = normalize
 
