@@ -9,10 +9,11 @@ them. What is left out is only what Beam's runner adds: its per-element steps be
 the DoFns, its bundles, the gRPC control and data planes, the launcher's work. So its
 rate is about the ceiling any runner could give this work on this machine.
 
-    .venv/bin/python benchmarks/beam_free_bound.py --input FILE [--url URL]
+    .venv/bin/python benchmarks/beam_free_bound.py --input FILE
 
-Without ``--url`` it starts the count-only collector emulator as the benchmarks do and
-prints events/s, the CPU of the processes and the emulator, and what the emulator stored.
+It starts its own count-only collector emulator, as the benchmarks do, and prints (as
+JSON) events/s, the CPU of the processes and of the emulator, and what the emulator
+stored.
 """
 
 from __future__ import annotations
