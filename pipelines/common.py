@@ -9,12 +9,13 @@ run adds to the metadata schema written aside for the launcher to merge into the
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from moesif_beam.pipelines.config import PipelineConfig
 from moesif_beam.transforms.common.fused import Fused
@@ -25,6 +26,7 @@ from moesif_beam.transforms.deadletters.streaming import WriteDeadLettersInStrea
 from moesif_beam.transforms.dedup.bounded import (
     DEFAULT_PARTITIONS,
     DedupByTransactionId,
+    never_retries,
     open_file_budget,
     removes_spill_as_read,
     spill_partitions,
@@ -128,7 +130,7 @@ def _fused_bounded(
     if config.kafka is not None:
         start = _read_kafka(pipeline, config).records
     else:
-        read = _read_lines(config)
+        read = _read_lines(config, **_range_claims(config, pipeline.options))
         start = pipeline | "PlanRanges" >> read.ranges()
         first.insert(0, read.stage())
     spilled = start | "ReadNormalizeSpill" >> Fused(first, tags=(DEAD_LETTER, SIGNATURES))
@@ -220,8 +222,25 @@ def _read_kafka(pipeline: beam.Pipeline, config: PipelineConfig, blocks: bool = 
     )
 
 
-def _read_lines(config: PipelineConfig) -> ReadLines:
-    return ReadLines(config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes)
+def _read_lines(config: PipelineConfig, **claims: Any) -> ReadLines:
+    return ReadLines(
+        config.input, pipeline=config.pipeline, max_line_bytes=config.max_line_bytes, **claims
+    )
+
+
+def _range_claims(config: PipelineConfig, options: PipelineOptions) -> dict[str, Any]:
+    """How a bounded run on the local runner shares its input's ranges between workers.
+
+    Claimed as the read goes (see transforms/sources/ranges.py), where every bundle runs
+    once and the spill directory is local: there the claims live beside the spill and go
+    with it. Two tokens per worker, so that every worker gets one whatever the runner's
+    split; a worker's second token finds the ranges claimed and ends at once.
+    """
+    if not never_retries(options.view_as(StandardOptions).runner) or "://" in config.spill_dir:
+        return {}
+    # Beam reads 0 workers as one per core.
+    workers = options.view_as(DirectOptions).direct_num_workers or os.cpu_count() or 1
+    return {"claims_dir": f"{config.spill_dir}/range-claims", "claim_tokens": 2 * max(workers, 1)}
 
 
 def _normalize(config: PipelineConfig, inline_signatures: bool = False) -> NormalizeRecords:

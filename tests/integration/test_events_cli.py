@@ -302,6 +302,9 @@ def test_a_file_split_into_ranges_across_two_worker_processes_loses_nothing(
     assert len(received) == len(set(received)) and set(received) == unique
     dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
     assert sorted(d["source"] for d in dead) == sorted(f"{path}:{n}" for n in bad)
+    # The workers claimed the ranges as they read (transforms/sources/ranges.py); the
+    # claims went with the spill.
+    assert not (tmp_path / "out" / ".dedup-spill").exists()
 
 
 def test_run_options_make_each_view_once_and_share_its_values():

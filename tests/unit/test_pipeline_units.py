@@ -358,11 +358,11 @@ def _random_lines_file(path, rng: random.Random) -> None:
 
 @pytest.mark.parametrize("count_block", [3, 64, 4 << 20])
 def test_planned_ranges_read_every_line_once_with_its_number(tmp_path, monkeypatch, count_block):
-    # Planning counts newlines in blocks (files._COUNT_BLOCK): small blocks put block
+    # Planning counts newlines in blocks (ranges._COUNT_BLOCK): small blocks put block
     # edges inside and between the ranges, as a large file does.
-    from moesif_beam.transforms.sources import files
+    from moesif_beam.transforms.sources import ranges as planning
 
-    monkeypatch.setattr(files, "_COUNT_BLOCK", count_block)
+    monkeypatch.setattr(planning, "_COUNT_BLOCK", count_block)
     rng = random.Random(11)
     path = tmp_path / "in.jsonl"
     for _ in range(300):

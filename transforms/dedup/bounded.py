@@ -35,6 +35,7 @@ __all__ = [
     "MAX_PARTITIONS",
     "PARTITION_SPILL_BYTES",
     "DedupByTransactionId",
+    "never_retries",
     "open_file_budget",
     "pack_block",
     "pick_first",
@@ -274,9 +275,14 @@ def _remove_quietly(path: str) -> None:
 _RUNNERS_WITHOUT_RETRIES = frozenset({"FnApiRunner", "LocalRunner"})
 
 
+def never_retries(runner: object) -> bool:
+    """Whether ``runner`` (a ``--runner`` value) runs every bundle once: a failure fails the run."""
+    return runner is not None and str(runner).rsplit(".", 1)[-1] in _RUNNERS_WITHOUT_RETRIES
+
+
 def removes_spill_as_read(runner: object) -> bool:
     """Whether a run on ``runner`` (a ``--runner`` value) may delete spill files once read."""
-    return runner is not None and str(runner).rsplit(".", 1)[-1] in _RUNNERS_WITHOUT_RETRIES
+    return never_retries(runner)
 
 
 class _KeepFirstInPartitionFn(beam.DoFn):

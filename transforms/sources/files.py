@@ -12,15 +12,12 @@ import itertools
 import logging
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-import numpy
 from apache_beam import pvalue
 from apache_beam.coders import PickleCoder
 from apache_beam.io import fileio
@@ -33,12 +30,21 @@ from moesif_beam.transforms.common.errors import require_positive
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER, dead_letter
 from moesif_beam.transforms.records import Line, new_line
 from moesif_beam.transforms.sources.drain import Ticks
+from moesif_beam.transforms.sources.ranges import (
+    RANGE_BYTES,
+    RangeClaims,
+    claim_tokens,
+    claimed_ranges,
+    plan_ranges,
+    splittable,
+)
 
 __all__ = [
     "MAX_LINE_BYTES",
     "FollowFiles",
     "Lines",
     "Oversized",
+    "RangeClaims",
     "ReadLines",
     "input_bytes",
     "iter_lines",
@@ -50,11 +56,6 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-# Local plain files larger than this are read as several line-aligned ranges, so that on
-# a multi-worker runner parsing and mapping run on every core, not on the one worker that
-# happened to get the file. Small enough that a 40 MB file splits into ranges two
-# workers share evenly (measured: 16 MB ranges left one worker with 25 MB of 41).
-RANGE_BYTES = 8 << 20
 
 # The longest line read by default: above the largest batch body Moesif takes (15 MB of
 # actions), so a line holding a whole /v1/actions/batch body still fits.
@@ -170,94 +171,6 @@ def _open_lines(path: str, max_line_bytes: int = 0) -> Iterator[bytes | Oversize
                 yield Oversized(line[:OVERSIZED_HEAD], len(line.rstrip(b"\r\n")))
                 continue
             yield line
-
-
-def splittable(path: str) -> bool:
-    """A local, uncompressed file: one that can be read as byte ranges."""
-    return "://" not in path and not path.endswith(".gz")
-
-
-def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, int, int, int]]:
-    """Split a file into line-aligned ranges ``(path, start, end, first_line_number)``.
-
-    Only local, uncompressed files larger than ``range_bytes`` are split; anything else is
-    one range ``(path, 0, -1, 1)`` read whole. Every range starts at the beginning of a
-    line, and the ranges cover the file exactly once, so reading them all yields every
-    line once with the same ``path:line`` numbering as reading the file whole. Planning
-    reads the file once, counting newlines at C speed.
-    """
-    if range_bytes <= 0:
-        msg = f"range_bytes must be > 0, got {range_bytes}"
-        raise ValueError(msg)
-    if not splittable(path):
-        return [(path, 0, -1, 1)]
-    size = os.path.getsize(path)
-    if size <= range_bytes:
-        return [(path, 0, -1, 1)]
-    ranges = []
-    start, first_line = 0, 1
-    with open(path, "rb") as handle:
-        newlines = _newline_counter(handle, size)
-        while start < size:
-            target = start + range_bytes
-            if target >= size:
-                ranges.append((path, start, size, first_line))
-                break
-            # Count the newlines up to the target, then run on to the end of that line.
-            lines = newlines(start, target)
-            handle.seek(target)
-            rest = handle.readline()
-            end = target + len(rest)
-            lines += rest.count(b"\n")
-            ranges.append((path, start, end, first_line))
-            start, first_line = end, first_line + lines
-    return ranges
-
-
-# Planning counts a file's newlines in blocks of this size, on two threads.
-_COUNT_BLOCK = 4 << 20
-
-
-def _newline_counter(handle: Any, size: int) -> Callable[[int, int], int]:
-    """``count(start, end)``: the newlines of a local file between two offsets.
-
-    Every block's newlines are counted up front on two threads, each reading with
-    ``pread`` into a buffer of its own and counting with numpy (both let go of the GIL):
-    measured on 1.2 GB, about 0.4 s against 1.0 s reading and counting with
-    ``bytes.count``, the time a run waits before its first range. Memory holds two
-    blocks, never the file (a memory map of it counted the whole file in the process's
-    PSS).
-    """
-    fd = handle.fileno()
-    block = _COUNT_BLOCK
-    buffers = threading.local()
-
-    def count(start: int, end: int) -> int:
-        buffer = getattr(buffers, "buffer", None)
-        if buffer is None:
-            buffer = buffers.buffer = bytearray(block)
-        total = 0
-        while start < end:
-            view = memoryview(buffer)[: min(block, end - start)]
-            got = os.preadv(fd, [view], start)
-            if got <= 0:
-                break
-            total += int(numpy.count_nonzero(numpy.frombuffer(buffer, numpy.uint8, got) == 10))
-            start += got
-        return total
-
-    with ThreadPoolExecutor(2, thread_name_prefix="plan") as pool:
-        counts = pool.map(lambda at: count(at, min(at + block, size)), range(0, size, block))
-        before = [0, *itertools.accumulate(counts)]
-
-    def between(start: int, end: int) -> int:
-        # Whole blocks from the prefix sums, the rest counted where it lies.
-        first, last = -(-start // block), min(end, size) // block
-        if first >= last:
-            return count(start, end)
-        return count(start, first * block) + before[last] - before[first] + count(last * block, end)
-
-    return between
 
 
 def iter_range(
@@ -387,9 +300,15 @@ class _ReadFn(beam.DoFn):
     def process(self, file_range: Any) -> Iterable[Any]:
         if isinstance(file_range, str):
             file_range = (file_range, 0, -1, 1)
+        elif type(file_range) is RangeClaims:
+            return self._read_claimed(file_range)
         if _at_once(file_range, self._max_line_bytes):
             return self._read_at_once(file_range)
         return self._read_in_turn(file_range)
+
+    def _read_claimed(self, claims: RangeClaims) -> Iterator[Any]:
+        for file_range in claimed_ranges(claims):
+            yield from self.process(file_range)
 
     def _read_in_turn(self, file_range: tuple[str, int, int, int]) -> Iterator[Any]:
         try:
@@ -480,23 +399,30 @@ class Lines(NamedTuple):
 
 
 class _PlanRanges(beam.PTransform):
-    def __init__(self, pattern: str, range_bytes: int) -> None:
+    def __init__(self, pattern: str, range_bytes: int, claims: tuple[str, int] | None) -> None:
         super().__init__()
         self._pattern = pattern
         self._range_bytes = range_bytes
+        self._claims = claims
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
+        planned = (
             pbegin
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "Plan"
             >> beam.FlatMap(
                 lambda metadata, size: plan_ranges(metadata.path, size), self._range_bytes
             )
-            # Without this the runner fuses planning with reading and one worker reads
-            # everything; spreading ranges lets them be read in parallel.
-            | "Spread" >> beam.Reshuffle()
         )
+        if self._claims is not None:
+            planned = (
+                planned
+                | "Gather" >> beam.combiners.ToList()
+                | "Tokens" >> beam.FlatMap(claim_tokens, *self._claims)
+            )
+        # Without this the runner fuses planning with reading and one worker reads
+        # everything; spreading ranges (or tokens) lets them be read in parallel.
+        return planned | "Spread" >> beam.Reshuffle()
 
 
 class ReadLines(beam.PTransform):
@@ -507,6 +433,11 @@ class ReadLines(beam.PTransform):
     every worker; other files are read whole. A file that cannot be read, and a line over
     ``max_line_bytes``, become dead letters (see :class:`Lines`); the other files and
     lines are read as usual.
+
+    With ``claims_dir`` (a local directory, for runners that never run a bundle twice),
+    the ranges are not split between the workers up front: each worker claims the next
+    unclaimed range as it goes (:class:`RangeClaims`), handed ``claim_tokens`` alike
+    tokens in all. The same lines are read, once each.
     """
 
     def __init__(
@@ -516,6 +447,8 @@ class ReadLines(beam.PTransform):
         *,
         pipeline: str = "events",
         max_line_bytes: int = MAX_LINE_BYTES,
+        claims_dir: str | None = None,
+        claim_tokens: int = 4,
     ) -> None:
         super().__init__()
         self._fn = _ReadFn(pipeline, max_line_bytes)
@@ -525,8 +458,13 @@ class ReadLines(beam.PTransform):
         if range_bytes <= 0:
             msg = f"range_bytes must be > 0, got {range_bytes}"
             raise ValueError(msg)
+        if claims_dir is not None and ("://" in claims_dir or not claims_dir):
+            msg = f"claims_dir must be a local directory, got {claims_dir!r}"
+            raise ValueError(msg)
+        require_positive("claim_tokens", claim_tokens)
         self._pattern = pattern
         self._range_bytes = range_bytes
+        self._claims = None if claims_dir is None else (claims_dir, claim_tokens)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Lines:
         read = (
@@ -538,7 +476,7 @@ class ReadLines(beam.PTransform):
 
     def ranges(self) -> beam.PTransform:
         """The planned ranges of the matching files, spread over workers: :meth:`stage`'s input."""
-        return _PlanRanges(self._pattern, self._range_bytes)
+        return _PlanRanges(self._pattern, self._range_bytes, self._claims)
 
     def stage(self) -> beam.DoFn:
         """Reading one range as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused`.
