@@ -112,6 +112,7 @@ class _Poster:
         ]
         for worker in self._threads:
             worker.start()
+        # The loop's own connection, used without threads (it connects on first use).
         self._connection = self._connect(parts)
         self._level = gzip_level
         # The pipeline's own compressor (igzip at levels 1 to 3, zlib otherwise), imported
@@ -132,7 +133,7 @@ class _Poster:
         """Compress and POST one batch; with a poster thread, the POST overlaps the next batch."""
         body = self._compress(b"[" + b",".join(records) + b"]", self._level)
         if self._queue is None:
-            self._send(body)
+            self._send(body, self._connection)
             return
         self._queue.put(body)  # waits only while every thread has a POST on its way
 
@@ -157,8 +158,7 @@ class _Poster:
             except BaseException as exc:  # reported by close()
                 self._failed = f"reference: {exc}"
 
-    def _send(self, body: bytes, connection: http.client.HTTPConnection | None = None) -> None:
-        connection = connection or self._connection
+    def _send(self, body: bytes, connection: http.client.HTTPConnection) -> None:
         connection.request("POST", "/v1/events/batch", body, self._headers)
         response = connection.getresponse()
         response.read()

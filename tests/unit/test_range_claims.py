@@ -16,9 +16,9 @@ from moesif_beam.transforms.sources.files import ReadLines, iter_lines
 from moesif_beam.transforms.sources.ranges import (
     RangeClaims,
     claim,
-    claim_tokens,
     claimed_ranges,
     plan_ranges,
+    tokens_over,
 )
 from tests.helpers import make_pipeline, run
 
@@ -35,13 +35,13 @@ def test_a_range_is_claimed_by_one_caller_only(tmp_path):
 
 def test_tokens_are_alike_and_in_file_order(tmp_path):
     ranges = [("b", 0, 5, 1), ("a", 10, 20, 3), ("a", 0, 10, 1)]
-    tokens = claim_tokens(ranges, str(tmp_path), 3)
+    tokens = tokens_over(ranges, str(tmp_path), 3)
     assert (
         tokens
         == [RangeClaims(str(tmp_path), (("a", 0, 10, 1), ("a", 10, 20, 3), ("b", 0, 5, 1)))] * 3
     )
     with pytest.raises(ValueError, match="tokens"):
-        claim_tokens(ranges, str(tmp_path), 0)
+        tokens_over(ranges, str(tmp_path), 0)
 
 
 def _claim_all(token: RangeClaims, out) -> None:
@@ -53,7 +53,7 @@ def test_processes_reading_alike_tokens_read_every_range_once(tmp_path):
     _lines_file(path, 4000)
     ranges = plan_ranges(str(path), 512)
     assert len(ranges) > 50
-    token = claim_tokens(ranges, str(tmp_path / "claims"), 1)[0]
+    token = tokens_over(ranges, str(tmp_path / "claims"), 1)[0]
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     procs = [ctx.Process(target=_claim_all, args=(token, out)) for _ in range(4)]

@@ -33,10 +33,10 @@ from moesif_beam.transforms.sources.drain import Ticks
 from moesif_beam.transforms.sources.ranges import (
     RANGE_BYTES,
     RangeClaims,
-    claim_tokens,
     claimed_ranges,
     plan_ranges,
     splittable,
+    tokens_over,
 )
 
 __all__ = [
@@ -418,7 +418,7 @@ class _PlanRanges(beam.PTransform):
             planned = (
                 planned
                 | "Gather" >> beam.combiners.ToList()
-                | "Tokens" >> beam.FlatMap(claim_tokens, *self._claims)
+                | "Tokens" >> beam.FlatMap(tokens_over, *self._claims)
             )
         # Without this the runner fuses planning with reading and one worker reads
         # everything; spreading ranges (or tokens) lets them be read in parallel.

@@ -23,14 +23,16 @@ from typing import Any, NamedTuple
 
 import numpy
 
+from moesif_beam.transforms.common.errors import require_positive
+
 __all__ = [
     "RANGE_BYTES",
     "RangeClaims",
     "claim",
-    "claim_tokens",
     "claimed_ranges",
     "plan_ranges",
     "splittable",
+    "tokens_over",
 ]
 
 FileRange = tuple[str, int, int, int]
@@ -169,10 +171,8 @@ def claimed_ranges(claims: RangeClaims) -> Iterator[FileRange]:
             yield file_range
 
 
-def claim_tokens(ranges: list[FileRange], claims_dir: str, tokens: int) -> list[RangeClaims]:
+def tokens_over(ranges: list[FileRange], claims_dir: str, tokens: int) -> list[RangeClaims]:
     """``tokens`` alike tokens over ``ranges``, in file order (reads go forward in a file)."""
-    if tokens <= 0:
-        msg = f"tokens must be > 0, got {tokens}"
-        raise ValueError(msg)
+    require_positive("tokens", tokens)
     every = RangeClaims(claims_dir, tuple(sorted(ranges)))
     return [every] * tokens
