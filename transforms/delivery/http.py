@@ -28,6 +28,7 @@ from isal import igzip
 from moesif_beam.transforms.common.errors import CollectorConfigError
 from moesif_beam.transforms.common.live import observe_post
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, dead_letter
+from moesif_beam.transforms.delivery.direct import DirectSession, goes_direct
 from moesif_beam.transforms.delivery.policy import (
     Action,
     RetryPolicy,
@@ -248,7 +249,7 @@ class _HttpWriter(_Writer):
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = drain_sleep,
-        session_factory: Callable[[], Any] = _new_session,
+        session_factory: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__(pipeline, gzip_level)
         self._url = url
@@ -276,7 +277,7 @@ class _HttpWriter(_Writer):
     def _session(self) -> Any:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._session_factory()
+            session = self._new_session()
             session.headers.update(
                 {
                     "Content-Type": "application/json",
@@ -289,6 +290,24 @@ class _HttpWriter(_Writer):
             with self._lock:
                 self._sessions.append(session)
         return session
+
+    def _new_session(self) -> Any:
+        """This thread's session: a direct connection where requests would go straight there.
+
+        The environment (proxies, CA bundles, ``~/.netrc``) is read once, as requests reads
+        it (see :func:`_settle_environment`); a proxy, credentials or a client certificate
+        keep requests (transforms/delivery/direct.py says why the rest does not).
+        """
+        if self._session_factory is not None:
+            return self._session_factory()
+        session = _new_session()
+        settings = _settle_environment(session, self._url, self._verify)
+        if not goes_direct(self._url, settings, session.auth):
+            self._local.settings = settings
+            return session
+        session.close()
+        self._local.settings = {}
+        return DirectSession(self._url, settings["verify"])
 
     def _settings(self, session: Any) -> dict[str, Any]:
         """This thread's session's environment settings (see :func:`_settle_environment`)."""

@@ -22,6 +22,7 @@ _LOG = logging.getLogger(__name__)
 
 __all__ = [
     "MIN_SECRET_LENGTH",
+    "NotConnected",
     "Secret",
     "batch_url",
     "check_ca_bundle",
@@ -73,6 +74,10 @@ class Secret:
 
 
 _USER_AGENT = f"moesif-beam/{__version__}"
+
+
+class NotConnected(ConnectionError):
+    """No connection to the collector could be made, so nothing was sent."""
 
 
 def batch_url(base_url: str, kind: str) -> str:
@@ -158,7 +163,8 @@ def delivery_unknown(exc: BaseException) -> bool:
         return True
     if isinstance(exc, requests.exceptions.ConnectionError):
         return not any(
-            type(inner).__name__ in ("NewConnectionError", "NameResolutionError")
+            isinstance(inner, NotConnected)
+            or type(inner).__name__ in ("NewConnectionError", "NameResolutionError")
             for inner in _chain(exc)
         )
     return False
