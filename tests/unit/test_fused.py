@@ -184,3 +184,76 @@ def test_every_stage_is_torn_down_when_one_fails():
     with pytest.raises(RuntimeError, match="c"):
         chain.teardown()
     assert torn == ["c", "b", "a"]
+
+
+class _Runs(beam.DoFn):
+    """One element in, its words out as one run."""
+
+    def process(self, line: str) -> Iterator[Any]:
+        from moesif_beam.transforms.common.fused import Run
+
+        yield Run(line.split())
+
+
+class _Upper(beam.DoFn):
+    """Takes runs whole when it can: each call is recorded, as is each side input."""
+
+    def setup(self) -> None:
+        self.calls: list[Any] = []
+
+    def process(self, word: str, banned: dict) -> tuple[Any, ...]:
+        self.calls.append(word)
+        if word in banned:
+            return (pvalue.TaggedOutput("rejects", f"banned: {word}"),)
+        return (word.upper(),)
+
+    def process_run(self, run: list[str], banned: dict) -> list[Any]:
+        from moesif_beam.transforms.common.fused import Run
+
+        self.calls.append(list(run))
+        kept = Run(word.upper() for word in run if word not in banned)
+        return [kept, *(pvalue.TaggedOutput("rejects", f"banned: {w}") for w in run if w in banned)]
+
+
+class _UpperOneByOne(beam.DoFn):
+    def process(self, word: str) -> tuple[str]:
+        return (word.upper(),)
+
+
+def test_a_run_reaches_a_stage_that_takes_runs_whole_and_leaves_element_by_element():
+    from moesif_beam.transforms.common.fused import _ChainFn
+
+    upper = _Upper()
+    chain = _ChainFn([_Runs(), upper], ("banned",), ("rejects",))
+    chain.setup()
+    chain.start_bundle()
+    outputs = list(chain.process("a spam b", banned={"spam": 1}))
+    assert upper.calls == [["a", "spam", "b"]]  # one call for the whole run
+    assert [o for o in outputs if not isinstance(o, pvalue.TaggedOutput)] == ["A", "B"]
+    assert [o.value for o in outputs if isinstance(o, pvalue.TaggedOutput)] == ["banned: spam"]
+
+    # A stage without process_run gets each element of the run in order, and a run the
+    # last stage emits leaves as its elements.
+    chain = _ChainFn([_Runs(), _UpperOneByOne()], (), ())
+    chain.start_bundle()
+    assert list(chain.process("x y z")) == ["X", "Y", "Z"]
+    alone = _ChainFn([_Runs()], (), ())
+    alone.start_bundle()
+    assert list(alone.process("x y")) == ["x", "y"]
+
+
+def test_a_run_through_a_pipeline_gives_what_elements_one_by_one_give():
+    pipeline = make_pipeline()
+    banned = pipeline | "Banned" >> beam.Create([("spam", 1)])
+    out = (
+        pipeline
+        | beam.Create(["a spam b", "c"])
+        | Fused(
+            [_Runs(), _Upper()],
+            tags=("rejects",),
+            side_inputs={"banned": beam.pvalue.AsDict(banned)},
+        )
+    )
+    assert_that(out.main, equal_to(["A", "B", "C"]), label="main")
+    assert_that(out.rejects, equal_to(["banned: spam"]), label="rejects")
+    pipeline.run().wait_until_finish()

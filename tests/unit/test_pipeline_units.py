@@ -194,7 +194,7 @@ def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
         for i in range(30)
     ]
     files = _spill(spill, records)
-    kept = [winner for group in files.items() for winner in keep.process(group)]
+    kept = [winner for group in files.items() for run in keep.process(group) for winner in run]
     assert sorted(kept) == sorted(records[:7])  # the earliest of each id, its source intact
 
 
@@ -208,7 +208,7 @@ def test_a_partition_deletes_its_spill_files_once_read(tmp_path, remove_read):
     records = [(f"id-{i % 5}", Record(i, b'{"i":%d}' % i, b"r", f"f:{i}")) for i in range(20)]
     files = _spill(spill, records)
     assert len(list((tmp_path / "spill").iterdir())) == len(files) == 2
-    kept = [winner for group in files.items() for winner in keep.process(group)]
+    kept = [winner for group in files.items() for run in keep.process(group) for winner in run]
     keep.teardown()  # waits for the deletions
     assert sorted(kept) == sorted(records[:5])
     assert len(list((tmp_path / "spill").iterdir())) == (0 if remove_read else 2)
@@ -519,3 +519,77 @@ def test_stream_flattens_take_inputs_of_one_coder(tmp_path, source, single_proce
         inputs = {components.pcollections[i].coder_id for i in transform.inputs.values()}
         assert inputs == {coder}, transform.unique_name
     assert flattens >= 1
+
+
+# ---------------------------------------------------------------------------------------
+# A partition's winners as one run (Fused): the same outcome as record by record
+# ---------------------------------------------------------------------------------------
+
+
+def _batches(directory: Any) -> list[list[str]]:
+    return sorted(
+        [event["transaction_id"] for event in json.loads(gzip.decompress(path.read_bytes()))]
+        for path in directory.iterdir()
+    )
+
+
+@pytest.mark.parametrize(("max_events", "max_bytes"), [(3, 5_000_000), (500, 1024)])
+def test_a_run_makes_the_batches_its_records_make_one_by_one(tmp_path, max_events, max_bytes):
+    from moesif_beam.transforms.common.fused import Run
+
+    records = [
+        (
+            f"id-{i:03d}",
+            Record(
+                i,
+                json.dumps({"transaction_id": f"id-{i:03d}", "pad": "x" * (i * 7)}).encode(),
+                b"r",
+                "f:1",
+            ),
+        )
+        for i in range(40)
+    ]
+    made = {}
+    for how in ("one_by_one", "run"):
+        sink = WriteBatchFiles(
+            "events", str(tmp_path / how), max_events=max_events, max_bytes=max_bytes
+        )._batching()
+        sink.setup()
+        sink.start_bundle()
+        outputs: list[Any] = []
+        if how == "run":
+            outputs += sink.process_run(Run(records[:25]))
+            outputs += sink.process_run(Run(records[25:]))
+        else:
+            for record in records:
+                outputs += sink.process(record)
+        outputs += list(sink.finish_bundle())
+        sink.teardown()
+        assert outputs == []  # nothing was refused
+        made[how] = _batches(tmp_path / how)
+    assert made["run"] == made["one_by_one"]
+    assert len(made["run"]) > 1
+    assert sorted(tid for batch in made["run"] for tid in batch) == [tid for tid, _ in records]
+
+
+def test_the_schema_check_of_a_run_keeps_and_rejects_what_it_does_record_by_record():
+    from moesif_beam.transforms.common.fused import Run
+    from moesif_beam.transforms.schema.bounded import EnforceMetadataSchema
+
+    check = EnforceMetadataSchema({}, "events").check_stage()
+    records = [
+        (f"id-{i}", Record(i, b"{}", b"raw %d" % i, "f:1", sig_id=b"bad" if i % 3 == 0 else b"ok"))
+        for i in range(9)
+    ]
+    conflicts = {b"bad": ("plan", "string", "number")}
+    one_by_one = [out for record in records for out in check.process(record, conflicts)]
+    kept, *letters = check.process_run(Run(records), conflicts)
+    assert list(kept) == [o for o in one_by_one if not isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [letter.value for letter in letters] == [
+        o.value for o in one_by_one if isinstance(o, beam.pvalue.TaggedOutput)
+    ]
+    assert len(letters) == 3
+    assert letters[0].value["reason"] == "type_conflict"
+    # No conflicts in the run: the run goes on as it came, not copied record by record.
+    run = Run(records)
+    assert check.process_run(run, {})[0] is run

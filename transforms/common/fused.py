@@ -23,7 +23,21 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 
-__all__ = ["Fused"]
+__all__ = ["Fused", "Run"]
+
+
+class Run(list):
+    """Many main outputs of one stage, handed to the next stage at once inside :class:`Fused`.
+
+    The next stage's ``process_run(run, *side_inputs)`` takes the whole run if it has one
+    (it must do for the run what ``process`` does for each element, in order); otherwise
+    each element goes to ``process``. A run the last stage emits leaves element by
+    element. A dedup partition's winners travel as one: handing each record on by itself
+    was about 2 µs of CPU a record in the second phase of a bounded run (measured).
+    """
+
+    __slots__ = ()
+
 
 # The class of DoFn.WindowParam, TimestampParam, StateParam...: what only a runner fills in.
 _BEAM_PARAM = type(beam.DoFn.WindowParam)
@@ -74,6 +88,11 @@ class _ChainFn(beam.DoFn):
             for stage, takes in zip(self._stages, self._takes, strict=True)
         ]
         self._tags = frozenset(tags)
+        # A stage takes runs whole if it says so and its side inputs (if any) go by position.
+        self._run_fns = [
+            getattr(stage, "process_run", None) if not takes or order is not None else None
+            for stage, takes, order in zip(self._stages, self._takes, self._orders, strict=True)
+        ]
 
     def setup(self) -> None:
         collect_garbage_less_often()  # see transforms/common/garbage.py
@@ -105,10 +124,14 @@ class _ChainFn(beam.DoFn):
             return
         emitted: list[Any] = []
         for output in outputs:
-            if type(output) is pvalue.TaggedOutput:
+            kind = type(output)
+            if kind is pvalue.TaggedOutput:
                 yield self._tagged(output)
                 continue
-            self._push(1, output, emitted)
+            if kind is Run:
+                self._push_run(1, output, emitted)
+            else:
+                self._push(1, output, emitted)
             if emitted:
                 yield from emitted
                 emitted.clear()
@@ -133,16 +156,48 @@ class _ChainFn(beam.DoFn):
             return
         following = index + 1
         if following == len(self._stages):
-            for output in outputs:
-                emitted.append(
-                    self._tagged(output) if type(output) is pvalue.TaggedOutput else output
-                )
+            self._leave(outputs, emitted)
             return
         for output in outputs:
-            if type(output) is pvalue.TaggedOutput:
+            kind = type(output)
+            if kind is pvalue.TaggedOutput:
                 emitted.append(self._tagged(output))
+            elif kind is Run:
+                self._push_run(following, output, emitted)
             else:
                 self._push(following, output, emitted)
+
+    def _push_run(self, index: int, run: Run, emitted: list[Any]) -> None:
+        process_run = self._run_fns[index]
+        if process_run is None:
+            for element in run:
+                self._push(index, element, emitted)
+            return
+        _, args = self._callers[index]
+        outputs = process_run(run, *args)
+        following = index + 1
+        if following == len(self._stages):
+            self._leave(outputs, emitted)
+            return
+        for output in outputs:
+            kind = type(output)
+            if kind is pvalue.TaggedOutput:
+                emitted.append(self._tagged(output))
+            elif kind is Run:
+                self._push_run(following, output, emitted)
+            else:
+                self._push(following, output, emitted)
+
+    def _leave(self, outputs: Iterable[Any], emitted: list[Any]) -> None:
+        """The last stage's outputs, as the chain emits them: runs element by element."""
+        for output in outputs:
+            kind = type(output)
+            if kind is pvalue.TaggedOutput:
+                emitted.append(self._tagged(output))
+            elif kind is Run:
+                emitted.extend(output)
+            else:
+                emitted.append(output)
 
     def _tagged(self, output: pvalue.TaggedOutput) -> pvalue.TaggedOutput:
         if output.tag not in self._tags:
@@ -152,7 +207,13 @@ class _ChainFn(beam.DoFn):
 
     def _checked(self, outputs: Iterable[Any]) -> Iterator[Any]:
         for output in outputs:
-            yield self._tagged(output) if type(output) is pvalue.TaggedOutput else output
+            kind = type(output)
+            if kind is pvalue.TaggedOutput:
+                yield self._tagged(output)
+            elif kind is Run:
+                yield from output
+            else:
+                yield output
 
     def finish_bundle(self) -> Iterable[Any]:
         window = GlobalWindow()
@@ -162,8 +223,13 @@ class _ChainFn(beam.DoFn):
             for output in stage.finish_bundle() or ():
                 if type(output) is pvalue.TaggedOutput:
                     yield self._tagged(output)  # already windowed, as it must be here
+                elif last and type(output.value) is Run:
+                    for element in output.value:
+                        yield WindowedValue(element, output.timestamp, output.windows)
                 elif last:
                     yield output
+                elif type(output.value) is Run:
+                    self._push_run(index + 1, output.value, emitted)
                 else:
                     self._push(index + 1, output.value, emitted)
             # What later stages emitted for these outputs came from process(): window it.

@@ -28,6 +28,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.fused import Run
 from moesif_beam.transforms.records import Keyed, Record, pack_keyed, unpack_keyed
 
 __all__ = [
@@ -294,11 +295,16 @@ class _KeepFirstInPartitionFn(beam.DoFn):
     GB of spill files took about a second at the end of a 1M-event run, while the run
     waited; spread over the partitions, the kernel does it while this stage waits on the
     collector.
+
+    With ``runs`` (only inside :class:`~moesif_beam.transforms.common.fused.Fused`) a
+    partition's winners leave as one :class:`~moesif_beam.transforms.common.fused.Run`,
+    in the same order.
     """
 
-    def __init__(self, remove_read: bool = False) -> None:
+    def __init__(self, remove_read: bool = False, runs: bool = False) -> None:
         self._duplicates = counter("duplicates")
         self._remove_read = remove_read
+        self._runs = runs
         self._removals: ThreadPoolExecutor | None = None
 
     def teardown(self) -> None:
@@ -311,7 +317,7 @@ class _KeepFirstInPartitionFn(beam.DoFn):
             self._removals = ThreadPoolExecutor(1, thread_name_prefix="spill-removal")
         self._removals.submit(_remove_quietly, path)
 
-    def process(self, element: tuple[int, Iterable[str]]) -> Iterator[Keyed]:
+    def process(self, element: tuple[int, Iterable[str]]) -> Iterator[Any]:
         _, paths = element
         winners: dict[str, Record] = {}
         duplicates = 0
@@ -333,6 +339,13 @@ class _KeepFirstInPartitionFn(beam.DoFn):
             self._duplicates.inc(duplicates)
         # Emitted in id order, so the batches a partition makes do not depend on the order
         # its files were written in.
+        if self._runs:
+            run = Run(
+                [(transaction_id, winners[transaction_id]) for transaction_id in sorted(winners)]
+            )
+            winners.clear()
+            yield run
+            return
         for transaction_id in sorted(winners):
             yield transaction_id, winners.pop(transaction_id)
 
@@ -372,11 +385,12 @@ class DedupByTransactionId(beam.PTransform):
     def keep_stage(self, remove_read: bool = False) -> beam.DoFn:
         """A partition's dedup as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused`.
 
-        ``(partition, paths)`` in, that partition's winners out, as in :meth:`expand`.
-        With ``remove_read`` each spill file is deleted once read: only where the runner
-        never retries a bundle (:func:`removes_spill_as_read`).
+        ``(partition, paths)`` in, that partition's winners out, as in :meth:`expand`, as
+        one :class:`~moesif_beam.transforms.common.fused.Run` per partition. With
+        ``remove_read`` each spill file is deleted once read: only where the runner never
+        retries a bundle (:func:`removes_spill_as_read`).
         """
-        return _KeepFirstInPartitionFn(remove_read)
+        return _KeepFirstInPartitionFn(remove_read, runs=True)
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         if self._spill_dir is None:

@@ -32,7 +32,7 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.errors import CollectorConfigError, require_positive
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER, dead_letter
 from moesif_beam.transforms.deadletters.streaming import _WriteDeadLettersFn
-from moesif_beam.transforms.delivery.http import _FileWriter, _HttpWriter, _Writer
+from moesif_beam.transforms.delivery.http import _FileWriter, _HttpWriter, _new_session, _Writer
 from moesif_beam.transforms.delivery.policy import RetryPolicy
 from moesif_beam.transforms.delivery.sinks import MAX_IN_FLIGHT, _BatchingFn
 from moesif_beam.transforms.delivery.transport import (
@@ -84,7 +84,7 @@ class _SegmentWriter(_HttpWriter):
         session = getattr(self._local, "session", None)
         if session is None:
             token = base64.b64encode(f"{self._application_id.reveal()}:".encode()).decode()
-            session = self._session_factory()
+            session = (self._session_factory or _new_session)()
             session.headers.update(
                 {
                     "Content-Type": "application/json",

@@ -15,6 +15,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 
 from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.fused import Run
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER, dead_letter
 from moesif_beam.transforms.records import FirstSeen, Keyed
 from moesif_beam.transforms.schema.rule import (
@@ -82,6 +83,22 @@ class _CheckFn(beam.DoFn):
         return (
             pvalue.TaggedOutput(DEAD_LETTER, conflict_letter(element, conflict, self._pipeline)),
         )
+
+    def process_run(self, run: Run, conflicts: Mapping[bytes, tuple[str, str, str]]) -> list[Any]:
+        """:meth:`process` for each record of ``run``: the kept ones as one run, then letters."""
+        if not conflicts:
+            return [run]
+        kept = Run()
+        letters: list[Any] = []
+        for element in run:
+            conflict = conflicts.get(element[1].sig_id)
+            if conflict is None:
+                kept.append(element)
+                continue
+            self._conflicts.inc()
+            letter = conflict_letter(element, conflict, self._pipeline)
+            letters.append(pvalue.TaggedOutput(DEAD_LETTER, letter))
+        return [kept, *letters]
 
 
 def conflict_letter(
