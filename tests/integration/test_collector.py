@@ -984,6 +984,33 @@ def test_fast_count_mode_reads_ids_and_request_times_of_any_item_shape():
         assert post(c, "/v1/events/batch", deep).status_code == 400
 
 
+def test_fast_count_mode_without_arrival_lags_reads_only_ids_and_counts_alike():
+    """The benchmarks' setting: no lags kept, so only the id is read; counts are the same."""
+    plain = json.dumps([event("a"), {"transaction_id": "b", "request": "any"}]).encode()
+    assert _count_only_items(plain, times=False) == [
+        {"transaction_id": "a"},
+        {"transaction_id": "b"},
+    ]
+    assert _count_only_items(b'[{"v": NaN}]', times=False) is None
+    assert _count_only_items(b'[1, {"transaction_id": "x"}]', times=False) is None
+    config = CollectorConfig(
+        application_id=APP_ID,
+        store="count",
+        metadata_types="off",
+        validation="off",
+        arrival_lags=False,
+    )
+    with start_in_thread(config) as c:
+        batch = [event("A"), event("A"), {"transaction_id": ""}, {"request": {}}, event("B")]
+        assert post(c, "/v1/events/batch", batch).status_code == 201
+        assert post(c, "/v1/events/batch", [event("B"), event("C")]).status_code == 201
+        assert post(c, "/v1/events/batch", [1, 2]).status_code == 400
+        stats = c.stats()
+        assert stats["items_received"]["events"] == 7
+        assert stats["records"]["events"] == 5  # A, B, C and the two without an id
+        assert stats["duplicates"]["events"] == 2
+
+
 def test_fast_count_mode_parses_as_strictly_as_the_others():
     """orjson reads this mode's bodies; what it refuses gets the standard library's answer."""
     config = CollectorConfig(

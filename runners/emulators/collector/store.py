@@ -197,17 +197,19 @@ class _CountStore:
     ) -> int:
         del new_types  # this mode's schema lives only in _Collector's memory
         seen = self._seen[kind]
-        stored = 0
+        add = seen.add
+        anonymous = 0
+        # Per item only what must be: one lookup and one add (a repeat adds nothing).
         with self._lock:
+            before = len(seen)
             for item in items:
-                transaction_id = _transaction_id(item)
-                if transaction_id is None:
-                    self._anonymous[kind] += 1
-                    stored += 1
-                elif transaction_id not in seen:
-                    seen.add(transaction_id)
-                    stored += 1
-        return stored
+                transaction_id = item.get("transaction_id")
+                if transaction_id:
+                    add(transaction_id)
+                else:  # an empty id identifies nothing: stored like an item without one
+                    anonymous += 1
+            self._anonymous[kind] += anonymous
+            return len(seen) - before + anonymous
 
     def upsert(self, kind: str, items: list[dict[str, Any]]) -> None:
         key = _PROFILE_KEYS[kind]
