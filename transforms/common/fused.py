@@ -148,24 +148,12 @@ class _ChainFn(beam.DoFn):
         return process(element, *args) if args else process(element)
 
     def _push(self, index: int, element: Any, emitted: list[Any]) -> None:
-        # _call's two lines and _checked's loop, written out here: this runs per record
-        # per stage, and a call or a generator fewer each time was measurable.
+        # _call's two lines, written out here: this runs per record per stage, and a call
+        # fewer each time was measurable.
         process, args = self._callers[index]
         outputs = process(element, *args) if args else process(element)
-        if outputs is None:
-            return
-        following = index + 1
-        if following == len(self._stages):
-            self._leave(outputs, emitted)
-            return
-        for output in outputs:
-            kind = type(output)
-            if kind is pvalue.TaggedOutput:
-                emitted.append(self._tagged(output))
-            elif kind is Run:
-                self._push_run(following, output, emitted)
-            else:
-                self._push(following, output, emitted)
+        if outputs is not None:
+            self._forward(index + 1, outputs, emitted)
 
     def _push_run(self, index: int, run: Run, emitted: list[Any]) -> None:
         process_run = self._run_fns[index]
@@ -174,8 +162,10 @@ class _ChainFn(beam.DoFn):
                 self._push(index, element, emitted)
             return
         _, args = self._callers[index]
-        outputs = process_run(run, *args)
-        following = index + 1
+        self._forward(index + 1, process_run(run, *args), emitted)
+
+    def _forward(self, following: int, outputs: Iterable[Any], emitted: list[Any]) -> None:
+        """One stage's outputs: tagged ones out, the rest (single or runs) to ``following``."""
         if following == len(self._stages):
             self._leave(outputs, emitted)
             return

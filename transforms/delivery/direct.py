@@ -80,6 +80,19 @@ def _dropped(sock: socket.socket) -> bool:
     return bool(readable)
 
 
+def _as_requests_error(exc: Exception, *, connecting: bool) -> requests.RequestException:
+    """``exc`` as requests raises it: while connecting (nothing sent) or after the request."""
+    if isinstance(exc, ssl.SSLError):
+        return requests.exceptions.SSLError(exc)
+    if isinstance(exc, TimeoutError):
+        if connecting:
+            return requests.exceptions.ConnectTimeout(exc)
+        return requests.exceptions.ReadTimeout(exc)
+    if connecting:
+        return requests.exceptions.ConnectionError(NotConnected(str(exc)))
+    return requests.exceptions.ConnectionError(exc)
+
+
 class DirectSession:
     """Posts to one collector over one keep-alive connection; requests' interface, in part.
 
@@ -118,15 +131,9 @@ class DirectSession:
             connection.request("POST", path, body=data, headers=self.headers)
             response = connection.getresponse()
             content = response.read()
-        except ssl.SSLError as exc:
-            self.close()
-            raise requests.exceptions.SSLError(exc) from exc
-        except TimeoutError as exc:
-            self.close()
-            raise requests.exceptions.ReadTimeout(exc) from exc
         except (OSError, http.client.HTTPException) as exc:
             self.close()
-            raise requests.exceptions.ConnectionError(exc) from exc
+            raise _as_requests_error(exc, connecting=False) from exc
         if response.will_close:
             self.close()
         return DirectResponse(response.status, response.headers, content.decode("utf-8", "replace"))
@@ -148,15 +155,9 @@ class DirectSession:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         try:
             connection.connect()
-        except ssl.SSLError as exc:
-            connection.close()
-            raise requests.exceptions.SSLError(exc) from exc
-        except TimeoutError as exc:
-            connection.close()
-            raise requests.exceptions.ConnectTimeout(exc) from exc
         except OSError as exc:
             connection.close()
-            raise requests.exceptions.ConnectionError(NotConnected(str(exc))) from exc
+            raise _as_requests_error(exc, connecting=True) from exc
         # Headers and body leave without waiting on the peer's delayed ACK.
         if connection.sock is not None:
             connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
