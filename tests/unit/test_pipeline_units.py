@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
 import random
 from typing import Any
 
@@ -196,6 +197,30 @@ def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
     files = _spill(spill, records)
     kept = [winner for group in files.items() for run in keep.process(group) for winner in run]
     assert sorted(kept) == sorted(records[:7])  # the earliest of each id, its source intact
+
+
+def test_partitions_read_through_one_reused_buffer_keep_every_record_intact(tmp_path):
+    # The partition files are read into one buffer the DoFn reuses: a large partition
+    # grows it past its first size (1 MiB), a small one after it fills only part of it,
+    # and no record already emitted may change when the buffer is overwritten or replaced.
+    keep = DedupByTransactionId(str(tmp_path / "k"), partitions=2).keep_stage()
+
+    def spilled(name: str, pad: int) -> tuple[list, dict[int, list[str]]]:
+        dedup = DedupByTransactionId(str(tmp_path / name), partitions=2)
+        records = [
+            (f"{name}-{i % 9}", Record(i, b'{"i":%d,"p":"%s"}' % (i, b"x" * pad), b"r", f"f:{i}"))
+            for i in range(30)
+        ]
+        return records, _spill(dedup.spill_stage(), records)
+
+    big, big_files = spilled("big", 150_000)
+    small, small_files = spilled("small", 10)
+    assert min(os.path.getsize(p) for paths in big_files.values() for p in paths) > 1 << 20
+    kept = []
+    for files in (big_files, small_files, big_files):
+        kept.append([w for group in files.items() for run in keep.process(group) for w in run])
+    assert sorted(kept[0]) == sorted(kept[2]) == sorted(big[:9])
+    assert sorted(kept[1]) == sorted(small[:9])
 
 
 @pytest.mark.parametrize("remove_read", [True, False])
