@@ -26,7 +26,7 @@ from moesif_beam.runners.engines.local_workers import LocalRunner
 from moesif_beam.runners.engines.loopback import loopback_grpc_servers
 from moesif_beam.runners.engines.prism import PrismServer, ensure_prism
 from moesif_beam.runners.engines.run_state import start_run
-from moesif_beam.runners.launch import EXIT_COLLECTOR, execute
+from moesif_beam.runners.launch import EXIT_COLLECTOR, execute, report_interrupt
 from moesif_beam.runners.logs import make_formatter
 from moesif_beam.runners.metrics import RunMetrics
 from moesif_beam.runners.options import (
@@ -481,7 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown command {args_list[0]!r}; commands: {', '.join(commands)}")
     args, extra = parser.parse_known_args(args_list)
     if args.command in _BUILDERS:
-        return _deliver(args.command, args.parser, args, extra)
+        try:
+            return _deliver(args.command, args.parser, args, extra)
+        except KeyboardInterrupt:  # before or after the run itself (see launch._execute)
+            return report_interrupt(args.command)
     if extra:
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return _schema(args)

@@ -52,6 +52,8 @@ _LOG = logging.getLogger(__name__)
 EXIT_FAILED = 1
 EXIT_COLLECTOR = 3
 EXIT_DRAIN_TIMEOUT = 4
+# 128 + SIGINT: what shells report for a command that Ctrl-C stopped.
+EXIT_INTERRUPTED = 130
 # Past a drain's deadline, a run that has not ended (a stage stuck elsewhere than in the
 # sink's retries, which give up at the deadline) is cancelled, then ended.
 _CANCEL_GRACE_S = 5.0
@@ -192,6 +194,8 @@ def _execute(
             watchdog = _drain_watchdog(result, config) if config.streaming else None
             with watchdog or contextlib.nullcontext():
                 result.wait_until_finish()
+    except KeyboardInterrupt:  # Ctrl-C on a bounded run (a stream drains instead)
+        return report_interrupt(config.pipeline)
     except Exception as exc:  # the runner wraps worker errors; we explain them once
         if config.streaming and drain_timed_out():
             return _report_drain_timeout(config)
@@ -405,6 +409,32 @@ def _write_metrics(config: PipelineConfig, counters: dict[str, int], seconds: fl
     assert config.metrics_out is not None
     with FileSystems.create(config.metrics_out, mime_type="application/json") as handle:
         handle.write(json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+
+
+def report_interrupt(pipeline: str) -> int:
+    """Ctrl-C stopped a run: one line saying what that means, and :data:`EXIT_INTERRUPTED`.
+
+    The run's own clean-up (its spill) happens on the way out as for any failed run, and,
+    as for any failed run, the metadata schema store and Kafka offsets are left as they
+    were. What was already posted stays posted: running the same command again sends the
+    rest, and the records sent twice carry the same transaction ids.
+    """
+    # A terminal's Ctrl-C reaches the whole process group, so the worker processes are
+    # gone too, and each of the runner's threads that talked to them would print its
+    # own traceback on the way out: a screenful that says nothing more.
+    threading.excepthook = _quiet_thread_exit
+    print(
+        f"moesif-beam {pipeline}: interrupted; what was already posted stays posted, the "
+        "rest was not sent. Run the same command again to send everything: records posted "
+        "twice carry the same transaction ids.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return EXIT_INTERRUPTED
+
+
+def _quiet_thread_exit(args: Any) -> None:
+    _LOG.debug("a runner thread ended after the interrupt: %s", args.exc_value)
 
 
 def _report_failure(

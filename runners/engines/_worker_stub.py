@@ -10,6 +10,7 @@ worker process of its own.
 
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -23,6 +24,9 @@ _WORKER_ENV = (
 
 
 def main(path: str) -> int:
+    # Ctrl-C is the launcher's to handle (see local_workers._serve): this stub, like the
+    # worker it stands for, ends when that worker does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     request = {key: os.environ[key] for key in _WORKER_ENV if key in os.environ}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(path)

@@ -124,9 +124,14 @@ class ForkServer:
         self._pid = pid
 
     def command(self) -> str:
-        """The shell command that gets one forked worker and waits for it."""
+        """The shell command that gets one forked worker and waits for it.
+
+        The runner runs it with a shell, which would die of a Ctrl-C while it waits: the
+        shell ignores SIGINT and replaces itself with the stub, which then ignores it from
+        its first instruction (see :func:`_serve`).
+        """
         parts = (sys.executable, "-I", "-S", _STUB, self._socket_path())
-        return " ".join(shlex.quote(part) for part in parts)
+        return "trap '' INT; exec " + " ".join(shlex.quote(part) for part in parts)
 
     def stop(self) -> None:
         """End the server; safe to call twice, or after a :meth:`start` that failed."""
@@ -196,8 +201,13 @@ def _fork_safe_threads_paused() -> Iterator[None]:
 
 def _serve(listener: socket.socket, keepalive: int) -> None:
     """The fork server's loop: one worker per connection, until the launcher goes away."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
+    # A terminal's Ctrl-C reaches the whole process group. The launcher handles it (one
+    # line, its clean-up, exit 130); this server and the workers it forks ignore it and
+    # end when the launcher goes (the keepalive here, each worker's control channel), as
+    # after any end of the launcher. Killed by Ctrl-C themselves, the workers made each
+    # of the runner's threads print a traceback before the launcher could say anything.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     selector.register(keepalive, selectors.EVENT_READ)

@@ -425,3 +425,66 @@ def test_clear_failures_at_start_are_one_line_and_exit_2(tmp_path):
         assert run.returncode == 2, (args, run.stderr)
         assert message in run.stderr, (args, run.stderr)
         assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
+
+
+def test_ctrl_c_stops_a_bounded_run_with_one_line_exit_130_and_nothing_left(
+    tmp_path, start_collector
+):
+    """A terminal's Ctrl-C reaches the whole process group: the launcher, its fork server,
+    the worker stubs and the workers. The run stops with one line and exit 130, leaves no
+    process behind, removes its spill, and leaves the metadata schema store unwritten."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    collector = start_collector(application_id=APP_ID)
+    # Large enough to run on worker processes, and still running when interrupted.
+    _write_input(tmp_path / "in.jsonl", 150_000)
+    env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
+    command = [sys.executable, "-m", "moesif_beam.runners.cli", "events", "--input"]
+    command += [str(tmp_path / "in.jsonl"), "--moesif_base_url", collector.url]
+    # As in a terminal, the command must not start with SIGINT ignored, which it would
+    # inherit from a test run a shell started in the background; a handler is not
+    # inherited (exec resets it to the default).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [*command, "--output_dir", str(tmp_path / "out")],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    spill = tmp_path / "out" / ".dedup-spill"
+    deadline = time.monotonic() + 120
+    while not any(spill.rglob("*.bin")):  # the workers are writing the spill
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never started spilling"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("moesif-beam events: interrupted;")
+    assert "Run the same command again" in lines[0]
+    assert "holds" not in out  # no summary: the run did not complete
+    ended = time.monotonic() + 10
+    while True:  # every process of the run's group ends with it
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < ended, "processes of the interrupted run are still running"
+        time.sleep(0.05)
+    assert not spill.exists()
+    assert not (tmp_path / "out" / "metadata_schema.json").exists()
+    assert APP_ID not in err

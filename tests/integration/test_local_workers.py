@@ -170,7 +170,8 @@ def test_the_worker_command_runs_the_standard_library_stub_only():
     server = ForkServer()
     server._directory = "/tmp/some dir"  # a path that needs quoting
     command = server.command()
-    assert command.startswith(f"{sys.executable} -I -S ")
+    # The shell ignores Ctrl-C and becomes the stub (the launcher handles Ctrl-C).
+    assert command.startswith(f"trap '' INT; exec {sys.executable} -I -S ")
     assert command.endswith("'/tmp/some dir/fork.sock'")
     stub = Path(REPO) / "runners" / "engines" / "_worker_stub.py"
     imports = [
@@ -178,7 +179,7 @@ def test_the_worker_command_runs_the_standard_library_stub_only():
         for line in stub.read_text().splitlines()
         if line.startswith(("import ", "from "))
     ]
-    assert set(imports) <= {"json", "os", "socket", "sys"}
+    assert set(imports) <= {"json", "os", "signal", "socket", "sys"}
 
 
 _RUNS_IN_TURN = """
