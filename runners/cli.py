@@ -483,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in _BUILDERS:
         try:
             return _deliver(args.command, args.parser, args, extra)
-        except KeyboardInterrupt:  # before or after the run itself (see launch._execute)
+        except KeyboardInterrupt:  # Ctrl-C, at any point of a bounded run (a stream drains)
             return report_interrupt(args.command)
     if extra:
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -194,8 +194,6 @@ def _execute(
             watchdog = _drain_watchdog(result, config) if config.streaming else None
             with watchdog or contextlib.nullcontext():
                 result.wait_until_finish()
-    except KeyboardInterrupt:  # Ctrl-C on a bounded run (a stream drains instead)
-        return report_interrupt(config.pipeline)
     except Exception as exc:  # the runner wraps worker errors; we explain them once
         if config.streaming and drain_timed_out():
             return _report_drain_timeout(config)
