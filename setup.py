@@ -70,5 +70,5 @@ setup(
         # then takes about 0.5 s longer): only for runs on Google Cloud Dataflow.
         "dataflow": ["apache-beam[gcp]==2.77.0"],
     },
-    entry_points={"console_scripts": ["moesif-beam=moesif_beam.runners.cli:main"]},
+    entry_points={"console_scripts": ["moesif-beam=moesif_beam.runners.entry:main"]},
 )

@@ -488,3 +488,49 @@ def test_ctrl_c_stops_a_bounded_run_with_one_line_exit_130_and_nothing_left(
     assert not spill.exists()
     assert not (tmp_path / "out" / "metadata_schema.json").exists()
     assert APP_ID not in err
+
+
+def test_ctrl_c_while_the_command_is_still_importing_is_one_line_and_exit_130(tmp_path):
+    """The installed ``moesif-beam`` command, interrupted inside its import of Beam (the
+    first second of every run): one line, exit 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    command = Path(sys.executable).parent / "moesif-beam"
+    _write_input(tmp_path / "in.jsonl", 10)
+    out = str(tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if k != "MOESIF_APPLICATION_ID"}
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
+    try:
+        proc = subprocess.Popen(
+            [str(command), "events", "--input", str(tmp_path / "in.jsonl"), "--output_dir", out],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # Beam's compiled modules are mapped only by the command's import of Beam, which goes
+    # on for a few hundred milliseconds after the first of them: interrupt right then.
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "apache_beam" not in maps.read_text():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the command never imported Beam"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines() == [
+        "moesif-beam: interrupted while starting; nothing was read or sent."
+    ], err
+    assert not (tmp_path / "out" / "events").exists()

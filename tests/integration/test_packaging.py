@@ -76,7 +76,7 @@ def test_the_wheel_installs_one_namespace_with_its_schemas_and_types(wheel):
 
     assert f"Version: {__version__}\n" in text
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "moesif-beam = moesif_beam.runners.cli:main" in (
+    assert "moesif-beam = moesif_beam.runners.entry:main" in (
         zipfile.ZipFile(wheel).read(entry_points).decode()
     )
 

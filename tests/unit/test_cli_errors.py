@@ -96,3 +96,9 @@ def test_the_log_filter_drops_beams_worker_start_noise_but_not_other_warnings():
     assert not keep(record('Worker: message: "No semi_persistent_directory found:  User ..."'))
     assert keep(record("No semi_persistent_directory found", logging.ERROR))
     assert keep(record("a retry of batch 3"))
+
+
+def test_the_entry_points_interrupt_exit_code_is_the_launchers():
+    from moesif_beam.runners import entry
+
+    assert entry._EXIT_INTERRUPTED == launch.EXIT_INTERRUPTED
