@@ -46,6 +46,7 @@ from moesif_beam.transforms.delivery.transport import (
 )
 from moesif_beam.transforms.records import Keyed
 from moesif_beam.transforms.sources.drain import check_drain_deadline, drain_sleep
+from moesif_beam.transforms.sources.readback import original_bytes
 
 __all__ = ["encode_batch", "gzip_body"]
 
@@ -123,9 +124,16 @@ class _Writer:
 
     def _letter(self, reason: str, detail: str, item: _Item) -> dict[str, Any]:
         transaction_id, record = item
-        raw, source, ack = record.raw, record.source, record.ack
+        raw, note = original_bytes(record)
+        source, ack = record.source, record.ack
         letter = dead_letter(
-            reason, "send", detail, raw, source, self._pipeline, transaction_id=transaction_id
+            reason,
+            "send",
+            detail + note,
+            raw,
+            source,
+            self._pipeline,
+            transaction_id=transaction_id,
         )
         if ack is not None:
             letter[ACK_FIELD] = ack

@@ -260,7 +260,7 @@ class _NormalizeFn(beam.DoFn):
 
     # A list, not a generator: one generator per line was measurable on the hot path.
     def process(self, line: Line) -> list[Any]:
-        raw, source, ack = line
+        raw, source, ack, at = line
         if len(raw) > self._max_line_bytes:
             # Files are cut at the reader (transforms/sources.py); this catches a Kafka
             # message or any other source's oversized value.
@@ -298,7 +298,7 @@ class _NormalizeFn(beam.DoFn):
             self._internal.inc()
             return [self._reject("internal_error", "parse", _unforeseen(exc), raw, source, ack=ack)]
         if items is None:
-            return [self._record(value, "", raw, source, ack)]
+            return [self._record(value, "", raw, source, ack, at)]
         if not items:
             # "[]": a line with no records. It is still something we read, and (in Kafka)
             # a message whose offset must be acknowledged, so it is accounted for here.
@@ -306,7 +306,7 @@ class _NormalizeFn(beam.DoFn):
             self._invalid.inc()
             return [self._reject("invalid_record", "normalize", "no records", raw, source, ack=ack)]
         if len(items) == 1:
-            return [self._record(items[0][0], items[0][1], raw, source, ack)]
+            return [self._record(items[0][0], items[0][1], raw, source, ack, at)]
         # One line, several records (a JSON array of actions). Each record carries its
         # own bytes onward, not the whole line: the dedup spill and the dead letters then
         # cost the line's size once, not once per element (N² for an N-element line).
@@ -322,7 +322,9 @@ class _NormalizeFn(beam.DoFn):
             outputs.append(self._record(item, prefix, own, f"{source}{prefix}", part_ack))
         return outputs
 
-    def _record(self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None) -> Any:
+    def _record(
+        self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None, at: int = -1
+    ) -> Any:
         """One record's output: ``(transaction_id, value)`` or a dead letter.
 
         Nothing raised while mapping, encoding or signing one record escapes: what nobody
@@ -330,14 +332,16 @@ class _NormalizeFn(beam.DoFn):
         """
         self._records_read += 1
         try:
-            return self._map(item, prefix, raw, source, ack)
+            return self._map(item, prefix, raw, source, ack, at)
         except Exception as exc:
             self._internal.inc()
             return self._reject(
                 "internal_error", "normalize", _unforeseen(exc), raw, source, ack=ack
             )
 
-    def _map(self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None) -> Any:
+    def _map(
+        self, item: Any, prefix: str, raw: bytes, source: str, ack: Ack | None, at: int
+    ) -> Any:
         try:
             transaction_id, time_ms, record = self._to_moesif(item, self._setting)
             body = orjson.dumps(record)
@@ -376,13 +380,13 @@ class _NormalizeFn(beam.DoFn):
         when = NO_TIME if time_ms is None else time_ms
         sig, sig_id = self._signature(record.get("metadata"))
         if not sig:
-            return transaction_id, new_record((when, body, raw, source, b"", (), ack))
+            return transaction_id, new_record((when, body, raw, source, b"", (), ack, at))
         if self._inline:
-            return transaction_id, new_record((when, body, raw, source, sig_id, sig, ack))
+            return transaction_id, new_record((when, body, raw, source, sig_id, sig, ack, at))
         first = self._seen.get(sig_id)
         if first is None or (when, transaction_id) < (first.time_ms, first.transaction_id):
             self._seen[sig_id] = FirstSeen(when, transaction_id, sig)
-        return transaction_id, new_record((when, body, raw, source, sig_id, (), ack))
+        return transaction_id, new_record((when, body, raw, source, sig_id, (), ack, at))
 
     def finish_bundle(self) -> Iterator[Any]:
         if self._records_read:
@@ -427,12 +431,13 @@ class _NormalizeWire(Wire):
 
     @staticmethod
     def to_worker(lines: list[Any]) -> Any:
-        return [(raw, source, ack is not None) for raw, source, ack in lines]
+        return [(raw, source, ack is not None) for raw, source, ack, _ in lines]
 
     @staticmethod
     def in_worker(payload: Any) -> list[Any]:
         return [
-            new_line((raw, source, _ACK_MARK if acked else None)) for raw, source, acked in payload
+            new_line((raw, source, _ACK_MARK if acked else None, -1))
+            for raw, source, acked in payload
         ]
 
     @staticmethod
@@ -449,7 +454,7 @@ class _NormalizeWire(Wire):
                         value[ACK_FIELD] = (ack.parts, ack.part)
                     continue
                 transaction_id, record = output
-                time_ms, body, raw, source, sig_id, signature, ack = record
+                time_ms, body, raw, source, sig_id, signature, ack, _ = record
                 if signature:
                     signature = signatures.setdefault(sig_id, signature)
                 line_outputs[index] = (
@@ -469,7 +474,7 @@ class _NormalizeWire(Wire):
     @staticmethod
     def restore(payload: Any, lines: list[Any]) -> list[list[Any]]:
         for line_outputs, line in zip(payload, lines, strict=True):
-            line_raw, line_source, own = line
+            line_raw, line_source, own, line_at = line
             for index, output in enumerate(line_outputs):
                 if type(output) is pvalue.TaggedOutput:
                     value = output.value
@@ -488,6 +493,7 @@ class _NormalizeWire(Wire):
                             sig_id,
                             signature,
                             None if parts is None else _with_parts(own, parts),
+                            line_at if raw is None else -1,
                         )
                     ),
                 )

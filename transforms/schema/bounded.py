@@ -24,6 +24,7 @@ from moesif_beam.transforms.schema.rule import (
     find_conflict,
 )
 from moesif_beam.transforms.schema.store import _checked, decide_in_store
+from moesif_beam.transforms.sources.readback import original_bytes
 
 __all__ = ["EnforceMetadataSchema", "InProcessSchema", "SchemaChecked", "conflict_letter"]
 
@@ -107,12 +108,13 @@ def conflict_letter(
     """The ``type_conflict`` dead letter of a record, with its acknowledgement if any."""
     transaction_id, value = element
     key, expected, actual = conflict
+    payload, note = original_bytes(value)
     detail = f"metadata key {key!r} is {expected} in the schema; this record sends {actual}"
     letter = dead_letter(
         "type_conflict",
         "schema",
-        detail,
-        value.raw,
+        detail + note,
+        payload,
         value.source,
         pipeline,
         transaction_id=transaction_id,

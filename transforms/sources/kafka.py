@@ -512,6 +512,7 @@ def _take_block(
                     message.value() or b"",
                     f"{name}@{offset}",
                     new_ack((name, offset, previous, 1, 0)),
+                    -1,
                 )
             )
         )

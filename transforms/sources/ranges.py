@@ -52,8 +52,9 @@ def splittable(path: str) -> bool:
 def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, int, int, int]]:
     """Split a file into line-aligned ranges ``(path, start, end, first_line_number)``.
 
-    Only local, uncompressed files larger than ``range_bytes`` are split; anything else is
-    one range ``(path, 0, -1, 1)`` read whole. Every range starts at the beginning of a
+    Only local, uncompressed files larger than ``range_bytes`` are split; a smaller one is
+    one range ``(path, 0, size, 1)``, and anything else is one range ``(path, 0, -1, 1)``
+    read whole. Every range starts at the beginning of a
     line, and the ranges cover the file exactly once, so reading them all yields every
     line once with the same ``path:line`` numbering as reading the file whole. Planning
     reads the file once, counting newlines at C speed.
@@ -65,7 +66,8 @@ def plan_ranges(path: str, range_bytes: int = RANGE_BYTES) -> list[tuple[str, in
         return [(path, 0, -1, 1)]
     size = os.path.getsize(path)
     if size <= range_bytes:
-        return [(path, 0, -1, 1)]
+        # Still a planned range: read in one call, its lines know their offsets (Line.at).
+        return [(path, 0, size, 1)]
     ranges = []
     start, first_line = 0, 1
     with open(path, "rb") as handle:
