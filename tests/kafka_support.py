@@ -226,11 +226,21 @@ def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 2_000_000}
     )
+    # flush() only says the queue is empty: a message that failed for good leaves it too,
+    # reported to this callback alone. A test must not start from records that were
+    # never written (a broker restarted just before, say) and blame the pipeline.
+    failed: list[str] = []
+
+    def delivered(error: Any, message: Any) -> None:
+        if error is not None:
+            failed.append(f"partition {message.partition()}: {error}")
+
     for i, value in enumerate(values):
-        producer.produce(topic, value=value, partition=i % partitions)
+        producer.produce(topic, value=value, partition=i % partitions, on_delivery=delivered)
         if i % 500 == 499:
             producer.flush()
     assert producer.flush(30) == 0
+    assert not failed, f"{len(failed)} of {len(values)} records not written: {failed[:3]}"
 
 
 def _coordinator_not_ready() -> frozenset[int]:
