@@ -63,3 +63,15 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.05)
+
+
+def spill_files(spill: Any, records: list) -> dict[int, list[str]]:
+    """One bundle of the spill stage over ``records``: the files it wrote, by partition."""
+    spill.start_bundle()
+    for record in records:
+        spill.process(record)
+    files: dict[int, list[str]] = {}
+    for written in spill.finish_bundle():
+        part, path = written.value
+        files.setdefault(part, []).append(path)
+    return files

@@ -45,6 +45,7 @@ from tests.helpers import (
     read_batches,
     read_dead_letters,
     run,
+    spill_files,
 )
 
 
@@ -173,18 +174,6 @@ def test_dedup_spilled_or_shuffled_keeps_the_same_records(tmp_path, spill):
     assert run(pipeline)["duplicates"] == len(records) - len(expected)
 
 
-def _spill(spill: Any, records: list) -> dict[int, list[str]]:
-    """One bundle of the spill stage over ``records``: the files it wrote, by partition."""
-    spill.start_bundle()
-    for record in records:
-        spill.process(record)
-    files: dict[int, list[str]] = {}
-    for written in spill.finish_bundle():
-        part, path = written.value
-        files.setdefault(part, []).append(path)
-    return files
-
-
 def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
     # A file whose name is not UTF-8 gives sources decoded with surrogate escapes; the
     # spill writes those records apart (packed) and the partition's dedup reads them back.
@@ -194,7 +183,7 @@ def test_the_spill_keeps_records_msgpack_cannot_write(tmp_path):
         (f"id-{i % 7}", Record(i, b'{"i":%d}' % i, b"r", f"f\udcff:{i}" if i % 3 else f"f:{i}"))
         for i in range(30)
     ]
-    files = _spill(spill, records)
+    files = spill_files(spill, records)
     kept = [winner for group in files.items() for run in keep.process(group) for winner in run]
     assert sorted(kept) == sorted(records[:7])  # the earliest of each id, its source intact
 
@@ -211,7 +200,7 @@ def test_partitions_read_through_one_reused_buffer_keep_every_record_intact(tmp_
             (f"{name}-{i % 9}", Record(i, b'{"i":%d,"p":"%s"}' % (i, b"x" * pad), b"r", f"f:{i}"))
             for i in range(30)
         ]
-        return records, _spill(dedup.spill_stage(), records)
+        return records, spill_files(dedup.spill_stage(), records)
 
     big, big_files = spilled("big", 150_000)
     small, small_files = spilled("small", 10)
@@ -231,7 +220,7 @@ def test_a_partition_deletes_its_spill_files_once_read(tmp_path, remove_read):
     dedup = DedupByTransactionId(str(tmp_path / "spill"), partitions=2)
     spill, keep = dedup.spill_stage(), dedup.keep_stage(remove_read)
     records = [(f"id-{i % 5}", Record(i, b'{"i":%d}' % i, b"r", f"f:{i}")) for i in range(20)]
-    files = _spill(spill, records)
+    files = spill_files(spill, records)
     assert len(list((tmp_path / "spill").iterdir())) == len(files) == 2
     kept = [winner for group in files.items() for run in keep.process(group) for winner in run]
     keep.teardown()  # waits for the deletions

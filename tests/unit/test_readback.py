@@ -12,6 +12,7 @@ from moesif_beam.transforms.schema.bounded import conflict_letter
 from moesif_beam.transforms.sources.files import _range_lines, iter_range
 from moesif_beam.transforms.sources.ranges import plan_ranges
 from moesif_beam.transforms.sources.readback import original_bytes
+from tests.helpers import spill_files
 
 
 def _lines(path: Path, range_bytes: int) -> list:
@@ -61,14 +62,8 @@ def test_the_whole_file_reader_gives_no_offsets(tmp_path):
 
 def _spill_and_keep(tmp_path: Path, records: list) -> list:
     dedup = DedupByTransactionId(str(tmp_path / "spill"), partitions=3)
-    spill, keep = dedup.spill_stage(), dedup.keep_stage()
-    spill.start_bundle()
-    for record in records:
-        spill.process(record)
-    files: dict[int, list[str]] = {}
-    for written in spill.finish_bundle():
-        part, path = written.value
-        files.setdefault(part, []).append(path)
+    files = spill_files(dedup.spill_stage(), records)
+    keep = dedup.keep_stage()
     return [winner for group in files.items() for run in keep.process(group) for winner in run]
 
 
