@@ -19,9 +19,10 @@ def original_bytes(record: Record) -> tuple[bytes, str]:
     """The input bytes ``record`` came from, and a note for its dead letter's detail.
 
     The note is empty when the bytes are the record's own (carried, or read back). When
-    the line cannot be read again (the input was removed, truncated or rewritten during
-    the run), the bytes are the record as normalized instead, and the note says so: the
-    dead letter is still written, with what the run has.
+    the line cannot be read again (the input was removed or cut short during the run),
+    the bytes are the record as normalized instead, and the note says so: the dead letter
+    is still written, with what the run has. A file rewritten in place during the run can
+    give another line: the input must stay as it is until the run ends.
     """
     if record.raw or record.at < 0:
         return record.raw, ""
