@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -427,6 +429,51 @@ def test_clear_failures_at_start_are_one_line_and_exit_2(tmp_path):
         assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
 
 
+def _start_as_in_a_terminal(command: list[str], env: dict[str, str]) -> Any:
+    """Start ``command`` as a terminal's foreground job, for a test to send it Ctrl-C.
+
+    It must not start with SIGINT ignored, which it would inherit from a test run a shell
+    started in the background; a handler is not inherited (exec resets it to the
+    default). It gets its own process group, as a terminal's foreground job does.
+    """
+    import signal
+    import subprocess
+
+    from tests.conftest import REPO
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_once(
+    proc: Any, ready: Callable[[], bool], seconds: float, every: float, what: str
+) -> tuple[str, str]:
+    """Once ``ready()`` holds (checked every ``every`` s while ``proc`` runs, for at most
+    ``seconds``), a terminal's Ctrl-C to ``proc``'s group; its stdout and stderr."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"the command never got to {what}"
+        time.sleep(every)
+    os.killpg(proc.pid, signal.SIGINT)
+    return proc.communicate(timeout=60)
+
+
 def test_ctrl_c_stops_a_bounded_run_with_one_line_exit_130_and_nothing_left(
     tmp_path, start_collector
 ):
@@ -434,12 +481,8 @@ def test_ctrl_c_stops_a_bounded_run_with_one_line_exit_130_and_nothing_left(
     the worker stubs and the workers. The run stops with one line and exit 130, leaves no
     process behind, removes its spill, and leaves the metadata schema store unwritten."""
     import os
-    import signal
-    import subprocess
     import sys
     import time
-
-    from tests.conftest import REPO
 
     collector = start_collector(application_id=APP_ID)
     # Large enough to run on worker processes, and still running when interrupted.
@@ -447,30 +490,10 @@ def test_ctrl_c_stops_a_bounded_run_with_one_line_exit_130_and_nothing_left(
     env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
     command = [sys.executable, "-m", "moesif_beam.runners.cli", "events", "--input"]
     command += [str(tmp_path / "in.jsonl"), "--moesif_base_url", collector.url]
-    # As in a terminal, the command must not start with SIGINT ignored, which it would
-    # inherit from a test run a shell started in the background; a handler is not
-    # inherited (exec resets it to the default).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen(
-            [*command, "--output_dir", str(tmp_path / "out")],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = _start_as_in_a_terminal([*command, "--output_dir", str(tmp_path / "out")], env)
     spill = tmp_path / "out" / ".dedup-spill"
-    deadline = time.monotonic() + 120
-    while not any(spill.rglob("*.bin")):  # the workers are writing the spill
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run never started spilling"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    # Once the workers are writing the spill.
+    out, err = _ctrl_c_once(proc, lambda: any(spill.rglob("*.bin")), 120, 0.05, "spilling")
     assert proc.returncode == 130, err
     lines = err.splitlines()
     assert len(lines) == 1, err
@@ -494,41 +517,21 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line_and_exit_130(tm
     """The installed ``moesif-beam`` command, interrupted inside its import of Beam (the
     first second of every run): one line, exit 130, no traceback."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
     from pathlib import Path
-
-    from tests.conftest import REPO
 
     command = Path(sys.executable).parent / "moesif-beam"
     _write_input(tmp_path / "in.jsonl", 10)
     out = str(tmp_path / "out")
     env = {k: v for k, v in os.environ.items() if k != "MOESIF_APPLICATION_ID"}
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
-    try:
-        proc = subprocess.Popen(
-            [str(command), "events", "--input", str(tmp_path / "in.jsonl"), "--output_dir", out],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = _start_as_in_a_terminal(
+        [str(command), "events", "--input", str(tmp_path / "in.jsonl"), "--output_dir", out], env
+    )
     # Beam's compiled modules are mapped only by the command's import of Beam, which goes
     # on for a few hundred milliseconds after the first of them: interrupt right then.
     maps = Path(f"/proc/{proc.pid}/maps")
-    deadline = time.monotonic() + 60
-    while "apache_beam" not in maps.read_text():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the command never imported Beam"
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    ready = lambda: "apache_beam" in maps.read_text()  # noqa: E731
+    out, err = _ctrl_c_once(proc, ready, 60, 0.002, "importing Beam")
     assert proc.returncode == 130, err
     assert err.splitlines() == [
         "moesif-beam: interrupted while starting; nothing was read or sent."
