@@ -220,27 +220,65 @@ def kafka_topic(
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1) -> None:
-    """Write ``values`` to ``topic``, round-robin over its first ``partitions`` partitions."""
+    """Write ``values`` to ``topic``, round-robin over its first ``partitions`` partitions.
+
+    Every value is written once: a value Kafka reports as not written for a reason that
+    means it was never stored (see :data:`_NOT_WRITTEN`) is sent again, for up to 60 s,
+    and any other failure fails the test. A broker just restarted can briefly describe a
+    topic without all of its partitions, and a message sent to a partition it does not
+    list then fails at once; the test must not start from records that were never
+    written and blame the pipeline.
+    """
     from confluent_kafka import Producer
 
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 2_000_000}
     )
+    pending = [(value, i % partitions) for i, value in enumerate(values)]
     # flush() only says the queue is empty: a message that failed for good leaves it too,
-    # reported to this callback alone. A test must not start from records that were
-    # never written (a broker restarted just before, say) and blame the pipeline.
+    # reported to this callback alone.
+    again: list[tuple[bytes, int]] = []
     failed: list[str] = []
 
     def delivered(error: Any, message: Any) -> None:
-        if error is not None:
+        if error is None:
+            return
+        if error.code() in _NOT_WRITTEN:
+            again.append((message.value(), message.partition()))
+        else:
             failed.append(f"partition {message.partition()}: {error}")
 
-    for i, value in enumerate(values):
-        producer.produce(topic, value=value, partition=i % partitions, on_delivery=delivered)
-        if i % 500 == 499:
-            producer.flush()
-    assert producer.flush(30) == 0
-    assert not failed, f"{len(failed)} of {len(values)} records not written: {failed[:3]}"
+    deadline = time.monotonic() + 60
+    while True:
+        for i, (value, partition) in enumerate(pending):
+            producer.produce(topic, value=value, partition=partition, on_delivery=delivered)
+            if i % 500 == 499:
+                producer.flush()
+        assert producer.flush(30) == 0
+        assert not failed, f"{len(failed)} of {len(values)} records not written: {failed[:3]}"
+        if not again:
+            return
+        assert time.monotonic() < deadline, f"{len(again)} records still refused after 60 s"
+        time.sleep(0.5)
+        pending, again[:] = list(again), []
+
+
+def _not_written() -> frozenset[int]:
+    from confluent_kafka import KafkaError
+
+    # Refused before or by the partition's leader: the message was not stored.
+    return frozenset(
+        {
+            KafkaError._UNKNOWN_PARTITION,
+            KafkaError._UNKNOWN_TOPIC,
+            KafkaError.UNKNOWN_TOPIC_OR_PART,
+            KafkaError.NOT_LEADER_FOR_PARTITION,
+            KafkaError.LEADER_NOT_AVAILABLE,
+        }
+    )
+
+
+_NOT_WRITTEN = _not_written()
 
 
 def _coordinator_not_ready() -> frozenset[int]:
