@@ -26,11 +26,10 @@ __all__ = [
     "retry_transient",
 ]
 
-_LOG = logging.getLogger(__name__)
-
 # librdkafka's own log lines while partitions are resolved before a run. An unreachable
 # broker gives hundreds of them; the command reports the failure in one line, and shows
-# these only with --log_level DEBUG.
+# these only with --log_level DEBUG. Named after the reader's module, where it was first:
+# a logging setup that names it keeps working.
 CLIENT_LOG = logging.getLogger("moesif_beam.transforms.sources.kafka.client")
 
 
