@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moesif_beam.transforms.sources.kafka import CLIENT_LOG, KafkaSourceConfig
+from moesif_beam.transforms.sources.kafka_topic import CLIENT_LOG, KafkaSourceConfig, partitions_of
 
 __all__ = ["LAG_INTERVAL_S", "KafkaLag", "PartitionLag", "consumer_lag"]
 
@@ -115,18 +115,16 @@ class KafkaLag:
             self._polled_at = time.time()
 
     def _look(self) -> dict[int, PartitionLag]:
-        from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
+        from confluent_kafka import Consumer  # noqa: PLC0415
 
         if self._consumer is None:
             # Never subscribes, so it never joins the group: it only reads its offsets.
             self._consumer = Consumer(self._config.consumer_settings(), logger=CLIENT_LOG)
         consumer = self._consumer
-        metadata = consumer.list_topics(self.topic, timeout=self._timeout)
-        topic = metadata.topics.get(self.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
+        tps = partitions_of(consumer, self.topic, self._timeout)
+        if tps is None:
             msg = f"topic {self.topic!r} not found"
             raise RuntimeError(msg)
-        tps = [TopicPartition(self.topic, p) for p in sorted(topic.partitions)]
         committed = {
             tp.partition: tp.offset for tp in consumer.committed(tps, timeout=self._timeout)
         }

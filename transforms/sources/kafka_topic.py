@@ -22,6 +22,7 @@ __all__ = [
     "KafkaPartition",
     "KafkaSourceConfig",
     "committed_offsets",
+    "partitions_of",
     "resolve_partitions",
     "retry_transient",
 ]
@@ -130,17 +131,25 @@ def resolve_partitions(config: KafkaSourceConfig, timeout: float = 30.0) -> list
         raise ValueError(msg) from None
 
 
+def partitions_of(consumer: Any, topic: str, timeout: float) -> list[Any] | None:
+    """``topic``'s partitions as ``TopicPartition``s in order; None if the broker lists none."""
+    from confluent_kafka import TopicPartition  # noqa: PLC0415
+
+    found = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        return None
+    return [TopicPartition(topic, p) for p in sorted(found.partitions)]
+
+
 def _resolve(config: KafkaSourceConfig, timeout: float) -> list[KafkaPartition]:
-    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
+    from confluent_kafka import Consumer  # noqa: PLC0415
 
     consumer = Consumer(config.consumer_settings(), logger=CLIENT_LOG)
     try:
-        metadata = consumer.list_topics(config.topic, timeout=timeout)
-        topic = metadata.topics.get(config.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
+        partitions = partitions_of(consumer, config.topic, timeout)
+        if partitions is None:
             msg = f"Kafka topic {config.topic!r} not found at {config.bootstrap_servers}"
             raise ValueError(msg)
-        partitions = [TopicPartition(config.topic, p) for p in sorted(topic.partitions)]
         committed = {
             tp.partition: tp.offset for tp in committed_offsets(consumer, partitions, timeout)
         }
