@@ -45,6 +45,7 @@ from moesif_beam.runners.emulators.kafka_local import (
     create_topic,
     delete_topics,
 )
+from moesif_beam.transforms.sources.kafka_topic import committed_offsets
 
 # The image testcontainers' KafkaContainer is built and tested for (Confluent Platform 7.x,
 # Kafka 3.x); its KRaft start script relies on that image's layout.
@@ -281,41 +282,18 @@ def _not_written() -> frozenset[int]:
 _NOT_WRITTEN = _not_written()
 
 
-def _coordinator_not_ready() -> frozenset[int]:
-    from confluent_kafka import KafkaError
-
-    return frozenset(
-        {
-            KafkaError.NOT_COORDINATOR,
-            KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-            KafkaError.COORDINATOR_NOT_AVAILABLE,
-        }
-    )
-
-
-_COORDINATOR_NOT_READY = _coordinator_not_ready()
-
-
 def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
     """The offsets ``group`` has committed on ``topic``'s partitions, in partition order.
 
     A group the broker is still placing on a coordinator answers with a retriable error
-    (``NOT_COORDINATOR``, ``COORDINATOR_LOAD_IN_PROGRESS``): asked again, for up to 15 s.
+    (``NOT_COORDINATOR``, ``COORDINATOR_LOAD_IN_PROGRESS``): asked again, for up to 15 s,
+    as the pipeline itself asks (:func:`committed_offsets`).
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import Consumer, TopicPartition
 
-    deadline = time.monotonic() + 15
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
-        while True:
-            try:
-                return [tp.offset for tp in consumer.committed(tps, timeout=15)]
-            except KafkaException as exc:
-                error = exc.args[0]
-                waiting = error.retriable() or error.code() in _COORDINATOR_NOT_READY
-                if not waiting or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        return [tp.offset for tp in committed_offsets(consumer, tps, 15)]
     finally:
         consumer.close()
