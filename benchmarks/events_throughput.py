@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,22 +76,26 @@ def unique_events(input_path: str, counts: dict) -> Iterator[tuple[str, dict]]:
     options (identity rules and header masking included), so every side sends the same
     records.
     """
-    seen: set[str] = set()
     with open(input_path, "rb", buffering=1 << 20) as handle:
-        for line in handle:
-            if line.isspace():
-                continue
-            counts["read"] += 1
-            try:
-                tid, _, event = wso2_event(parse_json(extract_json(line)), DEFAULT_OPTIONS)
-            except (ValueError, InvalidRecord):
-                counts["dead_letters"] += 1
-                continue
-            if tid in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(tid)
-            yield tid, event
+        yield from unique_of(handle, counts, set())
+
+
+def unique_of(lines: Iterable[bytes], counts: dict, seen: set[str]) -> Iterator[tuple[str, dict]]:
+    """:func:`unique_events` of any lines (a file's, Kafka values), ``seen`` kept across calls."""
+    for line in lines:
+        if line.isspace():
+            continue
+        counts["read"] += 1
+        try:
+            tid, _, event = wso2_event(parse_json(extract_json(line)), DEFAULT_OPTIONS)
+        except (ValueError, InvalidRecord):
+            counts["dead_letters"] += 1
+            continue
+        if tid in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(tid)
+        yield tid, event
 
 
 # Threads the loop's POSTs wait on, each with a keep-alive connection of its own. With one,
@@ -100,7 +104,7 @@ def unique_events(input_path: str, counts: dict) -> Iterator[tuple[str, dict]]:
 POST_THREADS = 4
 
 
-class _Poster:
+class Poster:
     """POSTs gzip batches over keep-alive connections, without a client library.
 
     With ``thread``, up to :data:`POST_THREADS` POSTs are on their way (and as many
@@ -188,7 +192,7 @@ def reference(
     from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 
     collect_garbage_less_often()
-    poster = _Poster(url, gzip_level, thread=post_thread)
+    poster = Poster(url, gzip_level, thread=post_thread)
     dumps = orjson.dumps
     counts = dict.fromkeys(KEYS, 0)
     batch: list[bytes] = []

@@ -197,12 +197,12 @@ def reference_loop(path: Path, url: str, total: int) -> dict:
     }
 
 
-def free_bound(bootstrap: str, topic: str, url: str, total: int) -> dict:
-    """``stream_free_bound.py`` (the stream's work without Beam) on the backlog, measured alike."""
+def drain_by(script: str, bootstrap: str, topic: str, url: str, total: int) -> dict:
+    """``benchmarks/<script>`` draining the backlog (the same flags), measured like the pipeline."""
     reset_collector(url)
     cmd = [
         sys.executable,
-        str(REPO / "benchmarks" / "stream_free_bound.py"),
+        str(REPO / "benchmarks" / script),
         "--bootstrap",
         bootstrap,
         "--topic",
@@ -238,10 +238,15 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
         producer.poll(0)
     producer.flush(300)
     copy.close()
-    reference = None
+    reference = kafka_reference = None
     if args.reference:
         reference = reference_loop(work / "backlog.jsonl", url, len(events))
-    bound = free_bound(bootstrap, topic, url, len(events)) if args.free_bound else None
+        kafka_reference = drain_by("kafka_reference.py", bootstrap, topic, url, len(events))
+    bound = (
+        drain_by("stream_free_bound.py", bootstrap, topic, url, len(events))
+        if args.free_bound
+        else None
+    )
     reset_collector(url)
     proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
     try:
@@ -257,6 +262,7 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
         "delivered": stored(url),
         "exit": code,
         "reference": reference,
+        "kafka_reference": kafka_reference,
         "free_bound": bound,
     }
 
@@ -351,6 +357,16 @@ def main() -> int:
                     f"{reference['cpu_us']:.0f} CPU µs an event; sent "
                     f"{reference['sent']:,}); the stream ran at "
                     f"{result['events_per_s'] / reference['events_per_s']:.2f}x the loop"
+                )
+            kafka_reference = result["kafka_reference"]
+            if kafka_reference is not None:
+                print(
+                    f"reference loop, the same backlog from Kafka (kafka_reference.py): "
+                    f"{kafka_reference['events_per_s']:,.0f} events/s "
+                    f"({kafka_reference['seconds_10_to_90']:.1f}s from 10% to 90%, "
+                    f"{kafka_reference['cpu_us']:.0f} CPU µs an event; sent "
+                    f"{kafka_reference['sent']:,}); the stream ran at "
+                    f"{result['events_per_s'] / kafka_reference['events_per_s']:.2f}x this loop"
                 )
             bound = result["free_bound"]
             if bound is not None:
