@@ -197,7 +197,7 @@ def reference_loop(path: Path, url: str, total: int) -> dict:
     }
 
 
-def drain_by(script: str, bootstrap: str, topic: str, url: str, total: int) -> dict:
+def drain_by(script: str, bootstrap: str, topic: str, url: str, total: int, *extra: str) -> dict:
     """``benchmarks/<script>`` draining the backlog (the same flags), measured like the pipeline."""
     reset_collector(url)
     cmd = [
@@ -211,6 +211,7 @@ def drain_by(script: str, bootstrap: str, topic: str, url: str, total: int) -> d
         url,
         "--total",
         str(total),
+        *extra,
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     seconds, rate, cpu_us = rate_10_to_90(url, total, proc)
@@ -247,6 +248,12 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
         if args.free_bound
         else None
     )
+    splits = {}
+    if args.split_bound:
+        for mode, extra in (("workers read", ()), ("this process reads", ("--lines_here",))):
+            splits[mode] = drain_by(
+                "stream_split_bound.py", bootstrap, topic, url, len(events), *extra
+            )
     reset_collector(url)
     proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
     try:
@@ -264,6 +271,7 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
         "reference": reference,
         "kafka_reference": kafka_reference,
         "free_bound": bound,
+        "split_bound": splits,
     }
 
 
@@ -316,6 +324,11 @@ def main() -> int:
         "--free_bound",
         action="store_true",
         help="also run stream_free_bound.py (the stream's work without Beam) on the backlog",
+    )
+    parser.add_argument(
+        "--split_bound",
+        action="store_true",
+        help="also run stream_split_bound.py (records never cross processes) on the backlog",
     )
     parser.add_argument("--bootstrap", help="an existing broker instead of a local one")
     parser.add_argument(
@@ -376,6 +389,18 @@ def main() -> int:
                     f"{bound['cpu_us']:.0f} CPU µs an event; sent {bound['sent']:,})"
                     + (
                         f"; {bound['events_per_s'] / reference['events_per_s']:.2f}x the loop"
+                        if reference is not None
+                        else ""
+                    )
+                )
+            for mode, split in result["split_bound"].items():
+                print(
+                    f"only ids cross processes (stream_split_bound.py, {mode}): "
+                    f"{split['events_per_s']:,.0f} events/s ({split['seconds_10_to_90']:.1f}s "
+                    f"from 10% to 90%, {split['cpu_us']:.0f} CPU µs an event; sent "
+                    f"{split['sent']:,})"
+                    + (
+                        f"; {split['events_per_s'] / reference['events_per_s']:.2f}x the loop"
                         if reference is not None
                         else ""
                     )
