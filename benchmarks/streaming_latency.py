@@ -88,8 +88,20 @@ def produce_paced(
 
 
 def start_pipeline(
-    bootstrap: str, topic: str, url: str, work: Path, extra: list[str]
+    bootstrap: str,
+    topic: str,
+    url: str,
+    work: Path,
+    extra: list[str],
+    checkout: Path = REPO,
+    name: str = "",
 ) -> subprocess.Popen:
+    """``moesif-beam events`` of ``checkout`` on ``topic``, as a consumer group of its own.
+
+    ``name`` tells apart drains of one topic: each has its group (it reads the topic from
+    the start) and its output directory (its dedup journal knows nothing delivered).
+    """
+    topic_name = f"{topic}{name}"
     cmd = [
         sys.executable,
         "-m",
@@ -102,16 +114,17 @@ def start_pipeline(
         "--kafka_topic",
         topic,
         "--kafka_group_id",
-        f"bench-{topic}",
+        f"bench-{topic_name}",
         "--moesif_base_url",
         url,
         "--output_dir",
-        str(work / f"out-{topic}"),
+        str(work / f"out-{topic_name}"),
         *extra,
     ]
     env = dict(os.environ, MOESIF_APPLICATION_ID=APP_ID)
-    log = (work / f"pipeline-{topic}.log").open("wb")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = (work / f"pipeline-{topic_name}.log").open("wb")
+    # ``python -m`` imports the package of its working directory first: the checkout's.
+    return subprocess.Popen(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop_pipeline(proc: subprocess.Popen, timeout: float = 120.0) -> int:
@@ -254,25 +267,51 @@ def sustained(bootstrap: str, url: str, work: Path, backlog: int, args: argparse
             splits[mode] = drain_by(
                 "stream_split_bound.py", bootstrap, topic, url, len(events), *extra
             )
-    reset_collector(url)
-    proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args)
-    try:
-        seconds, rate, cpu_us = rate_10_to_90(url, len(events), proc)
-        wait_for(lambda: stored(url) >= len(events), 300, "the whole backlog")
-    finally:
-        code = stop_pipeline(proc)
+    seconds, rate, cpu_us, delivered, code = drain(bootstrap, topic, url, work, len(events), args)
+    others = []
+    for turn in range(args.pairs):
+        if turn:  # the first pair's run of this checkout is the one above
+            this = drain(bootstrap, topic, url, work, len(events), args, name=f"-{turn}")
+        else:
+            this = (seconds, rate, cpu_us, delivered, code)
+        other = drain(
+            bootstrap, topic, url, work, len(events), args, Path(args.other), f"-other-{turn}"
+        )
+        others.append({"this": this, "other": other})
     return {
         "events": len(events),
         "seconds_10_to_90": seconds,
         "events_per_s": rate,
         "cpu_us": cpu_us,
-        "delivered": stored(url),
+        "delivered": delivered,
         "exit": code,
         "reference": reference,
         "kafka_reference": kafka_reference,
         "free_bound": bound,
         "split_bound": splits,
+        "pairs": others,
     }
+
+
+def drain(
+    bootstrap: str,
+    topic: str,
+    url: str,
+    work: Path,
+    total: int,
+    args: argparse.Namespace,
+    checkout: Path = REPO,
+    name: str = "",
+) -> tuple[float, float, float, int, int]:
+    """One drain of the backlog: ``(seconds 10% to 90%, events/s, CPU µs, delivered, exit)``."""
+    reset_collector(url)
+    proc = start_pipeline(bootstrap, topic, url, work, args.pipeline_args, checkout, name)
+    try:
+        seconds, rate, cpu_us = rate_10_to_90(url, total, proc)
+        wait_for(lambda: stored(url) >= total, 300, "the whole backlog")
+    finally:
+        code = stop_pipeline(proc)
+    return seconds, rate, cpu_us, stored(url), code
 
 
 def latency(bootstrap: str, url: str, work: Path, args: argparse.Namespace) -> dict:
@@ -305,6 +344,12 @@ def latency(bootstrap: str, url: str, work: Path, args: argparse.Namespace) -> d
     }
 
 
+def _drained(run: tuple[float, float, float, int, int]) -> str:
+    _, rate, cpu_us, delivered, code = run
+    cost = f"{cpu_us:.0f} CPU µs an event"
+    return f"{rate:,.0f} events/s ({cost}; delivered {delivered:,}; exit {code})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=2000.0, help="events/s in the latency run")
@@ -330,6 +375,12 @@ def main() -> int:
         action="store_true",
         help="also run stream_split_bound.py (records never cross processes) on the backlog",
     )
+    parser.add_argument(
+        "--other",
+        help="another checkout of moesif-beam (a git worktree, say): its drains of the same "
+        "backlog alternate with this one's, --pairs times",
+    )
+    parser.add_argument("--pairs", type=int, default=3, help="with --other: drains of each")
     parser.add_argument("--bootstrap", help="an existing broker instead of a local one")
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, broker data)"
@@ -342,6 +393,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.pipeline_args:
         args.pipeline_args = ["--batch_max_delay", "1"]
+    if not args.other:
+        args.pairs = 0
 
     work = Path(tempfile.mkdtemp(prefix="moesif-stream-bench-"))
     broker = None
@@ -361,6 +414,14 @@ def main() -> int:
                 f"{result['cpu_us']:.0f} CPU µs an event; delivered {result['delivered']:,}, "
                 f"exit {result['exit']})"
             )
+            for turn, pair in enumerate(result["pairs"]):
+                print(
+                    f"pair {turn + 1}: this checkout "
+                    + _drained(pair["this"])
+                    + f"; {args.other} "
+                    + _drained(pair["other"])
+                    + f"; {pair['this'][1] / pair['other'][1]:.2f}x"
+                )
             reference = result["reference"]
             if reference is not None:
                 print(

@@ -24,16 +24,20 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "OUTCOMES",
     "POST_SECONDS_BUCKETS",
     "LatencySnapshot",
     "delivering",
+    "forward_from_here",
     "in_flight",
+    "in_flight_elsewhere",
     "observe_post",
     "outcome_of",
     "post_latency",
+    "take_forwarded",
 ]
 
 # Upper bounds, in seconds, of the latency histogram's buckets (+Inf is implied). A
@@ -112,9 +116,47 @@ _IN_FLIGHT = 0
 _IN_FLIGHT_LOCK = threading.Lock()
 
 
+# In a worker process that delivers for another (transforms/common/in_workers.py): the
+# POSTs observed here since that process last took them, for it to observe in its turn.
+_FORWARD: list[tuple[float, int | None]] | None = None
+_FORWARD_LOCK = threading.Lock()
+# Batches in flight in such worker processes, by worker, as they last reported.
+_ELSEWHERE: dict[Any, int] = {}
+
+
 def observe_post(seconds: float, status: int | None) -> None:
     """Record one POST that took ``seconds`` and got ``status`` (None: no answer)."""
     _POST_SECONDS.observe(max(0.0, seconds), outcome_of(status))
+    forward = _FORWARD
+    if forward is not None:
+        with _FORWARD_LOCK:
+            forward.append((seconds, status))
+
+
+def forward_from_here() -> None:
+    """Keep this process's POSTs for :func:`take_forwarded` too (a delivering worker's)."""
+    global _FORWARD  # noqa: PLW0603 - set once, as the worker starts
+    _FORWARD = []
+
+
+def take_forwarded() -> list[tuple[float, int | None]]:
+    """The POSTs observed since the last call, ``(seconds, status)``, oldest first."""
+    forward = _FORWARD
+    if not forward:
+        return []
+    with _FORWARD_LOCK:
+        taken = forward[:]
+        forward.clear()
+    return taken
+
+
+def in_flight_elsewhere(worker: Any, batches: int | None) -> None:
+    """What ``worker``, a process delivering for this one, has in flight (None: it ended)."""
+    with _IN_FLIGHT_LOCK:
+        if batches is None:
+            _ELSEWHERE.pop(worker, None)
+        else:
+            _ELSEWHERE[worker] = batches
 
 
 def post_latency() -> dict[str, LatencySnapshot]:
@@ -136,6 +178,6 @@ def delivering() -> Iterator[None]:
 
 
 def in_flight() -> int:
-    """Batches being delivered in this process right now."""
+    """Batches being delivered right now, here and in the worker processes delivering for it."""
     with _IN_FLIGHT_LOCK:
-        return _IN_FLIGHT
+        return _IN_FLIGHT + sum(_ELSEWHERE.values())

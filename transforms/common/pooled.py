@@ -22,38 +22,33 @@ Only for DoFns whose ``process`` is a function of the element alone (no state, t
 side inputs). A chunk is a bundle to the wrapped DoFn: what its ``finish_bundle`` emits
 (windowed values, as Beam requires there) leaves after the chunk's outputs.
 
-:class:`InProcesses` is the composite: the pooled DoFn, then later stages run here on its
-outputs by direct calls (no runner hand-off per record), and optionally blocks of
-elements as input (a Kafka consumer batch), each element at its own time. A worker
-process also ends by itself once the process that started its pool is gone.
+A worker process also ends by itself once the process that started its pool is gone.
+(:mod:`.in_workers` keeps records in the workers instead, for the fused stream.)
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 import multiprocessing
 import os
 import pickle
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from moesif_beam.transforms.common.counters import counter
-from moesif_beam.transforms.common.fused import _BEAM_PARAM
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
 
-__all__ = ["CHUNK", "InProcesses", "Wire", "in_processes"]
+__all__ = ["CHUNK", "MAX_WAIT_S", "Wire", "exit_with", "in_processes"]
 
 # Elements per chunk: large enough that a chunk's hand-off (two pickles, two pipe writes)
 # is small beside its work, small enough that a bundle's end waits on little.
@@ -109,7 +104,7 @@ class _Worker:
     tallies: dict[str, _Tally] = {}  # noqa: RUF012 - one per process, set up once
 
 
-def _exit_with(stage_pid: int) -> None:
+def exit_with(stage_pid: int) -> None:
     """End this worker once the stage's process is gone.
 
     A worker waits on its task queue, whose write end it holds itself, so a stage
@@ -129,7 +124,7 @@ def _start_worker(pickled_fn: bytes, wire: type[Wire], stage_pid: int) -> None:
     # the stage's process, which drains and then ends its pool; a worker that took it
     # would break the pool and fail the drain's bundles instead.
     os.setpgrp()
-    threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
+    threading.Thread(target=exit_with, args=(stage_pid,), daemon=True).start()
     # This process's counts go back to the stage with each chunk; it must not also
     # publish them as a local run's worker would (worker_tallies), or they count twice.
     os.environ.pop(TALLY_DIR_ENV, None)
@@ -173,80 +168,13 @@ def in_processes(
     The processes are this process's, shared by every instance of the DoFn (a runner
     makes one per bundle thread).
     """
-    return _checked_pool(fn, processes, chunk, wire, ())
-
-
-def _checked_pool(
-    fn: beam.DoFn,
-    processes: int,
-    chunk: int,
-    wire: type[Wire],
-    then: Sequence[beam.DoFn],
-    blocks: bool = False,
-) -> _PooledFn:
     if processes < 1:
         msg = f"processes must be at least 1, got {processes}"
         raise ValueError(msg)
     if chunk < 1:
         msg = f"chunk must be at least 1, got {chunk}"
         raise ValueError(msg)
-    kind = _PooledBlocksFn if blocks else _PooledFn
-    return kind(fn, processes, chunk, wire, then)
-
-
-def _takes_timestamp(stage: beam.DoFn) -> bool:
-    """Whether ``stage.process`` takes the element's timestamp after it, and nothing else."""
-    params = list(inspect.signature(stage.process).parameters.values())[1:]
-    defaults = [p.default for p in params if p.default is not inspect.Parameter.empty]
-    if any(d is not beam.DoFn.TimestampParam and isinstance(d, _BEAM_PARAM) for d in defaults):
-        msg = f"{type(stage).__name__}.process needs what only a runner gives besides the time"
-        raise ValueError(msg)
-    required = [p for p in params if p.default is inspect.Parameter.empty]
-    if required:
-        msg = f"{type(stage).__name__}.process takes {[p.name for p in required]}: side inputs"
-        raise ValueError(msg)
-    timed = [p for p in params if p.default is beam.DoFn.TimestampParam]
-    if timed and params.index(timed[0]) != 0:
-        msg = f"{type(stage).__name__}.process must take the timestamp right after the element"
-        raise ValueError(msg)
-    return bool(timed)
-
-
-class InProcesses(beam.PTransform):
-    """``first``'s ``process`` in ``processes`` worker processes, then ``then`` here, one ParDo.
-
-    The guarantees of :func:`in_processes` for ``first``; each main output of a stage is
-    the next stage's input, called directly (no runner hand-off per record, as in
-    :class:`~moesif_beam.transforms.common.fused.Fused`), with its element's timestamp
-    when its ``process`` takes ``beam.DoFn.TimestampParam`` right after the element. Every
-    tagged output of every stage leaves under its tag, with its element's time and window;
-    the later stages' bundles, setup and teardown follow the ParDo's. The output is the
-    ParDo's tagged outputs, the last stage's main ones as ``main``. With ``blocks``, each
-    input element is a block ``(elements, times in ms)`` (a Kafka
-    :class:`~moesif_beam.transforms.records.LineBlock`), and each of its elements is
-    taken as if it had come alone, at its own time.
-    """
-
-    def __init__(
-        self,
-        first: beam.DoFn,
-        processes: int,
-        then: Sequence[beam.DoFn] = (),
-        tags: Sequence[str] = (),
-        wire: type[Wire] = Wire,
-        chunk: int = CHUNK,
-        *,
-        blocks: bool = False,
-    ) -> None:
-        super().__init__()
-        if not all(isinstance(stage, beam.DoFn) for stage in (first, *then)):
-            msg = "InProcesses takes DoFns"
-            raise ValueError(msg)
-        self._fn = _checked_pool(first, processes, chunk, wire, then, blocks)
-        self._tags = tuple(tags)
-
-    def expand(self, pcoll: beam.PCollection) -> pvalue.DoOutputsTuple:
-        return pcoll | beam.ParDo(self._fn).with_outputs(*self._tags, main="main")
+    return _PooledFn(fn, processes, chunk, wire)
 
 
 # The worker pools of this process, by stage, shared by the DoFn's instances that are set
@@ -257,24 +185,14 @@ _POOLS_LOCK = threading.Lock()
 
 
 class _PooledFn(beam.DoFn):
-    """The stage's DoFn in a shared pool, later stages here (see :class:`InProcesses`)."""
+    """The stage's DoFn in a shared pool (see :func:`in_processes`)."""
 
-    def __init__(
-        self,
-        fn: beam.DoFn,
-        processes: int,
-        chunk: int,
-        wire: type[Wire],
-        then: Sequence[beam.DoFn] = (),
-    ) -> None:
+    def __init__(self, fn: beam.DoFn, processes: int, chunk: int, wire: type[Wire]) -> None:
         self._fn = fn
         self._processes = processes
         self._chunk = chunk
         self._wire = wire
         self._key = uuid.uuid4().hex
-        self._then = list(then)
-        # Which later stages take the element's timestamp after it.
-        self._timed = [_takes_timestamp(stage) for stage in self._then]
 
     def setup(self) -> None:
         # The stage's process unpickles every record its workers send back: with the
@@ -284,8 +202,6 @@ class _PooledFn(beam.DoFn):
         self._pool: ProcessPoolExecutor | None = None
         with _POOLS_LOCK:
             _USERS[self._key] += 1
-        for stage in self._then:
-            stage.setup()
 
     def _shared_pool(self) -> ProcessPoolExecutor:
         with _POOLS_LOCK:
@@ -311,8 +227,6 @@ class _PooledFn(beam.DoFn):
         self._pending: collections.deque[tuple[Future, list[tuple[Any, Any]], list[Any]]] = (
             collections.deque()
         )
-        for stage in self._then:
-            stage.start_bundle()
 
     def process(
         self,
@@ -355,29 +269,18 @@ class _PooledFn(beam.DoFn):
         pending = self._pending
         while pending:
             outputs.extend(self._emit(pending.popleft()))
-        # Then the later stages finish, in order; what one emits goes through the next.
-        for index, stage in enumerate(self._then):
-            for output in stage.finish_bundle() or ():
-                if type(output) is pvalue.TaggedOutput:
-                    outputs.append(output)  # windowed already, as it must be here
-                else:
-                    self._push(index + 1, output.value, output.timestamp, output.windows, outputs)
         return outputs
 
     def teardown(self) -> None:
         self._pool = None
-        try:
-            for stage in reversed(self._then):
-                stage.teardown()
-        finally:
-            with _POOLS_LOCK:
-                _USERS[self._key] -= 1
-                last = _USERS[self._key] <= 0
-                if last:
-                    del _USERS[self._key]
-                pool = _POOLS.pop(self._key, None) if last else None
-            if pool is not None:
-                pool.shutdown(wait=True)
+        with _POOLS_LOCK:
+            _USERS[self._key] -= 1
+            last = _USERS[self._key] <= 0
+            if last:
+                del _USERS[self._key]
+            pool = _POOLS.pop(self._key, None) if last else None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _submit(self) -> None:
         self._submit_chunk(self._elements, self._metas)
@@ -412,7 +315,6 @@ class _PooledFn(beam.DoFn):
             known.inc(count)
         out: list[Any] = []
         append = out.append
-        chained = bool(self._then)
         for (timestamp, window), outputs in zip(metas, results, strict=True):
             windows = (window,)
             for output in outputs:
@@ -422,32 +324,11 @@ class _PooledFn(beam.DoFn):
                             output.tag, WindowedValue(output.value, timestamp, windows)
                         )
                     )
-                elif chained:
-                    self._push(0, output, timestamp, windows, out)
                 else:
                     append(WindowedValue(output, timestamp, windows))
         # What the worker's finish_bundle emitted is windowed already, as it must be there.
-        for output in finished:
-            if type(output) is pvalue.TaggedOutput or not chained:
-                append(output)
-            else:
-                self._push(0, output.value, output.timestamp, output.windows, out)
+        out.extend(finished)
         return out
-
-    def _push(self, index: int, value: Any, timestamp: Any, windows: Any, out: list[Any]) -> None:
-        """``value`` through the later stages from ``index``, their outputs into ``out``."""
-        if index == len(self._then):
-            out.append(WindowedValue(value, timestamp, windows))
-            return
-        stage = self._then[index]
-        results = stage.process(value, timestamp) if self._timed[index] else stage.process(value)
-        for result in results or ():
-            if type(result) is pvalue.TaggedOutput:
-                out.append(
-                    pvalue.TaggedOutput(result.tag, WindowedValue(result.value, timestamp, windows))
-                )
-            else:
-                self._push(index + 1, result, timestamp, windows, out)
 
     def _cancel_pending(self) -> None:
         for future, _, _ in self._pending:
@@ -462,31 +343,3 @@ class _PooledFn(beam.DoFn):
             if _POOLS.get(self._key) is pool:
                 del _POOLS[self._key]
         pool.shutdown(wait=False)
-
-
-class _PooledBlocksFn(_PooledFn):
-    """:class:`_PooledFn` for blocks: each input element is ``(elements, times in ms)``.
-
-    A block goes to the workers at once, in chunks, and each of its elements leaves with
-    its own time: one runner hand-off per block, not per element.
-    """
-
-    def process(  # type: ignore[override]
-        self, block: tuple[list[Any], list[int]], window: Any = beam.DoFn.WindowParam
-    ) -> Iterable[Any]:
-        elements, times_ms = block
-        # One Timestamp per distinct time, not per element: a backlog's messages share
-        # their millisecond by the dozen, and making Timestamps was a tenth of the stream.
-        metas: list[tuple[Timestamp, Any]] = []
-        append = metas.append
-        last_ms = None
-        meta: tuple[Timestamp, Any]  # set by the first element: no time equals None
-        for ms in times_ms:
-            if ms != last_ms:
-                meta = (Timestamp(micros=ms * 1000), window)
-                last_ms = ms
-            append(meta)
-        chunk = self._chunk
-        for start in range(0, len(elements), chunk):
-            self._submit_chunk(elements[start : start + chunk], metas[start : start + chunk])
-        return self._ready()

@@ -429,7 +429,7 @@ class DedupAndCheckInProcess(beam.PTransform):
         )
 
     def stage(self) -> beam.DoFn:
-        """This step as a later stage of a chain (``InProcesses``), with its guarantees.
+        """This step as the deciding stage of ``InWorkers``, with its guarantees.
 
         Records and their timestamps in; unique, checked records out, with duplicates'
         acks, dead letters and new keys under their tags.

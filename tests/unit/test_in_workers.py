@@ -1,0 +1,192 @@
+"""Parsing and delivery in worker processes, deciding here: every line's fate, once."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+
+from moesif_beam.transforms.common.in_workers import InWorkers
+from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER
+from moesif_beam.transforms.dedup.streaming import NEW_FIELDS, DedupAndCheckInProcess
+from moesif_beam.transforms.delivery.sinks import ACKS, WriteBatchFiles
+from moesif_beam.transforms.formats.normalize import SIGNATURES, NormalizeRecords
+from moesif_beam.transforms.records import Ack, Line, LineBlock
+from tests.helpers import make_pipeline, read_batches, run
+
+TAGS = (DEAD_LETTER, SIGNATURES, ACKS, NEW_FIELDS)
+
+
+def _action(tid: str, metadata: Any) -> dict:
+    return {
+        "action_name": "Did",
+        "transaction_id": tid,
+        "request": {"time": "2026-11-05T00:00:00Z"},
+        "metadata": metadata,
+    }
+
+
+def _raws() -> tuple[list[bytes], list[str], dict[str, str]]:
+    """Lines, the ids that must be delivered, and the reason each rejected id is rejected."""
+    raws: list[bytes] = []
+    kept: list[str] = []
+    for i in range(300):
+        raws.append(json.dumps(_action(f"a{i}", {"n": i})).encode())
+        kept.append(f"a{i}")
+        if i % 15 == 7:  # a copy of an id already seen: a duplicate
+            raws.append(json.dumps(_action(f"a{i - 3}", {"n": 0})).encode())
+    # "n" is a number by then: a string is a type conflict.
+    raws.append(json.dumps(_action("conflict", {"n": "text"})).encode())
+    # One line holding two records: both must be done before its offset is.
+    raws.append(json.dumps([_action("pair-0", {"n": 1}), _action("pair-1", {"n": 2})]).encode())
+    kept += ["pair-0", "pair-1"]
+    raws += [b"{not json", b"\xff\xfe"]
+    return raws, kept, {"conflict": "type_conflict"}
+
+
+def _stages(batch_dir: str, max_events: int = 40) -> tuple[beam.DoFn, beam.DoFn, beam.DoFn]:
+    parse = NormalizeRecords("actions", "moesif", inline_signatures=True).stage()
+    decide = DedupAndCheckInProcess(3600, {}, "actions").stage()
+    sink = WriteBatchFiles("actions", batch_dir, max_events=max_events, max_in_flight=2)
+    deliver = sink.stream_stage(1.0)
+    return parse, decide, deliver
+
+
+def _covered(acks: list[Ack]) -> dict[int, set[int]]:
+    """Offset -> parts done, from acks (a run of offsets counts for every one in it)."""
+    done: dict[int, set[int]] = {}
+    for ack in acks:
+        if ack.parts > 1:
+            done.setdefault(ack.offset, set()).add(ack.part)
+            continue
+        for offset in range(ack.previous + 1, ack.offset + 1):
+            done.setdefault(offset, set()).add(0)
+    return done
+
+
+class _Collect(beam.DoFn):
+    """Keeps what reaches it (the FnApiRunner runs it in this process)."""
+
+    seen: list[Ack] = []  # noqa: RUF012 - read by the test after the run
+
+    def process(self, element: Ack) -> None:
+        _Collect.seen.append(element)
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_every_line_is_delivered_duplicate_or_dead_lettered_and_acknowledged(tmp_path, blocks):
+    raws, kept, rejected = _raws()
+    lines = [Line(raw, f"t/0@{i}", Ack("t/0", i, i - 1)) for i, raw in enumerate(raws)]
+    p = make_pipeline()
+    if blocks:
+        # Kafka's shape: blocks of lines, each line at its own time.
+        source = beam.Create(
+            [
+                LineBlock(
+                    lines[i : i + 100], [1_000 * j for j in range(i, min(i + 100, len(lines)))]
+                )
+                for i in range(0, len(lines), 100)
+            ]
+        )
+    else:
+        source = beam.Create([TimestampedValue(line, i) for i, line in enumerate(lines)])
+    out = (
+        p
+        | source
+        | InWorkers(*_stages(str(tmp_path / "batches")), 2, TAGS, chunk=32, blocks=blocks)
+    )
+    _Collect.seen = []
+    _ = out[ACKS] | "acks" >> beam.ParDo(_Collect())
+    _ = (
+        out[DEAD_LETTER]
+        | "letter acks" >> beam.Map(lambda letter: letter[ACK_FIELD])
+        | "collect" >> beam.ParDo(_Collect())
+    )
+    assert_that(
+        out[DEAD_LETTER] | beam.Map(lambda letter: letter["reason"]),
+        equal_to(["type_conflict", "parse_error", "parse_error"]),
+        label="dead letters",
+    )
+    assert_that(out[NEW_FIELDS], equal_to([("n", "number")]), label="new fields")
+    assert_that(out.main, equal_to([]), label="nothing on the main output")
+    counters = run(p)
+
+    delivered = [
+        event["transaction_id"]
+        for batch in read_batches(str(tmp_path / "batches"))
+        for event in batch
+    ]
+    assert sorted(delivered) == sorted(kept)
+    assert "conflict" not in delivered and len(rejected) == 1
+    # Every offset is done, the two-record line in both its parts.
+    done = _covered(_Collect.seen)
+    assert set(done) == set(range(len(lines)))
+    assert done[len(lines) - 3] == {0, 1}
+    duplicates = len(raws) - len(kept) - 3 + 1  # the pair's line holds two records
+    assert counters["duplicates"] == duplicates
+    # dead_letters is the writer's count (no writer here): its parts, then.
+    rejects = counters["parse_errors"] + counters["type_conflicts"]
+    assert (counters["parse_errors"], counters["type_conflicts"]) == (2, 1)
+    assert counters["read"] == counters["sent"] + counters["duplicates"] + rejects
+    assert counters["sent"] == len(kept)
+
+
+class _DieOn(beam.DoFn):
+    """Parses nothing: ends its process on one line (in a worker only)."""
+
+    def __init__(self, fatal: bytes) -> None:
+        self._fatal = fatal
+        self._parent = os.getpid()
+
+    def process(self, line: Line) -> Iterator[Any]:
+        if line.raw == self._fatal and os.getpid() != self._parent:
+            os._exit(3)
+        return iter(())
+
+
+def test_a_worker_that_dies_fails_the_bundle(tmp_path):
+    _, decide, deliver = _stages(str(tmp_path / "batches"))
+    lines = [Line(f"l{i}".encode(), f"f:{i}") for i in range(200)]
+    p = make_pipeline()
+    _ = p | beam.Create(lines) | InWorkers(_DieOn(b"l150"), decide, deliver, 1, TAGS, chunk=20)
+    with pytest.raises(Exception, match="worker process"):
+        run(p)
+
+
+class _Raises(beam.DoFn):
+    def process(self, line: Line) -> Iterator[Any]:
+        raise ValueError(f"cannot take {line.raw!r}")
+
+
+def test_work_that_raises_in_a_worker_fails_the_bundle_with_its_reason(tmp_path):
+    _, decide, deliver = _stages(str(tmp_path / "batches"))
+    p = make_pipeline()
+    _ = p | beam.Create([Line(b"x", "f:1")]) | InWorkers(_Raises(), decide, deliver, 1, TAGS)
+    with pytest.raises(Exception, match="cannot take"):
+        run(p)
+
+
+class _Bundled(beam.DoFn):
+    def start_bundle(self) -> None:
+        pass
+
+    def process(self, element: Any) -> Iterator[Any]:
+        yield element
+
+
+def test_the_stages_and_sizes_are_checked(tmp_path):
+    parse, decide, deliver = _stages(str(tmp_path / "batches"))
+    with pytest.raises(ValueError, match="decide must work per element"):
+        InWorkers(parse, _Bundled(), deliver, 1, TAGS)
+    with pytest.raises(ValueError, match="processes must be at least 1"):
+        InWorkers(parse, decide, deliver, 0, TAGS)
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        InWorkers(parse, decide, deliver, 1, TAGS, chunk=0)
+    with pytest.raises(ValueError, match="takes DoFns"):
+        InWorkers(parse, decide, print, 1, TAGS)  # type: ignore[arg-type]

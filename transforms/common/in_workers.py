@@ -1,0 +1,531 @@
+"""Parse and deliver in worker processes, decide here: records never come back to this process.
+
+moesif-beam's default streaming runner (Prism, LOOPBACK workers) runs every stage in one
+Python process. Moving only parsing to worker processes
+(:func:`~moesif_beam.transforms.common.pooled.in_processes`) brings every parsed record back
+here for dedup, the type rule and delivery, and left this process the busiest of the
+stream's (docs/performance.md, sessions 21 and 22). :class:`InWorkers` keeps each record
+in the worker that parsed it:
+
+1. a chunk of lines goes to a worker, which runs ``parse`` on it;
+2. the worker sends back one small question per record (its transaction id, time,
+   metadata signature and acknowledgement; not its body), and ``parse``'s dead letters;
+3. ``decide`` runs here, in one thread, on each question as a record without a body, in
+   the order of the lines; the worker is told which records to keep, and whatever
+   ``decide`` emits under a tag (duplicates' acks, dead letters, new fields) leaves here;
+4. the worker hands the records kept to ``deliver``, a DoFn whose bundle there lasts until
+   this stage's bundle ends; each bundle end here ends it in every worker (its batches
+   delivered, its acks emitted) before this bundle finishes.
+
+What the stages guarantee is unchanged:
+
+- every line handed to the stage in a bundle has been parsed, decided and, if kept,
+  delivered (with its acknowledgement and dead letters out) when the bundle finishes:
+  nothing is held across bundles, so an offset commit after the bundle covers it;
+- ``decide`` sees every record in the order of its input, one at a time, so what it
+  remembers (ids, the first type of a key) is this process's, as before;
+- what the workers count is added to this process's counters, bundle by bundle, and
+  their POSTs to its latency histogram and batches-in-flight gauge;
+- a worker that dies, or work that raises in one, fails the bundle (on Prism, the job;
+  a Kafka stream, which committed nothing for it, reads it again when restarted); the
+  next bundle starts new workers.
+
+Outputs keep their line's timestamp and window; what ``deliver`` emits as it goes (dead
+letters of a batch) takes the time of the chunk whose decision led to it, and what it
+emits at its bundle's end is windowed by it, as Beam requires there.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from moesif_beam.transforms.common import live
+from moesif_beam.transforms.common.counters import counter
+from moesif_beam.transforms.common.garbage import collect_garbage_less_often
+from moesif_beam.transforms.common.in_workers_worker import run_worker
+from moesif_beam.transforms.common.pooled import CHUNK, MAX_WAIT_S
+
+__all__ = ["InWorkers"]
+
+# Chunks a worker has been sent and not yet asked about: one to parse while this process
+# decides on the other, and no more, so a busy worker holds little.
+_OUTSTANDING = 2
+# A slow stream's chunk goes before it is full once its first line has waited MAX_WAIT_S,
+# looked at every _LOOK_EVERY lines (a bundle's end sends it in any case).
+_LOOK_EVERY = 16
+
+
+class InWorkers(beam.PTransform):
+    """``parse`` and ``deliver`` in ``processes`` workers, ``decide`` here; one ParDo.
+
+    ``parse`` takes :class:`~moesif_beam.transforms.records.Line` s and emits keyed
+    :class:`~moesif_beam.transforms.records.Record` s (and tagged outputs); ``decide``
+    takes a keyed record (without its body) and its timestamp, and emits it to keep it;
+    ``deliver`` takes the keyed records kept and emits only tagged outputs. The guarantees
+    are the module's. The output is the ParDo's tagged outputs (``tags``); the main one is
+    empty. With ``blocks``, each input element is a
+    :class:`~moesif_beam.transforms.records.LineBlock`, and each of its lines is taken as
+    if it had come alone, at its own time.
+    """
+
+    def __init__(
+        self,
+        parse: beam.DoFn,
+        decide: beam.DoFn,
+        deliver: beam.DoFn,
+        processes: int,
+        tags: Sequence[str],
+        chunk: int = CHUNK,
+        *,
+        blocks: bool = False,
+    ) -> None:
+        super().__init__()
+        if not all(isinstance(stage, beam.DoFn) for stage in (parse, decide, deliver)):
+            msg = "InWorkers takes DoFns"
+            raise ValueError(msg)
+        for method in ("start_bundle", "finish_bundle"):
+            if getattr(type(decide), method) is not getattr(beam.DoFn, method):
+                # decide runs on one thread for every bundle: it has no bundles of its own.
+                msg = f"{type(decide).__name__} has a {method}: decide must work per element"
+                raise ValueError(msg)
+        if processes < 1:
+            msg = f"processes must be at least 1, got {processes}"
+            raise ValueError(msg)
+        if chunk < 1:
+            msg = f"chunk must be at least 1, got {chunk}"
+            raise ValueError(msg)
+        kind = _InWorkersBlocksFn if blocks else _InWorkersFn
+        self._fn = kind(_Stages(parse, decide, deliver, processes), chunk)
+        self._tags = tuple(tags)
+
+    def expand(self, pcoll: beam.PCollection) -> pvalue.DoOutputsTuple:
+        return pcoll | beam.ParDo(self._fn).with_outputs(*self._tags, main="main")
+
+
+class _Stages:
+    """What a pool is made of; its key names the pool shared by the DoFn's copies."""
+
+    def __init__(
+        self, parse: beam.DoFn, decide: beam.DoFn, deliver: beam.DoFn, processes: int
+    ) -> None:
+        self.parse = parse
+        self.decide = decide
+        self.deliver = deliver
+        self.processes = processes
+        self.key = uuid.uuid4().hex
+
+
+class _Box:
+    """One bundle's share of the pool: what it must emit and count, and what it waits for."""
+
+    __slots__ = ("counts", "flushes", "open", "outputs")
+
+    def __init__(self) -> None:
+        self.outputs: list[Any] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.open = 0  # chunks sent and not yet decided
+        self.flushes = 0  # bundle ends asked of workers and not yet done
+
+
+class _Chunk:
+    __slots__ = ("box", "lines", "metas", "worker")
+
+    def __init__(self, box: _Box, lines: list[Any], metas: list[Any], worker: int) -> None:
+        self.box = box
+        self.lines = lines
+        self.metas = metas  # (timestamp, window) of each line
+        self.worker = worker
+
+
+class _Tally:
+    """A counter of ``decide``'s, on the answering thread: counted there, incremented here."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.count += n
+
+
+class _Pool:
+    """The worker processes of one stage and the thread here that answers them.
+
+    Every field below the condition is guarded by it.
+    """
+
+    def __init__(self, stages: _Stages) -> None:
+        context = multiprocessing.get_context("forkserver")
+        parse, deliver = pickle.dumps(stages.parse), pickle.dumps(stages.deliver)
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        self._send_locks: list[threading.Lock] = []
+        for _ in range(stages.processes):
+            here, there = context.Pipe(duplex=True)
+            # forkserver, not fork: this process runs gRPC and Kafka client threads, which
+            # a forked child would inherit half-way through their work.
+            proc = context.Process(
+                target=run_worker, args=(there, parse, deliver, os.getpid()), daemon=True
+            )
+            proc.start()
+            there.close()
+            self._conns.append(here)
+            self._procs.append(proc)
+            self._send_locks.append(threading.Lock())
+        # decide's own copy, called only from the answering thread; its counters count
+        # there and are handed to the bundle whose chunk it decided.
+        self._decide = pickle.loads(pickle.dumps(stages.decide))  # noqa: S301 - our own
+        self._decide.setup()
+        self._tallies: dict[str, _Tally] = {}
+        for attribute, value in list(vars(self._decide).items()):
+            name = getattr(value, "_name", None)
+            if isinstance(name, str) and callable(getattr(value, "inc", None)):
+                self._tallies[name] = tally = _Tally()
+                setattr(self._decide, attribute, tally)
+        self._ids = itertools.count()
+        self.cv = threading.Condition()
+        self.broken: str | None = None
+        self._closing = False
+        self._chunks: dict[int, _Chunk] = {}
+        self._flushes: dict[int, _Box] = {}
+        self._outstanding = [0] * stages.processes
+        self._turn = 0
+        self._answerer = threading.Thread(target=self._answer, name="in-workers", daemon=True)
+        self._answerer.start()
+
+    # -- called from bundle threads ------------------------------------------------------
+
+    def send(self, box: _Box, lines: list[Any], metas: list[Any]) -> None:
+        """Hand a chunk to the least busy worker; waits while every worker has enough."""
+        with self.cv:
+            while True:
+                self.check()
+                worker = min(
+                    range(len(self._outstanding)),
+                    key=lambda w: (self._outstanding[w], (w - self._turn) % len(self._conns)),
+                )
+                if self._outstanding[worker] < _OUTSTANDING:
+                    break
+                self.cv.wait()
+            self._turn = worker + 1
+            chunk_id = next(self._ids)
+            self._chunks[chunk_id] = _Chunk(box, lines, metas, worker)
+            self._outstanding[worker] += 1
+            box.open += 1
+        self._send(worker, ("C", chunk_id, _to_worker(lines)))
+
+    def finish(self, box: _Box) -> None:
+        """Wait until every chunk of ``box`` is decided, then end every worker's bundle."""
+        with self.cv:
+            while box.open:
+                self.check()
+                self.cv.wait()
+            flushes = []
+            for worker in range(len(self._conns)):
+                flush_id = next(self._ids)
+                self._flushes[flush_id] = box
+                box.flushes += 1
+                flushes.append((worker, flush_id))
+        for worker, flush_id in flushes:
+            self._send(worker, ("F", flush_id))
+        with self.cv:
+            while box.flushes:
+                self.check()
+                self.cv.wait()
+
+    def close(self) -> None:
+        """End the workers (each finishes what it has) and the answering thread."""
+        with self.cv:
+            self._closing = True
+        for worker in range(len(self._conns)):
+            with contextlib.suppress(OSError):  # gone already
+                self._send(worker, ("X",))
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        self._answerer.join(timeout=5)
+        for worker, conn in enumerate(self._conns):
+            conn.close()
+            live.in_flight_elsewhere((id(self), worker), None)
+        self._decide.teardown()
+
+    def check(self) -> None:
+        if self.broken is not None:
+            msg = f"a worker process failed: {self.broken}"
+            raise RuntimeError(msg)
+
+    def _send(self, worker: int, message: tuple) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_locks[worker]:
+            self._conns[worker].send_bytes(data)
+
+    # -- the answering thread ------------------------------------------------------------
+
+    def _answer(self) -> None:
+        index: dict[Any, int] = {conn: worker for worker, conn in enumerate(self._conns)}
+        while True:
+            try:
+                ready: list[Any] = wait(list(index), timeout=1.0)
+            except OSError:
+                return  # closed
+            for conn in ready:
+                worker = index[conn]
+                try:
+                    message = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own worker
+                except (EOFError, OSError):
+                    del index[conn]
+                    with self.cv:
+                        if not self._closing:
+                            self._break(f"worker process {worker} ended")
+                    if not index:
+                        return
+                    continue
+                try:
+                    self._handle(worker, message)
+                except BaseException as exc:
+                    with self.cv:
+                        self._break(f"deciding a chunk raised {type(exc).__name__}: {exc}")
+                    return
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+        self.cv.notify_all()
+
+    def _handle(self, worker: int, message: tuple) -> None:
+        kind = message[0]
+        if kind == "E":
+            with self.cv:
+                self._break(message[1])
+            return
+        *body, counts, (batches, posts) = message
+        for seconds, status in posts:
+            live.observe_post(seconds, status)
+        live.in_flight_elsewhere((id(self), worker), batches)
+        if kind == "Q":
+            self._decided(worker, body[1], body[2], body[3], body[4], counts)
+        elif kind == "R":
+            with self.cv:
+                chunk = self._chunks.pop(body[1])
+                timestamp, window = chunk.metas[-1]
+                box = chunk.box
+                box.outputs.extend(_windowed(body[2], timestamp, window))
+                box.counts.update(counts)
+        elif kind == "F":
+            with self.cv:
+                box = self._flushes.pop(body[1])
+                box.outputs.extend(body[2])
+                box.counts.update(counts)
+                box.flushes -= 1
+                self.cv.notify_all()
+
+    def _decided(
+        self,
+        worker: int,
+        chunk_id: int,
+        questions: list[tuple],
+        tagged: list[tuple[int, str, Any]],
+        finished: list[Any],
+        counts: dict[str, int],
+    ) -> None:
+        with self.cv:
+            chunk = self._chunks[chunk_id]
+        lines, metas = chunk.lines, chunk.metas
+        outputs: list[Any] = []
+        for index, tag, value in tagged:
+            timestamp, window = metas[index]
+            outputs.append(pvalue.TaggedOutput(tag, WindowedValue(value, timestamp, (window,))))
+        outputs.extend(finished)
+        keep = bytearray(len(questions))
+        decide = self._decide.process
+        for position, question in enumerate(questions):
+            index = question[0]
+            timestamp, window = metas[index]
+            for output in decide(_light(question, lines[index]), timestamp) or ():
+                if type(output) is pvalue.TaggedOutput:
+                    outputs.append(
+                        pvalue.TaggedOutput(
+                            output.tag, WindowedValue(output.value, timestamp, (window,))
+                        )
+                    )
+                else:
+                    keep[position] = 1
+        self._send(worker, ("D", chunk_id, bytes(keep)))
+        with self.cv:
+            box = chunk.box
+            box.outputs.extend(outputs)
+            box.counts.update(counts)
+            for name, tally in self._tallies.items():
+                if tally.count:
+                    box.counts[name] += tally.count
+                    tally.count = 0
+            self._outstanding[worker] -= 1
+            box.open -= 1
+            self.cv.notify_all()
+
+
+def _windowed(outputs: Iterable[Any], timestamp: Any, window: Any) -> list[Any]:
+    return [
+        pvalue.TaggedOutput(output.tag, WindowedValue(output.value, timestamp, (window,)))
+        for output in outputs
+    ]
+
+
+def _to_worker(lines: list[Any]) -> list[tuple]:
+    # Acks as plain tuples: a NamedTuple costs two Python calls each way to pickle.
+    return [
+        (raw, source, None if ack is None else tuple(ack), at) for raw, source, ack, at in lines
+    ]
+
+
+def _light(question: tuple, line: Any) -> tuple[str, Any]:
+    """The keyed record a question stands for, its body left out (``decide`` needs none)."""
+    from moesif_beam.transforms.records import new_record  # noqa: PLC0415 - kept light
+
+    _, transaction_id, time_ms, raw, source, sig_id, signature, parts = question
+    line_raw, line_source, ack, line_at = line
+    if parts is not None and parts != (1, 0):
+        ack = ack._replace(parts=parts[0], part=parts[1])
+    elif parts is None:
+        ack = None
+    return transaction_id, new_record(
+        (
+            time_ms,
+            b"",
+            line_raw if raw is None else raw,
+            line_source if source is None else source,
+            sig_id,
+            signature,
+            ack,
+            line_at if raw is None else -1,
+        )
+    )
+
+
+# The pools of this process, by stage key, shared by the DoFn's instances that are set up
+# (how many): the last one's teardown closes its pool.
+_POOLS: dict[str, _Pool] = {}
+_USERS: collections.Counter[str] = collections.Counter()
+_POOLS_LOCK = threading.Lock()
+
+
+class _InWorkersFn(beam.DoFn):
+    """The stages in a shared pool (see :class:`InWorkers`); input one line at a time."""
+
+    def __init__(self, stages: _Stages, chunk: int) -> None:
+        self._stages = stages
+        self._chunk = chunk
+
+    def setup(self) -> None:
+        # This process unpickles every question: see transforms/common/garbage.py.
+        collect_garbage_less_often()
+        self._counters: dict[str, Any] = {}
+        with _POOLS_LOCK:
+            _USERS[self._stages.key] += 1
+
+    def start_bundle(self) -> None:
+        key = self._stages.key
+        with _POOLS_LOCK:
+            pool = _POOLS.get(key)
+            if pool is None or pool.broken is not None:
+                if pool is not None:
+                    threading.Thread(target=pool.close, daemon=True).start()
+                pool = _POOLS[key] = _Pool(self._stages)
+        self._pool = pool
+        self._box = _Box()
+        self._lines: list[Any] = []
+        self._metas: list[tuple[Any, Any]] = []
+        self._first_at = 0.0
+
+    def process(
+        self,
+        element: Any,
+        timestamp: Any = beam.DoFn.TimestampParam,
+        window: Any = beam.DoFn.WindowParam,
+    ) -> Iterable[Any]:
+        lines = self._lines
+        lines.append(element)
+        self._metas.append((timestamp, window))
+        count = len(lines)
+        if count == 1:
+            self._first_at = time.monotonic()
+        if count >= self._chunk or (
+            count % _LOOK_EVERY == 0 and time.monotonic() - self._first_at > MAX_WAIT_S
+        ):
+            self._pool.send(self._box, lines, self._metas)
+            self._lines, self._metas = [], []
+        return self._take()
+
+    def finish_bundle(self) -> Iterable[Any]:
+        if self._lines:
+            self._pool.send(self._box, self._lines, self._metas)
+            self._lines, self._metas = [], []
+        self._pool.finish(self._box)
+        return self._take()
+
+    def teardown(self) -> None:
+        key = self._stages.key
+        with _POOLS_LOCK:
+            _USERS[key] -= 1
+            last = _USERS[key] <= 0
+            if last:
+                del _USERS[key]
+            pool = _POOLS.pop(key, None) if last else None
+        if pool is not None:
+            pool.close()
+
+    def _take(self) -> list[Any]:
+        """What this bundle's chunks led to so far, with their counts added here."""
+        box = self._box
+        with self._pool.cv:
+            self._pool.check()
+            outputs, box.outputs = box.outputs, []
+            counts, box.counts = box.counts, collections.Counter()
+        for name, count in counts.items():
+            known = self._counters.get(name)
+            if known is None:
+                known = self._counters[name] = counter(name)
+            known.inc(count)
+        return outputs
+
+
+class _InWorkersBlocksFn(_InWorkersFn):
+    """:class:`_InWorkersFn` for blocks: each input element is ``(lines, times in ms)``."""
+
+    def process(  # type: ignore[override]
+        self, block: tuple[list[Any], list[int]], window: Any = beam.DoFn.WindowParam
+    ) -> Iterable[Any]:
+        lines, times_ms = block
+        # One Timestamp per distinct time, not per line: a backlog's messages share their
+        # millisecond by the dozen.
+        metas: list[tuple[Timestamp, Any]] = []
+        append = metas.append
+        last_ms = None
+        meta: tuple[Timestamp, Any]  # set by the first line: no time equals None
+        for ms in times_ms:
+            if ms != last_ms:
+                meta = (Timestamp(micros=ms * 1000), window)
+                last_ms = ms
+            append(meta)
+        chunk = self._chunk
+        for start in range(0, len(lines), chunk):
+            self._pool.send(self._box, lines[start : start + chunk], metas[start : start + chunk])
+        return self._take()
