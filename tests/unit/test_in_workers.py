@@ -190,3 +190,58 @@ def test_the_stages_and_sizes_are_checked(tmp_path):
         InWorkers(parse, decide, deliver, 1, TAGS, chunk=0)
     with pytest.raises(ValueError, match="takes DoFns"):
         InWorkers(parse, decide, print, 1, TAGS)  # type: ignore[arg-type]
+
+
+class _SlowFirst(beam.DoFn):
+    """Parses a line into a bare record; the first line takes half a second (in a worker)."""
+
+    def process(self, line: Line) -> Iterator[Any]:
+        import time
+
+        from moesif_beam.transforms.records import new_record
+
+        if line.raw == b"l0":
+            time.sleep(0.5)
+        yield line.raw.decode(), new_record((0, b"{}", line.raw, line.source, b"", (), None, -1))
+
+
+class _Order(beam.DoFn):
+    """Keeps every record, noting the order it decided them in (in this process)."""
+
+    seen: list[str] = []  # noqa: RUF012 - read by the test after the run
+
+    def process(self, element: Any, timestamp: Any = beam.DoFn.TimestampParam) -> Iterator[Any]:
+        _Order.seen.append(element[0])
+        yield element
+
+
+class _Drop(beam.DoFn):
+    def process(self, element: Any) -> Iterator[Any]:
+        return iter(())
+
+
+def test_decide_sees_records_in_the_order_of_their_lines():
+    # The first chunk's worker is slow, so the second chunk's questions come back first.
+    lines = [Line(f"l{i}".encode(), f"f:{i}") for i in range(64)]
+    _Order.seen = []
+    p = make_pipeline()
+    _ = (
+        p
+        | beam.Create(lines, reshuffle=False)
+        | InWorkers(_SlowFirst(), _Order(), _Drop(), 2, TAGS, chunk=8)
+    )
+    run(p)
+    assert _Order.seen == [f"l{i}" for i in range(64)]
+
+
+class _DecideRaises(beam.DoFn):
+    def process(self, element: Any, timestamp: Any = beam.DoFn.TimestampParam) -> Iterator[Any]:
+        raise RuntimeError(f"no decision on {element[0]}")
+
+
+def test_a_decision_that_raises_fails_the_bundle_with_its_reason():
+    lines = [Line(f"l{i}".encode(), f"f:{i}") for i in range(20)]
+    p = make_pipeline()
+    _ = p | beam.Create(lines) | InWorkers(_SlowFirst(), _DecideRaises(), _Drop(), 1, TAGS)
+    with pytest.raises(Exception, match="no decision on l"):
+        run(p)

@@ -20,8 +20,11 @@ in the worker that parsed it:
 What the stages guarantee is unchanged:
 
 - every line handed to the stage in a bundle has been parsed, decided and, if kept,
-  delivered (with its acknowledgement and dead letters out) when the bundle finishes:
-  nothing is held across bundles, so an offset commit after the bundle covers it;
+  delivered when the bundle finishes; its acknowledgement and dead letters leave in
+  this bundle's output or, when a concurrent bundle's end reached the same worker
+  first, in that bundle's (an ack is a fact about a record, whichever bundle carries
+  it; offsets are committed only over a contiguous run of acks, so acks lost with a
+  failed bundle only mean records delivered again);
 - ``decide`` sees every record in the order of its input, one at a time, so what it
   remembers (ids, the first type of a key) is this process's, as before;
 - what the workers count is added to this process's counters, bundle by bundle, and
@@ -134,23 +137,27 @@ class _Stages:
 class _Box:
     """One bundle's share of the pool: what it must emit and count, and what it waits for."""
 
-    __slots__ = ("counts", "flushes", "open", "outputs")
+    __slots__ = ("counts", "flushes", "open", "order", "outputs", "workers")
 
     def __init__(self) -> None:
         self.outputs: list[Any] = []
         self.counts: collections.Counter[str] = collections.Counter()
         self.open = 0  # chunks sent and not yet decided
         self.flushes = 0  # bundle ends asked of workers and not yet done
+        # Its chunks not yet decided, in the order they were sent: decided in that order.
+        self.order: collections.deque[int] = collections.deque()
+        self.workers: set[int] = set()  # the workers its chunks went to
 
 
 class _Chunk:
-    __slots__ = ("box", "lines", "metas", "worker")
+    __slots__ = ("asked", "box", "lines", "metas", "worker")
 
     def __init__(self, box: _Box, lines: list[Any], metas: list[Any], worker: int) -> None:
         self.box = box
         self.lines = lines
         self.metas = metas  # (timestamp, window) of each line
         self.worker = worker
+        self.asked: tuple | None = None  # the worker's questions, until they are decided
 
 
 class _Tally:
@@ -214,6 +221,8 @@ class _Pool:
 
     def send(self, box: _Box, lines: list[Any], metas: list[Any]) -> None:
         """Hand a chunk to the least busy worker; waits while every worker has enough."""
+        # Built before the chunk is counted: what cannot be sent must not be waited for.
+        payload = _to_worker(lines)
         with self.cv:
             while True:
                 self.check()
@@ -229,16 +238,22 @@ class _Pool:
             self._chunks[chunk_id] = _Chunk(box, lines, metas, worker)
             self._outstanding[worker] += 1
             box.open += 1
-        self._send(worker, ("C", chunk_id, _to_worker(lines)))
+            box.order.append(chunk_id)
+            box.workers.add(worker)
+        self._send(worker, ("C", chunk_id, payload))
 
     def finish(self, box: _Box) -> None:
-        """Wait until every chunk of ``box`` is decided, then end every worker's bundle."""
+        """Wait until every chunk of ``box`` is decided, then end its workers' bundles.
+
+        Only the workers that had one of its chunks: a bundle that sent nothing waits for
+        nothing, and cuts no other bundle's batches short.
+        """
         with self.cv:
             while box.open:
                 self.check()
                 self.cv.wait()
             flushes = []
-            for worker in range(len(self._conns)):
+            for worker in sorted(box.workers):
                 flush_id = next(self._ids)
                 self._flushes[flush_id] = box
                 box.flushes += 1
@@ -274,14 +289,30 @@ class _Pool:
 
     def _send(self, worker: int, message: tuple) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._send_locks[worker]:
-            self._conns[worker].send_bytes(data)
+        try:
+            with self._send_locks[worker]:
+                self._conns[worker].send_bytes(data)
+        except OSError as exc:
+            # The worker is gone: its own report (or its end) says why, if it came first.
+            with self.cv:
+                self._break(f"worker process {worker} took no more work ({exc})")
+            self.check()
 
     # -- the answering thread ------------------------------------------------------------
 
     def _answer(self) -> None:
+        try:
+            self._answer_workers()
+        finally:
+            # However this thread ends, nobody may wait on it: an end that is not the
+            # pool's close breaks the pool, and every waiting bundle fails.
+            with self.cv:
+                if not self._closing:
+                    self._break("the thread answering the workers ended")
+
+    def _answer_workers(self) -> None:
         index: dict[Any, int] = {conn: worker for worker, conn in enumerate(self._conns)}
-        while True:
+        while index:
             try:
                 ready: list[Any] = wait(list(index), timeout=1.0)
             except OSError:
@@ -295,9 +326,11 @@ class _Pool:
                     with self.cv:
                         if not self._closing:
                             self._break(f"worker process {worker} ended")
-                    if not index:
-                        return
                     continue
+                except BaseException as exc:
+                    with self.cv:
+                        self._break(f"a message of worker {worker} could not be read: {exc!r}")
+                    return
                 try:
                     self._handle(worker, message)
                 except BaseException as exc:
@@ -321,7 +354,7 @@ class _Pool:
             live.observe_post(seconds, status)
         live.in_flight_elsewhere((id(self), worker), batches)
         if kind == "Q":
-            self._decided(worker, body[1], body[2], body[3], body[4], counts)
+            self._asked(body[1], (body[2], body[3], body[4], counts))
         elif kind == "R":
             with self.cv:
                 chunk = self._chunks.pop(body[1])
@@ -337,17 +370,34 @@ class _Pool:
                 box.flushes -= 1
                 self.cv.notify_all()
 
-    def _decided(
-        self,
-        worker: int,
-        chunk_id: int,
-        questions: list[tuple],
-        tagged: list[tuple[int, str, Any]],
-        finished: list[Any],
-        counts: dict[str, int],
-    ) -> None:
+    def _asked(self, chunk_id: int, asked: tuple) -> None:
+        """Decide on a chunk's questions once every earlier chunk of its bundle is decided.
+
+        A bundle's chunks go to several workers and come back in any order; ``decide``
+        must see records in the order of their lines (the first copy of an id is the one
+        kept, the first type of a key wins), so a chunk that comes back early waits.
+        """
         with self.cv:
             chunk = self._chunks[chunk_id]
+            chunk.asked = asked
+            box = chunk.box
+            ready = []
+            while box.order and self._chunks[box.order[0]].asked is not None:
+                ready.append(box.order.popleft())
+        for ready_id in ready:
+            if self.broken is not None:
+                # A broken pool's bundles fail: what it would remember of them (ids,
+                # types) must not outlive them in the memory its successor shares.
+                return
+            self._decided(ready_id)
+
+    def _decided(self, chunk_id: int) -> None:
+        with self.cv:
+            chunk = self._chunks[chunk_id]
+        assert chunk.asked is not None
+        questions, tagged, finished, counts = chunk.asked
+        chunk.asked = ()  # decided: the questions need not be kept
+        worker = chunk.worker
         lines, metas = chunk.lines, chunk.metas
         outputs: list[Any] = []
         for index, tag, value in tagged:

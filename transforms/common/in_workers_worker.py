@@ -92,29 +92,31 @@ class _Worker:
             self._conn.send_bytes(data)
 
     def run(self) -> None:
+        """Answer messages until told to exit; an error leaves at once (see run_worker).
+
+        No teardown on an error: the delivery's teardown waits for POSTs in flight, which
+        may retry for minutes, while every bundle of the stage waits on this worker.
+        """
         inbox = self._inbox
-        try:
-            while True:
-                data = inbox.get()
-                if data is None:
-                    return  # the stage's process is gone
-                message = pickle.loads(data)  # noqa: S301 - from the stage's process
-                kind = message[0]
-                if kind == "C":
-                    self._parsed(message[1], message[2])
-                elif kind == "D":
-                    self._delivered(message[1], message[2])
-                elif kind == "F":
-                    windowed = list(self._deliver.finish_bundle() or ())
-                    self._deliver.start_bundle()
-                    self.send(("F", message[1], windowed, self._counts(), self._live()))
-                else:
-                    # "X": what the delivery holds goes out before the process ends.
-                    self._deliver.finish_bundle()
-                    return
-        finally:
-            self._deliver.teardown()
-            self._parse.teardown()
+        while True:
+            data = inbox.get()
+            if data is None:
+                return  # the stage's process is gone
+            message = pickle.loads(data)  # noqa: S301 - from the stage's process
+            kind = message[0]
+            if kind == "C":
+                self._parsed(message[1], message[2])
+            elif kind == "D":
+                self._delivered(message[1], message[2])
+            elif kind == "F":
+                windowed = list(self._deliver.finish_bundle() or ())
+                self._deliver.start_bundle()
+                self.send(("F", message[1], windowed, self._counts(), self._live()))
+            else:
+                # "X" comes once every bundle has ended: the delivery holds nothing.
+                break
+        self._deliver.teardown()
+        self._parse.teardown()
 
     def _read(self) -> None:
         try:
@@ -180,6 +182,9 @@ class _Worker:
                     )
                 )
         finished = list(parse.finish_bundle() or ())
+        if any(type(output) is not pvalue.TaggedOutput for output in finished):
+            msg = f"{type(parse).__name__} emitted a record as its bundle ended: it must not"
+            raise ValueError(msg)
         self._pending[chunk_id] = records
         self.send(("Q", chunk_id, questions, tagged, finished, self._counts(), self._live()))
 
