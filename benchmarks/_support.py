@@ -210,3 +210,13 @@ def on_two(target: Callable[..., None], work: list, *rest: Any) -> list:
     for proc in procs:
         proc.join()
     return results
+
+
+def drain_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every backlog drainer takes from ``streaming_latency.py``'s ``drain_by``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--total", type=int, required=True)
+    return parser

@@ -21,7 +21,6 @@ make it, on one core:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from confluent_kafka import Consumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._support import drain_parser
 from benchmarks.events_throughput import KEYS, Poster, unique_of
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.delivery.sinks import DEFAULT_GZIP_LEVEL
@@ -82,11 +82,7 @@ def run(bootstrap: str, topic: str, url: str, total: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--topic", required=True)
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--total", type=int, required=True)
+    parser = drain_parser(__doc__)
     args = parser.parse_args()
     print(json.dumps(run(args.bootstrap, args.topic, args.url, args.total)))
     return 0

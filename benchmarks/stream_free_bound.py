@@ -23,7 +23,6 @@ design on this machine, a prototype to measure it rather than argue it.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import multiprocessing
@@ -41,7 +40,7 @@ from confluent_kafka import Consumer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._stages import normalize_fn
-from benchmarks._support import APP_ID
+from benchmarks._support import APP_ID, drain_parser
 from moesif_beam.transforms.delivery.http import encode_batch, gzip_body
 from moesif_beam.transforms.delivery.sinks import DEFAULT_GZIP_LEVEL
 from moesif_beam.transforms.records import Line
@@ -163,11 +162,7 @@ def run(bootstrap: str, topic: str, url: str, total: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--topic", required=True)
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--total", type=int, required=True)
+    parser = drain_parser(__doc__)
     args = parser.parse_args()
     print(json.dumps(run(args.bootstrap, args.topic, args.url, args.total)))
     return 0

@@ -30,7 +30,6 @@ none), the schema check's decisions, the dedup journal and acknowledgements per 
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import pickle
@@ -46,6 +45,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._stages import normalize_fn
+from benchmarks._support import drain_parser
 from benchmarks.events_throughput import Poster
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.delivery.sinks import DEFAULT_GZIP_LEVEL
@@ -252,11 +252,7 @@ def run(bootstrap: str, topic: str, url: str, total: int, *, lines_here: bool = 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--topic", required=True)
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--total", type=int, required=True)
+    parser = drain_parser(__doc__)
     parser.add_argument(
         "--lines_here",
         action="store_true",

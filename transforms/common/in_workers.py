@@ -62,7 +62,7 @@ from moesif_beam.transforms.common import live
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.in_workers_worker import run_worker
-from moesif_beam.transforms.common.pooled import CHUNK, MAX_WAIT_S
+from moesif_beam.transforms.common.pooled import CHUNK, MAX_WAIT_S, tally_counters
 
 __all__ = ["InWorkers"]
 
@@ -160,18 +160,6 @@ class _Chunk:
         self.asked: tuple | None = None  # the worker's questions, until they are decided
 
 
-class _Tally:
-    """A counter of ``decide``'s, on the answering thread: counted there, incremented here."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def inc(self, n: int = 1) -> None:
-        self.count += n
-
-
 class _Pool:
     """The worker processes of one stage and the thread here that answers them.
 
@@ -199,13 +187,9 @@ class _Pool:
         # decide's own copy, called only from the answering thread; its counters count
         # there and are handed to the bundle whose chunk it decided.
         self._decide = pickle.loads(pickle.dumps(stages.decide))  # noqa: S301 - our own
+        # Beam's metrics count per bundle thread, and this is none.
+        self._tallies = tally_counters(self._decide)
         self._decide.setup()
-        self._tallies: dict[str, _Tally] = {}
-        for attribute, value in list(vars(self._decide).items()):
-            name = getattr(value, "_name", None)
-            if isinstance(name, str) and callable(getattr(value, "inc", None)):
-                self._tallies[name] = tally = _Tally()
-                setattr(self._decide, attribute, tally)
         self._ids = itertools.count()
         self.cv = threading.Condition()
         self.broken: str | None = None

@@ -48,7 +48,7 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
 
-__all__ = ["CHUNK", "MAX_WAIT_S", "Wire", "exit_with", "in_processes"]
+__all__ = ["CHUNK", "MAX_WAIT_S", "Tally", "Wire", "exit_with", "in_processes", "tally_counters"]
 
 # Elements per chunk: large enough that a chunk's hand-off (two pickles, two pipe writes)
 # is small beside its work, small enough that a bundle's end waits on little.
@@ -84,8 +84,12 @@ class Wire:
         return payload
 
 
-class _Tally:
-    """A counter in a worker process: counts until the chunk's counts are handed back."""
+class Tally:
+    """A plain count standing in for a DoFn's counter, until its counts are handed on.
+
+    For a DoFn that runs where Beam's metrics do not reach (a worker process, or a thread
+    of the stage's own), see :func:`tally_counters`.
+    """
 
     __slots__ = ("count",)
 
@@ -96,12 +100,23 @@ class _Tally:
         self.count += n
 
 
+def tally_counters(fn: beam.DoFn) -> dict[str, Tally]:
+    """Replace ``fn``'s counters (its attributes that are) with tallies; them, by name."""
+    tallies: dict[str, Tally] = {}
+    for attribute, value in list(vars(fn).items()):
+        name = getattr(value, "_name", None)
+        if isinstance(name, str) and callable(getattr(value, "inc", None)):
+            tallies[name] = tally = Tally()
+            setattr(fn, attribute, tally)
+    return tallies
+
+
 class _Worker:
     """What a worker process holds: the stage's DoFn, its wire and its counters by name."""
 
     fn: Any = None
     wire: type[Wire] = Wire
-    tallies: dict[str, _Tally] = {}  # noqa: RUF012 - one per process, set up once
+    tallies: dict[str, Tally] = {}  # noqa: RUF012 - one per process, set up once
 
 
 def exit_with(stage_pid: int) -> None:
@@ -131,11 +146,7 @@ def _start_worker(pickled_fn: bytes, wire: type[Wire], stage_pid: int) -> None:
     collect_garbage_less_often()
     # The stage's own DoFn, pickled by the stage that started this process.
     fn = pickle.loads(pickled_fn)  # noqa: S301
-    for attribute, value in list(vars(fn).items()):
-        name = getattr(value, "_name", None)
-        if isinstance(name, str) and callable(getattr(value, "inc", None)):
-            _Worker.tallies[name] = tally = _Tally()
-            setattr(fn, attribute, tally)
+    _Worker.tallies = tally_counters(fn)
     fn.setup()
     _Worker.fn = fn
     _Worker.wire = wire
