@@ -147,19 +147,29 @@ def test_a_quiet_stream_delivers_each_record_and_poison_does_not_stop_it(
         wait_for(lambda: "timed" in _stored_ids(collector), 30, "a quiet stream's record")
 
         huge = wso2_event("huge", properties={"apiContext": "/a", "blob": "x" * 1_005_000})
+        # A metadata key that is first a number, then a string: the second record is a
+        # type_conflict, decided in the stream's process, with the input bytes it came from.
+        conflicting = wso2_event("conflicting", retries="none")
         poison = [b'{"apiMethod": "GET", "\xff": 1}', b"not json at all", huge]
-        produce(bootstrap, topic, [*poison, wso2_event("after-poison")])
+        produce(bootstrap, topic, [*poison, wso2_event("typed", retries=1)])
+        wait_for(lambda: "typed" in _stored_ids(collector), 30, "the stream to flow")
+        produce(bootstrap, topic, [conflicting, wso2_event("after-poison")])
         wait_for(lambda: "after-poison" in _stored_ids(collector), 30, "the stream to flow")
     finally:
         metrics = stream.drain()
     assert_nothing_lost(metrics)
-    assert (metrics["read"], metrics["sent"], metrics["dead_letters"]) == (6, 3, 3)
+    assert (metrics["read"], metrics["sent"], metrics["dead_letters"]) == (8, 4, 4)
     dead = read_dead_letters(str(tmp_path / "out" / "dead_letter"))
-    assert sorted(d["reason"] for d in dead) == ["parse_error", "parse_error", "too_large"]
-    assert sorted(d["source"] for d in dead) == [f"{topic}/0@{o}" for o in (2, 3, 4)]
-    assert {d["payload"] for d in dead} == set(poison)
+    assert sorted(d["reason"] for d in dead) == [
+        "parse_error",
+        "parse_error",
+        "too_large",
+        "type_conflict",
+    ]
+    assert sorted(d["source"] for d in dead) == [f"{topic}/0@{o}" for o in (2, 3, 4, 6)]
+    assert {d["payload"] for d in dead} == {*poison, conflicting}
     # Drained: everything is done, so the group's offset is at the end of the partition.
-    assert committed(bootstrap, "streaming", topic, 1) == [6]
+    assert committed(bootstrap, "streaming", topic, 1) == [8]
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing(
