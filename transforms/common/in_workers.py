@@ -62,16 +62,13 @@ from moesif_beam.transforms.common import live
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.in_workers_worker import run_worker
-from moesif_beam.transforms.common.pooled import CHUNK, MAX_WAIT_S, tally_counters
+from moesif_beam.transforms.common.pooled import CHUNK, LOOK_EVERY, chunk_due, tally_counters
 
 __all__ = ["InWorkers"]
 
 # Chunks a worker has been sent and not yet asked about: one to parse while this process
 # decides on the other, and no more, so a busy worker holds little.
 _OUTSTANDING = 2
-# A slow stream's chunk goes before it is full once its first line has waited MAX_WAIT_S,
-# looked at every _LOOK_EVERY lines (a bundle's end sends it in any case).
-_LOOK_EVERY = 16
 
 
 class InWorkers(beam.PTransform):
@@ -501,11 +498,11 @@ class _InWorkersFn(beam.DoFn):
         count = len(lines)
         if count == 1:
             self._first_at = time.monotonic()
-        if count >= self._chunk or (
-            count % _LOOK_EVERY == 0 and time.monotonic() - self._first_at > MAX_WAIT_S
-        ):
+        if chunk_due(count, self._chunk, self._first_at):
             self._pool.send(self._box, lines, self._metas)
             self._lines, self._metas = [], []
+        elif count % LOOK_EVERY:
+            return ()  # what is back waits a few lines: taking it is a lock per look
         return self._take()
 
     def finish_bundle(self) -> Iterable[Any]:

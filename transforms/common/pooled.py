@@ -48,15 +48,33 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
 
-__all__ = ["CHUNK", "MAX_WAIT_S", "Tally", "Wire", "exit_with", "in_processes", "tally_counters"]
+__all__ = [
+    "CHUNK",
+    "LOOK_EVERY",
+    "Tally",
+    "Wire",
+    "chunk_due",
+    "exit_with",
+    "in_processes",
+    "tally_counters",
+]
 
 # Elements per chunk: large enough that a chunk's hand-off (two pickles, two pipe writes)
 # is small beside its work, small enough that a bundle's end waits on little.
 CHUNK = 256
 # A chunk that is not full is sent once its first element has waited this long (looked
-# at every _LOOK_EVERY elements; a bundle's end sends it in any case).
+# at every LOOK_EVERY elements; a bundle's end sends it in any case).
 MAX_WAIT_S = 0.05
-_LOOK_EVERY = 16
+LOOK_EVERY = 16
+
+
+def chunk_due(count: int, chunk: int, first_at: float) -> bool:
+    """Whether ``count`` elements gathered since ``first_at`` (monotonic) go as a chunk now.
+
+    Full, or, looked at every ``LOOK_EVERY`` elements, its first element has waited
+    ``MAX_WAIT_S``: a slow stream's chunk goes before it is full.
+    """
+    return count >= chunk or (count % LOOK_EVERY == 0 and time.monotonic() - first_at > MAX_WAIT_S)
 
 
 class Wire:
@@ -252,12 +270,9 @@ class _PooledFn(beam.DoFn):
         if count == 1:
             self._first_at = time.monotonic()
         pending = self._pending
-        if count >= self._chunk or (
-            # A slow stream's chunk goes before it is full: its first record has waited.
-            count % _LOOK_EVERY == 0 and time.monotonic() - self._first_at > MAX_WAIT_S
-        ):
+        if chunk_due(count, self._chunk, self._first_at):
             self._submit()
-        elif count % _LOOK_EVERY or not pending:
+        elif count % LOOK_EVERY or not pending:
             return ()
         return self._ready()
 

@@ -574,7 +574,6 @@ class NormalizeRecords(beam.PTransform):
         )
 
     # How lines and records cross to a parsing worker (transforms/common/pooled.py).
-    WIRE: type[Wire] = _NormalizeWire
 
     def stage(self) -> beam.DoFn:
         """This step as a stage of a :class:`~moesif_beam.transforms.common.fused.Fused` chain.
