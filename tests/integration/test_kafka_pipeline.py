@@ -148,7 +148,8 @@ def test_a_quiet_stream_delivers_each_record_and_poison_does_not_stop_it(
 
         huge = wso2_event("huge", properties={"apiContext": "/a", "blob": "x" * 1_005_000})
         # A metadata key that is first a number, then a string: the second record is a
-        # type_conflict, decided in the stream's process, with the input bytes it came from.
+        # type_conflict, decided in the stream's process, written with the input bytes
+        # that only the worker which read the message holds.
         conflicting = wso2_event("conflicting", retries="none")
         poison = [b'{"apiMethod": "GET", "\xff": 1}', b"not json at all", huge]
         produce(bootstrap, topic, [*poison, wso2_event("typed", retries=1)])

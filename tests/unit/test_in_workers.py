@@ -17,7 +17,7 @@ from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER
 from moesif_beam.transforms.dedup.streaming import NEW_FIELDS, DedupAndCheckInProcess
 from moesif_beam.transforms.delivery.sinks import ACKS, WriteBatchFiles
 from moesif_beam.transforms.formats.normalize import SIGNATURES, NormalizeRecords
-from moesif_beam.transforms.records import Ack, Line, LineBlock
+from moesif_beam.transforms.records import Ack, Line
 from tests.helpers import make_pipeline, read_batches, run
 
 TAGS = (DEAD_LETTER, SIGNATURES, ACKS, NEW_FIELDS)
@@ -79,28 +79,12 @@ class _Collect(beam.DoFn):
         _Collect.seen.append(element)
 
 
-@pytest.mark.parametrize("blocks", [False, True])
-def test_every_line_is_delivered_duplicate_or_dead_lettered_and_acknowledged(tmp_path, blocks):
+def test_every_line_is_delivered_duplicate_or_dead_lettered_and_acknowledged(tmp_path):
     raws, kept, rejected = _raws()
     lines = [Line(raw, f"t/0@{i}", Ack("t/0", i, i - 1)) for i, raw in enumerate(raws)]
     p = make_pipeline()
-    if blocks:
-        # Kafka's shape: blocks of lines, each line at its own time.
-        source = beam.Create(
-            [
-                LineBlock(
-                    lines[i : i + 100], [1_000 * j for j in range(i, min(i + 100, len(lines)))]
-                )
-                for i in range(0, len(lines), 100)
-            ]
-        )
-    else:
-        source = beam.Create([TimestampedValue(line, i) for i, line in enumerate(lines)])
-    out = (
-        p
-        | source
-        | InWorkers(*_stages(str(tmp_path / "batches")), 2, TAGS, chunk=32, blocks=blocks)
-    )
+    source = beam.Create([TimestampedValue(line, i) for i, line in enumerate(lines)])
+    out = p | source | InWorkers(*_stages(str(tmp_path / "batches")), 2, TAGS, chunk=32)
     _Collect.seen = []
     _ = out[ACKS] | "acks" >> beam.ParDo(_Collect())
     _ = (

@@ -63,6 +63,8 @@ from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.in_workers_worker import run_worker
 from moesif_beam.transforms.common.pooled import CHUNK, LOOK_EVERY, chunk_due, tally_counters
+from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
+from moesif_beam.transforms.sources.kafka_topic import KafkaSourceConfig
 
 __all__ = ["InWorkers"]
 
@@ -79,9 +81,11 @@ class InWorkers(beam.PTransform):
     takes a keyed record (without its body) and its timestamp, and emits it to keep it;
     ``deliver`` takes the keyed records kept and emits only tagged outputs. The guarantees
     are the module's. The output is the ParDo's tagged outputs (``tags``); the main one is
-    empty. With ``blocks``, each input element is a
-    :class:`~moesif_beam.transforms.records.LineBlock`, and each of its lines is taken as
-    if it had come alone, at its own time.
+    empty. With ``kafka`` (the source's settings), each input element is a
+    :class:`~moesif_beam.transforms.sources.kafka.KafkaRange` instead, which a worker reads
+    with its own consumer: a partition's ranges all go to one worker when ``sticky``,
+    else to the least busy one. Outputs then take the range's time, and ``decide`` gets
+    each message's Kafka time.
     """
 
     def __init__(
@@ -93,7 +97,8 @@ class InWorkers(beam.PTransform):
         tags: Sequence[str],
         chunk: int = CHUNK,
         *,
-        blocks: bool = False,
+        kafka: KafkaSourceConfig | None = None,
+        sticky: bool = True,
     ) -> None:
         super().__init__()
         if not all(isinstance(stage, beam.DoFn) for stage in (parse, decide, deliver)):
@@ -110,8 +115,8 @@ class InWorkers(beam.PTransform):
         if chunk < 1:
             msg = f"chunk must be at least 1, got {chunk}"
             raise ValueError(msg)
-        kind = _InWorkersBlocksFn if blocks else _InWorkersFn
-        self._fn = kind(_Stages(parse, decide, deliver, processes), chunk)
+        kind = _InWorkersRangesFn if kafka is not None else _InWorkersFn
+        self._fn = kind(_Stages(parse, decide, deliver, processes, kafka, sticky), chunk)
         self._tags = tuple(tags)
 
     def expand(self, pcoll: beam.PCollection) -> pvalue.DoOutputsTuple:
@@ -122,8 +127,16 @@ class _Stages:
     """What a pool is made of; its key names the pool shared by the DoFn's copies."""
 
     def __init__(
-        self, parse: beam.DoFn, decide: beam.DoFn, deliver: beam.DoFn, processes: int
+        self,
+        parse: beam.DoFn,
+        decide: beam.DoFn,
+        deliver: beam.DoFn,
+        processes: int,
+        kafka: KafkaSourceConfig | None = None,
+        sticky: bool = True,
     ) -> None:
+        self.kafka = kafka
+        self.sticky = sticky
         self.parse = parse
         self.decide = decide
         self.deliver = deliver
@@ -149,9 +162,9 @@ class _Box:
 class _Chunk:
     __slots__ = ("asked", "box", "lines", "metas", "worker")
 
-    def __init__(self, box: _Box, lines: list[Any], metas: list[Any], worker: int) -> None:
+    def __init__(self, box: _Box, lines: list[Any] | None, metas: list[Any], worker: int) -> None:
         self.box = box
-        self.lines = lines
+        self.lines = lines  # None for a Kafka range: the worker read it
         self.metas = metas  # (timestamp, window) of each line
         self.worker = worker
         self.asked: tuple | None = None  # the worker's questions, until they are decided
@@ -174,7 +187,9 @@ class _Pool:
             # forkserver, not fork: this process runs gRPC and Kafka client threads, which
             # a forked child would inherit half-way through their work.
             proc = context.Process(
-                target=run_worker, args=(there, parse, deliver, os.getpid()), daemon=True
+                target=run_worker,
+                args=(there, parse, deliver, os.getpid(), stages.kafka),
+                daemon=True,
             )
             proc.start()
             there.close()
@@ -187,6 +202,7 @@ class _Pool:
         # Beam's metrics count per bundle thread, and this is none.
         self._tallies = tally_counters(self._decide)
         self._decide.setup()
+        self._sticky = stages.sticky
         self._ids = itertools.count()
         self.cv = threading.Condition()
         self.broken: str | None = None
@@ -200,17 +216,29 @@ class _Pool:
 
     # -- called from bundle threads ------------------------------------------------------
 
-    def send(self, box: _Box, lines: list[Any], metas: list[Any]) -> None:
+    def send(
+        self,
+        box: _Box,
+        lines: list[Any] | None,
+        metas: list[Any],
+        kafka_range: Any = None,
+    ) -> None:
         """Hand a chunk to the least busy worker; waits while every worker has enough."""
         # Built before the chunk is counted: what cannot be sent must not be waited for.
-        payload = _to_worker(lines)
+        payload = _to_worker(lines) if lines is not None else tuple(kafka_range)
+        kind = "C" if lines is not None else "K"
         with self.cv:
             while True:
                 self.check()
-                worker = min(
-                    range(len(self._outstanding)),
-                    key=lambda w: (self._outstanding[w], (w - self._turn) % len(self._conns)),
-                )
+                if kafka_range is not None and self._sticky:
+                    # A partition's ranges go to one worker, whose consumer goes on
+                    # prefetching from where the last one ended.
+                    worker = kafka_range.partition % len(self._conns)
+                else:
+                    worker = min(
+                        range(len(self._outstanding)),
+                        key=lambda w: (self._outstanding[w], (w - self._turn) % len(self._conns)),
+                    )
                 if self._outstanding[worker] < _OUTSTANDING:
                     break
                 self.cv.wait()
@@ -221,7 +249,7 @@ class _Pool:
             box.open += 1
             box.order.append(chunk_id)
             box.workers.add(worker)
-        self._send(worker, ("C", chunk_id, payload))
+        self._send(worker, (kind, chunk_id, payload))
 
     def finish(self, box: _Box) -> None:
         """Wait until every chunk of ``box`` is decided, then end its workers' bundles.
@@ -382,16 +410,32 @@ class _Pool:
         lines, metas = chunk.lines, chunk.metas
         outputs: list[Any] = []
         for index, tag, value in tagged:
-            timestamp, window = metas[index]
+            timestamp, window = metas[index if lines is not None else 0]
             outputs.append(pvalue.TaggedOutput(tag, WindowedValue(value, timestamp, (window,))))
         outputs.extend(finished)
         keep = bytearray(len(questions))
+        # Dead letters of records read by the worker: it has their input bytes, this
+        # process does not; it puts them in and emits the letters.
+        letters: dict[int, dict] = {}
         decide = self._decide.process
         for position, question in enumerate(questions):
             index = question[0]
-            timestamp, window = metas[index]
-            for output in decide(_light(question, lines[index]), timestamp) or ():
-                if type(output) is pvalue.TaggedOutput:
+            if lines is None:
+                # A range the worker read: the question says all, and outputs take the
+                # range's time; the dedup clock, the message's.
+                timestamp, window = metas[0]
+                element, clock = _light_range(question)
+            else:
+                timestamp, window = metas[index]
+                element, clock = _light(question, lines[index]), timestamp
+            for output in decide(element, clock) or ():
+                if (
+                    lines is None
+                    and type(output) is pvalue.TaggedOutput
+                    and output.tag == DEAD_LETTER
+                ):
+                    letters[position] = output.value
+                elif type(output) is pvalue.TaggedOutput:
                     outputs.append(
                         pvalue.TaggedOutput(
                             output.tag, WindowedValue(output.value, timestamp, (window,))
@@ -399,7 +443,7 @@ class _Pool:
                     )
                 else:
                     keep[position] = 1
-        self._send(worker, ("D", chunk_id, bytes(keep)))
+        self._send(worker, ("D", chunk_id, bytes(keep), letters))
         with self.cv:
             box = chunk.box
             box.outputs.extend(outputs)
@@ -425,6 +469,21 @@ def _to_worker(lines: list[Any]) -> list[tuple]:
     return [
         (raw, source, None if ack is None else tuple(ack), at) for raw, source, ack, at in lines
     ]
+
+
+def _light_range(question: tuple) -> tuple[tuple[str, Any], Timestamp]:
+    """The keyed record of a question about a message the worker read, and its Kafka time.
+
+    Without its body or input bytes (``decide`` needs neither; a dead letter it makes
+    gets its bytes in the worker).
+    """
+    from moesif_beam.transforms.records import new_ack, new_record  # noqa: PLC0415
+
+    _, transaction_id, time_ms, _, source, sig_id, signature, ack, line_ms = question
+    record = new_record(
+        (time_ms, b"", b"", source, sig_id, signature, None if ack is None else new_ack(ack), -1)
+    )
+    return (transaction_id, record), Timestamp(micros=line_ms * 1000)
 
 
 def _light(question: tuple, line: Any) -> tuple[str, Any]:
@@ -538,25 +597,18 @@ class _InWorkersFn(beam.DoFn):
         return outputs
 
 
-class _InWorkersBlocksFn(_InWorkersFn):
-    """:class:`_InWorkersFn` for blocks: each input element is ``(lines, times in ms)``."""
+class _InWorkersRangesFn(_InWorkersFn):
+    """:class:`_InWorkersFn` for Kafka ranges: each input element is a ``KafkaRange``.
 
-    def process(  # type: ignore[override]
-        self, block: tuple[list[Any], list[int]], window: Any = beam.DoFn.WindowParam
+    The worker reads the range's messages with a consumer of its own, one per partition.
+    Outputs take the range's time; ``decide`` gets each message's Kafka time.
+    """
+
+    def process(
+        self,
+        kafka_range: Any,
+        timestamp: Any = beam.DoFn.TimestampParam,
+        window: Any = beam.DoFn.WindowParam,
     ) -> Iterable[Any]:
-        lines, times_ms = block
-        # One Timestamp per distinct time, not per line: a backlog's messages share their
-        # millisecond by the dozen.
-        metas: list[tuple[Timestamp, Any]] = []
-        append = metas.append
-        last_ms = None
-        meta: tuple[Timestamp, Any]  # set by the first line: no time equals None
-        for ms in times_ms:
-            if ms != last_ms:
-                meta = (Timestamp(micros=ms * 1000), window)
-                last_ms = ms
-            append(meta)
-        chunk = self._chunk
-        for start in range(0, len(lines), chunk):
-            self._pool.send(self._box, lines[start : start + chunk], metas[start : start + chunk])
+        self._pool.send(self._box, None, [(timestamp, window)], kafka_range)
         return self._take()

@@ -34,6 +34,8 @@ from moesif_beam.transforms.common.counters import tally_snapshot
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.pooled import exit_with
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
+from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
+from moesif_beam.transforms.delivery.sinks import ACKS
 from moesif_beam.transforms.records import new_ack, new_line
 
 __all__ = ["run_worker"]
@@ -43,7 +45,9 @@ __all__ = ["run_worker"]
 _REPORT_EVERY_S = 0.25
 
 
-def run_worker(conn: Connection, parse: bytes, deliver: bytes, stage_pid: int) -> None:
+def run_worker(
+    conn: Connection, parse: bytes, deliver: bytes, stage_pid: int, kafka: Any = None
+) -> None:
     """A worker process's life: set up the stages, then answer ``conn`` until told to exit."""
     # Out of the terminal's process group: a Ctrl-C is for the stage's process, which
     # drains and then ends its workers.
@@ -55,6 +59,7 @@ def run_worker(conn: Connection, parse: bytes, deliver: bytes, stage_pid: int) -
     collect_garbage_less_often()
     live.forward_from_here()
     worker = _Worker(conn)
+    worker.kafka = kafka
     try:
         worker.start(pickle.loads(parse), pickle.loads(deliver))  # noqa: S301 - the stage's
         worker.run()
@@ -67,6 +72,8 @@ def run_worker(conn: Connection, parse: bytes, deliver: bytes, stage_pid: int) -
 
 
 class _Worker:
+    kafka: Any = None
+
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._send_lock = threading.Lock()
@@ -75,6 +82,8 @@ class _Worker:
         self._inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._counted = tally_snapshot()
         self._pending: dict[int, list[Any]] = {}
+        # (topic, partition) -> [its consumer, the offset it reads next or -1]
+        self._consumers: dict[tuple[str, int], list[Any]] = {}
         self._reported = 0
 
     def start(self, parse: Any, deliver: Any) -> None:
@@ -106,8 +115,10 @@ class _Worker:
             kind = message[0]
             if kind == "C":
                 self._parsed(message[1], message[2])
+            elif kind == "K":
+                self._parsed_range(message[1], *message[2])
             elif kind == "D":
-                self._delivered(message[1], message[2])
+                self._delivered(message[1], message[2], message[3])
             elif kind == "F":
                 windowed = list(self._deliver.finish_bundle() or ())
                 self._deliver.start_bundle()
@@ -117,6 +128,8 @@ class _Worker:
                 break
         self._deliver.teardown()
         self._parse.teardown()
+        for consumer, _ in self._consumers.values():
+            consumer.close()
 
     def _read(self) -> None:
         try:
@@ -146,11 +159,95 @@ class _Worker:
         self._counted = now
         return {name: n - counted.get(name, 0) for name, n in now.items() if n != counted.get(name)}
 
-    def _parsed(self, chunk_id: int, payload: list[tuple]) -> None:
-        lines = [
-            new_line((raw, source, None if ack is None else new_ack(ack), at))
-            for raw, source, ack, at in payload
-        ]
+    def _parsed_range(
+        self, chunk_id: int, topic: str, partition: int, start: int, end: int
+    ) -> None:
+        """Read the messages of offsets ``[start, end)`` here, then as :meth:`_parsed`."""
+        lines, times, gap = self._read_range(topic, partition, start, end)
+        self._parsed(chunk_id, None, lines, times, gap)
+
+    def _read_range(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> tuple[list[Any], list[int], Any]:
+        """The range's messages as lines, their Kafka times, and the gap's ack.
+
+        Lines as the reader's blocks make them. The gap's ack covers the offsets after the
+        last message that hold none (transaction markers, compacted or expired records),
+        None when the range's last offset holds one. Each partition has one consumer here,
+        kept assigned from one range to the next so that it goes on prefetching; it is
+        assigned afresh where a range does not start where the last one ended (another
+        worker read the ranges between). It waits for the range's messages however long
+        the broker is away.
+        """
+        from confluent_kafka import Consumer, KafkaError, TopicPartition  # noqa: PLC0415
+
+        slot = self._consumers.get((topic, partition))
+        if slot is None:
+            assert self.kafka is not None
+            slot = self._consumers[(topic, partition)] = [
+                Consumer(self.kafka.consumer_settings()),
+                -1,
+            ]
+        consumer = slot[0]
+        if slot[1] != start:
+            consumer.assign([TopicPartition(topic, partition, start)])
+        slot[1] = -1  # unknown until this read ends cleanly
+        name = f"{topic}/{partition}"
+        previous = start - 1
+        lines: list[Any] = []
+        times: list[int] = []
+        past_end = False
+        while previous < end - 1 and not past_end:
+            messages = consumer.consume(num_messages=min(1000, end - 1 - previous), timeout=1.0)
+            read = False
+            now_ms = 0
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        msg = f"Kafka read of {name} failed: {error}"
+                        raise RuntimeError(msg)
+                    continue
+                offset = message.offset()
+                if offset >= end:
+                    past_end = True  # the consumer now stands past the range
+                    break
+                kind, stamp = message.timestamp()
+                if not kind or stamp < 0:
+                    now_ms = now_ms or int(time.time() * 1000)
+                    stamp = now_ms
+                ack = new_ack((name, offset, previous, 1, 0))
+                lines.append(new_line((message.value() or b"", f"{name}@{offset}", ack, -1)))
+                times.append(stamp)
+                previous = offset
+                read = True
+            if not read and not past_end:
+                # Nothing (or only the partition's end): the rest of the range may hold
+                # no records at all.
+                position = consumer.position([TopicPartition(topic, partition)])[0].offset
+                if position >= end:
+                    break
+        if not past_end:
+            slot[1] = end
+        gap = new_ack((name, end - 1, previous, 1, 0)) if previous < end - 1 else None
+        return lines, times, gap
+
+    def _parsed(
+        self,
+        chunk_id: int,
+        payload: list[tuple] | None,
+        read: list[Any] | None = None,
+        times: list[int] | None = None,
+        gap: Any = None,
+    ) -> None:
+        if payload is not None:
+            lines = [
+                new_line((raw, source, None if ack is None else new_ack(ack), at))
+                for raw, source, ack, at in payload
+            ]
+        else:
+            assert read is not None
+            lines = read
         parse = self._parse
         parse.start_bundle()
         process = parse.process
@@ -169,6 +266,21 @@ class _Worker:
                 time_ms, _, raw, source, sig_id, signature, ack, _ = record
                 if signature:
                     signature = signatures.setdefault(sig_id, signature)
+                if times is not None:
+                    questions.append(
+                        (
+                            index,
+                            transaction_id,
+                            time_ms,
+                            None,
+                            source,
+                            sig_id,
+                            signature,
+                            None if ack is None else tuple(ack),
+                            times[index],
+                        )
+                    )
+                    continue
                 questions.append(
                     (
                         index,
@@ -185,13 +297,19 @@ class _Worker:
         if any(type(output) is not pvalue.TaggedOutput for output in finished):
             msg = f"{type(parse).__name__} emitted a record as its bundle ended: it must not"
             raise ValueError(msg)
+        if gap is not None:
+            tagged.append((0, ACKS, gap))
         self._pending[chunk_id] = records
         self.send(("Q", chunk_id, questions, tagged, finished, self._counts(), self._live()))
 
-    def _delivered(self, chunk_id: int, keep: bytes) -> None:
+    def _delivered(self, chunk_id: int, keep: bytes, letters: dict[int, dict]) -> None:
         records = self._pending.pop(chunk_id)
         process = self._deliver.process
         outputs: list[Any] = []
+        for position, letter in letters.items():
+            # A letter the stage wrote without the record's input bytes, which are here.
+            letter["payload"] = bytes(records[position][1].raw)
+            outputs.append(pvalue.TaggedOutput(DEAD_LETTER, letter))
         for record, kept in zip(records, keep, strict=True):
             if kept:
                 outputs.extend(process(record) or ())

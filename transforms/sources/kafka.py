@@ -62,6 +62,22 @@ _LOG = logging.getLogger(__name__)
 
 # Messages taken from the consumer at once.
 _MAX_MESSAGES = 1000
+# Offsets in one claimed range: about a consumer batch, a worker's 50 ms of work.
+_MAX_RANGE = 1000
+
+
+class KafkaRange(NamedTuple):
+    """Offsets ``[start, end)`` of one partition, claimed by the reader for another to read.
+
+    Claimed means no other range of the run holds them; whoever reads the range must
+    acknowledge every offset in it (records, and the offsets without one) for the
+    partition's commits to pass it.
+    """
+
+    topic: str
+    partition: int
+    start: int
+    end: int
 
 
 class _PartitionRanges(RestrictionProvider):
@@ -152,9 +168,11 @@ class _ReadPartitionFn(beam.DoFn):
         idle_lag: float,
         backlog_seconds: float | None = None,
         blocks: bool = False,
+        ranges: bool = False,
     ) -> None:
         self._config = config
         self._blocks = blocks
+        self._ranges = ranges
         self._poll_seconds = poll_seconds
         self._backlog_seconds = poll_seconds if backlog_seconds is None else backlog_seconds
         self._idle_lag = idle_lag
@@ -186,6 +204,9 @@ class _ReadPartitionFn(beam.DoFn):
 
         restriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
+            return
+        if self._ranges:
+            yield from self._claim_ranges(slot, element, tracker, watermark)
             return
         tp = TopicPartition(element.topic, element.partition, restriction.start)
         if slot.consumer is None:
@@ -278,6 +299,72 @@ class _ReadPartitionFn(beam.DoFn):
                 # consumer stands: the next bundle goes on without a new assignment.
                 slot.next_offset = previous + 1
                 return
+
+    def _claim_ranges(
+        self, slot: _PartitionConsumer, element: KafkaPartition, tracker: Any, watermark: Any
+    ) -> Iterator[Any]:
+        """Claim ranges up to the partition's end offset as it grows, without fetching.
+
+        Each range is timestamped with the time it was claimed, and the watermark follows
+        those times: the records' own times are seen only by whoever reads the range.
+        A broker that does not answer (restarting, a leader moving) is asked again.
+        """
+        from confluent_kafka import Consumer, KafkaException, TopicPartition  # noqa: PLC0415
+
+        if slot.consumer is None:
+            slot.consumer = Consumer(self._config.consumer_settings())
+        consumer = slot.consumer
+        restriction = tracker.current_restriction()
+        tp = TopicPartition(element.topic, element.partition)
+        position = restriction.start
+        unbounded = restriction.stop == OPEN_END
+        started = time.monotonic()
+        deadline = started + self._poll_seconds
+        longest = started + self._backlog_seconds * random.uniform(0.8, 1.2)
+        while True:
+            if unbounded and DRAIN.is_set():
+                tracker.try_claim(restriction.stop - 1)
+                return
+            bound = min(restriction.stop, tracker.current_restriction().stop)
+            if position >= bound:
+                return
+            try:
+                _, high = consumer.get_watermark_offsets(tp, timeout=5)
+            except KafkaException as exc:
+                _LOG.debug("end offset of %s/%d: %s", element.topic, element.partition, exc)
+                high = position  # nothing to claim now; the bundle goes on waiting
+            end = min(high, bound, position + _MAX_RANGE)
+            if end > position:
+                claimed = tracker.try_claim(end - 1)
+                if not claimed:
+                    end = min(end, tracker.current_restriction().stop)
+                now = time.time()
+                stamp = Timestamp.of(now)
+                current = watermark.current_watermark()
+                if current is None or stamp > current:
+                    watermark.set_watermark(stamp)
+                if end > position:
+                    yield TimestampedValue(
+                        KafkaRange(element.topic, element.partition, position, end), now
+                    )
+                position = end
+                if not claimed:
+                    return
+            caught_up = position >= high
+            if unbounded and caught_up:
+                # An idle partition must not hold the watermark back: nothing it claims
+                # later can be older than now.
+                idle = Timestamp.of(time.time() - self._idle_lag)
+                current = watermark.current_watermark()
+                if current is None or idle > current:
+                    watermark.set_watermark(idle)
+            if unbounded and time.monotonic() >= deadline:
+                if not caught_up and time.monotonic() < longest:
+                    continue
+                tracker.defer_remainder(Duration.of(0.0 if not caught_up else 0.2))
+                return
+            if caught_up:
+                time.sleep(0.05)  # new records arrive; asking in a tight loop costs the broker
 
 
 def _end_of_partition(error: Any, name: str) -> None:
@@ -427,7 +514,10 @@ class ReadKafka(beam.PTransform):
     for up to ``backlog_seconds`` while the consumer keeps returning full batches. With
     ``blocks``, each consumer batch (up to 1,000 messages) is one
     :class:`~moesif_beam.transforms.records.LineBlock` element instead, timestamped with its
-    earliest message, the watermark following those times.
+    earliest message, the watermark following those times. With ``ranges``, the read
+    fetches nothing: each element is a :class:`KafkaRange` of up to 1,000 offsets claimed
+    up to the partition's end offset, timestamped when claimed, for workers to read
+    (:class:`~moesif_beam.transforms.common.in_workers.InWorkers`).
     """
 
     def __init__(
@@ -439,9 +529,14 @@ class ReadKafka(beam.PTransform):
         backlog_seconds: float = 5.0,
         *,
         blocks: bool = False,
+        ranges: bool = False,
     ) -> None:
         super().__init__()
+        if blocks and ranges:
+            msg = "read Kafka as blocks or as ranges, not both"
+            raise ValueError(msg)
         self._blocks = blocks
+        self._ranges = ranges
         if not 0 < poll_seconds <= backlog_seconds:
             msg = (
                 f"need 0 < poll_seconds <= backlog_seconds, "
@@ -478,6 +573,7 @@ class ReadKafka(beam.PTransform):
                 self._idle_lag,
                 self._backlog_seconds,
                 blocks=self._blocks,
+                ranges=self._ranges,
             )
         )
         if self._blocks:
