@@ -347,3 +347,46 @@ def test_dedup_ids_expire_while_a_partition_stays_idle(
         metrics = stream.drain()
     assert (metrics["sent"], metrics["duplicates"]) == (3, 0)
     assert collector.stats()["duplicates"]["events"] == 1  # the collector saw "again" twice
+
+
+def test_a_committed_offset_below_the_logs_start_is_passed_at_once(
+    tmp_path, kafka_broker, kafka_topic, start_collector
+):
+    # The group committed offset 0, then retention took every record (here, delete_records):
+    # the partition is quiet and holds nothing. The stream must acknowledge the expired
+    # offsets (commit past them) without waiting for a record that will never come, and
+    # then deliver what is produced next.
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = kafka_topic(partitions=1)
+    produce(bootstrap, topic, [wso2_event(f"expired-{i}") for i in range(20)])
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "expired"})
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
+    finally:
+        consumer.close()
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_records([TopicPartition(topic, 0, 20)]).values():
+        assert future.result(30).offset == 20  # the log now starts at 20, and ends there
+    collector = start_collector(application_id=APP_ID)
+    stream = StreamingRun(
+        tmp_path,
+        "stream",
+        [*_kafka_args(bootstrap, topic, "expired"), *_delivery_args(collector, tmp_path)],
+        app_id=APP_ID,
+    )
+    try:
+        wait_for(
+            lambda: committed(bootstrap, "expired", topic, 1) == [20],
+            120,
+            "the expired offsets committed",
+        )
+        produce(bootstrap, topic, [wso2_event("fresh")])
+        wait_for(lambda: "fresh" in _stored_ids(collector), 60, "the record after them")
+    finally:
+        metrics = stream.drain()
+    assert_nothing_lost(metrics)
+    assert (metrics["read"], metrics["sent"]) == (1, 1)
+    assert committed(bootstrap, "expired", topic, 1) == [21]

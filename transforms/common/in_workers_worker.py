@@ -207,6 +207,13 @@ class _Worker:
                     if error.code() != KafkaError._PARTITION_EOF:
                         msg = f"Kafka read of {name} failed: {error}"
                         raise RuntimeError(msg)
+                    if message.offset() >= end:
+                        # The partition ends at or past the range's end and nothing more
+                        # came: the rest holds no records (markers, expired offsets). The
+                        # consumer's position would not say so (it moves only on what it
+                        # hands over).
+                        past_end = True
+                        break
                     continue
                 offset = message.offset()
                 if offset >= end:

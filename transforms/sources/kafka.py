@@ -121,6 +121,7 @@ class _PartitionConsumer:
         self.consumer: Any = None
         self.next_offset = -1  # the offset the consumer reads next, as far as we know
         self.lock = threading.Lock()
+        self.warned = 0.0  # when a failed end-offset request was last logged (monotonic)
 
 
 class _PartitionConsumers:
@@ -329,11 +330,17 @@ class _ReadPartitionFn(beam.DoFn):
             if position >= bound:
                 return
             try:
-                _, high = consumer.get_watermark_offsets(tp, timeout=5)
+                low, high = consumer.get_watermark_offsets(tp, timeout=5)
             except KafkaException as exc:
-                _LOG.debug("end offset of %s/%d: %s", element.topic, element.partition, exc)
-                high = position  # nothing to claim now; the bundle goes on waiting
-            end = min(high, bound, position + _MAX_RANGE)
+                # Said once a minute, not twenty times a second.
+                if time.monotonic() - slot.warned > 60:
+                    slot.warned = time.monotonic()
+                    name = f"{element.topic}/{element.partition}"
+                    _LOG.warning("end offset of %s: %s (asking again)", name, exc)
+                low, high = position, position  # nothing to claim now; the bundle waits
+            # Offsets below the log's start are gone (retention): one range covers them
+            # all, which its worker acknowledges at once, not a thousand at a time.
+            end = min(high, bound, max(position + _MAX_RANGE, low))
             if end > position:
                 claimed = tracker.try_claim(end - 1)
                 if not claimed:
