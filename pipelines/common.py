@@ -199,7 +199,7 @@ def read_lines(
 
     With ``blocks``, Kafka is read as :class:`~moesif_beam.transforms.records.LineBlock` s;
     with ``ranges``, as offset ranges for others to read
-    (:class:`~moesif_beam.transforms.sources.kafka.KafkaRange`).
+    (:class:`~moesif_beam.transforms.sources.kafka_ranges.KafkaRange`).
     """
     read = None
     if config.kafka is not None:

@@ -64,6 +64,7 @@ from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.in_workers_worker import run_worker
 from moesif_beam.transforms.common.pooled import CHUNK, LOOK_EVERY, chunk_due, tally_counters
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
+from moesif_beam.transforms.sources.kafka_ranges import range_reader_settings
 from moesif_beam.transforms.sources.kafka_topic import KafkaSourceConfig
 
 __all__ = ["InWorkers"]
@@ -82,7 +83,7 @@ class InWorkers(beam.PTransform):
     ``deliver`` takes the keyed records kept and emits only tagged outputs. The guarantees
     are the module's. The output is the ParDo's tagged outputs (``tags``); the main one is
     empty. With ``kafka`` (the source's settings), each input element is a
-    :class:`~moesif_beam.transforms.sources.kafka.KafkaRange` instead, which a worker reads
+    :class:`~moesif_beam.transforms.sources.kafka_ranges.KafkaRange` instead, which a worker reads
     with its own consumer: a partition's ranges all go to one worker when ``sticky``,
     else to the least busy one. Outputs then take the range's time, and ``decide`` gets
     each message's Kafka time.
@@ -135,7 +136,10 @@ class _Stages:
         kafka: KafkaSourceConfig | None = None,
         sticky: bool = True,
     ) -> None:
-        self.kafka = kafka
+        # The librdkafka settings workers read Kafka ranges with.
+        self.kafka_settings = (
+            None if kafka is None else range_reader_settings(kafka.consumer_settings(), sticky)
+        )
         self.sticky = sticky
         self.parse = parse
         self.decide = decide
@@ -188,7 +192,7 @@ class _Pool:
             # a forked child would inherit half-way through their work.
             proc = context.Process(
                 target=run_worker,
-                args=(there, parse, deliver, os.getpid(), stages.kafka),
+                args=(there, parse, deliver, os.getpid(), stages.kafka_settings),
                 daemon=True,
             )
             proc.start()

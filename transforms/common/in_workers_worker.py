@@ -37,6 +37,7 @@ from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
 from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
 from moesif_beam.transforms.delivery.sinks import ACKS
 from moesif_beam.transforms.records import new_ack, new_line
+from moesif_beam.transforms.sources.kafka_ranges import KafkaRange, RangeReader
 
 __all__ = ["run_worker"]
 
@@ -46,9 +47,16 @@ _REPORT_EVERY_S = 0.25
 
 
 def run_worker(
-    conn: Connection, parse: bytes, deliver: bytes, stage_pid: int, kafka: Any = None
+    conn: Connection,
+    parse: bytes,
+    deliver: bytes,
+    stage_pid: int,
+    kafka: dict[str, Any] | None = None,
 ) -> None:
-    """A worker process's life: set up the stages, then answer ``conn`` until told to exit."""
+    """A worker process's life: set up the stages, then answer ``conn`` until told to exit.
+
+    ``kafka``: the librdkafka settings its Kafka ranges are read with, if it gets any.
+    """
     # Out of the terminal's process group: a Ctrl-C is for the stage's process, which
     # drains and then ends its workers.
     os.setpgrp()
@@ -72,7 +80,7 @@ def run_worker(
 
 
 class _Worker:
-    kafka: Any = None
+    kafka: dict[str, Any] | None = None
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -82,8 +90,7 @@ class _Worker:
         self._inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._counted = tally_snapshot()
         self._pending: dict[int, list[Any]] = {}
-        # (topic, partition) -> [its consumer, the offset it reads next or -1]
-        self._consumers: dict[tuple[str, int], list[Any]] = {}
+        self._ranges: RangeReader | None = None  # made by the first Kafka range
         self._reported = 0
 
     def start(self, parse: Any, deliver: Any) -> None:
@@ -116,7 +123,7 @@ class _Worker:
             if kind == "C":
                 self._parsed(message[1], message[2])
             elif kind == "K":
-                self._parsed_range(message[1], *message[2])
+                self._parsed_range(message[1], message[2])
             elif kind == "D":
                 self._delivered(message[1], message[2], message[3])
             elif kind == "F":
@@ -128,8 +135,8 @@ class _Worker:
                 break
         self._deliver.teardown()
         self._parse.teardown()
-        for consumer, _ in self._consumers.values():
-            consumer.close()
+        if self._ranges is not None:
+            self._ranges.close()
 
     def _read(self) -> None:
         try:
@@ -159,85 +166,13 @@ class _Worker:
         self._counted = now
         return {name: n - counted.get(name, 0) for name, n in now.items() if n != counted.get(name)}
 
-    def _parsed_range(
-        self, chunk_id: int, topic: str, partition: int, start: int, end: int
-    ) -> None:
-        """Read the messages of offsets ``[start, end)`` here, then as :meth:`_parsed`."""
-        lines, times, gap = self._read_range(topic, partition, start, end)
-        self._parsed(chunk_id, None, lines, times, gap)
-
-    def _read_range(
-        self, topic: str, partition: int, start: int, end: int
-    ) -> tuple[list[Any], list[int], Any]:
-        """The range's messages as lines, their Kafka times, and the gap's ack.
-
-        Lines as the reader's blocks make them. The gap's ack covers the offsets after the
-        last message that hold none (transaction markers, compacted or expired records),
-        None when the range's last offset holds one. Each partition has one consumer here,
-        kept assigned from one range to the next so that it goes on prefetching; it is
-        assigned afresh where a range does not start where the last one ended (another
-        worker read the ranges between). It waits for the range's messages however long
-        the broker is away.
-        """
-        from confluent_kafka import Consumer, KafkaError, TopicPartition  # noqa: PLC0415
-
-        slot = self._consumers.get((topic, partition))
-        if slot is None:
+    def _parsed_range(self, chunk_id: int, kafka_range: tuple) -> None:
+        """Read a claimed Kafka range's messages here, then as :meth:`_parsed`."""
+        if self._ranges is None:
             assert self.kafka is not None
-            slot = self._consumers[(topic, partition)] = [
-                Consumer(self.kafka.consumer_settings()),
-                -1,
-            ]
-        consumer = slot[0]
-        if slot[1] != start:
-            consumer.assign([TopicPartition(topic, partition, start)])
-        slot[1] = -1  # unknown until this read ends cleanly
-        name = f"{topic}/{partition}"
-        previous = start - 1
-        lines: list[Any] = []
-        times: list[int] = []
-        past_end = False
-        while previous < end - 1 and not past_end:
-            messages = consumer.consume(num_messages=min(1000, end - 1 - previous), timeout=1.0)
-            read = False
-            now_ms = 0
-            for message in messages:
-                error = message.error()
-                if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        msg = f"Kafka read of {name} failed: {error}"
-                        raise RuntimeError(msg)
-                    if message.offset() >= end:
-                        # The partition ends at or past the range's end and nothing more
-                        # came: the rest holds no records (markers, expired offsets). The
-                        # consumer's position would not say so (it moves only on what it
-                        # hands over).
-                        past_end = True
-                        break
-                    continue
-                offset = message.offset()
-                if offset >= end:
-                    past_end = True  # the consumer now stands past the range
-                    break
-                kind, stamp = message.timestamp()
-                if not kind or stamp < 0:
-                    now_ms = now_ms or int(time.time() * 1000)
-                    stamp = now_ms
-                ack = new_ack((name, offset, previous, 1, 0))
-                lines.append(new_line((message.value() or b"", f"{name}@{offset}", ack, -1)))
-                times.append(stamp)
-                previous = offset
-                read = True
-            if not read and not past_end:
-                # Nothing (or only the partition's end): the rest of the range may hold
-                # no records at all.
-                position = consumer.position([TopicPartition(topic, partition)])[0].offset
-                if position >= end:
-                    break
-        if not past_end:
-            slot[1] = end
-        gap = new_ack((name, end - 1, previous, 1, 0)) if previous < end - 1 else None
-        return lines, times, gap
+            self._ranges = RangeReader(self.kafka)
+        lines, times, gap = self._ranges.read(KafkaRange(*kafka_range))
+        self._parsed(chunk_id, None, lines, times, gap)
 
     def _parsed(
         self,

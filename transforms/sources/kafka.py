@@ -36,6 +36,7 @@ from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.worker_memory import worker_memory
 from moesif_beam.transforms.records import Ack, Line, LineBlock, new_ack, new_line
 from moesif_beam.transforms.sources.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
+from moesif_beam.transforms.sources.kafka_ranges import MAX_RANGE, KafkaRange, refresh_metadata
 from moesif_beam.transforms.sources.kafka_topic import (
     CLIENT_LOG,
     KafkaPartition,
@@ -62,22 +63,6 @@ _LOG = logging.getLogger(__name__)
 
 # Messages taken from the consumer at once.
 _MAX_MESSAGES = 1000
-# Offsets in one claimed range: about a consumer batch, a worker's 50 ms of work.
-_MAX_RANGE = 1000
-
-
-class KafkaRange(NamedTuple):
-    """Offsets ``[start, end)`` of one partition, claimed by the reader for another to read.
-
-    Claimed means no other range of the run holds them; whoever reads the range must
-    acknowledge every offset in it (records, and the offsets without one) for the
-    partition's commits to pass it.
-    """
-
-    topic: str
-    partition: int
-    start: int
-    end: int
 
 
 class _PartitionRanges(RestrictionProvider):
@@ -322,6 +307,7 @@ class _ReadPartitionFn(beam.DoFn):
         started = time.monotonic()
         deadline = started + self._poll_seconds
         longest = started + self._backlog_seconds * random.uniform(0.8, 1.2)
+        pause = 0.05
         while True:
             if unbounded and DRAIN.is_set():
                 tracker.try_claim(restriction.stop - 1)
@@ -337,10 +323,11 @@ class _ReadPartitionFn(beam.DoFn):
                     slot.warned = time.monotonic()
                     name = f"{element.topic}/{element.partition}"
                     _LOG.warning("end offset of %s: %s (asking again)", name, exc)
+                refresh_metadata(consumer, element.topic)
                 low, high = position, position  # nothing to claim now; the bundle waits
             # Offsets below the log's start are gone (retention): one range covers them
             # all, which its worker acknowledges at once, not a thousand at a time.
-            end = min(high, bound, max(position + _MAX_RANGE, low))
+            end = min(high, bound, max(position + MAX_RANGE, low))
             if end > position:
                 claimed = tracker.try_claim(end - 1)
                 if not claimed:
@@ -371,7 +358,13 @@ class _ReadPartitionFn(beam.DoFn):
                 tracker.defer_remainder(Duration.of(0.0 if not caught_up else 0.2))
                 return
             if caught_up:
-                time.sleep(0.05)  # new records arrive; asking in a tight loop costs the broker
+                # Asking in a tight loop costs the broker: the pause doubles, from 50 ms
+                # to 200 ms, while nothing new comes (about 6 requests a second on an
+                # idle partition, and at most 200 ms added to a quiet stream's latency).
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+            else:
+                pause = 0.05
 
 
 def _end_of_partition(error: Any, name: str) -> None:
@@ -522,8 +515,10 @@ class ReadKafka(beam.PTransform):
     ``blocks``, each consumer batch (up to 1,000 messages) is one
     :class:`~moesif_beam.transforms.records.LineBlock` element instead, timestamped with its
     earliest message, the watermark following those times. With ``ranges``, the read
-    fetches nothing: each element is a :class:`KafkaRange` of up to 1,000 offsets claimed
-    up to the partition's end offset, timestamped when claimed, for workers to read
+    fetches nothing: each element is a
+    :class:`~moesif_beam.transforms.sources.kafka_ranges.KafkaRange` of up to 1,000
+    offsets claimed up to the partition's end offset, timestamped when claimed, for
+    workers to read
     (:class:`~moesif_beam.transforms.common.in_workers.InWorkers`).
     """
 
