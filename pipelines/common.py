@@ -192,18 +192,16 @@ def read_lines(
     pipeline: beam.Pipeline,
     config: PipelineConfig,
     rejects: DeadLetters,
-    blocks: bool = False,
     ranges: bool = False,
 ) -> tuple[beam.PCollection, Any]:
     """Read the configured source; ``(lines, kafka read)`` (see :func:`read_and_normalize`).
 
-    With ``blocks``, Kafka is read as :class:`~moesif_beam.transforms.records.LineBlock` s;
-    with ``ranges``, as offset ranges for others to read
+    With ``ranges``, Kafka is read as offset ranges for others to read
     (:class:`~moesif_beam.transforms.sources.kafka_ranges.KafkaRange`).
     """
     read = None
     if config.kafka is not None:
-        read = _read_kafka(pipeline, config, blocks, ranges)
+        read = _read_kafka(pipeline, config, ranges)
         lines = read.records
     elif config.streaming:
         followed = pipeline | "FollowFiles" >> FollowFiles(
@@ -221,12 +219,10 @@ def read_lines(
     return lines, read
 
 
-def _read_kafka(
-    pipeline: beam.Pipeline, config: PipelineConfig, blocks: bool = False, ranges: bool = False
-) -> Any:
+def _read_kafka(pipeline: beam.Pipeline, config: PipelineConfig, ranges: bool = False) -> Any:
     assert config.kafka is not None
     return pipeline | "ReadKafka" >> ReadKafka(
-        config.kafka, list(config.kafka_partitions), blocks=blocks, ranges=ranges
+        config.kafka, list(config.kafka_partitions), ranges=ranges
     )
 
 

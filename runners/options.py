@@ -275,9 +275,9 @@ def add_delivery_flags(parser: argparse.ArgumentParser, pipeline: str) -> None:
         "--parse_processes",
         type=int,
         default=None,
-        help="streaming on the default runner: worker processes that parse, map and deliver "
-        "records beside the pipeline's own (default: one per core, 1 to 4; 0: all in the "
-        "pipeline's process)",
+        help="streaming on the default runner: worker processes that read (Kafka), parse, "
+        "map and deliver records beside the pipeline's own (default: one per core, 1 to 4; "
+        "0: all in the pipeline's process)",
     )
     parser.add_argument(
         "--fork_workers",

@@ -9,6 +9,8 @@ from typing import Any
 
 import apache_beam as beam
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
@@ -79,10 +81,25 @@ class _Collect(beam.DoFn):
         _Collect.seen.append(element)
 
 
-def test_every_line_is_delivered_duplicate_or_dead_lettered_and_acknowledged(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_every_line_is_delivered_duplicate_or_dead_lettered_and_acknowledged(tmp_path, threads):
+    # With three threads, bundles run at once, each with its own copy of the DoFn, all
+    # sharing the process's one pool (as Prism does with several partitions).
     raws, kept, rejected = _raws()
     lines = [Line(raw, f"t/0@{i}", Ack("t/0", i, i - 1)) for i, raw in enumerate(raws)]
-    p = make_pipeline()
+    p = (
+        make_pipeline()
+        if threads == 1
+        else TestPipeline(
+            options=PipelineOptions(
+                [
+                    "--runner=FnApiRunner",
+                    f"--direct_num_workers={threads}",
+                    "--direct_running_mode=multi_threading",
+                ]
+            )
+        )
+    )
     source = beam.Create([TimestampedValue(line, i) for i, line in enumerate(lines)])
     out = p | source | InWorkers(*_stages(str(tmp_path / "batches")), 2, TAGS, chunk=32)
     _Collect.seen = []

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 import pytest
-from apache_beam import coders, pvalue
+from apache_beam import pvalue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,10 +28,9 @@ from moesif_beam.transforms.formats.normalize import (
     NormalizeRecords,
     _NormalizeFn,
 )
-from moesif_beam.transforms.records import Ack, Line, LineBlock, LineBlockCoder, Record, RecordCoder
+from moesif_beam.transforms.records import Ack, Line, Record, RecordCoder
 from moesif_beam.transforms.schema import signature
 from moesif_beam.transforms.schema.keys import MAX_DEPTH, sanitize_keys
-from moesif_beam.transforms.sources.kafka import KafkaPartition, KafkaSourceConfig, ReadKafka
 from tests.unit.gateway_examples import EXAMPLES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,7 +210,6 @@ def test_array_elements_carry_their_own_bytes_not_the_whole_line():
 
 def test_a_line_of_100k_actions_spills_linear_bytes(tmp_path):
     # Row 6: every element used to carry the whole line into the dedup spill (N² bytes).
-    import apache_beam as beam
 
     from tests.helpers import make_pipeline, run
 
@@ -330,31 +327,3 @@ def test_the_record_coder_keeps_any_source(source):
     record = Record(5, b"{}", b"raw", source, b"id", (), Ack("t-0", 9, 8, 1, 0))
     assert coder.decode(coder.encode(record)) == record
     assert coder.decode(coder.encode(record._replace(ack=None))) == record._replace(ack=None)
-
-
-def test_a_line_block_is_sized_without_being_pickled(monkeypatch):
-    """Beam samples output sizes with the coder; a block (about 1 MB) is not pickled for it."""
-    block = LineBlock(
-        [Line(b"x" * 100, f"t/0:{i}", Ack("t-0", i, i - 1, 1, 0)) for i in range(50)],
-        list(range(50)),
-    )
-    coder = coders.registry.get_coder(LineBlock)
-    assert isinstance(coder, LineBlockCoder)
-    assert coder.decode(coder.encode(block)) == block
-    expected = sum(len(line.raw) + len(line.source) for line in block.lines) + 8 * 50
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("pickled to be measured")
-
-    monkeypatch.setattr(pickle, "dumps", refuse)
-    assert coder.get_impl().estimate_size(block) == expected
-    monkeypatch.undo()
-    # The stream's reader gives its blocks that coder.
-    pipeline = beam.Pipeline()
-    read = pipeline | ReadKafka(
-        KafkaSourceConfig("127.0.0.1:9", "t", "g"),
-        [KafkaPartition("t", 0, 0, 10)],
-        blocks=True,
-    )
-    assert isinstance(read.records.element_type, type) and read.records.element_type is LineBlock
-    assert isinstance(coders.registry.get_coder(read.records.element_type), LineBlockCoder)

@@ -24,8 +24,6 @@ __all__ = [
     "FirstSeen",
     "Keyed",
     "Line",
-    "LineBlock",
-    "LineBlockCoder",
     "PartitionStart",
     "Record",
     "RecordCoder",
@@ -104,18 +102,6 @@ class Record(NamedTuple):
 
 
 Keyed = tuple[str, Record]
-
-
-class LineBlock(NamedTuple):
-    """Consecutive Kafka messages of one partition, read as one element.
-
-    ``times_ms[i]`` is ``lines[i]``'s Kafka timestamp. A stream whose reader and parsing
-    run in one step takes a consumer batch at a time: one runner hand-off per batch,
-    not per message.
-    """
-
-    lines: list[Line]
-    times_ms: list[int]
 
 
 # A Record or Line from a tuple of all its fields, built from C: a NamedTuple call runs a
@@ -284,31 +270,5 @@ class AckCoder(coders.Coder):
         return Ack
 
 
-class LineBlockCoder(coders.Coder):
-    """Pickles a :class:`LineBlock`; sizes it by its lines' bytes, without pickling it.
-
-    Beam's SDK harness samples each output's size for its metrics with the coder's
-    ``estimate_size``, which by default encodes the element. A block is a consumer batch
-    (about a megabyte), and a stream's blocks are few, so most were sampled: pickling
-    them to be measured took about a fourteenth of the stream's process, though a fused
-    stage never encodes a block to hand it on.
-    """
-
-    def encode(self, value: LineBlock) -> bytes:
-        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-
-    def decode(self, encoded: bytes) -> LineBlock:
-        return pickle.loads(encoded)  # noqa: S301 - written by encode, inside one pipeline
-
-    def estimate_size(self, value: LineBlock) -> int:
-        return sum(len(line[0]) + len(line[1]) for line in value.lines) + 8 * len(value.times_ms)
-
-    # Equality, hashing and "not deterministic" are Beam's Coder defaults: this coder has
-    # no state of its own.
-    def to_type_hint(self) -> type:
-        return LineBlock
-
-
 coders.registry.register_coder(Record, RecordCoder)
 coders.registry.register_coder(Ack, AckCoder)
-coders.registry.register_coder(LineBlock, LineBlockCoder)

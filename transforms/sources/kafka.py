@@ -14,7 +14,6 @@ The reader never commits offsets itself: reading is not delivering.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import random
 import threading
@@ -34,7 +33,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.worker_memory import worker_memory
-from moesif_beam.transforms.records import Ack, Line, LineBlock, new_ack, new_line
+from moesif_beam.transforms.records import Ack, Line
 from moesif_beam.transforms.sources.drain import DRAIN, OPEN_END, CheckpointOnlyTracker, Ticks
 from moesif_beam.transforms.sources.kafka_ranges import MAX_RANGE, KafkaRange, refresh_metadata
 from moesif_beam.transforms.sources.kafka_topic import (
@@ -153,11 +152,9 @@ class _ReadPartitionFn(beam.DoFn):
         poll_seconds: float,
         idle_lag: float,
         backlog_seconds: float | None = None,
-        blocks: bool = False,
         ranges: bool = False,
     ) -> None:
         self._config = config
-        self._blocks = blocks
         self._ranges = ranges
         self._poll_seconds = poll_seconds
         self._backlog_seconds = poll_seconds if backlog_seconds is None else backlog_seconds
@@ -219,44 +216,29 @@ class _ReadPartitionFn(beam.DoFn):
             messages = consumer.consume(num_messages=_MAX_MESSAGES, timeout=0.2)
             got = len(messages)
             caught_up = False
-            if self._blocks:
-                block, previous, caught_up, finished = _take_block(
-                    messages, tracker, name, previous, restriction.stop
-                )
-                if block.lines:
-                    # The block's time is its earliest record's, and the watermark goes no
-                    # further: the block does not move it past any record in it.
-                    earliest = min(block.times_ms) / 1000
-                    current = watermark.current_watermark()
-                    if current is None or Timestamp.of(earliest) > current:
-                        watermark.set_watermark(Timestamp.of(earliest))
-                    yield TimestampedValue(block, earliest)
-                if finished:
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    _end_of_partition(error, name)
+                    caught_up = True
+                    continue
+                offset = message.offset()
+                if not tracker.try_claim(offset):
                     return
-            else:
-                for message in messages:
-                    error = message.error()
-                    if error is not None:
-                        _end_of_partition(error, name)
-                        caught_up = True
-                        continue
-                    offset = message.offset()
-                    if not tracker.try_claim(offset):
-                        return
-                    kind, stamp = message.timestamp()
-                    seconds = stamp / 1000 if kind and stamp >= 0 else time.time()
-                    event_time = Timestamp.of(seconds)
-                    if watermark.current_watermark() is None or event_time > (
-                        watermark.current_watermark()
-                    ):
-                        watermark.set_watermark(event_time)
-                    value = message.value() or b""
-                    yield TimestampedValue(
-                        Line(value, f"{name}@{offset}", Ack(name, offset, previous)), seconds
-                    )
-                    previous = offset
-                    if offset == restriction.stop - 1:
-                        return  # the range is done
+                kind, stamp = message.timestamp()
+                seconds = stamp / 1000 if kind and stamp >= 0 else time.time()
+                event_time = Timestamp.of(seconds)
+                if watermark.current_watermark() is None or event_time > (
+                    watermark.current_watermark()
+                ):
+                    watermark.set_watermark(event_time)
+                value = message.value() or b""
+                yield TimestampedValue(
+                    Line(value, f"{name}@{offset}", Ack(name, offset, previous)), seconds
+                )
+                previous = offset
+                if offset == restriction.stop - 1:
+                    return  # the range is done
             if not got or caught_up:
                 position = consumer.position([tp])[0].offset
                 if not unbounded and position >= restriction.stop:
@@ -376,68 +358,6 @@ def _end_of_partition(error: Any, name: str) -> None:
         raise RuntimeError(msg)
 
 
-def _take_block(
-    messages: list[Any], tracker: Any, name: str, previous: int, stop: int
-) -> tuple[LineBlock, int, bool, bool]:
-    """A consumer batch's records as one block: ``(block, previous, caught_up, finished)``.
-
-    The block's offsets are claimed at once, by claiming its last one: a claim covers
-    every offset before it, as in the per-record read, which claimed each in turn (a
-    tenth of the stream's time). ``finished`` when the range was split inside the block
-    or its last offset is in it.
-    """
-    lines: list[Line] = []
-    times_ms: list[int] = []
-    offsets: list[int] = []
-    caught_up = False
-    finished = False
-    # Where the range ends now: a runner's split may have moved it below ``stop``.
-    bound = min(stop, tracker.current_restriction().stop)
-    before = previous
-    now_ms = 0
-    for message in messages:
-        error = message.error()
-        if error is not None:
-            _end_of_partition(error, name)
-            caught_up = True
-            continue
-        offset = message.offset()
-        if offset >= bound:
-            finished = True
-            break
-        kind, stamp = message.timestamp()
-        if not kind or stamp < 0:
-            now_ms = now_ms or int(time.time() * 1000)
-            stamp = now_ms
-        times_ms.append(stamp)
-        offsets.append(offset)
-        lines.append(
-            new_line(
-                (
-                    message.value() or b"",
-                    f"{name}@{offset}",
-                    new_ack((name, offset, previous, 1, 0)),
-                    -1,
-                )
-            )
-        )
-        previous = offset
-        if offset == bound - 1:
-            finished = True  # the range is done
-            break
-    if lines and not tracker.try_claim(previous):
-        # The runner split the range after ``bound`` was read. Its split point is above
-        # every offset claimed before this block, and the offsets below it are still this
-        # range's, which nobody else will read: they are kept, the rest left to the
-        # residual, and this range is done.
-        bound = tracker.current_restriction().stop
-        keep = bisect.bisect_left(offsets, bound)
-        del lines[keep:], times_ms[keep:]
-        previous = offsets[keep - 1] if keep else before
-        finished = True
-    return LineBlock(lines, times_ms), previous, caught_up, finished
-
-
 class _BoundedReadFn(_ReadPartitionFn):
     def process(
         self,
@@ -512,13 +432,10 @@ class ReadKafka(beam.PTransform):
     moving to "now minus ``idle_lag``" on a caught-up partition so an idle partition does
     not stall the pipeline. A stream's bundle reads a partition for ``poll_seconds``, and
     for up to ``backlog_seconds`` while the consumer keeps returning full batches. With
-    ``blocks``, each consumer batch (up to 1,000 messages) is one
-    :class:`~moesif_beam.transforms.records.LineBlock` element instead, timestamped with its
-    earliest message, the watermark following those times. With ``ranges``, the read
-    fetches nothing: each element is a
+    ``ranges``, the read fetches nothing: each element is a
     :class:`~moesif_beam.transforms.sources.kafka_ranges.KafkaRange` of up to 1,000
-    offsets claimed up to the partition's end offset, timestamped when claimed, for
-    workers to read
+    offsets claimed up to the partition's end offset, timestamped when claimed, the
+    watermark following those times, for workers to read
     (:class:`~moesif_beam.transforms.common.in_workers.InWorkers`).
     """
 
@@ -530,14 +447,9 @@ class ReadKafka(beam.PTransform):
         idle_lag: float = 2.0,
         backlog_seconds: float = 5.0,
         *,
-        blocks: bool = False,
         ranges: bool = False,
     ) -> None:
         super().__init__()
-        if blocks and ranges:
-            msg = "read Kafka as blocks or as ranges, not both"
-            raise ValueError(msg)
-        self._blocks = blocks
         self._ranges = ranges
         if not 0 < poll_seconds <= backlog_seconds:
             msg = (
@@ -574,13 +486,8 @@ class ReadKafka(beam.PTransform):
                 self._poll_seconds,
                 self._idle_lag,
                 self._backlog_seconds,
-                blocks=self._blocks,
                 ranges=self._ranges,
             )
         )
-        if self._blocks:
-            # Blocks get their own coder (records.LineBlockCoder), which sizes them for
-            # Beam's metrics without pickling them.
-            read = read.with_output_types(LineBlock)
         records = partitions | "Spread" >> beam.Reshuffle() | "ReadPartition" >> read
         return KafkaRead(records, partitions)
