@@ -315,8 +315,9 @@ def _parse_apart(
         tags=(DEAD_LETTER, SIGNATURES, ACKS, NEW_FIELDS),
         kafka=config.kafka,
         # A partition's ranges stay with one worker, whose consumer keeps prefetching, when
-        # there are partitions enough to keep every worker busy.
-        sticky=len(config.kafka_partitions) >= config.parse_processes,
+        # the partitions share out evenly: with 3 partitions on 2 workers, one worker
+        # would carry two thirds of a backlog while the other idled.
+        sticky=len(config.kafka_partitions) % max(config.parse_processes, 1) == 0,
     )
     rejects.add(out[DEAD_LETTER])
     return out[NEW_FIELDS], (out[ACKS],), read

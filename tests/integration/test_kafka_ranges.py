@@ -85,25 +85,40 @@ def test_two_readers_taking_turns_on_one_partition_each_seek(kafka_broker, kafka
     assert got == values
 
 
-def test_a_transaction_marker_at_a_ranges_end_is_acknowledged_as_a_gap(kafka_broker, kafka_topic):
+def test_transaction_markers_are_acknowledged_and_the_next_range_reads_on(
+    kafka_broker, kafka_topic
+):
     from confluent_kafka import Producer
 
     bootstrap = kafka_broker.bootstrap_servers
     topic = kafka_topic()
     producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": topic})
     producer.init_transactions(30)
-    producer.begin_transaction()
-    for i in range(3):
-        producer.produce(topic, value=f"t{i}".encode(), partition=0)
-    producer.commit_transaction(30)
-    # Offsets 0-2 hold the records, 3 the commit marker.
+    for batch in ("a", "b"):
+        producer.begin_transaction()
+        for i in range(3):
+            producer.produce(topic, value=f"{batch}{i}".encode(), partition=0)
+        producer.commit_transaction(30)
+    # Offsets 0-2 and 4-6 hold the records, 3 and 7 the commit markers. The first range
+    # ends on a marker: its consumer, asked for one more message, hands over offset 4,
+    # which the second range must still get.
     reader = _reader(bootstrap, **{"isolation.level": "read_committed"})
+    name = f"{topic}/0"
     try:
-        raws, _, gap = _read(reader, topic, 0, 4)
+        first = _read(reader, topic, 0, 4)
+        second = _read(reader, topic, 4, 8)
     finally:
         reader.close()
-    assert raws == [b"t0", b"t1", b"t2"]
-    assert gap == Ack(f"{topic}/0", 3, 2)
+    assert first == (
+        [b"a0", b"a1", b"a2"],
+        [Ack(name, i, i - 1) for i in range(3)],
+        Ack(name, 3, 2),
+    )
+    assert second == (
+        [b"b0", b"b1", b"b2"],
+        [Ack(name, 4, 3), Ack(name, 5, 4), Ack(name, 6, 5)],
+        Ack(name, 7, 6),
+    )
 
 
 def test_expired_records_are_passed_and_the_rest_of_the_range_read(kafka_broker, kafka_topic):

@@ -327,6 +327,17 @@ class _ReadPartitionFn(beam.DoFn):
                 if not claimed:
                     return
             caught_up = position >= high
+            if 0 <= high < position and time.monotonic() - slot.warned > 60:
+                # Said once a minute; nothing is claimed until the log reaches the read.
+                slot.warned = time.monotonic()
+                _LOG.warning(
+                    "%s/%s ends at offset %d, before the read's %d (topic recreated or "
+                    "truncated?); waiting for it",
+                    element.topic,
+                    element.partition,
+                    high,
+                    position,
+                )
             if unbounded and caught_up:
                 # An idle partition must not hold the watermark back: nothing it claims
                 # later can be older than now.

@@ -9,12 +9,17 @@ worker must account for every offset of a range, records and gaps alike.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, NamedTuple
 
 from moesif_beam.transforms.records import new_ack, new_line
 
 __all__ = ["KafkaRange", "RangeReader", "range_reader_settings", "refresh_metadata"]
+
+_LOG = logging.getLogger(__name__)
+# When a log found ending before a claimed offset was last reported (monotonic).
+_WARNED = [0.0]
 
 # Offsets in one claimed range: about a consumer batch, a worker's 50 ms of work.
 MAX_RANGE = 1000
@@ -63,8 +68,10 @@ class RangeReader:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = settings
-        # (topic, partition) -> [its consumer, the offset it hands over next, or -1]
+        # (topic, partition) -> [its consumer, the offset it hands over next or -1, the
+        # messages it already handed over from there]
         self._consumers: dict[tuple[str, int], list[Any]] = {}
+        self._warned = 0.0  # when a transient error was last logged (monotonic)
 
     def read(self, kafka_range: KafkaRange) -> tuple[list[Any], list[int], Any]:
         """The range's messages as lines, their Kafka times in ms, and the gap's ack.
@@ -91,41 +98,68 @@ class RangeReader:
         topic, partition, start, end = kafka_range
         slot = self._consumers.get((topic, partition))
         if slot is None:
-            slot = self._consumers[(topic, partition)] = [Consumer(self._settings), -1]
+            slot = self._consumers[(topic, partition)] = [Consumer(self._settings), -1, []]
         consumer = slot[0]
+        tp = TopicPartition(topic, partition)
+        # Messages the last read took from the consumer past its range, if this range
+        # starts where that one ended; the consumer stands after them.
+        pending: list[Any] = slot[2] if slot[1] == start else []
+        # Whether the consumer's position can be believed: not right after an assign,
+        # until the new assignment has handed something over (librdkafka resets the
+        # position on another thread, when the old fetch has stopped).
+        trusted = slot[1] == start
         if slot[1] != start:
             consumer.assign([TopicPartition(topic, partition, start)])
-        slot[1] = -1  # unknown until this read ends where its range does
+        slot[1], slot[2] = -1, []  # unknown until this read ends where its range does
         name = f"{topic}/{partition}"
         previous = start - 1
         lines: list[Any] = []
         times: list[int] = []
-        past_end = False
-        while previous < end - 1 and not past_end:
-            messages = consumer.consume(num_messages=min(1000, end - 1 - previous), timeout=1.0)
+        ended = False  # the rest of the range holds no record
+        left: list[Any] = []  # messages taken past the range's end, for the next range
+        stands_after = True  # the consumer stands at the range's end, or after ``left``
+        while previous < end - 1 and not ended:
+            if pending:
+                messages, pending = pending, []
+            else:
+                messages = consumer.consume(num_messages=min(1000, end - 1 - previous), timeout=1.0)
             read = False
             now_ms = 0
-            for message in messages:
+            for index, message in enumerate(messages):
                 error = message.error()
                 if error is not None:
                     code = error.code()
                     if code == KafkaError._PARTITION_EOF:
+                        trusted = True
                         if message.offset() >= end:
                             # Everything up to the partition's end was handed over (the
                             # consumer never jumps: settings) and the end is at or past
                             # the range's: the rest of it holds no records.
-                            past_end = True
+                            ended = True
+                            left = messages[index + 1 :]
                             break
                         continue
                     if code == KafkaError._AUTO_OFFSET_RESET:
-                        past_end = _after_reset(consumer, topic, partition, previous, end)
-                        break
-                    msg = f"Kafka read of {name} failed: {error}"
-                    raise RuntimeError(msg)
+                        ended = _after_reset(consumer, tp, previous, end)
+                        stands_after = not ended
+                    elif _transient(error):
+                        self._wait_out(consumer, tp, name, error, previous)
+                    else:
+                        msg = f"Kafka read of {name} failed: {error}"
+                        raise RuntimeError(msg)
+                    # Assigned again (or done): the rest of the batch is not to be used,
+                    # nor the position until the new assignment hands something over.
+                    trusted = False
+                    read = True  # not a quiet consumer: skip the position check
+                    break
+                trusted = True
                 offset = message.offset()
                 if offset >= end:
-                    past_end = True  # the consumer now stands past the range
+                    ended = True  # the consumer now stands past the range
+                    left = messages[index:]
                     break
+                if offset <= previous:
+                    continue  # handed over already (never expected: a guard for the acks)
                 kind, stamp = message.timestamp()
                 if not kind or stamp < 0:
                     now_ms = now_ms or int(time.time() * 1000)
@@ -135,25 +169,35 @@ class RangeReader:
                 times.append(stamp)
                 previous = offset
                 read = True
-            if not read and not past_end:
-                # Nothing came, or only the partition's end before the range's: the rest
-                # may hold no records (the consumer moves past transaction markers).
-                position = consumer.position([TopicPartition(topic, partition)])[0].offset
-                if position >= end:
-                    break
-        if not past_end:
-            slot[1] = end
+            # Nothing came, or only the partition's end before the range's: the rest may
+            # hold no records (the consumer moves past transaction markers).
+            if not read and not ended and trusted:
+                ended = consumer.position([tp])[0].offset >= end
+        if stands_after:
+            slot[1], slot[2] = end, left
         gap = new_ack((name, end - 1, previous, 1, 0)) if previous < end - 1 else None
         return lines, times, gap
 
+    def _wait_out(self, consumer: Any, tp: Any, name: str, error: Any, previous: int) -> None:
+        """After a transient error (a broker away, a leader moving): wait, then go on."""
+        from confluent_kafka import TopicPartition  # noqa: PLC0415
+
+        now = time.monotonic()
+        if now - self._warned > 60:  # once a minute, not twice a second
+            self._warned = now
+            _LOG.warning("Kafka read of %s: %s (reading on when it clears)", name, error)
+        time.sleep(_RETRY_S)
+        refresh_metadata(consumer, tp.topic)
+        consumer.assign([TopicPartition(tp.topic, tp.partition, previous + 1)])
+
     def close(self) -> None:
         """Close every consumer; the reader is not used after."""
-        for consumer, _ in self._consumers.values():
+        for consumer, *_ in self._consumers.values():
             consumer.close()
         self._consumers.clear()
 
 
-def _after_reset(consumer: Any, topic: str, partition: int, previous: int, end: int) -> bool:
+def _after_reset(consumer: Any, tp: Any, previous: int, end: int) -> bool:
     """Go on after the broker said the offset after ``previous`` is out of range.
 
     Returns True when the rest of the range expired (retention moved the log's start
@@ -165,20 +209,56 @@ def _after_reset(consumer: Any, topic: str, partition: int, previous: int, end: 
     from confluent_kafka import KafkaException, TopicPartition  # noqa: PLC0415
 
     try:
-        low, _ = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=5, cached=False
-        )
+        low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
     except KafkaException:
-        low = -1  # no answer: nothing is known to have expired
+        low = high = -1  # no answer: nothing is known to have expired
     if low >= end:
         return True
     if low > previous + 1:
         resume = low
     else:
+        if 0 <= high <= previous:
+            # The log ends before what was claimed: a topic deleted and made again, or
+            # a log cut short. Nothing is acknowledged meanwhile; said once a minute.
+            now = time.monotonic()
+            if now - _WARNED[0] > 60:
+                _WARNED[0] = now
+                _LOG.warning(
+                    "Kafka read of %s/%s: the log ends at %d, before offset %d, which was "
+                    "claimed (topic recreated or truncated?); waiting for it",
+                    tp.topic,
+                    tp.partition,
+                    high,
+                    previous + 1,
+                )
         time.sleep(_RETRY_S)
         resume = previous + 1
-    consumer.assign([TopicPartition(topic, partition, resume)])
+    consumer.assign([TopicPartition(tp.topic, tp.partition, resume)])
     return False
+
+
+def _transient(error: Any) -> bool:
+    """Whether a read error passes by itself: a broker away or restarting, a leader moving.
+
+    A restarting broker reports its partitions unknown for a moment; so would a topic
+    deleted for good, which the read then waits out, saying so once a minute.
+    """
+    from confluent_kafka import KafkaError  # noqa: PLC0415
+
+    if error.fatal():
+        return False
+    return error.retriable() or error.code() in (
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+    )
 
 
 def refresh_metadata(consumer: Any, topic: str) -> None:
