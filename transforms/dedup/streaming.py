@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -360,26 +360,17 @@ class _DedupAndCheckFn(beam.DoFn):
 
     def process(self, element: Keyed, timestamp: Any = beam.DoFn.TimestampParam) -> Iterator[Any]:
         transaction_id, value = element
-        seen = self._seen
-        # Event time, as the element's timestamp (as DedupInStream); with no watermark
-        # timers here, the records' own times are the clock: once one reaches the oldest
-        # bucket's due time, ids a TTL older are forgotten, before it is looked up.
-        time_ms = timestamp.micros // 1000
-        with seen.lock:
-            if seen.timer_at is not None and time_ms >= seen.timer_at:
-                seen.expire(time_ms, self._ttl_ms)
-            new = seen.add(transaction_id, time_ms)
-            if new:
-                seen.schedule(time_ms, self._ttl_ms)
+        # Event time, as the element's timestamp (as DedupInStream).
+        new, conflict, new_fields = self.verdict(
+            transaction_id, timestamp.micros // 1000, value.sig_id, value.signature
+        )
         if not new:
-            self._duplicates.inc()
             if value.ack is not None:
                 yield pvalue.TaggedOutput(ACKS, value.ack)
             return
         if not value.signature:
             yield element
             return
-        conflict, new_fields = self._schema.check(value.sig_id, value.signature)
         for field in new_fields:
             yield pvalue.TaggedOutput(NEW_FIELDS, field)
         # The signature has done its work here; it does not travel on. (Built from the
@@ -389,8 +380,43 @@ class _DedupAndCheckFn(beam.DoFn):
         if conflict is None:
             yield record
             return
-        self._conflicts.inc()
-        yield pvalue.TaggedOutput(DEAD_LETTER, conflict_letter(record, conflict, self._pipeline))
+        yield pvalue.TaggedOutput(DEAD_LETTER, self.letter(record, conflict))
+
+    def verdict(
+        self, transaction_id: str, time_ms: int, sig_id: bytes, signature: tuple
+    ) -> tuple[bool, Any, Sequence[tuple[str, str]]]:
+        """:meth:`process`'s decision on a record, without it: ``(new, conflict, new_fields)``.
+
+        ``new`` is False for a duplicate (counted). For a new record, ``conflict`` is the
+        type rule's objection (counted) or None, and ``new_fields`` the keys it decided
+        first. ``time_ms`` is the record's event time: with no watermark timers here,
+        the records' own times are the clock; once one reaches the oldest bucket's due
+        time, ids a TTL older are forgotten, before it is looked up.
+        """
+        seen = self._seen
+        with seen.lock:
+            if seen.timer_at is not None and time_ms >= seen.timer_at:
+                seen.expire(time_ms, self._ttl_ms)
+            new = seen.add(transaction_id, time_ms)
+            if new:
+                seen.schedule(time_ms, self._ttl_ms)
+        if not new:
+            self._duplicates.inc()
+            return _DUPLICATE
+        if not signature:
+            return _KEPT
+        conflict, new_fields = self._schema.check(sig_id, signature)
+        if conflict is not None:
+            self._conflicts.inc()
+        return True, conflict, new_fields
+
+    def letter(self, record: Keyed, conflict: Any) -> dict:
+        """The ``type_conflict`` dead letter of ``record`` (its signature dropped)."""
+        return conflict_letter(record, conflict, self._pipeline)
+
+
+_DUPLICATE: tuple[bool, Any, tuple] = (False, None, ())
+_KEPT: tuple[bool, Any, tuple] = (True, None, ())
 
 
 class DedupAndCheckInProcess(beam.PTransform):
