@@ -63,8 +63,7 @@ from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.in_workers_worker import run_worker
 from moesif_beam.transforms.common.pooled import CHUNK, LOOK_EVERY, chunk_due, tally_counters
 from moesif_beam.transforms.dedup.streaming import NEW_FIELDS
-from moesif_beam.transforms.delivery.sinks import ACKS
-from moesif_beam.transforms.records import new_ack, new_record
+from moesif_beam.transforms.records import new_record
 from moesif_beam.transforms.sources.kafka_ranges import range_reader_settings
 from moesif_beam.transforms.sources.kafka_topic import KafkaSourceConfig
 
@@ -409,7 +408,7 @@ class _Pool:
 
     def _decide_range(
         self,
-        questions: list[tuple],
+        questions: tuple[list, list, list, list],
         meta: tuple[Any, Any],
         keep: bytearray,
         letters: dict[int, dict],
@@ -417,21 +416,21 @@ class _Pool:
     ) -> None:
         """Decide a Kafka range's records: ``decide``'s verdict on each, no record built.
 
-        Outputs take the range's time; the dedup clock is each message's Kafka time.
-        Measured: building each record, its ack and its time only for ``decide`` to take
-        them apart was a fifth of this process's time.
+        ``keep`` gets 1 for a record to deliver, 0 for a duplicate (whose ack the worker
+        emits) and 2 for a ``type_conflict``, whose letter goes to the worker without
+        the input bytes, source and ack it holds. Outputs take the range's time; the
+        dedup clock is each message's Kafka time. Measured: building a record, its ack
+        and its time for each question only for ``decide`` to take them apart cost
+        1.02x to 1.13x the stream's rate (docs/performance.md, session 23).
         """
         timestamp, window = meta
         windows = (window,)
         verdict = self._decide.verdict
-        for position, question in enumerate(questions):
-            _, transaction_id, time_ms, _, source, sig_id, signature, ack, line_ms = question
-            new, conflict, new_fields = verdict(transaction_id, line_ms, sig_id, signature)
+        for position, (transaction_id, clock, sig_id, signature) in enumerate(
+            zip(*questions, strict=True)
+        ):
+            new, conflict, new_fields = verdict(transaction_id, clock, sig_id, signature)
             if not new:
-                if ack is not None:
-                    outputs.append(
-                        pvalue.TaggedOutput(ACKS, WindowedValue(new_ack(ack), timestamp, windows))
-                    )
                 continue
             for field in new_fields:
                 outputs.append(
@@ -440,10 +439,8 @@ class _Pool:
             if conflict is None:
                 keep[position] = 1
                 continue
-            # Without its body or input bytes: the worker that holds them puts them in.
-            record = new_record(
-                (time_ms, b"", b"", source, sig_id, (), None if ack is None else new_ack(ack), -1)
-            )
+            keep[position] = 2
+            record = new_record((0, b"", b"", "", sig_id, (), None, -1))
             letters[position] = self._decide.letter((transaction_id, record), conflict)
 
     def _decide_lines(
@@ -482,7 +479,7 @@ class _Pool:
             timestamp, window = metas[index if lines is not None else 0]
             outputs.append(pvalue.TaggedOutput(tag, WindowedValue(value, timestamp, (window,))))
         outputs.extend(finished)
-        keep = bytearray(len(questions))
+        keep = bytearray(len(questions) if lines is not None else len(questions[0]))
         # Dead letters of records read by the worker: it has their input bytes, this
         # process does not; it puts them in and emits the letters.
         letters: dict[int, dict] = {}

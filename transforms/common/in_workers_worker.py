@@ -34,7 +34,7 @@ from moesif_beam.transforms.common.counters import tally_snapshot
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
 from moesif_beam.transforms.common.pooled import exit_with
 from moesif_beam.transforms.common.worker_tallies import TALLY_DIR_ENV
-from moesif_beam.transforms.deadletters.letters import DEAD_LETTER
+from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER
 from moesif_beam.transforms.delivery.sinks import ACKS
 from moesif_beam.transforms.records import new_ack, new_line
 from moesif_beam.transforms.sources.kafka_ranges import KafkaRange, RangeReader
@@ -89,7 +89,8 @@ class _Worker:
         # wait on what this worker is doing (and neither side can block the other).
         self._inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._counted = tally_snapshot()
-        self._pending: dict[int, list[Any]] = {}
+        # chunk id -> (its records, whether they are a Kafka range's)
+        self._pending: dict[int, tuple[list[Any], bool]] = {}
         self._ranges: RangeReader | None = None  # made by the first Kafka range
         self._reported = 0
 
@@ -198,6 +199,13 @@ class _Worker:
         tagged: list[tuple[int, str, Any]] = []
         # One signature object per signature id, so pickle writes each once per chunk.
         signatures: dict[bytes, tuple] = {}
+        # A range's questions go as four columns (ids, Kafka times, signature ids,
+        # signatures): no tuple per record to pickle here and unpickle there, and none of
+        # what only a letter or an ack needs, which stays here (see _delivered).
+        ids: list[str] = []
+        clocks: list[int] = []
+        sig_ids: list[bytes] = []
+        sigs: list[tuple] = []
         for index, line in enumerate(lines):
             for output in process(line) or ():
                 if type(output) is pvalue.TaggedOutput:
@@ -209,19 +217,10 @@ class _Worker:
                 if signature:
                     signature = signatures.setdefault(sig_id, signature)
                 if times is not None:
-                    questions.append(
-                        (
-                            index,
-                            transaction_id,
-                            time_ms,
-                            None,
-                            source,
-                            sig_id,
-                            signature,
-                            None if ack is None else tuple(ack),
-                            times[index],
-                        )
-                    )
+                    ids.append(transaction_id)
+                    clocks.append(times[index])
+                    sig_ids.append(sig_id)
+                    sigs.append(signature)
                     continue
                 questions.append(
                     (
@@ -235,26 +234,39 @@ class _Worker:
                         None if ack is None else (ack.parts, ack.part),
                     )
                 )
+        asked: Any = questions if times is None else (ids, clocks, sig_ids, sigs)
         finished = list(parse.finish_bundle() or ())
         if any(type(output) is not pvalue.TaggedOutput for output in finished):
             msg = f"{type(parse).__name__} emitted a record as its bundle ended: it must not"
             raise ValueError(msg)
         if gap is not None:
             tagged.append((0, ACKS, gap))
-        self._pending[chunk_id] = records
-        self.send(("Q", chunk_id, questions, tagged, finished, self._counts(), self._live()))
+        self._pending[chunk_id] = (records, times is not None)
+        self.send(("Q", chunk_id, asked, tagged, finished, self._counts(), self._live()))
 
     def _delivered(self, chunk_id: int, keep: bytes, letters: dict[int, dict]) -> None:
-        records = self._pending.pop(chunk_id)
+        """Deliver the records ``keep`` marks 1.
+
+        For a Kafka range, also what the stage left to this process, which holds the
+        records: the acks of those marked 0 (duplicates), and the input bytes, source and
+        ack of each ``type_conflict`` letter (marked 2).
+        """
+        records, ranged = self._pending.pop(chunk_id)
         process = self._deliver.process
         outputs: list[Any] = []
         for position, letter in letters.items():
-            # A letter the stage wrote without the record's input bytes, which are here.
-            letter["payload"] = bytes(records[position][1].raw)
+            record = records[position][1]
+            letter["payload"] = bytes(record.raw)
+            if ranged:
+                letter["source"] = record.source
+                if record.ack is not None:
+                    letter[ACK_FIELD] = record.ack
             outputs.append(pvalue.TaggedOutput(DEAD_LETTER, letter))
         for record, kept in zip(records, keep, strict=True):
-            if kept:
+            if kept == 1:
                 outputs.extend(process(record) or ())
+            elif not kept and ranged and record[1].ack is not None:
+                outputs.append(pvalue.TaggedOutput(ACKS, record[1].ack))
         if any(type(output) is not pvalue.TaggedOutput for output in outputs):
             msg = f"{type(self._deliver).__name__} emitted a main output: it must only tag"
             raise ValueError(msg)
