@@ -20,6 +20,7 @@ from moesif_beam.transforms.dedup.streaming import NEW_FIELDS, DedupAndCheckInPr
 from moesif_beam.transforms.delivery.sinks import ACKS, WriteBatchFiles
 from moesif_beam.transforms.formats.normalize import SIGNATURES, NormalizeRecords
 from moesif_beam.transforms.records import Ack, Line
+from moesif_beam.transforms.sources.kafka_topic import KafkaSourceConfig
 from tests.helpers import make_pipeline, read_batches, run
 
 TAGS = (DEAD_LETTER, SIGNATURES, ACKS, NEW_FIELDS)
@@ -191,6 +192,10 @@ def test_the_stages_and_sizes_are_checked(tmp_path):
         InWorkers(parse, decide, deliver, 1, TAGS, chunk=0)
     with pytest.raises(ValueError, match="takes DoFns"):
         InWorkers(parse, decide, print, 1, TAGS)  # type: ignore[arg-type]
+    kafka = KafkaSourceConfig("127.0.0.1:9", "t", "g")
+    with pytest.raises(TypeError, match="decide must offer verdict and letter"):
+        InWorkers(parse, _Drop(), deliver, 1, TAGS, kafka=kafka)
+    InWorkers(parse, decide, deliver, 1, TAGS, kafka=kafka)  # the dedup stage offers both
 
 
 class _SlowFirst(beam.DoFn):

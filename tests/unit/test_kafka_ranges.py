@@ -6,8 +6,18 @@ from moesif_beam.transforms.sources.kafka_ranges import MAX_RANGE, range_reader_
 
 
 def test_settings_never_let_the_consumer_jump():
-    user = {"bootstrap.servers": "x", "auto.offset.reset": "latest"}
-    assert range_reader_settings(user, sticky=True)["auto.offset.reset"] == "error"
+    user = {
+        "bootstrap.servers": "x",
+        "auto.offset.reset": "latest",
+        "enable.partition.eof": False,
+        "enable.auto.commit": True,
+        "enable.auto.offset.store": True,
+    }
+    settings = range_reader_settings(user, sticky=True)
+    assert settings["auto.offset.reset"] == "error"
+    assert settings["enable.partition.eof"] is True
+    assert settings["enable.auto.commit"] is False
+    assert settings["enable.auto.offset.store"] is False
     assert "queued.min.messages" not in range_reader_settings(user, sticky=True)
     assert range_reader_settings(user, sticky=False)["queued.min.messages"] == MAX_RANGE
     assert user["auto.offset.reset"] == "latest"  # the caller's dict is untouched

@@ -7,12 +7,18 @@ here for dedup, the type rule and delivery, and left this process the busiest of
 stream's (docs/performance.md, sessions 21 and 22). :class:`InWorkers` keeps each record
 in the worker that parsed it:
 
-1. a chunk of lines goes to a worker, which runs ``parse`` on it;
+1. a chunk of lines goes to a worker, which runs ``parse`` on it; or a claimed Kafka
+   offset range, which the worker reads with its own consumer first
+   (:class:`~moesif_beam.transforms.sources.kafka_ranges.RangeReader`);
 2. the worker sends back one small question per record (its transaction id, time,
-   metadata signature and acknowledgement; not its body), and ``parse``'s dead letters;
-3. ``decide`` runs here, in one thread, on each question as a record without a body, in
-   the order of the lines; the worker is told which records to keep, and whatever
-   ``decide`` emits under a tag (duplicates' acks, dead letters, new fields) leaves here;
+   metadata signature, and for lines its acknowledgement; not its body), and
+   ``parse``'s dead letters;
+3. ``decide`` runs here, in one thread, on each question, in the order of the lines
+   (for lines, as a record without a body through ``process``; for a range, through
+   its ``verdict``); the worker is told which records to keep. Whatever ``decide``
+   emits under a tag leaves here, except a range's duplicates' acks and the input
+   bytes, source and ack of its ``type_conflict`` letters, which the worker holding the
+   records adds;
 4. the worker hands the records kept to ``deliver``, a DoFn whose bundle there lasts until
    this stage's bundle ends; each bundle end here ends it in every worker (its batches
    delivered, its acks emitted) before this bundle finishes.
@@ -33,9 +39,10 @@ What the stages guarantee is unchanged:
   a Kafka stream, which committed nothing for it, reads it again when restarted); the
   next bundle starts new workers.
 
-Outputs keep their line's timestamp and window; what ``deliver`` emits as it goes (dead
-letters of a batch) takes the time of the chunk whose decision led to it, and what it
-emits at its bundle's end is windowed by it, as Beam requires there.
+Outputs keep their line's timestamp and window (a range's, its claim's); what
+``deliver`` emits as it goes (dead letters of a batch) takes the time of the chunk whose
+decision led to it, and what it emits at its bundle's end is windowed by it, as Beam
+requires there.
 """
 
 from __future__ import annotations
@@ -60,10 +67,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 from moesif_beam.transforms.common import live
 from moesif_beam.transforms.common.counters import counter
 from moesif_beam.transforms.common.garbage import collect_garbage_less_often
+from moesif_beam.transforms.common.in_workers_decide import decide_lines, decide_range
 from moesif_beam.transforms.common.in_workers_worker import run_worker
 from moesif_beam.transforms.common.pooled import CHUNK, LOOK_EVERY, chunk_due, tally_counters
-from moesif_beam.transforms.dedup.streaming import NEW_FIELDS
-from moesif_beam.transforms.records import new_record
 from moesif_beam.transforms.sources.kafka_ranges import range_reader_settings
 from moesif_beam.transforms.sources.kafka_topic import KafkaSourceConfig
 
@@ -118,6 +124,11 @@ class InWorkers(beam.PTransform):
         if chunk < 1:
             msg = f"chunk must be at least 1, got {chunk}"
             raise ValueError(msg)
+        if kafka is not None and not all(
+            callable(getattr(decide, name, None)) for name in ("verdict", "letter")
+        ):
+            msg = f"with kafka, decide must offer verdict and letter: {type(decide).__name__}"
+            raise TypeError(msg)
         kind = _InWorkersRangesFn if kafka is not None else _InWorkersFn
         self._fn = kind(_Stages(parse, decide, deliver, processes, kafka, sticky), chunk)
         self._tags = tuple(tags)
@@ -171,7 +182,7 @@ class _Chunk:
     def __init__(self, box: _Box, lines: list[Any] | None, metas: list[Any], worker: int) -> None:
         self.box = box
         self.lines = lines  # None for a Kafka range: the worker read it
-        self.metas = metas  # (timestamp, window) of each line
+        self.metas = metas  # (timestamp, window) of each line; a range's one, its claim's
         self.worker = worker
         self.asked: tuple | None = None  # the worker's questions, until they are decided
 
@@ -229,7 +240,11 @@ class _Pool:
         metas: list[Any],
         kafka_range: Any = None,
     ) -> None:
-        """Hand a chunk to the least busy worker; waits while every worker has enough."""
+        """Hand a chunk to a worker; waits while that worker has enough.
+
+        The least busy worker, or for a Kafka range with ``sticky``, the one its
+        partition's ranges go to.
+        """
         # Built before the chunk is counted: what cannot be sent must not be waited for.
         payload = _to_worker(lines) if lines is not None else tuple(kafka_range)
         kind = "C" if lines is not None else "K"
@@ -406,66 +421,6 @@ class _Pool:
                 return
             self._decided(ready_id)
 
-    def _decide_range(
-        self,
-        questions: tuple[list, list, list, list],
-        meta: tuple[Any, Any],
-        keep: bytearray,
-        letters: dict[int, dict],
-        outputs: list[Any],
-    ) -> None:
-        """Decide a Kafka range's records: ``decide``'s verdict on each, no record built.
-
-        ``keep`` gets 1 for a record to deliver, 0 for a duplicate (whose ack the worker
-        emits) and 2 for a ``type_conflict``, whose letter goes to the worker without
-        the input bytes, source and ack it holds. Outputs take the range's time; the
-        dedup clock is each message's Kafka time. Measured: building a record, its ack
-        and its time for each question only for ``decide`` to take them apart cost
-        1.02x to 1.13x the stream's rate (docs/performance.md, session 23).
-        """
-        timestamp, window = meta
-        windows = (window,)
-        verdict = self._decide.verdict
-        for position, (transaction_id, clock, sig_id, signature) in enumerate(
-            zip(*questions, strict=True)
-        ):
-            new, conflict, new_fields = verdict(transaction_id, clock, sig_id, signature)
-            if not new:
-                continue
-            for field in new_fields:
-                outputs.append(
-                    pvalue.TaggedOutput(NEW_FIELDS, WindowedValue(field, timestamp, windows))
-                )
-            if conflict is None:
-                keep[position] = 1
-                continue
-            keep[position] = 2
-            record = new_record((0, b"", b"", "", sig_id, (), None, -1))
-            letters[position] = self._decide.letter((transaction_id, record), conflict)
-
-    def _decide_lines(
-        self,
-        questions: list[tuple],
-        lines: list[Any],
-        metas: list[Any],
-        keep: bytearray,
-        outputs: list[Any],
-    ) -> None:
-        """Decide the records of lines sent from here, with ``decide``'s ``process``."""
-        decide = self._decide.process
-        for position, question in enumerate(questions):
-            timestamp, window = metas[question[0]]
-            element = _light(question, lines[question[0]])
-            for output in decide(element, timestamp) or ():
-                if type(output) is pvalue.TaggedOutput:
-                    outputs.append(
-                        pvalue.TaggedOutput(
-                            output.tag, WindowedValue(output.value, timestamp, (window,))
-                        )
-                    )
-                else:
-                    keep[position] = 1
-
     def _decided(self, chunk_id: int) -> None:
         with self.cv:
             chunk = self._chunks[chunk_id]
@@ -484,9 +439,9 @@ class _Pool:
         # process does not; it puts them in and emits the letters.
         letters: dict[int, dict] = {}
         if lines is None:
-            self._decide_range(questions, metas[0], keep, letters, outputs)
+            decide_range(self._decide, questions, metas[0], keep, letters, outputs)
         else:
-            self._decide_lines(questions, lines, metas, keep, outputs)
+            decide_lines(self._decide, questions, lines, metas, keep, outputs)
         self._send(worker, ("D", chunk_id, bytes(keep), letters))
         with self.cv:
             box = chunk.box
@@ -513,28 +468,6 @@ def _to_worker(lines: list[Any]) -> list[tuple]:
     return [
         (raw, source, None if ack is None else tuple(ack), at) for raw, source, ack, at in lines
     ]
-
-
-def _light(question: tuple, line: Any) -> tuple[str, Any]:
-    """The keyed record a question stands for, its body left out (``decide`` needs none)."""
-    _, transaction_id, time_ms, raw, source, sig_id, signature, parts = question
-    line_raw, line_source, ack, line_at = line
-    if parts is not None and parts != (1, 0):
-        ack = ack._replace(parts=parts[0], part=parts[1])
-    elif parts is None:
-        ack = None
-    return transaction_id, new_record(
-        (
-            time_ms,
-            b"",
-            line_raw if raw is None else raw,
-            line_source if source is None else source,
-            sig_id,
-            signature,
-            ack,
-            line_at if raw is None else -1,
-        )
-    )
 
 
 # The pools of this process, by stage key, shared by the DoFn's instances that are set up

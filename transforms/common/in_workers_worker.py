@@ -4,10 +4,14 @@ A worker holds the records it parsed until the stage's process says which to kee
 hands those to its delivery DoFn, whose bundle lasts until the stage asks it to end.
 Messages each way are pickled tuples, first the kind:
 
-- from the stage: ``("C", chunk, lines)`` parse; ``("D", chunk, keep)`` deliver the
-  records whose byte in ``keep`` is 1; ``("F", flush)`` end the delivery bundle;
-  ``("X",)`` finish and exit;
-- to the stage: ``("Q", chunk, questions, tagged, finished, counts, live)`` after parsing;
+- from the stage: ``("C", chunk, lines)`` parse; ``("K", chunk, range)`` read a Kafka
+  range, then parse; ``("D", chunk, keep, letters)`` deliver the records whose byte in
+  ``keep`` is 1 (for a range, also emit the acks of those marked 0, duplicates, and
+  complete ``letters``, the ``type_conflict`` letters of those marked 2);
+  ``("F", flush)`` end the delivery bundle; ``("X",)`` finish and exit;
+- to the stage: ``("Q", chunk, questions, tagged, finished, counts, live)`` after parsing
+  (for a range, ``questions`` is four columns: ids, Kafka times, signature ids and
+  signatures);
   ``("R", chunk, tagged, counts, live)`` after delivering; ``("F", flush, windowed,
   counts, live)`` after a bundle's end; ``("L", {}, live)`` the batches in flight and
   POSTs now and then; ``("E", why)`` before exiting on an error.
@@ -255,12 +259,12 @@ class _Worker:
         process = self._deliver.process
         outputs: list[Any] = []
         for position, letter in letters.items():
+            # Letters come only for a range's records (lines' leave the stage whole).
             record = records[position][1]
             letter["payload"] = bytes(record.raw)
-            if ranged:
-                letter["source"] = record.source
-                if record.ack is not None:
-                    letter[ACK_FIELD] = record.ack
+            letter["source"] = record.source
+            if record.ack is not None:
+                letter[ACK_FIELD] = record.ack
             outputs.append(pvalue.TaggedOutput(DEAD_LETTER, letter))
         for record, kept in zip(records, keep, strict=True):
             if kept == 1:

@@ -428,12 +428,12 @@ class _DiscoverFn(_ConsumerFn):
 class KafkaRead(NamedTuple):
     """Outputs of :class:`ReadKafka`."""
 
-    records: beam.PCollection  # Line(value_bytes, "topic/partition@offset", Ack)
+    records: beam.PCollection  # Line(value_bytes, "topic/partition@offset", Ack), or KafkaRange
     partitions: beam.PCollection  # every KafkaPartition read, initial and discovered
 
 
 class ReadKafka(beam.PTransform):
-    """Read a topic's partitions as ``Line(value_bytes, "topic/partition@offset", Ack)``.
+    """Read a topic's partitions as ``Line(value_bytes, "topic/partition@offset", Ack)`` s.
 
     Partitions are the unit of parallelism; each is read in offset order. Values are
     untouched bytes (a poison record is the parser's to dead-letter). Bounded when every

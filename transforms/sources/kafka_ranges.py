@@ -45,14 +45,23 @@ class KafkaRange(NamedTuple):
 def range_reader_settings(consumer_settings: dict[str, Any], sticky: bool) -> dict[str, Any]:
     """The librdkafka settings of a :class:`RangeReader`'s consumers.
 
-    Offsets out of range are reported, never silently reset, whatever the user set: a
+    Offsets out of range are reported, never silently reset, whatever the user set (as
+    the partition's end is reported, and nothing is committed by these consumers): a
     consumer that jumped to the log's end would make the read end a range whose records
     it never handed over (a reset is the reader's to decide, see :meth:`RangeReader.read`).
     When a partition's ranges do not all go to one consumer (``sticky`` false), each one
     seeks, and whatever it fetched past its range is dropped: it fetches about one range
     ahead, not the default 100,000 messages.
     """
-    settings = {**consumer_settings, "auto.offset.reset": "error"}
+    settings = {
+        **consumer_settings,
+        "auto.offset.reset": "error",
+        # The range's end is known only by the partition's end, when it holds no records.
+        "enable.partition.eof": True,
+        # These consumers read for others; only the stream commits, what was delivered.
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+    }
     if not sticky:
         settings["queued.min.messages"] = MAX_RANGE
     return settings
