@@ -70,8 +70,7 @@ def run_worker(
     os.environ.pop(TALLY_DIR_ENV, None)
     collect_garbage_less_often()
     live.forward_from_here()
-    worker = _Worker(conn)
-    worker.kafka = kafka
+    worker = _Worker(conn, kafka)
     try:
         worker.start(pickle.loads(parse), pickle.loads(deliver))  # noqa: S301 - the stage's
         worker.run()
@@ -83,11 +82,18 @@ def run_worker(
             os._exit(1)
 
 
-class _Worker:
-    kafka: dict[str, Any] | None = None
+def _lines(payload: list[tuple]) -> list[Any]:
+    """The lines a chunk from the stage carries (acks as plain tuples, see in_workers)."""
+    return [
+        new_line((raw, source, None if ack is None else new_ack(ack), at))
+        for raw, source, ack, at in payload
+    ]
 
-    def __init__(self, conn: Connection) -> None:
+
+class _Worker:
+    def __init__(self, conn: Connection, kafka: dict[str, Any] | None = None) -> None:
         self._conn = conn
+        self._kafka = kafka  # the settings Kafka ranges are read with
         self._send_lock = threading.Lock()
         # Filled by a thread that only reads, so the stage's writes to this worker never
         # wait on what this worker is doing (and neither side can block the other).
@@ -126,7 +132,7 @@ class _Worker:
             message = pickle.loads(data)  # noqa: S301 - from the stage's process
             kind = message[0]
             if kind == "C":
-                self._parsed(message[1], message[2])
+                self._parsed(message[1], _lines(message[2]))
             elif kind == "K":
                 self._parsed_range(message[1], message[2])
             elif kind == "D":
@@ -174,27 +180,19 @@ class _Worker:
     def _parsed_range(self, chunk_id: int, kafka_range: tuple) -> None:
         """Read a claimed Kafka range's messages here, then as :meth:`_parsed`."""
         if self._ranges is None:
-            assert self.kafka is not None
-            self._ranges = RangeReader(self.kafka)
+            assert self._kafka is not None
+            self._ranges = RangeReader(self._kafka)
         lines, times, gap = self._ranges.read(KafkaRange(*kafka_range))
-        self._parsed(chunk_id, None, lines, times, gap)
+        self._parsed(chunk_id, lines, times, gap)
 
     def _parsed(
-        self,
-        chunk_id: int,
-        payload: list[tuple] | None,
-        read: list[Any] | None = None,
-        times: list[int] | None = None,
-        gap: Any = None,
+        self, chunk_id: int, lines: list[Any], times: list[int] | None = None, gap: Any = None
     ) -> None:
-        if payload is not None:
-            lines = [
-                new_line((raw, source, None if ack is None else new_ack(ack), at))
-                for raw, source, ack, at in payload
-            ]
-        else:
-            assert read is not None
-            lines = read
+        """Parse ``lines`` and ask the stage about their records.
+
+        ``times`` (each line's Kafka time) and ``gap`` (an ack of offsets without records)
+        come with a Kafka range's lines, whose questions then go as columns.
+        """
         parse = self._parse
         parse.start_bundle()
         process = parse.process

@@ -227,11 +227,7 @@ class _ReadPartitionFn(beam.DoFn):
                     return
                 kind, stamp = message.timestamp()
                 seconds = stamp / 1000 if kind and stamp >= 0 else time.time()
-                event_time = Timestamp.of(seconds)
-                if watermark.current_watermark() is None or event_time > (
-                    watermark.current_watermark()
-                ):
-                    watermark.set_watermark(event_time)
+                _advance(watermark, Timestamp.of(seconds))
                 value = message.value() or b""
                 yield TimestampedValue(
                     Line(value, f"{name}@{offset}", Ack(name, offset, previous)), seconds
@@ -249,10 +245,7 @@ class _ReadPartitionFn(beam.DoFn):
                 if unbounded and caught_up:
                     # An idle partition must not hold the watermark back: nothing older
                     # than now - idle_lag can still arrive from it.
-                    idle = Timestamp.of(time.time() - self._idle_lag)
-                    current = watermark.current_watermark()
-                    if current is None or idle > current:
-                        watermark.set_watermark(idle)
+                    _advance(watermark, Timestamp.of(time.time() - self._idle_lag))
             if unbounded and time.monotonic() >= deadline:
                 if got == _MAX_MESSAGES and time.monotonic() < longest:
                     # A backlog (the consumer had a full batch ready): the bundle goes on,
@@ -315,10 +308,7 @@ class _ReadPartitionFn(beam.DoFn):
                 if not claimed:
                     end = min(end, tracker.current_restriction().stop)
                 now = time.time()
-                stamp = Timestamp.of(now)
-                current = watermark.current_watermark()
-                if current is None or stamp > current:
-                    watermark.set_watermark(stamp)
+                _advance(watermark, Timestamp.of(now))
                 if end > position:
                     yield TimestampedValue(
                         KafkaRange(element.topic, element.partition, position, end), now
@@ -341,10 +331,7 @@ class _ReadPartitionFn(beam.DoFn):
             if unbounded and caught_up:
                 # An idle partition must not hold the watermark back: nothing it claims
                 # later can be older than now.
-                idle = Timestamp.of(time.time() - self._idle_lag)
-                current = watermark.current_watermark()
-                if current is None or idle > current:
-                    watermark.set_watermark(idle)
+                _advance(watermark, Timestamp.of(time.time() - self._idle_lag))
             if unbounded and time.monotonic() >= deadline:
                 if not caught_up and time.monotonic() < longest:
                     continue
@@ -358,6 +345,13 @@ class _ReadPartitionFn(beam.DoFn):
                 pause = min(pause * 2, 0.2)
             else:
                 pause = 0.05
+
+
+def _advance(watermark: Any, stamp: Timestamp) -> None:
+    """Move ``watermark`` to ``stamp`` if that is later: a watermark never goes back."""
+    current = watermark.current_watermark()
+    if current is None or stamp > current:
+        watermark.set_watermark(stamp)
 
 
 def _end_of_partition(error: Any, name: str) -> None:

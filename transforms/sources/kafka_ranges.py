@@ -18,8 +18,6 @@ from moesif_beam.transforms.records import new_ack, new_line
 __all__ = ["KafkaRange", "RangeReader", "range_reader_settings", "refresh_metadata"]
 
 _LOG = logging.getLogger(__name__)
-# When a log found ending before a claimed offset was last reported (monotonic).
-_WARNED = [0.0]
 
 # Offsets in one claimed range: about a consumer batch, a worker's 50 ms of work.
 MAX_RANGE = 1000
@@ -80,7 +78,7 @@ class RangeReader:
         # (topic, partition) -> [its consumer, the offset it hands over next or -1, the
         # messages it already handed over from there]
         self._consumers: dict[tuple[str, int], list[Any]] = {}
-        self._warned = 0.0  # when a transient error was last logged (monotonic)
+        self._warned = 0.0  # when a warning was last logged (monotonic)
 
     def read(self, kafka_range: KafkaRange) -> tuple[list[Any], list[int], Any]:
         """The range's messages as lines, their Kafka times in ms, and the gap's ack.
@@ -149,7 +147,7 @@ class RangeReader:
                             break
                         continue
                     if code == KafkaError._AUTO_OFFSET_RESET:
-                        ended = _after_reset(consumer, tp, previous, end)
+                        ended = self._after_reset(consumer, tp, previous, end)
                         stands_after = not ended
                     elif _transient(error):
                         self._wait_out(consumer, tp, name, error, previous)
@@ -187,52 +185,30 @@ class RangeReader:
         gap = new_ack((name, end - 1, previous, 1, 0)) if previous < end - 1 else None
         return lines, times, gap
 
-    def _wait_out(self, consumer: Any, tp: Any, name: str, error: Any, previous: int) -> None:
-        """After a transient error (a broker away, a leader moving): wait, then go on."""
-        from confluent_kafka import TopicPartition  # noqa: PLC0415
+    def _after_reset(self, consumer: Any, tp: Any, previous: int, end: int) -> bool:
+        """Go on after the broker said the offset after ``previous`` is out of range.
 
-        now = time.monotonic()
-        if now - self._warned > 60:  # once a minute, not twice a second
-            self._warned = now
-            _LOG.warning("Kafka read of %s: %s (reading on when it clears)", name, error)
-        time.sleep(_RETRY_S)
-        refresh_metadata(consumer, tp.topic)
-        consumer.assign([TopicPartition(tp.topic, tp.partition, previous + 1)])
+        Returns True when the rest of the range expired (retention moved the log's start
+        past it). Else the consumer is assigned again: at the log's start when the records
+        after ``previous`` expired, or after a pause at the offset after ``previous``, when
+        they did not (the broker is restarting, or a new leader has not caught up). The
+        next line's ack, or the gap's, covers the expired offsets.
+        """
+        from confluent_kafka import KafkaException, TopicPartition  # noqa: PLC0415
 
-    def close(self) -> None:
-        """Close every consumer; the reader is not used after."""
-        for consumer, *_ in self._consumers.values():
-            consumer.close()
-        self._consumers.clear()
-
-
-def _after_reset(consumer: Any, tp: Any, previous: int, end: int) -> bool:
-    """Go on after the broker said the offset after ``previous`` is out of range.
-
-    Returns True when the rest of the range expired (retention moved the log's start
-    past it). Else the consumer is assigned again: at the log's start when the records
-    after ``previous`` expired, or after a pause at the offset after ``previous``, when
-    they did not (the broker is restarting, or a new leader has not caught up). The next
-    line's ack, or the gap's, covers the expired offsets.
-    """
-    from confluent_kafka import KafkaException, TopicPartition  # noqa: PLC0415
-
-    try:
-        low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-    except KafkaException:
-        low = high = -1  # no answer: nothing is known to have expired
-    if low >= end:
-        return True
-    if low > previous + 1:
-        resume = low
-    else:
-        if 0 <= high <= previous:
-            # The log ends before what was claimed: a topic deleted and made again, or
-            # a log cut short. Nothing is acknowledged meanwhile; said once a minute.
-            now = time.monotonic()
-            if now - _WARNED[0] > 60:
-                _WARNED[0] = now
-                _LOG.warning(
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+        except KafkaException:
+            low = high = -1  # no answer: nothing is known to have expired
+        if low >= end:
+            return True
+        if low > previous + 1:
+            resume = low
+        else:
+            if 0 <= high <= previous:
+                # The log ends before what was claimed: a topic deleted and made again,
+                # or a log cut short. Nothing is acknowledged meanwhile.
+                self._say(
                     "Kafka read of %s/%s: the log ends at %d, before offset %d, which was "
                     "claimed (topic recreated or truncated?); waiting for it",
                     tp.topic,
@@ -240,10 +216,32 @@ def _after_reset(consumer: Any, tp: Any, previous: int, end: int) -> bool:
                     high,
                     previous + 1,
                 )
+            time.sleep(_RETRY_S)
+            resume = previous + 1
+        consumer.assign([TopicPartition(tp.topic, tp.partition, resume)])
+        return False
+
+    def _wait_out(self, consumer: Any, tp: Any, name: str, error: Any, previous: int) -> None:
+        """After a transient error (a broker away, a leader moving): wait, then go on."""
+        from confluent_kafka import TopicPartition  # noqa: PLC0415
+
+        self._say("Kafka read of %s: %s (reading on when it clears)", name, error)
         time.sleep(_RETRY_S)
-        resume = previous + 1
-    consumer.assign([TopicPartition(tp.topic, tp.partition, resume)])
-    return False
+        refresh_metadata(consumer, tp.topic)
+        consumer.assign([TopicPartition(tp.topic, tp.partition, previous + 1)])
+
+    def _say(self, message: str, *args: Any) -> None:
+        """Log a warning, at most once a minute: a wait repeats it twice a second."""
+        now = time.monotonic()
+        if now - self._warned > 60:
+            self._warned = now
+            _LOG.warning(message, *args)
+
+    def close(self) -> None:
+        """Close every consumer; the reader is not used after."""
+        for consumer, *_ in self._consumers.values():
+            consumer.close()
+        self._consumers.clear()
 
 
 def _transient(error: Any) -> bool:
