@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
 import pytest
+from apache_beam import pvalue
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 
+from moesif_beam.transforms.common.counters import tally_snapshot
 from moesif_beam.transforms.common.in_workers import InWorkers
+from moesif_beam.transforms.common.in_workers_decide import decide_range
+from moesif_beam.transforms.common.in_workers_worker import _Worker
 from moesif_beam.transforms.deadletters.letters import ACK_FIELD, DEAD_LETTER
 from moesif_beam.transforms.dedup.streaming import NEW_FIELDS, DedupAndCheckInProcess
 from moesif_beam.transforms.delivery.sinks import ACKS, WriteBatchFiles
 from moesif_beam.transforms.formats.normalize import SIGNATURES, NormalizeRecords
-from moesif_beam.transforms.records import Ack, Line
+from moesif_beam.transforms.records import Ack, Line, new_ack, new_line
 from moesif_beam.transforms.sources.kafka_topic import KafkaSourceConfig
 from tests.helpers import make_pipeline, read_batches, run
 
@@ -251,3 +257,68 @@ def test_a_decision_that_raises_fails_the_bundle_with_its_reason():
     _ = p | beam.Create(lines) | InWorkers(_SlowFirst(), _DecideRaises(), _Drop(), 1, TAGS)
     with pytest.raises(Exception, match="no decision on l"):
         run(p)
+
+
+def _next(conn: Any, kind: str) -> tuple:
+    """The worker's next message of ``kind`` (its now-and-then "L" reports skipped)."""
+    while True:
+        message = pickle.loads(conn.recv_bytes())
+        if message[0] == kind:
+            return message
+        assert message[0] == "L", message
+
+
+def test_a_range_message_of_several_records_ends_each_its_own_way(tmp_path):
+    # The worker's side of a Kafka range, without the broker (tests/integration covers
+    # the read): one message holds three records that end three ways, delivered,
+    # duplicate and type conflict, and the message is done only once all three are.
+    parse, decide, deliver = _stages(str(tmp_path / "batches"))
+    decide.setup()
+    here, there = multiprocessing.Pipe()
+    worker = _Worker(there)
+    worker.start(parse, deliver)
+    three = [_action("kept", {"n": 2}), _action("first", {"n": 3}), _action("clash", {"n": "x"})]
+    raws = [json.dumps(_action("first", {"n": 1})).encode(), json.dumps(three).encode(), b"{no"]
+    lines = [
+        new_line((raw, f"t/0@{10 + i}", new_ack(("t/0", 10 + i, 9 + i, 1, 0)), -1))
+        for i, raw in enumerate(raws)
+    ]
+    gap = new_ack(("t/0", 14, 12, 1, 0))  # offsets 13 and 14 hold no record
+    before = tally_snapshot()
+    worker._parsed(1, lines, [1_000, 1_001, 1_002], gap)
+
+    _, _, asked, tagged, finished, _, _ = _next(here, "Q")
+    assert asked[0] == ["first", "kept", "first", "clash"]  # ids: a column, in order
+    assert finished == []
+    keep = bytearray(len(asked[0]))
+    letters: dict[int, dict] = {}
+    outputs: list[Any] = []
+    decide_range(decide, asked, (0, GlobalWindow()), keep, letters, outputs)
+    assert list(keep) == [1, 1, 0, 2]
+    assert [out.value.value for out in outputs if out.tag == NEW_FIELDS] == [("n", "number")]
+    assert not letters[3]["payload"]  # the worker holds the input bytes, not this side
+    worker._delivered(1, bytes(keep), letters)
+    _, _, delivered, _, _ = _next(here, "R")
+    ended = list(worker._deliver.finish_bundle())
+
+    by_tag: dict[str, list[Any]] = {}
+    for out in [*(pvalue.TaggedOutput(tag, value) for _, tag, value in tagged), *delivered]:
+        by_tag.setdefault(out.tag, []).append(out.value)
+    for out in ended:
+        by_tag.setdefault(out.tag, []).append(out.value.value)
+    parse_error, conflict = by_tag[DEAD_LETTER]
+    assert parse_error["reason"] == "parse_error" and parse_error["payload"] == b"{no"
+    assert conflict["reason"] == "type_conflict"
+    # The conflicting record's own bytes and place, not the whole message's.
+    assert json.loads(conflict["payload"]) == three[2]
+    assert conflict["source"].startswith("t/0@11") and conflict["source"] != "t/0@11"
+    assert conflict[ACK_FIELD] == Ack("t/0", 11, 10, 3, 2)
+    done = _covered([*by_tag[ACKS], parse_error[ACK_FIELD], conflict[ACK_FIELD]])
+    assert done == {10: {0}, 11: {0, 1, 2}, 12: {0}, 13: {0}, 14: {0}}
+    delivered_ids = [
+        e["transaction_id"] for b in read_batches(str(tmp_path / "batches")) for e in b
+    ]
+    assert delivered_ids == ["first", "kept"]
+    counted = {k: n - before.get(k, 0) for k, n in tally_snapshot().items()}
+    assert (counted["read"], counted["parse_errors"], counted["sent"]) == (5, 1, 2)
+    here.close()
