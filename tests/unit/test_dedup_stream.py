@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import apache_beam as beam
@@ -278,3 +279,40 @@ def test_the_single_process_stream_starts_from_the_journal(tmp_path):
         if isinstance(out, tuple)
     ]
     assert passed == ["y"]
+
+
+def test_verdicts_on_columns_decide_as_verdict_does_one_by_one():
+    # Two copies of one stage, each with its own memory: one decides record by record,
+    # the other a column at a time. Ids repeat, times move past due buckets (so ids
+    # are forgotten mid-column), and signatures agree, add keys and conflict.
+    rng = random.Random(7)
+    number, text = ((("n", "number"),), b"n-number"), ((("n", "string"),), b"n-string")
+    wide = ((("n", "number"), ("m", "boolean")), b"nm")
+    columns: list[tuple[str, int, bytes, tuple]] = []
+    clock = 0
+    for _ in range(3_000):
+        clock += rng.choice((0, 1, 50, 9_000))
+        signature, sig_id = rng.choice((number, text, wide, ((), b"")))
+        columns.append((f"t{rng.randrange(400)}", clock, sig_id, signature))
+    one, many = (DedupAndCheckInProcess(TTL, {}, "events").stage() for _ in range(2))
+    one.setup()
+    many.setup()
+    expected: tuple[list, list, list] = ([], [], [])
+    for position, (tid, time_ms, sig_id, signature) in enumerate(columns):
+        new, conflict, fields = one.verdict(tid, time_ms, sig_id, signature)
+        if new:
+            expected[2].extend(fields)
+            if conflict is None:
+                expected[0].append(position)
+            else:
+                expected[1].append((position, conflict))
+    got: tuple[list, list, list] = ([], [], [])
+    for start in range(0, len(columns), 700):
+        chunk = list(zip(*columns[start : start + 700], strict=True))
+        deliver, refused, fields = many.verdicts(*chunk)
+        got[0].extend(start + p for p in deliver)
+        got[1].extend((start + p, c) for p, c in refused)
+        got[2].extend(fields)
+    assert got == expected
+    assert expected[1] and expected[2]  # some conflicts, some keys decided
+    assert len(expected[0]) + len(expected[1]) < len(columns)  # and some duplicates

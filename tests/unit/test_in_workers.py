@@ -199,7 +199,7 @@ def test_the_stages_and_sizes_are_checked(tmp_path):
     with pytest.raises(ValueError, match="takes DoFns"):
         InWorkers(parse, decide, print, 1, TAGS)  # type: ignore[arg-type]
     kafka = KafkaSourceConfig("127.0.0.1:9", "t", "g")
-    with pytest.raises(TypeError, match="decide must offer verdict and letter"):
+    with pytest.raises(TypeError, match="decide must offer verdicts and letter"):
         InWorkers(parse, _Drop(), deliver, 1, TAGS, kafka=kafka)
     InWorkers(parse, decide, deliver, 1, TAGS, kafka=kafka)  # the dedup stage offers both
 

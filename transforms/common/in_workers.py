@@ -15,7 +15,7 @@ in the worker that parsed it:
    ``parse``'s dead letters;
 3. ``decide`` runs here, in one thread, on each question, in the order of the lines
    (for lines, as a record without a body through ``process``; for a range, through
-   its ``verdict``); the worker is told which records to keep. Whatever ``decide``
+   its ``verdicts``); the worker is told which records to keep. Whatever ``decide``
    emits under a tag leaves here, except a range's duplicates' acks and the input
    bytes, source and ack of its ``type_conflict`` letters, which the worker holding the
    records adds;
@@ -92,7 +92,7 @@ class InWorkers(beam.PTransform):
     :class:`~moesif_beam.transforms.sources.kafka_ranges.KafkaRange` instead, which a worker reads
     with its own consumer: a partition's ranges all go to one worker when ``sticky``,
     else to the least busy one. Outputs then take the range's time, and ``decide`` gets
-    each message's Kafka time; it must then also offer ``verdict`` and ``letter`` (as
+    each message's Kafka time; it must then also offer ``verdicts`` and ``letter`` (as
     :class:`~moesif_beam.transforms.dedup.streaming.DedupAndCheckInProcess`'s stage does),
     which decide a record without one being built.
     """
@@ -125,9 +125,9 @@ class InWorkers(beam.PTransform):
             msg = f"chunk must be at least 1, got {chunk}"
             raise ValueError(msg)
         if kafka is not None and not all(
-            callable(getattr(decide, name, None)) for name in ("verdict", "letter")
+            callable(getattr(decide, name, None)) for name in ("verdicts", "letter")
         ):
-            msg = f"with kafka, decide must offer verdict and letter: {type(decide).__name__}"
+            msg = f"with kafka, decide must offer verdicts and letter: {type(decide).__name__}"
             raise TypeError(msg)
         kind = _InWorkersRangesFn if kafka is not None else _InWorkersFn
         self._fn = kind(_Stages(parse, decide, deliver, processes, kafka, sticky), chunk)

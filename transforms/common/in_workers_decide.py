@@ -1,7 +1,7 @@
 """How :mod:`.in_workers` decides a chunk's questions, in the stage's process.
 
 Two shapes of question: a Kafka range's, four columns decided with ``decide``'s
-``verdict``; followed lines', one tuple per record decided with ``decide``'s
+``verdicts``; followed lines', one tuple per record decided with ``decide``'s
 ``process`` on the record without its body.
 """
 
@@ -26,7 +26,7 @@ def decide_range(
     letters: dict[int, dict],
     outputs: list[Any],
 ) -> None:
-    """Decide a Kafka range's records: ``decide``'s verdict on each, no record built.
+    """Decide a Kafka range's records: ``decide``'s verdicts on them, no record built.
 
     ``keep`` gets 1 for a record to deliver, 0 for a duplicate (whose ack the worker
     emits) and 2 for a ``type_conflict``, whose letter goes to the worker without
@@ -37,23 +37,17 @@ def decide_range(
     """
     timestamp, window = meta
     windows = (window,)
-    verdict = decide.verdict
-    for position, (transaction_id, clock, sig_id, signature) in enumerate(
-        zip(*questions, strict=True)
-    ):
-        new, conflict, new_fields = verdict(transaction_id, clock, sig_id, signature)
-        if not new:
-            continue
-        for field in new_fields:
-            outputs.append(
-                pvalue.TaggedOutput(NEW_FIELDS, WindowedValue(field, timestamp, windows))
-            )
-        if conflict is None:
-            keep[position] = 1
-            continue
+    ids, _, sig_ids, _ = questions
+    deliver, refused, fields = decide.verdicts(*questions)
+    # Duplicates are in neither list: their 0 in ``keep`` stands.
+    for position in deliver:
+        keep[position] = 1
+    for position, conflict in refused:
         keep[position] = 2
-        record = new_record((0, b"", b"", "", sig_id, (), None, -1))
-        letters[position] = decide.letter((transaction_id, record), conflict)
+        record = new_record((0, b"", b"", "", sig_ids[position], (), None, -1))
+        letters[position] = decide.letter((ids[position], record), conflict)
+    for field in fields:
+        outputs.append(pvalue.TaggedOutput(NEW_FIELDS, WindowedValue(field, timestamp, windows)))
 
 
 def decide_lines(

