@@ -12,7 +12,7 @@ from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from moesif_beam.transforms.common.counters import local_tally
+from moesif_beam.transforms.common.counters import local_tally, tally_snapshot
 from moesif_beam.transforms.dedup.streaming import DedupAndCheckInProcess, DedupInStream, _SeenIds
 from moesif_beam.transforms.records import Record
 from tests.helpers import run
@@ -297,6 +297,7 @@ def test_verdicts_on_columns_decide_as_verdict_does_one_by_one():
     one, many = (DedupAndCheckInProcess(TTL, {}, "events").stage() for _ in range(2))
     one.setup()
     many.setup()
+    before = tally_snapshot()
     expected: tuple[list, list, list] = ([], [], [])
     for position, (tid, time_ms, sig_id, signature) in enumerate(columns):
         new, conflict, fields = one.verdict(tid, time_ms, sig_id, signature)
@@ -306,6 +307,8 @@ def test_verdicts_on_columns_decide_as_verdict_does_one_by_one():
                 expected[0].append(position)
             else:
                 expected[1].append((position, conflict))
+    one_counted = _counted(before)
+    before = tally_snapshot()
     got: tuple[list, list, list] = ([], [], [])
     for start in range(0, len(columns), 700):
         chunk = list(zip(*columns[start : start + 700], strict=True))
@@ -314,5 +317,51 @@ def test_verdicts_on_columns_decide_as_verdict_does_one_by_one():
         got[1].extend((start + p, c) for p, c in refused)
         got[2].extend(fields)
     assert got == expected
+    assert _counted(before) == one_counted
+    assert one_counted["duplicates"] > 0 and one_counted["type_conflicts"] > 0
     assert expected[1] and expected[2]  # some conflicts, some keys decided
     assert len(expected[0]) + len(expected[1]) < len(columns)  # and some duplicates
+
+
+def _counted(before: dict[str, int]) -> dict[str, int]:
+    return {name: n - before.get(name, 0) for name, n in tally_snapshot().items()}
+
+
+class _StoreAway:
+    """A schema whose store fails on its second signature."""
+
+    def __init__(self, schema: object) -> None:
+        self._schema = schema
+        self.calls = 0
+
+    def check(self, sig_id: bytes, signature: tuple) -> tuple:
+        self.calls += 1
+        if self.calls == 2:
+            raise OSError("the schema store is away")
+        return self._schema.check(sig_id, signature)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_ids_whose_decision_failed_are_not_remembered(columns):
+    # Nothing of a range whose deciding failed was decided: read again, its records
+    # are new, not duplicates (one by one, the record that failed).
+    stage = DedupAndCheckInProcess(TTL, {}, "events").stage()
+    stage.setup()
+    working = stage._schema
+    stage._schema = _StoreAway(working)
+    ids, times = ["a", "b", "c", "d"], [1_000, 2_000, 3_000, 4_000]
+    sigs = [((("n", "number"),), b"n"), ((("m", "string"),), b"m")] * 2
+    sig_ids, signatures = [s[1] for s in sigs], [s[0] for s in sigs]
+    with pytest.raises(OSError, match="away"):
+        if columns:
+            stage.verdicts(ids, times, sig_ids, signatures)
+        else:
+            for i in range(4):
+                stage.verdict(ids[i], times[i], sig_ids[i], signatures[i])
+    stage._schema = working
+    remembered = {"a"} if not columns else set()  # one by one, "a" was decided
+    assert set(stage._seen.ids) == remembered
+    assert all(set(bucket) <= remembered for bucket in stage._seen.buckets.values())
+    deliver, refused, _ = stage.verdicts(ids, times, sig_ids, signatures)
+    assert [ids[p] for p in deliver] == [i for i in ids if i not in remembered]
+    assert refused == []

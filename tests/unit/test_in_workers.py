@@ -268,13 +268,15 @@ def _next(conn: Any, kind: str) -> tuple:
         assert message[0] == "L", message
 
 
-def test_a_range_message_of_several_records_ends_each_its_own_way(tmp_path):
+def test_a_range_message_of_several_records_ends_each_its_own_way(tmp_path, monkeypatch):
     # The worker's side of a Kafka range, without the broker (tests/integration covers
     # the read): one message holds three records that end three ways, delivered,
     # duplicate and type conflict, and the message is done only once all three are.
     parse, decide, deliver = _stages(str(tmp_path / "batches"))
     decide.setup()
     here, there = multiprocessing.Pipe()
+    # No now-and-then reports: a thread that would outlive the test.
+    monkeypatch.setattr(_Worker, "_report", lambda self: None)
     worker = _Worker(there)
     worker.start(parse, deliver)
     three = [_action("kept", {"n": 2}), _action("first", {"n": 3}), _action("clash", {"n": "x"})]
@@ -321,4 +323,7 @@ def test_a_range_message_of_several_records_ends_each_its_own_way(tmp_path):
     assert delivered_ids == ["first", "kept"]
     counted = {k: n - before.get(k, 0) for k, n in tally_snapshot().items()}
     assert (counted["read"], counted["parse_errors"], counted["sent"]) == (5, 1, 2)
-    here.close()
+    for stage in (deliver, parse, decide):
+        stage.teardown()
+    here.close()  # ends the worker's reading thread
+    there.close()

@@ -108,7 +108,8 @@ class _SeenIds:
         Ids a TTL older than each id's own time are forgotten before it is looked up, as
         :meth:`_DedupAndCheckFn.verdict` does record by record. The caller holds
         :attr:`lock`. One call for a chunk's ids, not one per id (with :meth:`verdicts`,
-        measured: a 1,000-record range decided in 0.95 µs a record, against 3.0).
+        measured: 1,000 new ids sharing a signature decided in 0.95 µs each, against
+        3.0 µs one by one).
         """
         ids, buckets, bucket_ms = self.ids, self.buckets, self.bucket_ms
         new: list[int] = []
@@ -126,6 +127,16 @@ class _SeenIds:
                 self.timer_at = due
             new.append(position)
         return new
+
+    def discard(self, entries: Iterable[tuple[str, int]]) -> None:
+        """Forget ``(transaction id, time ms)`` pairs just added: a decision that failed."""
+        for transaction_id, time_ms in entries:
+            if self.ids.get(transaction_id) != time_ms:
+                continue
+            del self.ids[transaction_id]
+            bucket = self.buckets.get(time_ms // self.bucket_ms)
+            if bucket is not None and transaction_id in bucket:
+                bucket.remove(transaction_id)
 
     def forget_before(self, time_ms: int) -> None:
         """Forget every id whose bucket ends at or before ``time_ms``."""
@@ -432,7 +443,11 @@ class _DedupAndCheckFn(beam.DoFn):
             return _DUPLICATE
         if not signature:
             return _KEPT
-        conflict, new_fields = self._schema.check(sig_id, signature)
+        try:
+            conflict, new_fields = self._schema.check(sig_id, signature)
+        except BaseException:
+            self._unsee([(transaction_id, time_ms)])
+            raise
         if conflict is not None:
             self._conflicts.inc()
         return True, conflict, new_fields
@@ -449,13 +464,29 @@ class _DedupAndCheckFn(beam.DoFn):
         Returns the positions of the records to deliver, the ``(position, conflict)`` of
         those the type rule refuses (counted), and the keys decided first, in order.
         Duplicates are counted and in neither list. The same decisions, counts and keys
-        as calling :meth:`verdict` record by record.
+        as calling :meth:`verdict` record by record. If the type rule raises (its store
+        away), nothing is counted and none of the ids is remembered.
         """
         seen = self._seen
         with seen.lock:
             new = seen.add_all(transaction_ids, times_ms, self._ttl_ms)
+        try:
+            deliver, refused, fields = self._checked(new, sig_ids, signatures)
+        except BaseException:
+            # The schema store failed (say): none of these ids was decided, so none may
+            # pass for a duplicate when the range is read again.
+            self._unsee([(transaction_ids[position], times_ms[position]) for position in new])
+            raise
         if len(new) < len(transaction_ids):
             self._duplicates.inc(len(transaction_ids) - len(new))
+        if refused:
+            self._conflicts.inc(len(refused))
+        return deliver, refused, fields
+
+    def _checked(
+        self, new: list[int], sig_ids: Sequence[bytes], signatures: Sequence[tuple]
+    ) -> tuple[list[int], list[tuple[int, Any]], list[tuple[str, str]]]:
+        """The type rule on the records at ``new``: :meth:`verdicts`' three lists."""
         check = self._schema.check
         deliver: list[int] = []
         refused: list[tuple[int, Any]] = []
@@ -475,9 +506,12 @@ class _DedupAndCheckFn(beam.DoFn):
                     refused.append((position, last_conflict))
                     continue
             deliver.append(position)
-        if refused:
-            self._conflicts.inc(len(refused))
         return deliver, refused, fields
+
+    def _unsee(self, entries: list[tuple[str, int]]) -> None:
+        seen = self._seen
+        with seen.lock:
+            seen.discard(entries)
 
     def letter(self, record: Keyed, conflict: Any) -> dict:
         """The ``type_conflict`` dead letter of ``record`` (its signature dropped)."""
