@@ -98,6 +98,10 @@ class _ConsumerFn(beam.DoFn):
             consumer.close()
 
 
+# How long a reader's end-offset requests may fail before its client is replaced.
+_FRESH_CLIENT_AFTER_S = 10.0
+
+
 class _PartitionConsumer:
     """One partition's consumer, kept assigned between bundles so it goes on prefetching."""
 
@@ -106,6 +110,7 @@ class _PartitionConsumer:
         self.next_offset = -1  # the offset the consumer reads next, as far as we know
         self.lock = threading.Lock()
         self.warned = 0.0  # when a failed end-offset request was last logged (monotonic)
+        self.failing_since = 0.0  # when end-offset requests began failing (monotonic; 0: not)
 
 
 class _PartitionConsumers:
@@ -292,13 +297,24 @@ class _ReadPartitionFn(beam.DoFn):
                 return
             try:
                 low, high = consumer.get_watermark_offsets(tp, timeout=5)
+                slot.failing_since = 0.0
             except KafkaException as exc:
+                now_s = time.monotonic()
                 # Said once a minute, not twenty times a second.
-                if time.monotonic() - slot.warned > 60:
-                    slot.warned = time.monotonic()
+                if now_s - slot.warned > 60:
+                    slot.warned = now_s
                     name = f"{element.topic}/{element.partition}"
                     _LOG.warning("end offset of %s: %s (asking again)", name, exc)
-                refresh_metadata(consumer, element.topic)
+                slot.failing_since = slot.failing_since or now_s
+                if now_s - slot.failing_since > _FRESH_CLIENT_AFTER_S:
+                    # Seen after a broker restart: a client kept failing with
+                    # _UNKNOWN_PARTITION for minutes although the broker was back and its
+                    # metadata asked for again; a new client asks from nothing.
+                    consumer.close()
+                    consumer = slot.consumer = Consumer(self._config.consumer_settings())
+                    slot.failing_since = now_s
+                else:
+                    refresh_metadata(consumer, element.topic)
                 low, high = position, position  # nothing to claim now; the bundle waits
             # Offsets below the log's start are gone (retention): one range covers them
             # all, which its worker acknowledges at once, not a thousand at a time.

@@ -24,6 +24,9 @@ MAX_RANGE = 1000
 # How long a range's read waits before it asks again when the broker moved its start
 # out of range without the records having expired (a broker restarting, a leader moving).
 _RETRY_S = 0.5
+# How long a range's read may get nothing at all from its consumer before the consumer
+# is replaced (see RangeReader.read).
+_STALLED_S = 10.0
 
 
 class KafkaRange(NamedTuple):
@@ -125,6 +128,7 @@ class RangeReader:
         ended = False  # the rest of the range holds no record
         left: list[Any] = []  # messages taken past the range's end, for the next range
         stands_after = True  # the consumer stands at the range's end, or after ``left``
+        heard = time.monotonic()  # when the consumer last handed over a message or error
         while previous < end - 1 and not ended:
             if pending:
                 messages, pending = pending, []
@@ -180,6 +184,18 @@ class RangeReader:
             # hold no records (the consumer moves past transaction markers).
             if not read and not ended and trusted:
                 ended = consumer.position([tp])[0].offset >= end
+            if messages:
+                heard = time.monotonic()
+            elif not ended and time.monotonic() - heard > _STALLED_S:
+                # Seen after a broker restart: an assigned consumer handed over nothing
+                # for minutes, no error either, while the range's records were in the log.
+                # A new consumer, assigned after the last line, fetches from nothing.
+                self._say("Kafka read of %s: nothing for %.0f s; reconnecting", name, _STALLED_S)
+                consumer.close()
+                consumer = slot[0] = Consumer(self._settings)
+                consumer.assign([TopicPartition(topic, partition, previous + 1)])
+                trusted = False
+                heard = time.monotonic()
         if stands_after:
             slot[1], slot[2] = end, left
         gap = new_ack((name, end - 1, previous, 1, 0)) if previous < end - 1 else None
